@@ -1,0 +1,51 @@
+# ardetect: `make run` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+export PATH := $(BIN):$(PATH)
+export GX_ANALYTICS_ENABLED := False
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DO_NOT_TRACK := 1
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run flow test test-fast bench clean-data help
+
+help:
+	@echo "make run    - set up .venv if missing, then run the whole pipeline (dvc repro under MLflow)"
+	@echo "make test   - set up .venv if missing, then run the test suite"
+	@echo "make flow   - run the pipeline as a Prefect flow"
+	@echo "make bench  - run the CPU benchmarks in bench/"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# onnxruntime-gpu owns the onnxruntime module; plain onnxruntime must never sit beside it
+	@! $(BIN)/python -m pip show -q onnxruntime 2>/dev/null || { echo "plain onnxruntime is installed beside onnxruntime-gpu"; exit 1; }
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	ard pipeline run
+
+flow: install
+	python flows/pipeline.py
+
+test: install
+	python -m pytest -q --timeout=1200
+
+test-fast: install
+	python -m pytest -q -m "not slow"
+
+bench: install
+	@for b in bench/bench_*.py; do echo "== $$b"; python $$b || exit 1; done
+
+clean-data:
+	rm -rf data/exemplars data/generated data/tuples/*.parquet data/validation

@@ -1,0 +1,88 @@
+"""The ardetect pipeline as a Prefect flow.
+
+Each task runs one DVC stage (``dvc repro <stage>``), in ``dvc.yaml`` order, one at
+a time; DVC decides what is up to date, so a second run re-runs nothing. Transient
+failures (a DVC lock held by another process, a locked tracking database) are
+retried; a failed data check is not. The whole run is one MLflow parent run, each
+stage a child run. A markdown artifact summarises what ran.
+
+Run once:              python flows/pipeline.py   (or: make flow)
+Serve as a deployment: python flows/deploy.py     (see README)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ardetect import tracking  # noqa: E402
+from ardetect.config import load_config  # noqa: E402
+from ardetect.pipeline import StageOutcome, repro_stage, stages_in_order, summarize  # noqa: E402
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, outcome: StageOutcome):
+        super().__init__(f"stage {outcome.stage!r} failed (exit {outcome.returncode}):\n{outcome.output[-4000:]}")
+        self.outcome = outcome
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry only failures that may pass on their own (see StageOutcome.transient)."""
+    try:
+        state.result()
+    except StageFailed as err:
+        return err.outcome.transient
+    except Exception:  # noqa: BLE001 - anything else (a crash of dvc itself) is worth one more try
+        return True
+    return False
+
+
+@task(name="dvc-stage", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_transient, task_run_name="dvc repro {stage}")
+def run_stage(stage: str, root: str) -> dict:
+    logger = get_run_logger()
+    outcome = repro_stage(stage, Path(root), echo=logger.info)
+    if not outcome.ok:
+        raise StageFailed(outcome)
+    return {"stage": stage, "ran": outcome.ran, "skipped": outcome.skipped, "returncode": outcome.returncode}
+
+
+@flow(name="ardetect-pipeline", log_prints=True)
+def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
+    """Run the DVC stages in order under one MLflow parent run."""
+    logger = get_run_logger()
+    rootp = Path(root).resolve()
+    cfg = load_config(rootp / "params.yaml")
+    names = stages or stages_in_order(rootp)
+    uri = tracking.tracking_uri(cfg.tracking.tracking_uri, rootp)
+    start = time.perf_counter()
+    outcomes: list[StageOutcome] = []
+    with tracking.pipeline_run(cfg.tracking.experiment, uri, run_name=f"prefect pipeline [{cfg.profile}]", tags={"ard.profile": cfg.profile, "ard.orchestrator": "prefect"}):
+        try:
+            for name in names:
+                res = run_stage(name, str(rootp))
+                outcomes.append(StageOutcome(name, res["returncode"], res["ran"], res["skipped"]))
+        except StageFailed as err:
+            outcomes.append(err.outcome)
+            raise
+        finally:
+            summary = summarize(outcomes)
+            ran = sorted({s for o in outcomes for s in o.ran})
+            tracking.log_metrics({"pipeline_seconds": time.perf_counter() - start, "stages_run": len(ran)})
+            create_markdown_artifact(
+                key="ardetect-pipeline-summary",
+                markdown=f"# ardetect pipeline [{cfg.profile}]\n\n{summary}\n\nStages run: {', '.join(ran) or 'none (all up to date)'}\n",
+                description="What each DVC stage did in this run",
+            )
+            logger.info("summary:\n%s", summary)
+    return {"ran": ran, "stages": [o.stage for o in outcomes]}
+
+
+if __name__ == "__main__":
+    pipeline()

@@ -1,0 +1,230 @@
+"""Typed configuration, loaded from ``params.yaml``.
+
+``params.yaml`` is sectioned by stage. Its ``profile`` key names an overlay in
+``profiles/<name>.yaml`` that is deep-merged over it (``default`` has none), so
+``dvc exp run -S profile=smoke`` switches the whole pipeline. Every section is a
+pydantic model with ``extra="forbid"``: an unknown key or an out-of-range value
+fails at load time with a message that names the key path and the value.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILES = ("default", "smoke", "paper")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DistractorConfig(_Section):
+    """Distractor objects placed around the concept instance."""
+
+    min_count: int = Field(1, ge=0, le=8)
+    max_count: int = Field(3, ge=0, le=8)
+    same_class_prob: float = Field(0.4, ge=0.0, le=1.0, description="chance a distractor shares the concept's base class")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DistractorConfig":
+        if self.max_count < self.min_count:
+            raise ValueError(f"max_count={self.max_count} is below min_count={self.min_count}")
+        return self
+
+
+class WorldConfig(_Section):
+    """The synthetic attribution world (embedded default data source)."""
+
+    seed: int = Field(0, ge=0)
+    n_concepts: int = Field(1040, ge=3, description="exemplars, one concept identity each")
+    queries_per_concept: int = Field(3, ge=1, le=10, description="generated images per concept (paper: about 10)")
+    image_size: int = Field(160, ge=64, le=1024, description="square side of every image, pixels")
+    base_classes: list[str] | None = Field(None, description="subset of the world's shape families; null = all")
+    placeholder: str = Field("V* {}", description="personalised-concept phrase; '{}' is replaced by the base class")
+    template_set: Literal["lvis", "coco"] = "lvis"
+    object_scale: tuple[float, float] = Field((0.3, 0.55), description="concept size as a fraction of the image side")
+    pose_jitter: float = Field(0.35, ge=0.0, le=3.2, description="max rotation of a re-rendered concept, radians")
+    identity_drift: float = Field(0.06, ge=0.0, le=1.0, description="how far a generated instance drifts from its identity")
+    distractors: DistractorConfig = DistractorConfig()
+    workers: int = Field(0, ge=0, description="worker processes; 0 = all cores")
+
+    @field_validator("placeholder")
+    @classmethod
+    def _placeholder(cls, v: str) -> str:
+        if v.count("{}") != 1:
+            raise ValueError(f"placeholder={v!r} must hold exactly one '{{}}' for the base class")
+        return v
+
+    @field_validator("object_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0.05 <= lo <= hi <= 0.95):
+            raise ValueError(f"object_scale={list(v)} must satisfy 0.05 <= low <= high <= 0.95")
+        return v
+
+
+class RealSourceConfig(_Section):
+    """The real path's inputs (COCO / LVIS exemplars, detection and segmentation models)."""
+
+    annotations: str | None = Field(None, description="COCO/LVIS instances JSON (validation split)")
+    images: str | None = Field(None, description="folder of the annotation file's images")
+    classes: list[str] | None = None
+    max_exemplars: int | None = Field(None, ge=1)
+    grounding_dino: str = Field("IDEA-Research/grounding-dino-base", description="local path or hub id")
+    sam_checkpoint: str | None = Field(None, description="segment-anything checkpoint (.pth), local path")
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
+    box_threshold: float = Field(0.35, ge=0.0, le=1.0)
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+
+
+class ExemplarsConfig(_Section):
+    source: Literal["synthetic", "coco", "lvis"] = "synthetic"
+    real: RealSourceConfig = RealSourceConfig()
+
+
+class CustomizationConfig(_Section):
+    """Break-a-Scene customization of Stable Diffusion (the real path)."""
+
+    base_model: str = Field("stabilityai/stable-diffusion-2-1-base", description="local path or hub id")
+    resolution: int = Field(512, ge=64)
+    ti_steps: int = Field(400, ge=0)
+    ti_lr: float = Field(5e-4, gt=0)
+    joint_steps: int = Field(400, ge=0)
+    joint_lr: float = Field(2e-6, gt=0)
+    inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+
+
+class GenerateConfig(_Section):
+    backend: Literal["synthetic", "break_a_scene"] = "synthetic"
+    customization: CustomizationConfig = CustomizationConfig()
+
+
+class SplitConfig(_Section):
+    train: float = Field(0.8, ge=0.0, le=1.0)
+    val: float = Field(0.1, ge=0.0, le=1.0)
+    test: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sum(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions train+val+test={total:.4f} must sum to 1")
+        return self
+
+
+class TuplesConfig(_Section):
+    split: SplitConfig = SplitConfig()
+    split_seed: int = Field(42, ge=0)
+    gallery_size: int = Field(8, ge=1, le=64, description="sample tuples drawn in the gallery figure")
+
+
+class ValidateConfig(_Section):
+    min_box_side: float = Field(4.0, ge=0.0, description="pixels")
+    min_box_area: float = Field(64.0, ge=0.0, description="square pixels")
+    class_balance_tolerance: float = Field(
+        3.0, ge=1.0, description="max ratio of the most to the least frequent base class among tuples"
+    )
+    split_tolerance: float = Field(0.15, ge=0.0, le=1.0, description="max abs deviation of a split's concept share")
+    min_negatives: int = Field(1, ge=0, description="fewest negatives any tuple may have")
+    max_examples: int = Field(5, ge=1, description="example rows shown per failed expectation")
+
+
+class TrackingConfig(_Section):
+    experiment: str = "ardetect"
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; null = sqlite mlflow.db at the repository root; MLFLOW_TRACKING_URI overrides"
+    )
+
+
+class Config(_Section):
+    profile: Literal["default", "smoke", "paper"] = "default"
+    world: WorldConfig = WorldConfig()
+    exemplars: ExemplarsConfig = ExemplarsConfig()
+    generate: GenerateConfig = GenerateConfig()
+    tuples: TuplesConfig = TuplesConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    tracking: TrackingConfig = TrackingConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "Config":
+        if self.exemplars.source == "synthetic" and self.generate.backend != "synthetic":
+            raise ValueError(
+                f"generate.backend={self.generate.backend!r} needs real exemplars; exemplars.source='synthetic' "
+                "pairs only with generate.backend='synthetic'"
+            )
+        if self.exemplars.source != "synthetic" and self.generate.backend == "synthetic":
+            raise ValueError(
+                f"exemplars.source={self.exemplars.source!r} is a real source; generate.backend='synthetic' "
+                "renders only synthetic identities"
+            )
+        return self
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``over`` merged in, recursively for nested dicts."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{loc}' (value {e['input']!r})")
+        else:
+            lines.append(f"  - {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>", profiles_dir: Path | None = None) -> Config:
+    """Validate a raw params mapping (after applying its profile overlay)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    profile = raw.get("profile", "default")
+    if profile not in PROFILES:
+        raise ConfigError(f"invalid configuration in {source}:\n  - profile: unknown profile {profile!r}; choose one of {PROFILES}")
+    merged = raw
+    if profile != "default":
+        pdir = profiles_dir if profiles_dir is not None else Path("profiles")
+        overlay_path = pdir / f"{profile}.yaml"
+        if not overlay_path.is_file():
+            raise ConfigError(f"profile={profile!r}: overlay file {overlay_path} not found")
+        overlay = yaml.safe_load(overlay_path.read_text()) or {}
+        merged = deep_merge(raw, overlay)
+        merged["profile"] = profile
+        source = f"{source} + {overlay_path}"
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Load ``params.yaml`` (profiles are looked up in ``profiles/`` beside it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return config_from_dict(raw, source=str(path), profiles_dir=path.parent / "profiles")

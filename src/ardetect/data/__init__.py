@@ -1,0 +1,1 @@
+"""Data side: record schema, synthetic world, templates, sources, quality checks."""

@@ -1,0 +1,124 @@
+"""The record: table layouts shared by every stage.
+
+All tables are parquet; images are PNG files beside them. Image paths are stored
+relative to the data root (``data/``), so a data folder can be moved whole.
+Boxes at rest are absolute pixel ``xyxy`` floats, stored as a list of 4 floats.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+BOX_PARTS = ("x0", "y0", "x1", "y1")
+
+EXEMPLAR_COLUMNS: dict[str, str] = {
+    "concept_id": "str",  # unique per exemplar identity, e.g. "c00012"
+    "base_class": "str",  # real word, e.g. "cat"
+    "group": "str",  # template group (LVIS-type table 6), e.g. "living_creatures"
+    "image": "str",  # path relative to the data root
+    "mask": "str",  # path of the concept mask PNG (L mode, 255 inside)
+    "width": "int",
+    "height": "int",
+    "box": "box",  # concept box, xyxy pixels
+    "identity": "str",  # JSON of the identity parameters (synthetic) or source annotation (real)
+    "source": "str",  # "synthetic", "coco", "lvis"
+    "seed": "int",
+}
+
+GENERATED_COLUMNS: dict[str, str] = {
+    "query_id": "str",
+    "concept_id": "str",
+    "prompt": "str",  # the filled prompt, holding the placeholder phrase, e.g. "... V* cat ..."
+    "concept_phrase": "str",  # e.g. "V* cat"
+    "template": "str",  # the template with "{}" for the concept
+    "medium": "str",  # "photo", "oil painting", "charcoal sketch", ...
+    "scene": "str",  # the scene the context words chose
+    "image": "str",
+    "width": "int",
+    "height": "int",
+    "box": "box",  # generated concept box, xyxy pixels
+    "backend": "str",  # "synthetic" or "break_a_scene"
+    "seed": "int",
+}
+
+TUPLE_COLUMNS: dict[str, str] = {
+    "tuple_id": "str",
+    "split": "str",  # train / val / test, by concept
+    "concept_id": "str",
+    "base_class": "str",
+    "group": "str",
+    "prompt": "str",
+    "concept_phrase": "str",
+    "template": "str",
+    "medium": "str",
+    "query_image": "str",
+    "query_box": "box",
+    "query_width": "int",
+    "query_height": "int",
+    "train_image": "str",
+    "train_box": "box",
+    "train_width": "int",
+    "train_height": "int",
+    "generator": "str",
+    "gen_seed": "int",
+}
+
+NEGATIVE_COLUMNS: dict[str, str] = {
+    "tuple_id": "str",
+    "neg_concept_id": "str",
+    "neg_image": "str",
+}
+
+SPLITS = ("train", "val", "test")
+
+
+class SchemaError(ValueError):
+    """A table does not have the columns the record defines."""
+
+
+def check_columns(df: pd.DataFrame, columns: dict[str, str], table: str) -> None:
+    """Raise :class:`SchemaError` naming missing or unexpected columns."""
+    missing = [c for c in columns if c not in df.columns]
+    extra = [c for c in df.columns if c not in columns]
+    if missing or extra:
+        raise SchemaError(f"table {table!r}: missing columns {missing}, unexpected columns {extra}")
+
+
+def expand_boxes(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Return ``df`` with ``column`` (list of 4) split into ``<column>_x0 .. _y1`` float columns."""
+    out = df.copy()
+    values = out[column].tolist()
+    for i, part in enumerate(BOX_PARTS):
+        out[f"{column}_{part}"] = [
+            float(v[i]) if v is not None and len(v) == 4 else float("nan") for v in values
+        ]
+    return out
+
+
+def write_parquet_atomic(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``df`` to ``path`` through a temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_table(path: str | Path, columns: dict[str, str], table: str) -> pd.DataFrame:
+    """Read a parquet table and check its columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"table {table!r} not found at {path}; run the stage that writes it first")
+    df = pd.read_parquet(path)
+    check_columns(df, columns, table)
+    return df

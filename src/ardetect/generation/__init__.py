@@ -1,0 +1,1 @@
+"""Generation backends: detection, segmentation and customization for the real path."""

@@ -1,0 +1,6 @@
+"""DVC stage entry points: a pure library call plus a thin main that does the I/O.
+
+Each stage is run as ``python -m ardetect.stages.<name>`` from the repository root.
+"""
+
+STAGES = ("exemplars", "generate", "tuples", "validate")

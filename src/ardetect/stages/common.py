@@ -1,0 +1,84 @@
+"""Shared plumbing of the stage entry points: config, atomic outputs, tracking, errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ardetect import tracking
+from ardetect.config import Config, ConfigError, load_config
+
+log = logging.getLogger("ardetect")
+DATA = Path("data")
+
+
+class StageError(RuntimeError):
+    """A stage could not produce its outputs; the message says why."""
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``target``; on success it replaces ``target`` whole.
+
+    On any error the temp folder is removed and ``target`` is left as it was, so an
+    interrupted stage never leaves a half-written output.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rebase_paths(values, tmp: Path, final: Path, data_root: Path) -> list[str]:
+    """Rewrite paths written under the temp folder as paths under the final folder."""
+    tmp_rel = tmp.relative_to(data_root).as_posix()
+    final_rel = final.relative_to(data_root).as_posix()
+    out = []
+    for v in values:
+        if not str(v).startswith(tmp_rel + "/"):
+            raise StageError(f"path {v!r} is not under the stage's temp folder {tmp_rel}")
+        out.append(final_rel + str(v)[len(tmp_rel) :])
+    return out
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def run_stage(name: str, body: Callable[[Config], dict], params_section: Callable[[Config], dict]) -> None:
+    """Load the config, open the stage's MLflow run, run ``body`` and exit non-zero with a clear message on failure."""
+    setup_logging()
+    try:
+        cfg = load_config("params.yaml")
+    except ConfigError as err:
+        print(f"[{name}] {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    uri = tracking.tracking_uri(cfg.tracking.tracking_uri, tracking.repo_root())
+    start = time.perf_counter()
+    try:
+        with tracking.stage_run(name, cfg.tracking.experiment, uri, params={"profile": cfg.profile, **params_section(cfg)}):
+            metrics = body(cfg) or {}
+            metrics["stage_seconds"] = time.perf_counter() - start
+            tracking.log_metrics(metrics)
+    except (StageError, ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"[{name}] FAILED: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    log.info("stage %s done in %.1f s", name, time.perf_counter() - start)

@@ -1,0 +1,50 @@
+"""Stage ``validate``: Great Expectations checks of the tuple annotations.
+
+Writes a readable report and a JSON summary to ``data/validation/`` whether the
+checks pass or not; a failed expectation fails the stage (non-zero exit), so
+``dvc repro`` runs nothing downstream, and leaves every earlier output untouched.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ardetect import tracking
+from ardetect.config import Config
+from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, read_table
+from ardetect.stages.common import DATA, StageError, atomic_dir, run_stage
+
+OUT = DATA / "validation"
+
+
+def build(cfg: Config) -> dict:
+    from ardetect.data.quality import validate_tuples
+
+    tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
+    negatives = read_table(DATA / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
+    result = validate_tuples(tuples, negatives, DATA, cfg.validate_, cfg.tuples.split)
+    with atomic_dir(OUT) as tmp:
+        result.write_report(tmp)
+    for path in sorted(OUT.iterdir()):
+        if path.is_file():
+            tracking.log_artifact(path, artifact_path="validation")
+    summary = result.summary()
+    metrics = {f"family_{k}": float(v) for k, v in result.families.items()}
+    metrics["success"] = float(result.success)
+    metrics["failed_expectations"] = float(len(result.failures))
+    tracking.log_metrics(metrics)
+    if not result.success:
+        print(result.message(), file=sys.stderr)
+        raise StageError(
+            f"{len(result.failures)} expectation(s) failed; report in {OUT / 'report.md'} "
+            f"(families failed: {sorted(k for k, v in result.families.items() if not v)})"
+        )
+    return {"checked_tuples": summary.get("tuples", len(tuples)), **metrics}
+
+
+def main() -> None:
+    run_stage("validate", build, lambda c: {"validate": c.validate_.model_dump()})
+
+
+if __name__ == "__main__":
+    main()

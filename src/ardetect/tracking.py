@@ -1,0 +1,141 @@
+"""MLflow helpers used at the stage level (models know nothing of MLflow).
+
+One parent run per pipeline execution (``ard pipeline run`` or the Prefect flow)
+and a child run per stage. The parent's id travels to the stage processes that
+``dvc repro`` starts through the ``ARD_MLFLOW_PARENT_RUN_ID`` variable; a stage run
+outside a pipeline execution (plain ``dvc repro``) logs a run without a parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+PARENT_ENV = "ARD_MLFLOW_PARENT_RUN_ID"
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The folder holding ``dvc.yaml`` (searched upwards from ``start`` or the cwd)."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() or (folder / "params.yaml").is_file():
+            return folder
+    return here
+
+
+def tracking_uri(configured: str | None = None, root: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the configured URI, else an absolute sqlite URI at the root."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if configured:
+        return configured
+    return f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
+
+
+def _mlflow(uri: str, experiment: str):
+    import mlflow  # imported lazily: it takes seconds
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    return mlflow
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into ``a.b.c`` keys (lists become their JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(list(value))
+        else:
+            out[name] = value
+    return out
+
+
+@contextmanager
+def pipeline_run(experiment: str, uri: str, run_name: str = "pipeline", tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """Open the parent run of one pipeline execution and export its id to child processes."""
+    mlflow = _mlflow(uri, experiment)
+    previous = os.environ.get(PARENT_ENV)
+    with mlflow.start_run(run_name=run_name, tags={"ard.kind": "pipeline", **(tags or {})}) as run:
+        os.environ[PARENT_ENV] = run.info.run_id
+        try:
+            yield run
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_ENV, None)
+            else:
+                os.environ[PARENT_ENV] = previous
+
+
+@contextmanager
+def stage_run(stage: str, experiment: str, uri: str, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """A child run for one stage (nested under the pipeline's parent run when there is one)."""
+    mlflow = _mlflow(uri, experiment)
+    parent = os.environ.get(PARENT_ENV)
+    tags = {"ard.kind": "stage", "ard.stage": stage}
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
+        if params:
+            log_params(params)
+        yield run
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    import mlflow
+
+    flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
+    items = list(flat.items())
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    clean = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_dict(data: Mapping[str, Any], name: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(dict(data), name)
+
+
+def write_json_atomic(data: Any, path: str | Path) -> Path:
+    """Write JSON through a temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def find_runs(experiment: str, uri: str, filter_string: str = "", max_results: int = 100):
+    """Runs of the experiment as a DataFrame (``mlflow.search_runs``), newest first."""
+    mlflow = _mlflow(uri, experiment)
+    return mlflow.search_runs(
+        experiment_names=[experiment], filter_string=filter_string, max_results=max_results, order_by=["start_time DESC"]
+    )

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ardetect.config import Config, ConfigError, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def raw_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def load(raw: dict) -> Config:
+    return config_from_dict(raw, source="params.yaml", profiles_dir=REPO / "profiles")
+
+
+def test_repo_params_load_for_every_profile():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.profile == "default"
+    assert cfg.world.n_concepts * cfg.world.queries_per_concept >= 2000
+    assert round(cfg.world.n_concepts * cfg.tuples.split.test) - 1 >= 100  # negatives per test query
+    smoke = load({**raw_params(), "profile": "smoke"})
+    assert smoke.world.n_concepts < cfg.world.n_concepts
+    assert smoke.world.image_size == 96
+    paper = load({**raw_params(), "profile": "paper"})
+    assert paper.exemplars.source == "lvis" and paper.generate.backend == "break_a_scene"
+    assert paper.generate.customization.base_model == "stabilityai/stable-diffusion-2-1-base"
+
+
+def test_unknown_key_is_named():
+    raw = raw_params()
+    raw["world"]["n_concept"] = 5
+    with pytest.raises(ConfigError, match=r"unknown key 'world\.n_concept'"):
+        load(raw)
+
+
+def test_unknown_section_is_named():
+    raw = raw_params()
+    raw["trainig"] = {}
+    with pytest.raises(ConfigError, match=r"unknown key 'trainig'"):
+        load(raw)
+
+
+@pytest.mark.parametrize(
+    "path,value,pattern",
+    [
+        (("world", "n_concepts"), 1, r"world\.n_concepts.*greater than or equal to 3.*got 1"),
+        (("world", "image_size"), 20, r"world\.image_size.*got 20"),
+        (("world", "placeholder"), "V*", r"world\.placeholder.*exactly one"),
+        (("world", "object_scale"), [0.6, 0.2], r"world\.object_scale"),
+        (("world", "distractors", "same_class_prob"), 1.5, r"world\.distractors\.same_class_prob.*got 1\.5"),
+        (("tuples", "split", "train"), 0.5, r"tuples\.split.*sum to 1"),
+        (("validate", "max_examples"), 0, r"validate\.max_examples.*got 0"),
+        (("world", "template_set"), "imagenet", r"world\.template_set.*got 'imagenet'"),
+    ],
+)
+def test_out_of_range_values_are_named(path, value, pattern):
+    raw = raw_params()
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=pattern):
+        load(raw)
+
+
+def test_distractor_bounds_ordered():
+    raw = raw_params()
+    raw["world"]["distractors"] = {"min_count": 3, "max_count": 1, "same_class_prob": 0.5}
+    with pytest.raises(ConfigError, match=r"max_count=1 is below min_count=3"):
+        load(raw)
+
+
+def test_unknown_profile_and_incompatible_backends():
+    with pytest.raises(ConfigError, match=r"unknown profile 'huge'"):
+        load({**raw_params(), "profile": "huge"})
+    raw = raw_params()
+    raw["generate"]["backend"] = "break_a_scene"
+    with pytest.raises(ConfigError, match=r"generate\.backend='break_a_scene' needs real exemplars"):
+        load(raw)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("world: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "params.yaml")
