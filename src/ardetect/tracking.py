@@ -82,7 +82,8 @@ def stage_run(stage: str, experiment: str, uri: str, params: Mapping[str, Any] |
     mlflow = _mlflow(uri, experiment)
     parent = os.environ.get(PARENT_ENV)
     tags = {"ard.kind": "stage", "ard.stage": stage}
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
+    nested = mlflow.active_run() is not None  # in-process (the parent is this process's active run)
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=nested, tags=tags) as run:
         if params:
             log_params(params)
         yield run

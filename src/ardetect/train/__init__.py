@@ -1,0 +1,1 @@
+"""Training: matcher, losses, engine, phase 1 and phase 2."""

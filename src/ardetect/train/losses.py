@@ -1,0 +1,84 @@
+"""Set criterion: token-level sigmoid focal loss, L1 and GIoU on matched queries.
+
+Negatives (phase 2) are images with no target: every token target is 0, so their
+focal loss pushes all query-token similarities down. Auxiliary losses repeat the
+same terms on every intermediate decoder layer and on the encoder proposals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from ardetect.train.matcher import HungarianMatcher, Target
+
+
+class SetCriterion(torch.nn.Module):
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        weight_class: float = 2.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+    ):
+        super().__init__()
+        self.matcher = matcher
+        self.weights = {"loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
+        self.alpha, self.gamma = alpha, gamma
+
+    def single(self, logits: Tensor, boxes: Tensor, token_mask: Tensor, targets: list[Target], num_boxes: float) -> dict[str, Tensor]:
+        """Losses of one prediction set: logits [B, Q, T], boxes [B, Q, 4], token_mask [B, T] (True = real token)."""
+        B, Q, T = logits.shape
+        indices = self.matcher(logits, boxes, targets)
+        target_cls = torch.zeros_like(logits)  # [B, Q, T]
+        for b, (qi, ti) in enumerate(indices):
+            if len(qi):
+                target_cls[b, qi] = targets[b].token_map[ti, :T].to(logits.dtype)
+        focal = sigmoid_focal_loss(logits, target_cls, alpha=self.alpha, gamma=self.gamma, reduction="none")
+        valid = token_mask[:, None, :].to(focal.dtype)  # [B, 1, T]
+        loss_class = (focal * valid).sum() / num_boxes
+        src = torch.cat([boxes[b, qi] for b, (qi, _) in enumerate(indices)])  # [M, 4]
+        tgt = torch.cat([targets[b].boxes[ti] for b, (_, ti) in enumerate(indices)]).to(src.dtype)  # [M, 4]
+        if len(src):
+            loss_bbox = torch.nn.functional.l1_loss(src, tgt, reduction="sum") / num_boxes
+            giou = generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
+            loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
+        else:  # negatives only: no box terms, but keep the graph connected
+            loss_bbox = boxes.sum() * 0.0
+            loss_giou = boxes.sum() * 0.0
+        return {"loss_class": loss_class, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def forward(self, outputs: Mapping, targets: list[Target], token_mask: Tensor) -> dict[str, Tensor]:
+        """``outputs``: pred_logits, pred_boxes, and optionally aux_outputs (list) and enc_outputs (dict).
+
+        Returns every unweighted term (suffix ``_<i>`` for decoder layer i, ``_enc`` for the
+        encoder) and ``loss``, their weighted sum.
+        """
+        num_boxes = float(max(sum(len(t.boxes) for t in targets), 1))
+        losses = self.single(outputs["pred_logits"], outputs["pred_boxes"], token_mask, targets, num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs") or []):
+            for k, v in self.single(aux["pred_logits"], aux["pred_boxes"], token_mask, targets, num_boxes).items():
+                losses[f"{k}_{i}"] = v
+        enc = outputs.get("enc_outputs")
+        if enc:
+            for k, v in self.single(enc["pred_logits"], enc["pred_boxes"], token_mask, targets, num_boxes).items():
+                losses[f"{k}_enc"] = v
+        total = sum(self.weights[k.rsplit("_", 1)[0] if k not in self.weights else k] * v for k, v in losses.items())
+        losses["loss"] = total
+        return losses
+
+
+def orthogonality(weight: Tensor) -> Tensor:
+    """‖W Wᵀ − I‖_F (Frobenius, not squared), the adapters' regulariser."""
+    eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return torch.linalg.matrix_norm(weight @ weight.t() - eye, ord="fro")
+
+
+def adapter_regulariser(w_query: Tensor, w_prompt: Tensor) -> Tensor:
+    """½(‖FFᵀ − I‖_F + ‖F̃F̃ᵀ − I‖_F), biases excluded (ARD eq. 3)."""
+    return 0.5 * (orthogonality(w_query) + orthogonality(w_prompt))
