@@ -1,0 +1,126 @@
+"""Torch datasets over the tuple record.
+
+Boxes are converted once here from pixel xyxy (at rest) to what the model wants,
+and every image transform moves its boxes with it (torchvision ``transforms.v2``
+with ``tv_tensors.BoundingBoxes``) — the query image's box included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_transform(train: bool, size: int) -> v2.Compose:
+    """Resize to ``size``; when training also flip, shift/scale and jitter colour (boxes follow)."""
+    ops: list = [v2.ToImage()]
+    if train:
+        ops += [
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomAffine(degrees=0.0, translate=(0.06, 0.06), scale=(0.9, 1.1)),
+            v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15),
+        ]
+    ops += [
+        v2.Resize((size, size), antialias=True),
+        v2.ClampBoundingBoxes(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
+    return v2.Compose(ops)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def transform_with_box(transform: v2.Compose, image: Image.Image, box_xyxy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``transform`` to an image and its pixel xyxy box; returns ([3, S, S], [4] pixel xyxy)."""
+    boxes = tv_tensors.BoundingBoxes(
+        torch.as_tensor([list(box_xyxy)], dtype=torch.float32), format="XYXY", canvas_size=(image.height, image.width)
+    )
+    img, out = transform(image, boxes)
+    return img, out.as_subclass(torch.Tensor)[0]
+
+
+@dataclass
+class Sample:
+    """One model input: the target image X and the query side (Q, R_Q, p)."""
+
+    image: torch.Tensor  # [3, S, S] normalised
+    box: torch.Tensor  # [4] normalised cxcywh of R_X in the transformed image ([0, 4] empty for a negative)
+    box_xyxy: torch.Tensor  # [4] pixel xyxy in the transformed image
+    query_image: torch.Tensor  # [3, S, S]
+    query_box: torch.Tensor  # [4] pixel xyxy of R_Q in the transformed query image
+    prompt: str
+    concept_phrase: str
+    tuple_id: str
+    positive: bool
+
+
+class TupleDataset(torch.utils.data.Dataset):
+    """Positive tuples of one split; optionally pairs a query with another training image (a negative)."""
+
+    def __init__(self, tuples: pd.DataFrame, data_root: Path, split: str, image_size: int, train: bool):
+        self.rows = tuples[tuples["split"] == split].reset_index(drop=True)
+        if self.rows.empty:
+            raise ValueError(f"TupleDataset: no tuples in split {split!r}")
+        self.root = Path(data_root)
+        self.size = image_size
+        self.transform = build_transform(train, image_size)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def item(self, index: int, target_image: str | None = None) -> Sample:
+        """Tuple ``index``; with ``target_image`` the query is paired with that negative image instead of X."""
+        r = self.rows.iloc[index]
+        q_img, q_box = transform_with_box(self.transform, load_rgb(self.root / r["query_image"]), r["query_box"])
+        if target_image is None:
+            x_img, x_box = transform_with_box(self.transform, load_rgb(self.root / r["train_image"]), r["train_box"])
+            norm = box_convert(x_box[None], "xyxy", "cxcywh")[0] / self.size
+            positive = True
+        else:
+            x_img, _ = transform_with_box(self.transform, load_rgb(self.root / target_image), [0, 0, 1, 1])
+            x_box, norm, positive = torch.zeros(4), torch.zeros(0, 4), False
+        return Sample(x_img, norm, x_box, q_img, q_box, r["prompt"], r["concept_phrase"], r["tuple_id"], positive)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.item(index)
+
+
+class NegativeSampler:
+    """k negatives per positive, drawn fresh every epoch from a seeded generator.
+
+    The pool of a tuple is the training images of every other concept in its split.
+    Draws depend on (seed, epoch, tuple index) only, so they differ between epochs,
+    repeat exactly when an interrupted run resumes, and are the same under DDP.
+    """
+
+    def __init__(self, tuples: pd.DataFrame, split: str, k: int, seed: int):
+        if k < 0:
+            raise ValueError(f"NegativeSampler: k={k} must be >= 0")
+        rows = tuples[tuples["split"] == split].reset_index(drop=True)
+        pool = rows.drop_duplicates("concept_id")[["concept_id", "train_image"]]
+        self.images = pool["train_image"].to_numpy()
+        self.concepts = pool["concept_id"].to_numpy()
+        self.row_concepts = rows["concept_id"].to_numpy()
+        if k > len(self.images) - 1:
+            raise ValueError(f"NegativeSampler: k={k} but split {split!r} has only {len(self.images) - 1} negatives per tuple")
+        self.k, self.seed = k, seed
+
+    def draw(self, index: int, epoch: int) -> list[str]:
+        rng = np.random.default_rng([self.seed, epoch, index])
+        allowed = np.flatnonzero(self.concepts != self.row_concepts[index])
+        return list(self.images[rng.choice(allowed, size=self.k, replace=False)])

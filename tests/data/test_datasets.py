@@ -1,0 +1,62 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ardetect.data.datasets import NegativeSampler, TupleDataset, build_transform, transform_with_box
+
+
+def test_every_transform_moves_the_box_with_the_image():
+    # a white square on black: after any train transform, the box must still frame the white pixels
+    img = np.zeros((80, 100, 3), np.uint8)
+    img[20:50, 60:90] = 255
+    pil = Image.fromarray(img)
+    tf = build_transform(train=True, size=64)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out, box = transform_with_box(tf, pil, [60, 20, 90, 50])
+        white = out.mean(0) > 0.5  # normalised: white is > 2, black < -1.5
+        ys, xs = torch.nonzero(white, as_tuple=True)
+        found = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        assert torch.allclose(found, box, atol=2.5), (seed, found, box)
+
+
+def _tuples(tmp_path, n_concepts=6):
+    rows = []
+    for c in range(n_concepts):
+        Image.fromarray(np.full((48, 48, 3), (c * 30) % 256, np.uint8)).save(tmp_path / f"x{c}.png")
+        for q in range(2):
+            Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / f"q{c}_{q}.png")
+            rows.append(
+                {"tuple_id": f"t{c}_{q}", "split": "train" if c < 4 else "test", "concept_id": f"c{c}",
+                 "prompt": "A V* cat", "concept_phrase": "V* cat", "query_image": f"q{c}_{q}.png",
+                 "query_box": [4.0, 4.0, 20.0, 24.0], "train_image": f"x{c}.png", "train_box": [8.0, 8.0, 40.0, 32.0]}
+            )
+    return pd.DataFrame(rows)
+
+
+def test_dataset_scales_boxes_to_model_format(tmp_path):
+    ds = TupleDataset(_tuples(tmp_path), tmp_path, "train", image_size=24, train=False)
+    s = ds[0]
+    assert s.image.shape == (3, 24, 24) and s.query_image.shape == (3, 24, 24)
+    assert torch.allclose(s.box_xyxy, torch.tensor([4.0, 4.0, 20.0, 16.0]))  # 48 -> 24
+    assert torch.allclose(s.box, torch.tensor([12 / 24, 10 / 24, 16 / 24, 12 / 24]))
+    assert torch.allclose(s.query_box, torch.tensor([2.4, 2.4, 12.0, 14.4]))  # 40 -> 24
+    neg = ds.item(0, target_image="x3.png")
+    assert not neg.positive and neg.box.shape == (0, 4)
+    with pytest.raises(ValueError, match="no tuples in split 'val'"):
+        TupleDataset(_tuples(tmp_path), tmp_path, "val", 24, False)
+
+
+def test_negative_sampler_fresh_per_epoch_seeded_and_never_own(tmp_path):
+    t = _tuples(tmp_path, n_concepts=12)
+    t["split"] = "train"
+    s = NegativeSampler(t, "train", k=4, seed=7)
+    draws = [s.draw(0, e) for e in range(6)]
+    assert all(len(d) == 4 and len(set(d)) == 4 for d in draws)
+    assert all("x0.png" not in d for d in draws)  # tuple 0 belongs to concept c0
+    assert len({tuple(d) for d in draws}) > 1  # fresh each epoch
+    assert NegativeSampler(t, "train", k=4, seed=7).draw(0, 3) == draws[3]  # reproducible
+    with pytest.raises(ValueError, match="k=12"):
+        NegativeSampler(t, "train", k=12, seed=0)
