@@ -1,0 +1,123 @@
+"""One evaluation harness for every method, on the same tuples.
+
+For each test tuple the method scores its own training image X and every negative
+(the training images of all other concepts in its split). Region-level methods also
+return a box per candidate; image-level methods return none and are ranked without
+the IoU gate, with box accuracy reported as N/A (as the ARD paper's table 2 does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from ardetect.evaluation.metrics import aggregate, query_metrics, rank_of_positive
+
+
+@dataclass
+class Scores:
+    """A method's answer for one query over its candidates (the positive first)."""
+
+    scores: np.ndarray  # [C]
+    boxes: np.ndarray | None = None  # [C, 4] pixel xyxy in each candidate's own image, or None (image-level)
+
+
+class Method(Protocol):
+    name: str
+    region_level: bool
+
+    def score(self, query: pd.Series, candidates: list[str]) -> Scores:
+        """Score ``candidates`` (image paths relative to the data root, the positive first) for ``query``."""
+        ...
+
+
+@dataclass
+class Evaluation:
+    method: str
+    region_level: bool
+    per_query: pd.DataFrame
+    summary: dict[str, float]
+    by_medium: pd.DataFrame
+    by_class: pd.DataFrame
+    retrievals: dict[str, list[tuple[str, float, list[float] | None]]] = field(default_factory=dict)
+
+
+def candidates_of(tuples: pd.DataFrame, negatives: pd.DataFrame) -> dict[str, list[str]]:
+    """tuple_id -> [its training image, then its negatives in a stable order]."""
+    negs = negatives.astype({"tuple_id": str, "neg_image": str}).sort_values(["tuple_id", "neg_image"])
+    grouped = negs.groupby("tuple_id")["neg_image"].apply(list).to_dict()
+    return {t: [x, *grouped.get(t, [])] for t, x in zip(tuples["tuple_id"], tuples["train_image"])}
+
+
+def evaluate_method(
+    method: Method, tuples: pd.DataFrame, negatives: pd.DataFrame, iou_threshold: float = 0.5,
+    keep_retrievals: Iterable[str] = (), progress: bool = True,
+) -> Evaluation:
+    cands = candidates_of(tuples, negatives)
+    keep = set(keep_retrievals)
+    rows, retrievals = [], {}
+    for _, q in tqdm(tuples.iterrows(), total=len(tuples), desc=f"evaluate {method.name}", disable=not progress):
+        c = cands[q["tuple_id"]]
+        out = method.score(q, c)
+        if len(out.scores) != len(c):
+            raise ValueError(f"{method.name}: {len(out.scores)} scores for {len(c)} candidates of {q['tuple_id']}")
+        rank = rank_of_positive(float(out.scores[0]), out.scores[1:])
+        iou = None
+        if method.region_level:
+            if out.boxes is None:
+                raise ValueError(f"{method.name} is region-level but returned no boxes for {q['tuple_id']}")
+            pred = torch.as_tensor(np.asarray(out.boxes[0], dtype=np.float32))[None]
+            gt = torch.as_tensor(np.asarray(q["train_box"], dtype=np.float32))[None]
+            iou = float(box_iou(pred, gt)[0, 0])
+        m = query_metrics(rank, iou, iou_threshold)
+        rows.append({"tuple_id": q["tuple_id"], "medium": q["medium"], "base_class": q["base_class"], "score": float(out.scores[0]), **m})
+        if q["tuple_id"] in keep:
+            order = np.argsort(-np.asarray(out.scores), kind="stable")
+            retrievals[q["tuple_id"]] = [
+                (c[i], float(out.scores[i]), None if out.boxes is None else [float(v) for v in out.boxes[i]]) for i in order[:10]
+            ]
+    per_query = pd.DataFrame(rows)
+    metric_cols = [col for col in per_query.columns if col.startswith(("recall@", "inverse_rank@")) or col == "box_correct"]
+
+    def breakdown(key: str) -> pd.DataFrame:
+        g = per_query.groupby(key)[metric_cols].mean()
+        g["queries"] = per_query.groupby(key).size()
+        return g
+
+    return Evaluation(
+        method.name, method.region_level, per_query, aggregate(per_query), breakdown("medium"), breakdown("base_class"), retrievals
+    )
+
+
+class ChanceMethod:
+    """Uniformly random scores (seeded): the floor every method must beat. Image-level."""
+
+    region_level = False
+
+    def __init__(self, seed: int = 0):
+        self.name = "chance"
+        self.seed = seed
+
+    def score(self, query: pd.Series, candidates: list[str]) -> Scores:
+        rng = np.random.default_rng([self.seed, int.from_bytes(str(query["tuple_id"]).encode()[-8:], "little")])
+        return Scores(rng.random(len(candidates)))
+
+
+def results_table(evaluations: list[Evaluation], keys: tuple[str, ...] = ("box_accuracy", "inverse_rank@5", "inverse_rank@10", "recall@1", "recall@5", "recall@10")) -> str:
+    """A markdown table, one row per method; image-level methods show box accuracy as N/A."""
+    head = "| method | " + " | ".join(keys) + " | queries |"
+    rows = [head, "|" + "---|" * (len(keys) + 2)]
+    for ev in evaluations:
+        cells = []
+        for k in keys:
+            v = ev.summary.get(k, float("nan"))
+            cells.append("N/A" if (k == "box_accuracy" and not ev.region_level) else f"{v:.4f}")
+        rows.append(f"| {ev.method} | " + " | ".join(cells) + f" | {int(ev.summary['queries'])} |")
+    return "\n".join(rows)

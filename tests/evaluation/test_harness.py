@@ -1,0 +1,62 @@
+import numpy as np
+import pandas as pd
+
+from ardetect.evaluation.harness import ChanceMethod, Scores, candidates_of, evaluate_method, results_table
+
+
+def data():
+    t = pd.DataFrame(
+        {
+            "tuple_id": ["t1", "t2", "t3"],
+            "train_image": ["x1.png", "x2.png", "x3.png"],
+            "train_box": [[0, 0, 10, 10]] * 3,
+            "medium": ["photo", "ink drawing", "photo"],
+            "base_class": ["cat", "cat", "mug"],
+        }
+    )
+    n = pd.DataFrame(
+        {"tuple_id": ["t1", "t1", "t2", "t2", "t3", "t3"], "neg_image": ["x2.png", "x3.png", "x1.png", "x3.png", "x1.png", "x2.png"]}
+    )
+    return t, n
+
+
+class Fixed:
+    """Scores from a table; boxes: right box for t1/t3, a wrong one for t2."""
+
+    name, region_level = "fixed", True
+
+    def score(self, q, cands):
+        s = {"t1": [0.9, 0.1, 0.2], "t2": [0.5, 0.5, 0.1], "t3": [0.2, 0.6, 0.1]}[q["tuple_id"]]
+        good, bad = [0, 0, 10, 10], [20, 20, 30, 30]
+        boxes = np.array([bad if q["tuple_id"] == "t2" else good] + [good] * (len(cands) - 1), float)
+        return Scores(np.array(s), boxes)
+
+
+def test_candidates_positive_first():
+    t, n = data()
+    c = candidates_of(t, n)
+    assert c["t1"] == ["x1.png", "x2.png", "x3.png"] and c["t2"][0] == "x2.png"
+
+
+def test_harness_hand_computed():
+    t, n = data()
+    ev = evaluate_method(Fixed(), t, n, keep_retrievals=["t1"], progress=False)
+    pq = ev.per_query.set_index("tuple_id")
+    assert pq.loc["t1", "rank"] == 1 and pq.loc["t1", "recall@1"] == 1
+    assert pq.loc["t2", "rank"] == 2  # tie counts against the positive
+    assert pq.loc["t2", "recall@5"] == 0  # IoU gate: wrong box
+    assert pq.loc["t3", "rank"] == 2 and pq.loc["t3", "recall@5"] == 1
+    assert ev.summary["box_accuracy"] == 2 / 3
+    assert ev.summary["recall@5"] == 2 / 3
+    assert ev.by_medium.loc["photo", "recall@1"] == 0.5
+    assert [r[0] for r in ev.retrievals["t1"]] == ["x1.png", "x3.png", "x2.png"]
+    table = results_table([ev, evaluate_method(ChanceMethod(), t, n, progress=False)])
+    assert "| fixed | 0.6667 |" in table and "| chance | N/A |" in table
+
+
+def test_chance_is_seeded_and_image_level():
+    t, n = data()
+    a = evaluate_method(ChanceMethod(1), t, n, progress=False).per_query
+    b = evaluate_method(ChanceMethod(1), t, n, progress=False).per_query
+    assert a["rank"].tolist() == b["rank"].tolist()
+    assert a["box_correct"].isna().all()
