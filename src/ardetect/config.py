@@ -140,6 +140,88 @@ class ValidateConfig(_Section):
     max_examples: int = Field(5, ge=1, description="example rows shown per failed expectation")
 
 
+class ModelSection(_Section):
+    """The detector: a named size (``ardetect.model.ModelConfig.named``) plus overrides."""
+
+    size: Literal["nano", "T-B", "B-B", "B-L"] = "nano"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields to override")
+    pretrained: str | None = Field(
+        None, description="transformers GroundingDINO checkpoint (local path or cached hub id) to start from"
+    )
+
+
+class LossConfig(_Section):
+    """Matcher costs and loss weights (GroundingDINO's recipe by default)."""
+
+    cost_class: float = Field(2.0, ge=0)
+    cost_bbox: float = Field(5.0, ge=0)
+    cost_giou: float = Field(2.0, ge=0)
+    weight_class: float = Field(2.0, ge=0)
+    weight_bbox: float = Field(5.0, ge=0)
+    weight_giou: float = Field(2.0, ge=0)
+    focal_alpha: float = Field(0.25, ge=0, le=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    aux_loss: bool = True
+
+
+class Phase1Config(_Section):
+    """Phase 1: positives only, Hungarian matching, focal + L1 + GIoU."""
+
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    lr_backbone: float = Field(2e-5, ge=0, description="image backbone lr when it trains (randomly initialised)")
+    lr_linear_proj_mult: float = Field(0.1, gt=0, description="lr multiplier of sampling offsets and reference points")
+    weight_decay: float = Field(1e-4, ge=0)
+    clip_grad: float = Field(0.1, ge=0, description="max grad norm; 0 = off")
+    lr_drop_epochs: int = Field(6, ge=1, description="StepLR step size, epochs")
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    checkpoint_every: int = Field(50, ge=1, description="save the latest checkpoint every N steps (resume point)")
+    augment: bool = True
+    seed: int = Field(0, ge=0)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs; null = the whole split")
+    loss: LossConfig = LossConfig()
+
+
+class Phase2Config(_Section):
+    """Phase 2: adapters only; each positive with k fresh negatives per epoch."""
+
+    epochs: int = Field(3, ge=1)
+    k_negatives: int = Field(4, ge=1, description="negatives per positive (paper: 4)")
+    lambda_reg: float = Field(0.05, ge=0, description="weight of the adapters' orthogonality regulariser")
+    lambda_cls: float = Field(1.0, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    clip_grad: float = Field(0.1, ge=0)
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = Field(0, ge=0)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    augment: bool = True
+
+
+class AbCSection(_Section):
+    """The AbC baseline's base encoder and heads."""
+
+    encoder: str = Field("world", description="'world' (SSL-trained on the training split), a timm name or a transformers id")
+    image_size: int = Field(96, ge=32)
+    feature_dim: int = Field(128, ge=8)
+    ssl_epochs: int = Field(8, ge=0)
+    head_epochs: int = Field(40, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lambda_reg: float = Field(0.05, ge=0)
+    seed: int = Field(0, ge=0)
+
+
+class EvaluateConfig(_Section):
+    iou_threshold: float = Field(0.5, gt=0, le=1)
+    max_queries: int | None = Field(None, ge=1, description="evaluate a seeded subset of test queries; null = all")
+    candidate_batch: int = Field(64, ge=1)
+    generalisation_world_seed: int | None = Field(
+        1, ge=0, description="seed of a second world with unseen identities; null = skip"
+    )
+    figure_queries: int = Field(2, ge=0, description="queries drawn in the top-10 retrieval figure")
+
+
 class TrackingConfig(_Section):
     experiment: str = "ardetect"
     tracking_uri: str | None = Field(
@@ -154,9 +236,14 @@ class Config(_Section):
     generate: GenerateConfig = GenerateConfig()
     tuples: TuplesConfig = TuplesConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    model: ModelSection = ModelSection()
+    train_phase1: Phase1Config = Phase1Config()
+    train_phase2: Phase2Config = Phase2Config()
+    abc: AbCSection = AbCSection()
+    evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
 
     @model_validator(mode="after")
     def _compatible(self) -> "Config":
