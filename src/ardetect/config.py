@@ -216,9 +216,11 @@ class EvaluateConfig(_Section):
     iou_threshold: float = Field(0.5, gt=0, le=1)
     max_queries: int | None = Field(None, ge=1, description="evaluate a seeded subset of test queries; null = all")
     candidate_batch: int = Field(64, ge=1)
-    generalisation_world_seed: int | None = Field(
-        1, ge=0, description="seed of a second world with unseen identities; null = skip"
+    generalisation_world_seed: int = Field(
+        1, ge=0, description="seed of a second world with unseen identities (must differ from world.seed)"
     )
+    generalisation_concepts: int = Field(105, ge=3, description="concepts of the second world (all in its test split)")
+    generalisation_queries_per_concept: int = Field(1, ge=1, le=10)
     figure_queries: int = Field(2, ge=0, description="queries drawn in the top-10 retrieval figure")
 
 
@@ -251,6 +253,11 @@ class Config(_Section):
             raise ValueError(
                 f"generate.backend={self.generate.backend!r} needs real exemplars; exemplars.source='synthetic' "
                 "pairs only with generate.backend='synthetic'"
+            )
+        if self.evaluate.generalisation_world_seed == self.world.seed:
+            raise ValueError(
+                f"evaluate.generalisation_world_seed={self.evaluate.generalisation_world_seed} equals world.seed: "
+                "the second world must hold unseen identities"
             )
         if self.exemplars.source != "synthetic" and self.generate.backend == "synthetic":
             raise ValueError(

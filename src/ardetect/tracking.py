@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -36,6 +37,11 @@ def tracking_uri(configured: str | None = None, root: Path | None = None) -> str
     if configured:
         return configured
     return f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
+
+
+def is_primary() -> bool:
+    """Only the first process of a distributed (torchrun) job tracks; the others stay silent."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _mlflow(uri: str, experiment: str):
@@ -77,19 +83,33 @@ def pipeline_run(experiment: str, uri: str, run_name: str = "pipeline", tags: di
 
 
 @contextmanager
-def stage_run(stage: str, experiment: str, uri: str, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+def stage_run(
+    stage: str, experiment: str, uri: str, params: Mapping[str, Any] | None = None, system_metrics: bool = False
+) -> Iterator[Any]:
     """A child run for one stage (nested under the pipeline's parent run when there is one)."""
+    if not is_primary():
+        yield None
+        return
     mlflow = _mlflow(uri, experiment)
     parent = os.environ.get(PARENT_ENV)
     tags = {"ard.kind": "stage", "ard.stage": stage}
     nested = mlflow.active_run() is not None  # in-process (the parent is this process's active run)
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=nested, tags=tags) as run:
+    with mlflow.start_run(
+        run_name=stage, parent_run_id=parent, nested=nested, tags=tags, log_system_metrics=system_metrics or None
+    ) as run:
         if params:
             log_params(params)
         yield run
 
 
+def metric_key(key: str) -> str:
+    """MLflow keys allow letters, digits, ``_ - . / space``: ``recall@5`` becomes ``recall_at_5``."""
+    return re.sub(r"[^\w\-. /]", "_", key.replace("@", "_at_"))
+
+
 def log_params(params: Mapping[str, Any]) -> None:
+    if not is_primary():
+        return
     import mlflow
 
     flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
@@ -99,20 +119,28 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    if not is_primary():
+        return
     import mlflow
 
-    clean = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    clean = {
+        metric_key(k): float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     if clean:
         mlflow.log_metrics(clean, step=step)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    if not is_primary():
+        return
     import mlflow
 
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
 def log_dict(data: Mapping[str, Any], name: str) -> None:
+    if not is_primary():
+        return
     import mlflow
 
     mlflow.log_dict(dict(data), name)

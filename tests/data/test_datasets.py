@@ -16,7 +16,7 @@ def test_every_transform_moves_the_box_with_the_image():
     for seed in range(20):
         torch.manual_seed(seed)
         out, box = transform_with_box(tf, pil, [60, 20, 90, 50])
-        white = out.mean(0) > 0.5  # normalised: white is > 2, black < -1.5
+        white = out.mean(0) > 0.5  # [0, 1] images
         ys, xs = torch.nonzero(white, as_tuple=True)
         found = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
         assert torch.allclose(found, box, atol=2.5), (seed, found, box)

@@ -18,10 +18,6 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def build_transform(train: bool, size: int) -> v2.Compose:
     """Resize to ``size``; when training also flip, shift/scale and jitter colour (boxes follow)."""
     ops: list = [v2.ToImage()]
@@ -34,8 +30,7 @@ def build_transform(train: bool, size: int) -> v2.Compose:
     ops += [
         v2.Resize((size, size), antialias=True),
         v2.ClampBoundingBoxes(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.ToDtype(torch.float32, scale=True),  # [0, 1]; the model normalises
     ]
     return v2.Compose(ops)
 
@@ -58,7 +53,7 @@ def transform_with_box(transform: v2.Compose, image: Image.Image, box_xyxy) -> t
 class Sample:
     """One model input: the target image X and the query side (Q, R_Q, p)."""
 
-    image: torch.Tensor  # [3, S, S] normalised
+    image: torch.Tensor  # [3, S, S] in [0, 1]
     box: torch.Tensor  # [4] normalised cxcywh of R_X in the transformed image ([0, 4] empty for a negative)
     box_xyxy: torch.Tensor  # [4] pixel xyxy in the transformed image
     query_image: torch.Tensor  # [3, S, S]

@@ -206,3 +206,111 @@ def pairs_by_epoch(concepts: Sequence[str], seed: int) -> list[int]:
     for i, c in enumerate(concepts):
         by.setdefault(c, []).append(i)
     return [idx[int(torch.randint(len(idx), (1,), generator=g))] for idx in by.values()]
+
+
+# --- pipeline glue: fit on the record, score in the harness ---------------------------
+
+
+def load_images(paths: Sequence[str], root, size: int) -> Tensor:
+    """[N, 3, size, size] float images in [0, 1]."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(Path(root) / p) as im:
+            arr = torch.frombuffer(bytearray(im.convert("RGB").resize((size, size), Image.BILINEAR).tobytes()), dtype=torch.uint8)
+        out.append(arr.view(size, size, 3).permute(2, 0, 1).float() / 255.0)
+    return torch.stack(out) if out else torch.zeros(0, 3, size, size)
+
+
+def build_base_encoder(name: str, dim: int) -> tuple[nn.Module, int]:
+    """A pretrained timm model (local weights only) as the frozen base; ``world`` is trained by ``fit_abc``."""
+    import timm
+
+    model = timm.create_model(name, pretrained=True, num_classes=0)
+    return model.eval(), int(model.num_features)
+
+
+def fit_abc(cfg, tuples, data_root, log: Callable[[dict, int], None] | None = None) -> tuple[AbC, Calibration, dict]:
+    """Fit AbC on the training split (encoder and heads) and calibrate τ, λ on the val split."""
+    torch.manual_seed(cfg.seed)
+    train = tuples[tuples["split"] == "train"].reset_index(drop=True)
+    if train.empty:
+        raise ValueError("fit_abc: no training tuples")
+    stats: dict = {}
+    if cfg.encoder == "world":
+        pool = sorted(set(train["train_image"]) | set(train["query_image"]))
+        imgs = load_images(pool, data_root, cfg.image_size)
+        base = train_world_encoder(
+            imgs, dim=cfg.feature_dim, epochs=cfg.ssl_epochs, seed=cfg.seed,
+            progress=(lambda e, loss: log({"abc_ssl_loss": loss}, e + 1)) if log else None,
+        )
+        dim = cfg.feature_dim
+    else:
+        base, dim = build_base_encoder(cfg.encoder, cfg.feature_dim)
+    model = AbC(base, dim)
+    synth = model.base_features(load_images(train["query_image"].tolist(), data_root, cfg.image_size))
+    exem = model.base_features(load_images(train["train_image"].tolist(), data_root, cfg.image_size))
+    hist = train_heads(model, synth, exem, train["concept_id"].tolist(), epochs=cfg.head_epochs, lr=cfg.lr, lambda_reg=cfg.lambda_reg, seed=cfg.seed)
+    if log:
+        for i, v in enumerate(hist):
+            log({"abc_head_loss": v}, i + 1)
+    stats["head_loss_first"], stats["head_loss_last"] = hist[0], hist[-1]
+    val = tuples[tuples["split"] == "val"].reset_index(drop=True)
+    if len(val):
+        pool = val.drop_duplicates("concept_id").reset_index(drop=True)
+        with torch.no_grad():
+            t = model.embed_train(model.base_features(load_images(pool["train_image"].tolist(), data_root, cfg.image_size)))
+            s = model.embed_synth(model.base_features(load_images(val["query_image"].tolist(), data_root, cfg.image_size)))
+        index = {c: i for i, c in enumerate(pool["concept_id"])}
+        cal = fit_calibration(s @ t.t(), torch.tensor([index[c] for c in val["concept_id"]]))
+    else:
+        cal = Calibration(tau=1.0, lam=0.0)
+    stats["tau"], stats["lambda"] = cal.tau, cal.lam
+    return model, cal, stats
+
+
+class AbCMethod:
+    """AbC in the harness: rank by cosine similarity (the calibrated influence is monotone in it)."""
+
+    region_level = False
+
+    def __init__(self, model: AbC, calibration: Calibration, data_root, image_size: int, name: str = "AbC"):
+        self.model, self.calibration, self.root, self.size, self.name = model.eval(), calibration, data_root, image_size, name
+        self._emb: dict[str, Tensor] = {}
+
+    def _train_embedding(self, paths: list[str]) -> Tensor:
+        todo = [p for p in paths if p not in self._emb]
+        if todo:
+            with torch.no_grad():
+                e = self.model.embed_train(self.model.base_features(load_images(todo, self.root, self.size)))
+            self._emb.update(zip(todo, e))
+        return torch.stack([self._emb[p] for p in paths])
+
+    @torch.no_grad()
+    def score(self, query, candidates: list[str]):
+        from ardetect.evaluation.harness import Scores
+
+        q = self.model.embed_synth(self.model.base_features(load_images([query["query_image"]], self.root, self.size)))
+        sims = (self._train_embedding(candidates) @ q[0]).numpy().astype("float64")
+        return Scores(sims)
+
+    def influence(self, sims: Tensor) -> Tensor:
+        return self.calibration.influence(sims)
+
+
+def save_abc(path, model: AbC, cal: Calibration, cfg) -> None:
+    from ardetect.train.engine import save_atomic
+
+    save_atomic({"base": model.base, "heads": {"train": model.head_train.state_dict(), "synth": model.head_synth.state_dict()},
+                 "dim": model.head_train.in_features, "tau": cal.tau, "lam": cal.lam, "config": cfg.model_dump()}, path)
+
+
+def load_abc(path) -> tuple[AbC, Calibration]:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    model = AbC(ck["base"], ck["dim"])
+    model.head_train.load_state_dict(ck["heads"]["train"])
+    model.head_synth.load_state_dict(ck["heads"]["synth"])
+    return model.eval(), Calibration(ck["tau"], ck["lam"])

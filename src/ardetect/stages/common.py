@@ -63,7 +63,7 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def run_stage(name: str, body: Callable[[Config], dict], params_section: Callable[[Config], dict]) -> None:
+def run_stage(name: str, body: Callable[[Config], dict], params_section: Callable[[Config], dict], system_metrics: bool = False) -> None:
     """Load the config, open the stage's MLflow run, run ``body`` and exit non-zero with a clear message on failure."""
     setup_logging()
     try:
@@ -74,11 +74,13 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, tracking.repo_root())
     start = time.perf_counter()
     try:
-        with tracking.stage_run(name, cfg.tracking.experiment, uri, params={"profile": cfg.profile, **params_section(cfg)}):
+        with tracking.stage_run(
+            name, cfg.tracking.experiment, uri, params={"profile": cfg.profile, **params_section(cfg)}, system_metrics=system_metrics
+        ):
             metrics = body(cfg) or {}
             metrics["stage_seconds"] = time.perf_counter() - start
             tracking.log_metrics(metrics)
-    except (StageError, ValueError, FileNotFoundError, NotImplementedError) as err:
+    except (StageError, ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as err:
         print(f"[{name}] FAILED: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     log.info("stage %s done in %.1f s", name, time.perf_counter() - start)

@@ -1,0 +1,119 @@
+"""Stage ``evaluate``: ARD, ARD− (phase 1 only), AbC and chance on the same test tuples.
+
+Also on the second world (unseen identities). Writes DVC metrics, a markdown report,
+Recall@K plot data and figures to ``reports/``, and logs them all to MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ardetect import tracking
+from ardetect.config import Config
+from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, read_table, write_parquet_atomic
+from ardetect.stages.common import DATA, atomic_dir, run_stage
+
+OUT = Path("reports")
+NOTE = (
+    "Recall@K and InverseRank@K follow the ARD paper (sec. 5.1): the positive's rank among its own training image "
+    "and every negative (all other concepts' training images in the split), ties counted against the positive, and "
+    "0 when the predicted region's IoU with R_X is below {iou}. AbC and chance are image-level: they predict no "
+    "region, so they are ranked without the IoU gate and their box accuracy is N/A (as in the paper's table 2)."
+)
+
+
+def _subset(tuples: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    if n is None or n >= len(tuples):
+        return tuples
+    rng = np.random.default_rng(seed)
+    return tuples.iloc[np.sort(rng.choice(len(tuples), size=n, replace=False))]
+
+
+def build(cfg: Config) -> dict:
+    from ardetect.evaluation.abc import AbCMethod, load_abc
+    from ardetect.evaluation.ard import ARDMethod
+    from ardetect.evaluation.figures import recall_curve, recall_plot, retrieval_figure
+    from ardetect.evaluation.harness import ChanceMethod, evaluate_method, results_table
+    from ardetect.train.phases import image_size_of, load_model
+
+    ev = cfg.evaluate
+    ard = load_model(Path("models/phase2/model.pt"))
+    ard_minus = load_model(Path("models/phase1/model.pt"))
+    abc, cal = load_abc(Path("models/abc/abc.pt"))
+    size = image_size_of(ard)
+    worlds = {
+        "test": (DATA / "tuples" / "tuples.parquet", DATA / "tuples" / "negatives.parquet"),
+        "world2": (DATA / "world2" / "tuples.parquet", DATA / "world2" / "negatives.parquet"),
+    }
+    metrics: dict = {}
+    sections, curves, per_query_all = [], [], []
+    figure_paths = []
+    with atomic_dir(OUT) as tmp:
+        for world, (tpath, npath) in worlds.items():
+            tuples = read_table(tpath, TUPLE_COLUMNS, world)
+            tuples = _subset(tuples[tuples["split"] == "test"].reset_index(drop=True), ev.max_queries, cfg.train_phase1.seed)
+            negatives = read_table(npath, NEGATIVE_COLUMNS, f"{world} negatives")
+            negatives = negatives[negatives["tuple_id"].astype(str).isin(set(tuples["tuple_id"]))]
+            figure_ids = list(tuples["tuple_id"].iloc[:: max(1, len(tuples) // max(ev.figure_queries, 1))][: ev.figure_queries])
+            methods = [
+                ARDMethod(ard, DATA, size, name="ARD", batch=ev.candidate_batch),
+                ARDMethod(ard_minus, DATA, size, name="ARD-", batch=ev.candidate_batch),
+                AbCMethod(abc, cal, DATA, cfg.abc.image_size),
+                ChanceMethod(seed=cfg.train_phase1.seed),
+            ]
+            evals = [evaluate_method(m, tuples, negatives, ev.iou_threshold, keep_retrievals=figure_ids) for m in methods]
+            metrics[world] = {e.method: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in e.summary.items()} for e in evals}
+            n_cand = 1 + negatives.groupby("tuple_id", observed=True).size()
+            sections.append(
+                f"## {world}: {len(tuples)} queries, {int(n_cand.min())}–{int(n_cand.max())} candidates each\n\n{results_table(evals)}\n"
+            )
+            for e in evals[:3]:
+                sections.append(f"### {world} / {e.method} per medium\n\n{e.by_medium.round(4).to_markdown()}\n")
+            sections.append(f"### {world} / ARD per base class\n\n{evals[0].by_class.round(4).to_markdown()}\n")
+            curve = recall_curve({e.method: e.per_query for e in evals})
+            curve.insert(0, "world", world)
+            curves.append(curve)
+            recall_plot(curve, tmp / f"recall_at_k_{world}.png", f"Recall@K, {world} ({len(tuples)} queries)")
+            for e in evals:
+                per_query_all.append(e.per_query.assign(method=e.method, world=world))
+            for tid in figure_ids:
+                q = tuples[tuples["tuple_id"] == tid].iloc[0]
+                path = retrieval_figure(q, DATA, {e.method: e.retrievals[tid] for e in evals[:3:2]}, tmp / f"retrieval_{world}_{tid}.png")
+                figure_paths.append(OUT / path.name)
+        ardm, abcm = metrics["test"]["ARD"], metrics["test"]["AbC"]
+        checks = {
+            "ARD Recall@10 >= 0.5": ardm["recall@10"] >= 0.5,
+            "ARD Recall@10 >= 1.5 x AbC": ardm["recall@10"] >= 1.5 * abcm["recall@10"],
+            "ARD Recall@5 >= ARD- Recall@5": ardm["recall@5"] >= metrics["test"]["ARD-"]["recall@5"],
+        }
+        metrics["bars"] = {k: bool(v) for k, v in checks.items()}
+        report = "\n".join(
+            ["# Attribution results\n", NOTE.format(iou=ev.iou_threshold), "",
+             "| bar | met |", "|---|---|", *[f"| {k} | {'yes' if v else 'NO'} |" for k, v in checks.items()], "", *sections]
+        )
+        (tmp / "results.md").write_text(report)
+        pd.concat(curves).to_csv(tmp / "recall_at_k.csv", index=False)
+        write_parquet_atomic(pd.concat(per_query_all, ignore_index=True), tmp / "per_query.parquet")
+        tracking.write_json_atomic(metrics, tmp / "metrics.json")
+    for f in sorted(OUT.iterdir()):
+        tracking.log_artifact(f, artifact_path="evaluation")
+    flat = {}
+    for world in ("test", "world2"):
+        for method, m in metrics[world].items():
+            for k, v in m.items():
+                if v is not None:
+                    flat[f"{world}.{method}.{k}"] = v
+    print(report)
+    return flat
+
+
+def main() -> None:
+    run_stage("evaluate", build, lambda c: {"evaluate": c.evaluate.model_dump()})
+
+
+if __name__ == "__main__":
+    main()

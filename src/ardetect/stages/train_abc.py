@@ -1,0 +1,29 @@
+"""Stage ``train_abc``: the AbC baseline (base encoder, affine heads, calibration) on the training split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ardetect import tracking
+from ardetect.config import Config
+from ardetect.data.schema import TUPLE_COLUMNS, read_table
+from ardetect.stages.common import DATA, run_stage
+
+OUT = Path("models/abc")
+
+
+def build(cfg: Config) -> dict:
+    from ardetect.evaluation.abc import fit_abc, save_abc
+
+    tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
+    model, cal, stats = fit_abc(cfg.abc, tuples, DATA, log=lambda m, step: tracking.log_metrics(m, step=step))
+    save_abc(OUT / "abc.pt", model, cal, cfg.abc)
+    return stats
+
+
+def main() -> None:
+    run_stage("train_abc", build, lambda c: {"abc": c.abc.model_dump()}, system_metrics=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Stage ``world2``: a second synthetic world with unseen identities (another seed), all test.
+
+The trained models never see it; ``evaluate`` reports it beside the main test split
+as a generalisation check. Its negatives are every other concept of that world.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ardetect import tracking
+from ardetect.config import Config
+from ardetect.data.tuples import build_negatives, build_tuples, statistics
+from ardetect.data.schema import write_parquet_atomic
+from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
+
+OUT = DATA / "world2"
+
+
+def build(cfg: Config) -> dict:
+    from ardetect.data.world import make_exemplars, make_generated
+
+    ev = cfg.evaluate
+    wcfg = cfg.world.model_copy(
+        update={"seed": ev.generalisation_world_seed, "n_concepts": ev.generalisation_concepts,
+                "queries_per_concept": ev.generalisation_queries_per_concept}
+    )
+    with atomic_dir(OUT) as tmp:
+        ex = make_exemplars(wcfg, tmp / "exemplars", DATA)
+        ex["image"] = rebase_paths(ex["image"], tmp, OUT, DATA)
+        ex["mask"] = rebase_paths(ex["mask"], tmp, OUT, DATA)
+        gen = make_generated(wcfg, ex, tmp / "generated", DATA)
+        gen["image"] = rebase_paths(gen["image"], tmp, OUT, DATA)
+        for table in (ex, gen):  # ids unique across both worlds
+            table["concept_id"] = "w2_" + table["concept_id"]
+        gen["query_id"] = "w2_" + gen["query_id"]
+        splits = pd.Series("test", index=pd.Index(ex["concept_id"], name="concept_id"), name="split")
+        tuples = build_tuples(ex, gen, splits)
+        negatives = build_negatives(tuples, ex, splits)
+        write_parquet_atomic(tuples, tmp / "tuples.parquet")
+        write_parquet_atomic(negatives, tmp / "negatives.parquet")
+        stats = statistics(tuples, negatives)
+        tracking.write_json_atomic(stats, tmp / "stats.json")
+    return {"tuples": stats["tuples"], "concepts": stats["concepts"], "negatives_min": stats["negatives"]["min_per_tuple"]}
+
+
+def main() -> None:
+    run_stage("world2", build, lambda c: {"world": c.world.model_dump(), "evaluate": c.evaluate.model_dump()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Training engine shared by both phases: batching, one epoch, validation, checkpoints, resume.
+
+Determinism: the epoch's order comes from a generator seeded with (seed, epoch), and
+each sample's augmentation from (seed, epoch, index), so an interrupted run resumed
+from its latest checkpoint ends with the same weights as an uninterrupted one, and
+any number of DataLoader workers or DDP processes sees the same samples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ardetect.data.datasets import NegativeSampler, Sample, TupleDataset
+from ardetect.train.losses import SetCriterion
+from ardetect.train.matcher import Target
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss became NaN or infinite: training stops instead of corrupting the weights."""
+
+
+@dataclass
+class Batch:
+    """B target images, each paired with one of P queries (``query_of`` maps image -> query)."""
+
+    images: Tensor  # [B, 3, S, S]
+    boxes: list[Tensor]  # B x [n_i, 4] normalised cxcywh (n_i = 0 for negatives)
+    query_images: Tensor  # [P, 3, S, S]
+    query_boxes: Tensor  # [P, 4] pixel xyxy
+    prompts: list[str]  # P
+    phrases: list[str]  # P
+    query_of: Tensor  # [B] long
+    positive: Tensor  # [B] bool
+    tuple_ids: list[str]  # B
+
+    @property
+    def num_positive(self) -> int:
+        return int(self.positive.sum())
+
+
+def collate_groups(groups: Sequence[Sequence[Sample]]) -> Batch:
+    """Each group shares one query: its first sample is the positive, the rest negatives."""
+    images, boxes, q_images, q_boxes, prompts, phrases, query_of, positive, ids = [], [], [], [], [], [], [], [], []
+    for gi, group in enumerate(groups):
+        first = group[0]
+        q_images.append(first.query_image)
+        q_boxes.append(first.query_box)
+        prompts.append(first.prompt)
+        phrases.append(first.concept_phrase)
+        for s in group:
+            images.append(s.image)
+            boxes.append(s.box.reshape(-1, 4))
+            query_of.append(gi)
+            positive.append(s.positive)
+            ids.append(s.tuple_id)
+    return Batch(
+        torch.stack(images), boxes, torch.stack(q_images), torch.stack(q_boxes), prompts, phrases,
+        torch.tensor(query_of), torch.tensor(positive), ids,
+    )
+
+
+def sample_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def seeded_item(ds: TupleDataset, index: int, seed: int, target_image: str | None = None) -> Sample:
+    """``ds.item`` with its augmentation drawn from a private RNG seeded by ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ds.item(index, target_image)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch, 7919))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def shard(indices: list[int], rank: int, world: int) -> list[int]:
+    """This process's share of an epoch (DDP): every world-th index, padded to equal length."""
+    if world == 1:
+        return indices
+    per = math.ceil(len(indices) / world)
+    padded = indices + indices[: per * world - len(indices)]
+    return padded[rank::world]
+
+
+def iter_batches(
+    ds: TupleDataset, seed: int, epoch: int, batch_size: int, rank: int = 0, world: int = 1,
+    negatives: NegativeSampler | None = None, start: int = 0, max_steps: int | None = None,
+) -> Iterator[tuple[int, Batch]]:
+    """(step, batch) of one epoch from ``start``; with ``negatives``, each positive brings k negatives."""
+    order = shard(epoch_order(len(ds), seed, epoch), rank, world)
+    steps = math.ceil(len(order) / batch_size)
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    for step in range(start, steps):
+        groups = []
+        for idx in order[step * batch_size : (step + 1) * batch_size]:
+            group = [seeded_item(ds, idx, sample_seed(seed, epoch, idx))]
+            if negatives is not None:
+                for j, img in enumerate(negatives.draw(idx, epoch)):
+                    group.append(seeded_item(ds, idx, sample_seed(seed, epoch, idx, j + 1), target_image=img))
+            groups.append(group)
+        yield step, collate_groups(groups)
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int = 1, max_steps: int | None = None) -> int:
+    steps = math.ceil(math.ceil(n / world) / batch_size)
+    return min(steps, max_steps) if max_steps is not None else steps
+
+
+def model_outputs(model, batch: Batch) -> tuple[dict, Tensor, list[Target]]:
+    """Run the detector on a batch: queries encoded once each, then paired with their images."""
+    cache = model.encode_query(batch.query_images, batch.query_boxes, batch.prompts, batch.phrases)
+    cache = cache.select(batch.query_of)  # [B] (each query reused by its negatives)
+    out = model(batch.images, cache)
+    concept = cache.concept_mask.float()  # [B, T]
+    targets = [Target(b, concept[i : i + 1].expand(len(b), -1)) for i, b in enumerate(batch.boxes)]
+    outputs = {"pred_logits": out.pred_logits, "pred_boxes": out.pred_boxes, "aux_outputs": out.aux_outputs, "enc_outputs": out.enc_outputs}
+    return outputs, out.token_mask, targets
+
+
+def check_finite(losses: dict[str, Tensor], where: str) -> None:
+    bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v)}
+    if bad:
+        raise NonFiniteLoss(f"non-finite loss at {where}: {bad}; training stopped (latest checkpoint kept)")
+
+
+def save_atomic(obj, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The parameters and buffers that training can change (frozen pretrained backbones left out)."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in frozen}
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epoch in progress
+    step: int = 0  # next step within the epoch
+    global_step: int = 0
+    best: float = -math.inf
+    best_epoch: int = -1
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState, history: list[dict], extra: dict | None = None) -> Path:
+    return save_atomic(
+        {
+            "model": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "state": state.__dict__.copy(),
+            "history": history,
+            **(extra or {}),
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> tuple[TrainState, list[dict], dict]:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {path}: unexpected keys {unexpected[:5]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(ck["optimizer"])
+    if scheduler is not None and ck.get("scheduler") is not None:
+        scheduler.load_state_dict(ck["scheduler"])
+    return TrainState(**ck["state"]), ck.get("history", []), ck
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed when torchrun started us, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group when run under torchrun (gloo on CPU, nccl on GPU)."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return distributed()
+
+
+def train_one_epoch(
+    model, ddp_model, criterion: SetCriterion, optimizer, ds: TupleDataset, epoch: int, state: TrainState, *,
+    seed: int, batch_size: int, clip_grad: float, negatives: NegativeSampler | None = None,
+    max_steps: int | None = None, regulariser: Callable[[], Tensor] | None = None, lambda_reg: float = 0.0,
+    on_checkpoint: Callable[[], None] | None = None, checkpoint_every: int = 50,
+    log: Callable[[dict], None] | None = None, progress: Callable[[int, int, dict], None] | None = None,
+) -> dict[str, float]:
+    """One epoch from ``state.step``; returns mean losses. Calls ``on_checkpoint`` every N steps."""
+    rank, world = distributed()
+    ddp_model.train()
+    totals: dict[str, float] = {}
+    count = 0
+    n_steps = steps_per_epoch(len(ds), batch_size, world, max_steps)
+    for step, batch in iter_batches(ds, seed, epoch, batch_size, rank, world, negatives, start=state.step, max_steps=max_steps):
+        outputs, token_mask, targets = _forward(model, ddp_model, batch)
+        losses = criterion(outputs, targets, token_mask)
+        if regulariser is not None and lambda_reg > 0:
+            losses["loss_reg"] = regulariser()
+            losses["loss"] = losses["loss"] + lambda_reg * losses["loss_reg"]
+        check_finite(losses, f"epoch {epoch} step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+        optimizer.step()
+        state.step = step + 1
+        state.global_step += 1
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        count += 1
+        if log is not None and rank == 0:
+            log({"train_step_loss": float(losses["loss"]), "step": state.global_step})
+        if progress is not None and rank == 0:
+            progress(step + 1, n_steps, {k: float(v) for k, v in losses.items() if k in ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_reg")})
+        if on_checkpoint is not None and state.step % checkpoint_every == 0 and state.step < n_steps:
+            on_checkpoint()
+    return {k: v / max(count, 1) for k, v in totals.items()}
+
+
+class _DDPForward(torch.nn.Module):
+    """Wraps the two-step forward (encode query, detect) so DDP sees one call and syncs gradients."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch):
+        return model_outputs(self.model, batch)
+
+
+def _forward(model, ddp_model, batch: Batch):
+    if ddp_model is model:
+        return model_outputs(model, batch)
+    return ddp_model(batch)
+
+
+def wrap_ddp(model) -> torch.nn.Module:
+    """DistributedDataParallel around the detector when a process group is up, else the model itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    return torch.nn.parallel.DistributedDataParallel(_DDPForward(model), find_unused_parameters=True)

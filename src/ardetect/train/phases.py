@@ -1,0 +1,192 @@
+"""Phase 1 (positives, detector) and phase 2 (adapters, positives + negatives).
+
+Library functions: they take the config, the tuple table and folders, and report
+through callbacks; the DVC stages do the tracking. Each phase keeps ``latest.pt``
+(the resume point, saved every N steps and at each epoch's end) and ``best.pt``
+(best validation metric) in its output folder, and resumes from ``latest.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ardetect.config import Config
+from ardetect.data.datasets import NegativeSampler, TupleDataset
+from ardetect.evaluation.ard import ARDMethod
+from ardetect.evaluation.harness import evaluate_method
+from ardetect.train.engine import (
+    TrainState, distributed, load_checkpoint, save_atomic, save_checkpoint, steps_per_epoch, train_one_epoch, wrap_ddp,
+)
+from ardetect.train.losses import SetCriterion, adapter_regulariser
+from ardetect.train.matcher import HungarianMatcher
+
+Logger = Callable[[dict, int], None]
+
+
+def build_model(cfg: Config):
+    """The detector of ``cfg.model`` (a named size plus overrides), from pretrained weights if named."""
+    from ardetect.model import ModelConfig, build
+
+    overrides = dict(cfg.model.overrides)
+    overrides.setdefault("image_size", (cfg.world.image_size, cfg.world.image_size))
+    if cfg.model.pretrained:
+        from ardetect.model.convert import load_transformers_checkpoint
+
+        return load_transformers_checkpoint(cfg.model.pretrained, **overrides)
+    return build(ModelConfig.named(cfg.model.size, **overrides))
+
+
+def image_size_of(model) -> int:
+    h, w = model.cfg.image_size
+    if h != w:
+        raise ValueError(f"model image_size={[h, w]}: the training pipeline feeds square images")
+    return h
+
+
+def criterion_of(cfg: Config, phase: int) -> SetCriterion:
+    loss = cfg.train_phase1.loss
+    matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma)
+    if phase == 1:
+        return SetCriterion(matcher, loss.weight_class, loss.weight_bbox, loss.weight_giou, loss.focal_alpha, loss.focal_gamma)
+    # phase 2: focal loss only (the adapters change class logits, never boxes)
+    return SetCriterion(matcher, cfg.train_phase2.lambda_cls, 0.0, 0.0, loss.focal_alpha, loss.focal_gamma)
+
+
+@torch.no_grad()
+def validation_metrics(model, tuples: pd.DataFrame, data_root: Path, image_size: int, n_queries: int = 24, n_negatives: int = 15, seed: int = 0) -> dict[str, float]:
+    """A fixed, seeded subset of the val split: ranking metrics (IoU gate on) against a fixed set of negatives."""
+    val = tuples[tuples["split"] == "val"]
+    if val.empty:
+        return {}
+    rng = np.random.default_rng(seed)
+    q = val.iloc[np.sort(rng.choice(len(val), size=min(n_queries, len(val)), replace=False))]
+    pool = val.drop_duplicates("concept_id")[["concept_id", "train_image"]]
+    rows = []
+    for _, t in q.iterrows():
+        others = pool[pool["concept_id"] != t["concept_id"]]["train_image"].to_numpy()
+        pick = others[rng.choice(len(others), size=min(n_negatives, len(others)), replace=False)]
+        rows.extend({"tuple_id": t["tuple_id"], "neg_image": p} for p in pick)
+    method = ARDMethod(model, data_root, image_size, name="val")
+    was_training = model.training
+    ev = evaluate_method(method, q, pd.DataFrame(rows), progress=False)
+    model.train(was_training)
+    return {f"val_{k}": v for k, v in ev.summary.items() if k != "queries"}
+
+
+@dataclass
+class PhaseResult:
+    history: list[dict]
+    best_metric: float
+    best_epoch: int
+    out_dir: Path
+
+
+def _run(
+    cfg: Config, phase: int, model, tuples: pd.DataFrame, data_root: Path, out_dir: Path, log: Logger | None, resume: bool,
+    stop_after_steps: int | None = None,
+) -> PhaseResult:
+    p = cfg.train_phase1 if phase == 1 else cfg.train_phase2
+    rank, world = distributed()
+    size = image_size_of(model)
+    torch.manual_seed(p.seed)
+    model.set_phase(phase)
+    ddp_model = wrap_ddp(model)
+    if phase == 1:
+        from ardetect.model import param_groups
+
+        groups = param_groups(model, p.lr, p.lr_backbone, p.lr_linear_proj_mult)
+        batch_size, negatives, reg, lam = p.batch_size, None, None, 0.0
+    else:
+        groups = [{"params": model.adapter_parameters(), "lr": p.lr, "name": "adapters"}]
+        batch_size = 1  # one positive and its k negatives share the query (paper)
+        negatives = NegativeSampler(tuples, "train", p.k_negatives, p.seed)
+        reg = lambda: adapter_regulariser(model.adapter_query.weight, model.adapter_text.weight)  # noqa: E731
+        lam = p.lambda_reg
+    optimizer = torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.train_phase1.lr_drop_epochs, cfg.train_phase1.lr_gamma) if phase == 1 else None
+    criterion = criterion_of(cfg, phase)
+    train_ds = TupleDataset(tuples, data_root, "train", size, train=p.augment)
+    latest, best_path = out_dir / "latest.pt", out_dir / "best.pt"
+    state, history = TrainState(), []
+    if resume and latest.exists():
+        state, history, _ = load_checkpoint(latest, model, optimizer, scheduler)
+        if rank == 0:
+            print(f"[phase {phase}] resuming from {latest}: epoch {state.epoch}, step {state.step}")
+    n_steps = steps_per_epoch(len(train_ds), batch_size, world, p.max_steps_per_epoch)
+    meta = {"phase": phase, "model_config": model.cfg.model_dump(mode="json")}
+
+    def checkpoint() -> None:
+        if rank == 0:
+            save_checkpoint(latest, model, optimizer, scheduler, state, history, meta)
+
+    steps_done = 0
+
+    while state.epoch < p.epochs:
+        epoch = state.epoch
+        bar = tqdm(total=n_steps, initial=state.step, desc=f"phase {phase} epoch {epoch + 1}/{p.epochs}", disable=rank != 0, leave=False)
+
+        def progress(i: int, total: int, losses: dict) -> None:
+            nonlocal steps_done
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+            steps_done += 1
+            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                raise KeyboardInterrupt(f"stopped after {steps_done} steps (test hook)")
+
+        train_stats = train_one_epoch(
+            model, ddp_model, criterion, optimizer, train_ds, epoch, state, seed=p.seed, batch_size=batch_size,
+            clip_grad=p.clip_grad, negatives=negatives, max_steps=p.max_steps_per_epoch, regulariser=reg, lambda_reg=lam,
+            on_checkpoint=checkpoint, checkpoint_every=p.checkpoint_every, progress=progress,
+        )
+        bar.close()
+        if scheduler is not None:
+            scheduler.step()
+        record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_stats.items()}}
+        if rank == 0:
+            record.update(validation_metrics(model, tuples, data_root, size, seed=p.seed))
+            record["lr"] = optimizer.param_groups[0]["lr"]
+        history.append(record)
+        state.epoch, state.step = epoch + 1, 0
+        metric = record.get("val_recall@5", -math.inf) + 1e-3 * record.get("val_box_accuracy", 0.0)
+        if rank == 0:
+            if metric > state.best:
+                state.best, state.best_epoch = metric, epoch + 1
+                save_atomic({"model": model.state_dict(), **meta, "epoch": epoch + 1, "metric": metric}, best_path)
+            checkpoint()
+            if log is not None:
+                log({k: v for k, v in record.items() if isinstance(v, (int, float))}, epoch + 1)
+            print(f"[phase {phase}] epoch {epoch + 1}: " + json.dumps({k: round(v, 4) for k, v in record.items() if isinstance(v, float)}))
+    return PhaseResult(history, state.best, state.best_epoch, out_dir)
+
+
+def run_phase1(cfg: Config, tuples: pd.DataFrame, data_root: Path, out_dir: Path, log: Logger | None = None, resume: bool = True, stop_after_steps: int | None = None):
+    """Train the detector on positives. Returns (model, PhaseResult); the model holds the last epoch's weights."""
+    model = build_model(cfg)
+    result = _run(cfg, 1, model, tuples, data_root, out_dir, log, resume, stop_after_steps)
+    return model, result
+
+
+def load_model(path: Path):
+    """A detector from a ``best.pt`` / ``model.pt`` file written by a phase."""
+    from ardetect.model import ModelConfig, build
+
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    model = build(ModelConfig.model_validate(ck["model_config"]))
+    model.load_state_dict(ck["model"])
+    return model
+
+
+def run_phase2(cfg: Config, phase1_model_path: Path, tuples: pd.DataFrame, data_root: Path, out_dir: Path, log: Logger | None = None, resume: bool = True, stop_after_steps: int | None = None):
+    """Train only the adapters F and F~ on positives with k fresh negatives each."""
+    model = load_model(phase1_model_path)
+    result = _run(cfg, 2, model, tuples, data_root, out_dir, log, resume, stop_after_steps)
+    return model, result
