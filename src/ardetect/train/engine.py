@@ -119,14 +119,19 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1, max_steps: int | No
     return min(steps, max_steps) if max_steps is not None else steps
 
 
-def model_outputs(model, batch: Batch) -> tuple[dict, Tensor, list[Target]]:
-    """Run the detector on a batch: queries encoded once each, then paired with their images."""
+def model_outputs(model, batch: Batch, aux: bool = True) -> tuple[dict, Tensor, list[Target]]:
+    """Run the detector on a batch: queries encoded once each, then paired with their images.
+
+    ``aux=False`` keeps only the last decoder layer (phase 2's loss).
+    """
     cache = model.encode_query(batch.query_images, batch.query_boxes, batch.prompts, batch.phrases)
     cache = cache.select(batch.query_of)  # [B] (each query reused by its negatives)
     out = model(batch.images, cache)
     concept = cache.concept_mask.float()  # [B, T]
     targets = [Target(b, concept[i : i + 1].expand(len(b), -1)) for i, b in enumerate(batch.boxes)]
-    outputs = {"pred_logits": out.pred_logits, "pred_boxes": out.pred_boxes, "aux_outputs": out.aux_outputs, "enc_outputs": out.enc_outputs}
+    outputs = {"pred_logits": out.pred_logits, "pred_boxes": out.pred_boxes}
+    if aux:
+        outputs.update(aux_outputs=out.aux_outputs, enc_outputs=out.enc_outputs)
     return outputs, out.token_mask, targets
 
 
@@ -210,6 +215,7 @@ def train_one_epoch(
     max_steps: int | None = None, regulariser: Callable[[], Tensor] | None = None, lambda_reg: float = 0.0,
     on_checkpoint: Callable[[], None] | None = None, checkpoint_every: int = 50,
     log: Callable[[dict], None] | None = None, progress: Callable[[int, int, dict], None] | None = None,
+    aux: bool = True,
 ) -> dict[str, float]:
     """One epoch from ``state.step``; returns mean losses. Calls ``on_checkpoint`` every N steps."""
     rank, world = distributed()
@@ -218,7 +224,7 @@ def train_one_epoch(
     count = 0
     n_steps = steps_per_epoch(len(ds), batch_size, world, max_steps)
     for step, batch in iter_batches(ds, seed, epoch, batch_size, rank, world, negatives, start=state.step, max_steps=max_steps):
-        outputs, token_mask, targets = _forward(model, ddp_model, batch)
+        outputs, token_mask, targets = _forward(model, ddp_model, batch, aux=aux)
         losses = criterion(outputs, targets, token_mask)
         if regulariser is not None and lambda_reg > 0:
             losses["loss_reg"] = regulariser()
@@ -232,7 +238,7 @@ def train_one_epoch(
         state.step = step + 1
         state.global_step += 1
         for k, v in losses.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+            totals[k] = totals.get(k, 0.0) + float(v.detach())
         count += 1
         if log is not None and rank == 0:
             log({"train_step_loss": float(losses["loss"]), "step": state.global_step})
@@ -250,14 +256,14 @@ class _DDPForward(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch):
-        return model_outputs(self.model, batch)
+    def forward(self, batch: Batch, aux: bool = True):
+        return model_outputs(self.model, batch, aux)
 
 
-def _forward(model, ddp_model, batch: Batch):
+def _forward(model, ddp_model, batch: Batch, aux: bool = True):
     if ddp_model is model:
-        return model_outputs(model, batch)
-    return ddp_model(batch)
+        return model_outputs(model, batch, aux)
+    return ddp_model(batch, aux)
 
 
 def wrap_ddp(model) -> torch.nn.Module:

@@ -146,6 +146,7 @@ def _run(
             model, ddp_model, criterion, optimizer, train_ds, epoch, state, seed=p.seed, batch_size=batch_size,
             clip_grad=p.clip_grad, negatives=negatives, max_steps=p.max_steps_per_epoch, regulariser=reg, lambda_reg=lam,
             on_checkpoint=checkpoint, checkpoint_every=p.checkpoint_every, progress=progress,
+            aux=phase == 1 and cfg.train_phase1.loss.aux_loss,
         )
         bar.close()
         if scheduler is not None:
