@@ -22,7 +22,8 @@ def build(cfg: Config) -> dict:
 
     tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
     negatives = read_table(DATA / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
-    result = validate_tuples(tuples, negatives, DATA, cfg.validate_, cfg.tuples.split)
+    placeholder = cfg.world.placeholder if cfg.exemplars.source == "synthetic" else None
+    result = validate_tuples(tuples, negatives, DATA, cfg.validate_, cfg.tuples.split, placeholder=placeholder)
     with atomic_dir(OUT) as tmp:
         result.write_report(tmp)
     for path in sorted(OUT.iterdir()):

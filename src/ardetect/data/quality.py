@@ -1,0 +1,1068 @@
+"""Data-quality checks of the tuple annotations, run with Great Expectations.
+
+Every check is a Great Expectations expectation, reported through GE uniformly.
+Checks GE cannot express on the raw record (files on disk, a prompt holding its own
+row's phrase, an image in two splits, a tuple's negatives holding its own training
+image, balance ratios) are first computed with pandas / PIL into *derived tables*
+(one row per tuple, per image, per concept, per class, ...), and those derived
+columns are then asserted with GE's built-in expectations.
+
+Tables handed to GE (each a pandas dataframe asset with one batch definition, one
+expectation suite and one validation definition, in an ephemeral context):
+
+==================  ==============================================================
+``tuples_columns``  the tuple table's column names (schema)
+``neg_columns``     the negatives table's column names (schema)
+``tuples``          one row per tuple: record columns, box parts, derived flags
+``images``          one row per referenced image file (and recorded size)
+``concepts``        one row per concept: splits, training images
+``train_images``    one row per training image: splits, concepts
+``neg_per_tuple``   one row per tuple id of either table: negatives' counts
+``classes``         one row per base class: tuples and imbalance ratio
+``splits``          one row per split: concept share and its deviation
+==================  ==============================================================
+
+Expectation families (stable names, see :data:`FAMILIES`): ``schema``,
+``box_finite``, ``box_ordered``, ``box_inside_image``, ``box_min_size``,
+``image_files``, ``prompt_concept``, ``ids_unique``, ``split_leakage``,
+``negatives_own_image``, ``min_negatives``, ``class_balance``, ``split_balance``.
+
+Every expectation first runs with ``result_format="BOOLEAN_ONLY"``; only the failed
+ones run again with ``COMPLETE`` to collect their unexpected rows (named through a
+``_row`` column of each derived table), which halves the cost of a passing run.
+
+Great Expectations is imported inside :func:`validate_tuples` only: the import
+takes seconds. Set ``GX_ANALYTICS_ENABLED=False`` (done here if unset).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ardetect.config import SplitConfig, ValidateConfig
+from ardetect.data.schema import BOX_PARTS, NEGATIVE_COLUMNS, SPLITS, TUPLE_COLUMNS
+
+__all__ = [
+    "FAMILIES",
+    "Check",
+    "Failure",
+    "ValidationFailed",
+    "ValidationResult",
+    "assert_valid",
+    "build_specs",
+    "build_tables",
+    "validate_tuples",
+]
+
+FAMILIES: tuple[str, ...] = (
+    "schema",
+    "box_finite",
+    "box_ordered",
+    "box_inside_image",
+    "box_min_size",
+    "image_files",
+    "prompt_concept",
+    "ids_unique",
+    "split_leakage",
+    "negatives_own_image",
+    "min_negatives",
+    "class_balance",
+    "split_balance",
+)
+
+BOX_COLUMNS = ("query_box", "train_box")
+IMAGE_ROLES = {"query_image": ("query_width", "query_height"), "train_image": ("train_width", "train_height")}
+# relative (no leading / or drive), no ".." component, a .png file
+IMAGE_PATH_REGEX = r"^(?![/\\])(?![A-Za-z]:)(?!(?:.*[/\\])?\.\.(?:[/\\]|$)).+\.[pP][nN][gG]$"
+_ROW = "_row"  # position of a row in its derived table; used to look up example context
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Check:
+    """One expectation as run: what it asserts, on which table and column, and how it went."""
+
+    name: str  # stable, e.g. "box_ordered:tuples:query_box_x1>query_box_x0"
+    family: str
+    expectation: str  # GE expectation type, e.g. "expect_column_values_to_be_between"
+    table: str
+    column: str | None
+    description: str
+    success: bool
+    unexpected_count: int = 0
+    element_count: int = 0
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    observed: Any = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(
+            {
+                "name": self.name,
+                "family": self.family,
+                "expectation": self.expectation,
+                "table": self.table,
+                "column": self.column,
+                "description": self.description,
+                "success": self.success,
+                "unexpected_count": self.unexpected_count,
+                "element_count": self.element_count,
+                "examples": self.examples,
+                "observed": self.observed,
+                "error": self.error,
+            }
+        )
+
+
+# A failed expectation is a Check with success False; the name says what callers read.
+Failure = Check
+
+
+@dataclass
+class ValidationResult:
+    """Outcome of :func:`validate_tuples`.
+
+    ``families`` maps every family in :data:`FAMILIES` to whether all its expectations
+    passed; ``failures`` lists the failed expectations with up to ``max_examples``
+    example rows each; ``checks`` lists every expectation run.
+    """
+
+    success: bool
+    families: dict[str, bool]
+    failures: list[Failure]
+    checks: list[Check] = field(default_factory=list)
+    counts: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    runtime_s: float = 0.0
+    ge_version: str = ""
+    _ge_context: Any = field(default=None, repr=False, compare=False)  # for optional Data Docs
+
+    @property
+    def failed_families(self) -> list[str]:
+        return [f for f in FAMILIES if not self.families.get(f, True)]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-serialisable summary: totals, per-family success, failures, counts."""
+        return _jsonable(
+            {
+                "success": self.success,
+                "tuples": self.counts.get("tuples", 0),
+                "negatives": self.counts.get("negatives", 0),
+                "images": self.counts.get("images", 0),
+                "expectations": len(self.checks),
+                "failed_expectations": len(self.failures),
+                "families": dict(self.families),
+                "failed_families": self.failed_families,
+                "failures": [f.to_dict() for f in self.failures],
+                "checks": [
+                    {
+                        "name": c.name,
+                        "family": c.family,
+                        "success": c.success,
+                        "unexpected_count": c.unexpected_count,
+                        "element_count": c.element_count,
+                    }
+                    for c in self.checks
+                ],
+                "counts": self.counts,
+                "params": self.params,
+                "runtime_s": round(self.runtime_s, 3),
+                "great_expectations": self.ge_version,
+            }
+        )
+
+    def message(self) -> str:
+        """Human-readable listing of the failed expectations with example rows."""
+        n = len(self.checks)
+        if self.success:
+            return f"data validation passed: {n} expectations over {self.counts.get('tuples', 0)} tuples"
+        lines = [
+            f"data validation FAILED: {len(self.failures)} of {n} expectations failed "
+            f"(families: {', '.join(self.failed_families)})"
+        ]
+        for f in self.failures:
+            where = f"{f.table}.{f.column}" if f.column else f.table
+            if f.element_count:
+                count = f"{f.unexpected_count} of {f.element_count} rows unexpected"
+            elif f.examples:
+                count = "failed"
+            else:
+                count = f"observed {_short(f.observed)}"
+            lines.append(f"- [{f.family}] {f.name}: {f.description} ({f.expectation} on {where}); {count}")
+            if f.error:
+                lines.append(f"    error: {f.error}")
+            for ex in f.examples:
+                lines.append("    " + _format_example(ex))
+            if f.unexpected_count > len(f.examples) and f.examples:
+                lines.append(f"    ... and {f.unexpected_count - len(f.examples)} more")
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """The person-readable report (``report.md``)."""
+        status = "PASSED" if self.success else "FAILED"
+        c = self.counts
+        out = [
+            "# Tuple data validation",
+            "",
+            f"**Status: {status}** — {len(self.checks) - len(self.failures)} of {len(self.checks)} "
+            f"expectations passed; {c.get('tuples', 0)} tuples, {c.get('negatives', 0)} negatives, "
+            f"{c.get('images', 0)} image files checked in {self.runtime_s:.1f} s "
+            f"(Great Expectations {self.ge_version}).",
+            "",
+            "## Families",
+            "",
+            "| family | result |",
+            "|---|---|",
+        ]
+        out += [f"| {fam} | {'pass' if ok else '**FAIL**'} |" for fam, ok in self.families.items()]
+        if self.failures:
+            out += ["", "## Failed expectations", ""]
+            for f in self.failures:
+                where = f"`{f.table}.{f.column}`" if f.column else f"`{f.table}`"
+                out.append(f"### [{f.family}] {f.name}")
+                out.append("")
+                out.append(f"{f.description} — `{f.expectation}` on {where}: ")
+                if f.element_count:
+                    out.append(f"{f.unexpected_count} of {f.element_count} rows unexpected.")
+                else:
+                    out.append(f"observed `{_md(_short(f.observed, 300))}`.")
+                if f.error:
+                    out.append(f"Error: `{_md(f.error)}`")
+                if f.examples:
+                    out += ["", *_md_table(f.examples)]
+                out.append("")
+        out += [
+            "",
+            "## Every expectation",
+            "",
+            "| # | family | expectation | table | column | description | result | unexpected |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for i, k in enumerate(self.checks, 1):
+            res = "pass" if k.success else "**FAIL**"
+            unexp = f"{k.unexpected_count}/{k.element_count}" if k.element_count else _md(_short(k.observed, 60))
+            out.append(
+                f"| {i} | {k.family} | {k.expectation} | {k.table} | {k.column or ''} | {_md(k.description)} "
+                f"| {res} | {unexp} |"
+            )
+        out += ["", "## Counts", "", "```json", json.dumps(_jsonable(self.counts), indent=2), "```", ""]
+        out += ["## Parameters", "", "```json", json.dumps(_jsonable(self.params), indent=2), "```", ""]
+        return "\n".join(out)
+
+    def write_report(self, out_dir: str | Path, data_docs: bool = False) -> dict[str, Path]:
+        """Write ``report.md`` and ``summary.json`` into ``out_dir``, each atomically.
+
+        With ``data_docs``, GE's HTML Data Docs site (about 4 MB, most of it static
+        assets) is built too, into ``out_dir/data_docs/`` (``index.html``), swapped in whole.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "report": _write_text_atomic(out_dir / "report.md", self.markdown()),
+            "summary": _write_text_atomic(
+                out_dir / "summary.json", json.dumps(self.summary(), indent=2, allow_nan=False) + "\n"
+            ),
+        }
+        if data_docs:
+            paths["data_docs"] = self._write_data_docs(out_dir / "data_docs")
+        return paths
+
+    def _write_data_docs(self, dest: Path) -> Path:
+        if self._ge_context is None:
+            raise RuntimeError("no Great Expectations context kept with this result; Data Docs cannot be built")
+        site = _docs_dir(self._ge_context)
+        self._ge_context.build_data_docs()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        try:
+            shutil.copytree(site, tmp, dirs_exist_ok=True)
+            old = dest.with_name(f".{dest.name}.old")
+            if dest.exists():
+                os.replace(dest, old)
+            os.replace(tmp, dest)
+            if old.exists():
+                shutil.rmtree(old)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            if site is not None and site.exists() and _is_temp(site):  # GE's own temp folder
+                shutil.rmtree(site, ignore_errors=True)
+        return dest / "index.html"
+
+
+class ValidationFailed(RuntimeError):
+    """Raised by :func:`assert_valid`; carries the :class:`ValidationResult`."""
+
+    def __init__(self, result: ValidationResult):
+        super().__init__(result.message())
+        self.result = result
+
+
+def assert_valid(result: ValidationResult) -> ValidationResult:
+    """Raise :class:`ValidationFailed` (message lists failures and example rows) unless all passed."""
+    if not result.success:
+        raise ValidationFailed(result)
+    return result
+
+
+# --------------------------------------------------------------------------- derived tables
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    """``df[name]`` as object values, or all-None when the column is missing."""
+    if name in df.columns:
+        return pd.Series(df[name].to_numpy(dtype=object), index=df.index)
+    return pd.Series([None] * len(df), index=df.index, dtype=object)
+
+
+def _str_or_none(v: Any) -> str | None:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return None
+    return str(v)
+
+
+def _num(df: pd.DataFrame, name: str) -> np.ndarray:
+    if name not in df.columns:
+        return np.full(len(df), np.nan)
+    return pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+
+
+def _box_array(values: Iterable[Any]) -> tuple[np.ndarray, list[str]]:
+    """Boxes as ``[N, 4]`` floats (NaN where missing, malformed or non-finite) and their raw reprs."""
+    vals = list(values)
+    out = np.full((len(vals), 4), np.nan)
+    raw: list[str] = []
+    for i, v in enumerate(vals):
+        try:
+            arr = np.asarray(v, dtype=float).reshape(-1)
+        except (TypeError, ValueError):
+            raw.append(repr(v))
+            continue
+        raw.append("[" + ", ".join(f"{x:g}" for x in arr) + "]" if arr.ndim == 1 and arr.size <= 8 else repr(v))
+        if arr.shape == (4,):
+            out[i] = arr
+    out[~np.isfinite(out)] = np.nan
+    return out, raw
+
+
+def _tuples_table(tuples: pd.DataFrame, placeholder: str | None) -> pd.DataFrame:
+    """One row per tuple: record columns, box parts and the derived per-row flags."""
+    t = tuples.reset_index(drop=True)
+    out = pd.DataFrame({_ROW: np.arange(len(t))})
+    for name in ("tuple_id", "split", "concept_id", "base_class", "prompt", "concept_phrase", "query_image", "train_image"):
+        out[name] = [_str_or_none(v) for v in _col(t, name)]
+    for name in ("query_width", "query_height", "train_width", "train_height"):
+        out[name] = _num(t, name)
+    for box in BOX_COLUMNS:
+        arr, raw = _box_array(_col(t, box))
+        out[box] = raw
+        for i, part in enumerate(BOX_PARTS):
+            out[f"{box}_{part}"] = arr[:, i]
+        w = arr[:, 2] - arr[:, 0]
+        h = arr[:, 3] - arr[:, 1]
+        ordered = (w > 0) & (h > 0)  # NaN compares False
+        out[f"{box}_min_side"] = np.where(ordered, np.minimum(w, h), np.nan)
+        out[f"{box}_area"] = np.where(ordered, w * h, np.nan)
+
+    holds_phrase: list[bool | None] = []
+    holds_class: list[bool | None] = []
+    has_placeholder: list[bool | None] = []
+    matches: list[bool | None] = []
+    for prompt, phrase, cls in zip(out["prompt"], out["concept_phrase"], out["base_class"]):
+        holds_phrase.append(None if prompt is None or not phrase else phrase in prompt)
+        if phrase is None or not cls:
+            holds_class.append(None)
+            has_placeholder.append(None)
+            matches.append(None)
+            continue
+        pat = re.compile(rf"(?<!\w){re.escape(cls.strip())}(?!\w)", re.IGNORECASE)
+        holds_class.append(bool(pat.search(phrase)))
+        has_placeholder.append(bool(pat.sub("", phrase, count=1).strip()))
+        matches.append(None if placeholder is None else phrase == placeholder.format(cls))
+    out["prompt_holds_phrase"] = pd.Series(holds_phrase, dtype=object)
+    out["phrase_holds_base_class"] = pd.Series(holds_class, dtype=object)
+    out["phrase_has_placeholder"] = pd.Series(has_placeholder, dtype=object)
+    out["phrase_matches_placeholder"] = pd.Series(matches, dtype=object)
+    return out
+
+
+def _probe_image(path: Path) -> tuple[bool, bool | None, float, float, str | None]:
+    """(exists, decodes, width, height, error) of one image file; decoding is a full load."""
+    from PIL import Image
+
+    if not path.is_file():
+        return False, None, np.nan, np.nan, "no such file"
+    try:
+        with Image.open(path) as im:
+            im.verify()  # structure and checksums
+        with Image.open(path) as im:
+            im.load()  # full decode: catches truncated or corrupt pixel data
+            w, h = im.size
+        return True, True, float(w), float(h), None
+    except Exception as err:  # noqa: BLE001 - any decoder error means "does not decode"
+        return True, False, np.nan, np.nan, f"{type(err).__name__}: {err}"
+
+
+def _images_table(t: pd.DataFrame, negatives: pd.DataFrame, data_root: Path, workers: int | None) -> pd.DataFrame:
+    """One row per (role, image, recorded size): exists, decodes, actual vs recorded size."""
+    frames = []
+    for role, (wcol, hcol) in IMAGE_ROLES.items():
+        frames.append(
+            pd.DataFrame(
+                {
+                    "role": role,
+                    "image": t[role],
+                    "tuple_id": t["tuple_id"],
+                    "recorded_width": t[wcol],
+                    "recorded_height": t[hcol],
+                }
+            )
+        )
+    if "neg_image" in negatives.columns and len(negatives):
+        neg = negatives[["neg_image"] + (["tuple_id"] if "tuple_id" in negatives.columns else [])]
+        first = neg.drop_duplicates("neg_image")
+        frames.append(
+            pd.DataFrame(
+                {
+                    "role": "neg_image",
+                    "image": [_str_or_none(v) for v in first["neg_image"]],
+                    "tuple_id": [_str_or_none(v) for v in _col(first, "tuple_id")],
+                    "recorded_width": np.nan,  # the negatives table records no size
+                    "recorded_height": np.nan,
+                }
+            )
+        )
+    refs = pd.concat(frames, ignore_index=True)
+    refs["image"] = refs["image"].astype(object)
+    n_refs = refs.groupby(["role", "image"], dropna=False, sort=False)["tuple_id"].transform("size")
+    refs["n_refs"] = n_refs.to_numpy()
+    rows = refs.drop_duplicates(["role", "image", "recorded_width", "recorded_height"]).reset_index(drop=True)
+
+    paths = [p for p in pd.unique(rows["image"].dropna())]
+    root = Path(data_root)
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        probed = dict(zip(paths, pool.map(lambda p: _probe_image(root / p), paths)))
+    missing = (False, None, np.nan, np.nan, "no path recorded")
+    info = [probed.get(p, missing) if p is not None else missing for p in rows["image"]]
+    rows["exists"] = pd.Series([i[0] for i in info], dtype=object)
+    rows["decodes"] = pd.Series([i[1] for i in info], dtype=object)
+    rows["width"] = np.array([i[2] for i in info], dtype=float)
+    rows["height"] = np.array([i[3] for i in info], dtype=float)
+    rows["error"] = [i[4] for i in info]
+    rows.insert(0, _ROW, np.arange(len(rows)))
+    return rows
+
+
+def _tuple_lists(t: pd.DataFrame, key: str, limit: int = 3) -> dict[Any, str]:
+    """key -> "split: tuple ids" listing, a few tuples per split, for examples."""
+    acc: dict[Any, dict[str, list[str]]] = {}
+    for k, s, tid in zip(t[key], t["split"], t["tuple_id"]):
+        if k is None:
+            continue
+        acc.setdefault(k, {}).setdefault(str(s), []).append(str(tid))
+    out: dict[Any, str] = {}
+    for k, per in acc.items():
+        out[k] = "; ".join(
+            f"{s}: {', '.join(ids[:limit])}{f' +{len(ids) - limit}' if len(ids) > limit else ''}"
+            for s, ids in sorted(per.items())
+        )
+    return out
+
+
+def _membership_tables(t: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per concept and per training image: how many splits / images / concepts it spans."""
+    tt = t.dropna(subset=["concept_id"])
+    concepts = tt.groupby("concept_id", sort=True).agg(
+        n_splits=("split", "nunique"),
+        n_train_images=("train_image", "nunique"),
+        n_base_classes=("base_class", "nunique"),
+        splits=("split", lambda s: ", ".join(sorted(set(map(str, s))))),
+    )
+    tl = _tuple_lists(tt, "concept_id")
+    concepts["tuples"] = [tl.get(k, "") for k in concepts.index]
+    concepts = concepts.reset_index()
+    concepts.insert(0, _ROW, np.arange(len(concepts)))
+
+    ti = t.dropna(subset=["train_image"])
+    images = ti.groupby("train_image", sort=True).agg(
+        n_splits=("split", "nunique"),
+        n_concepts=("concept_id", "nunique"),
+        splits=("split", lambda s: ", ".join(sorted(set(map(str, s))))),
+        concepts=("concept_id", lambda s: ", ".join(sorted(set(map(str, s))))),
+    )
+    tl = _tuple_lists(ti, "train_image")
+    images["tuples"] = [tl.get(k, "") for k in images.index]
+    images = images.reset_index()
+    images.insert(0, _ROW, np.arange(len(images)))
+    return concepts, images
+
+
+def _factorize(df: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, uniques) of a column, -1 for missing; fast on categorical and string columns alike."""
+    if name not in df.columns:
+        return np.full(len(df), -1, dtype=np.int64), np.array([], dtype=object)
+    codes, uniques = pd.factorize(df[name], use_na_sentinel=True)
+    return codes.astype(np.int64), np.asarray(uniques, dtype=object).astype(str)
+
+
+def _lookup(codes: np.ndarray, per_unique: np.ndarray) -> np.ndarray:
+    """``per_unique[codes]`` with -1 where the code is -1 (missing)."""
+    ext = np.append(per_unique, -1)
+    return ext[np.where(codes >= 0, codes, len(per_unique))]
+
+
+def _negatives_table(t: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
+    """One row per tuple id (of either table): negatives, own-image / own-concept / cross-split counts.
+
+    Vectorised over the negatives table (millions of rows at full size): every
+    string column is factorised once and the comparisons run on integer codes.
+    """
+    nt, t_uni = _factorize(negatives, "tuple_id")
+    nc, c_uni = _factorize(negatives, "neg_concept_id")
+    ni, i_uni = _factorize(negatives, "neg_image")
+
+    first = t.dropna(subset=["tuple_id"]).drop_duplicates("tuple_id").set_index("tuple_id")
+    concept_split = t.dropna(subset=["concept_id"]).drop_duplicates("concept_id").set_index("concept_id")["split"]
+    split_code = {s: i for i, s in enumerate(dict.fromkeys([*SPLITS, *map(str, t["split"].dropna())]))}
+
+    # per unique negatives tuple_id: its own image / concept as codes of the negatives' columns, its split
+    own_img = pd.Index(i_uni).get_indexer(first["train_image"].reindex(t_uni).to_numpy(dtype=object))
+    own_cpt = pd.Index(c_uni).get_indexer(first["concept_id"].reindex(t_uni).to_numpy(dtype=object))
+    own_spl = np.array([split_code.get(v, -1) for v in first["split"].reindex(t_uni)], dtype=np.int64)
+    neg_spl = np.array([split_code.get(v, -1) for v in concept_split.reindex(c_uni)], dtype=np.int64)
+
+    own_img_row = _lookup(nt, own_img)
+    own_cpt_row = _lookup(nt, own_cpt)
+    is_own_image = (ni >= 0) & (ni == own_img_row)
+    is_own_concept = (nc >= 0) & (nc == own_cpt_row)
+    a, b = _lookup(nc, neg_spl), _lookup(nt, own_spl)
+    is_cross = (a >= 0) & (b >= 0) & (a != b)
+    key = (nt + 1) * (len(c_uni) + 1) + (nc + 1)
+    dup = pd.Series(key).duplicated().to_numpy() if len(key) else np.zeros(0, bool)
+
+    # aggregate per tuple id; missing tuple ids (code -1) land in one extra bin
+    slot = np.where(nt >= 0, nt, len(t_uni))
+    nbin = len(t_uni) + 1
+
+    def count(mask: np.ndarray | None = None) -> np.ndarray:
+        return np.bincount(slot, weights=None if mask is None else mask.astype(np.float64), minlength=nbin)
+
+    agg = pd.DataFrame(
+        {
+            "n_negatives": count(),
+            "n_own_image": count(is_own_image),
+            "n_own_concept": count(is_own_concept),
+            "n_cross_split": count(is_cross),
+            "n_duplicate": count(dup),
+        },
+        index=pd.Index([*t_uni, None], dtype=object),
+    )
+    if not (nt < 0).any():
+        agg = agg.iloc[:-1]
+    ids = list(dict.fromkeys([*first.index, *agg.index]))
+    out = agg.reindex(pd.Index(ids, dtype=object)).fillna(0.0).astype(np.int64)  # no negatives: 0 of each
+    out.index.name = "tuple_id"
+    out = out.reset_index()
+    in_tuples = set(first.index)
+    out["in_tuples"] = pd.Series([k in in_tuples for k in out["tuple_id"]], dtype=object)
+
+    # example context: the offending negatives of each tuple (only where any)
+    bad = np.flatnonzero(is_own_image | is_own_concept | is_cross)
+    ctx: dict[Any, list[str]] = {}
+    for r in bad[:10_000]:
+        k = t_uni[nt[r]] if nt[r] >= 0 else None
+        lst = ctx.setdefault(k, [])
+        if len(lst) < 3:
+            cpt = c_uni[nc[r]] if nc[r] >= 0 else None
+            img = i_uni[ni[r]] if ni[r] >= 0 else None
+            lst.append(f"{cpt} {img} ({concept_split.get(cpt) if cpt is not None else None})")
+    out["bad_negatives"] = [", ".join(ctx.get(k, [])) for k in out["tuple_id"]]
+    out["split"] = [first["split"].get(k) if k in in_tuples else None for k in out["tuple_id"]]
+    out["train_image"] = [first["train_image"].get(k) if k in in_tuples else None for k in out["tuple_id"]]
+    out.insert(0, _ROW, np.arange(len(out)))
+    return out
+
+
+def _classes_table(t: pd.DataFrame) -> pd.DataFrame:
+    g = t.dropna(subset=["base_class"]).groupby("base_class", sort=True)
+    out = pd.DataFrame({"n_tuples": g.size(), "n_concepts": g["concept_id"].nunique()}).reset_index()
+    most = out["n_tuples"].max() if len(out) else 0
+    out["imbalance"] = (most / out["n_tuples"]).astype(float) if len(out) else pd.Series(dtype=float)
+    out["most_frequent"] = int(most)
+    out.insert(0, _ROW, np.arange(len(out)))
+    return out
+
+
+def _splits_table(t: pd.DataFrame, split_cfg: SplitConfig) -> pd.DataFrame:
+    pairs = t.dropna(subset=["concept_id", "split"]).drop_duplicates(["concept_id", "split"])
+    per = pairs.groupby("split").size()
+    total = float(per.sum())
+    rows = []
+    for s in SPLITS:
+        n = int(per.get(s, 0))
+        share = n / total if total else 0.0
+        expected = float(getattr(split_cfg, s))
+        rows.append(
+            {
+                "split": s,
+                "n_concepts": n,
+                "n_tuples": int((t["split"] == s).sum()),
+                "share": share,
+                "expected": expected,
+                "deviation": abs(share - expected),
+            }
+        )
+    out = pd.DataFrame(rows)
+    out.insert(0, _ROW, np.arange(len(out)))
+    return out
+
+
+def build_tables(
+    tuples: pd.DataFrame,
+    negatives: pd.DataFrame,
+    data_root: str | Path,
+    split_cfg: SplitConfig,
+    placeholder: str | None = None,
+    workers: int | None = None,
+) -> dict[str, pd.DataFrame]:
+    """The derived tables GE validates (pure pandas/PIL; no GE import)."""
+    t = _tuples_table(tuples, placeholder)
+    concepts, train_images = _membership_tables(t)
+    return {
+        "tuples_columns": pd.DataFrame({c: pd.Series(dtype=object) for c in tuples.columns}),
+        "neg_columns": pd.DataFrame({c: pd.Series(dtype=object) for c in negatives.columns}),
+        "tuples": t,
+        "images": _images_table(t, negatives, Path(data_root), workers),
+        "concepts": concepts,
+        "train_images": train_images,
+        "neg_per_tuple": _negatives_table(t, negatives),
+        "classes": _classes_table(t),
+        "splits": _splits_table(t, split_cfg),
+    }
+
+
+# --------------------------------------------------------------------------- expectations
+
+
+@dataclass
+class _Spec:
+    """An expectation to build: GE class name, kwargs, and how to report it."""
+
+    family: str
+    table: str
+    kind: str  # GE expectation class name, e.g. "ExpectColumnValuesToBeBetween"
+    kwargs: dict[str, Any]
+    description: str
+    context: tuple[str, ...] = ()  # columns of the table shown beside each example
+    key: str = ""  # unique suffix for the name
+
+    @property
+    def column(self) -> str | None:
+        kw = self.kwargs
+        if "column" in kw:
+            return kw["column"]
+        if "column_A" in kw:
+            return f"{kw['column_A']},{kw['column_B']}"
+        if "column_list" in kw:
+            return ",".join(kw["column_list"])
+        return None
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}:{self.table}:{self.key or self.column or self.kind}"
+
+
+_T_ID = ("tuple_id",)
+
+
+def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, placeholder: str | None = None) -> list[_Spec]:
+    """Every expectation, grouped by family (GE-free description of the suites)."""
+    S: list[_Spec] = []
+    add = S.append
+    # schema
+    add(_Spec("schema", "tuples_columns", "ExpectTableColumnsToMatchSet",
+              {"column_set": list(TUPLE_COLUMNS), "exact_match": True}, "tuples table has exactly the record's columns",
+              key="columns"))
+    add(_Spec("schema", "neg_columns", "ExpectTableColumnsToMatchSet",
+              {"column_set": list(NEGATIVE_COLUMNS), "exact_match": True},
+              "negatives table has exactly the record's columns", key="columns"))
+    add(_Spec("schema", "tuples", "ExpectTableRowCountToBeBetween", {"min_value": 1}, "tuples table is not empty",
+              key="rows"))
+    for c in ("tuple_id", "split", "concept_id", "base_class", "prompt", "concept_phrase", "query_image", "train_image"):
+        add(_Spec("schema", "tuples", "ExpectColumnValuesToNotBeNull", {"column": c}, f"{c} is present", _T_ID,
+                  key=f"{c}_not_null"))
+    add(_Spec("schema", "tuples", "ExpectColumnValuesToBeInSet", {"column": "split", "value_set": list(SPLITS)},
+              f"split is one of {', '.join(SPLITS)}", _T_ID))
+    for c in ("query_width", "query_height", "train_width", "train_height"):
+        add(_Spec("schema", "tuples", "ExpectColumnValuesToNotBeNull", {"column": c}, f"{c} is recorded", _T_ID,
+                  key=f"{c}_not_null"))
+        add(_Spec("schema", "tuples", "ExpectColumnValuesToBeBetween", {"column": c, "min_value": 1},
+                  f"{c} is a positive size", _T_ID))
+    for box in BOX_COLUMNS:
+        ctx = ("tuple_id", box)
+        x0, y0, x1, y1 = (f"{box}_{p}" for p in BOX_PARTS)
+        # box_finite
+        for p in (x0, y0, x1, y1):
+            add(_Spec("box_finite", "tuples", "ExpectColumnValuesToNotBeNull", {"column": p},
+                      f"{p} is a finite number (box is a list of 4 finite floats)", ctx))
+        # box_ordered
+        add(_Spec("box_ordered", "tuples", "ExpectColumnPairValuesAToBeGreaterThanB",
+                  {"column_A": x1, "column_B": x0, "or_equal": False, "ignore_row_if": "either_value_is_missing"},
+                  f"{box}: x1 > x0", ctx))
+        add(_Spec("box_ordered", "tuples", "ExpectColumnPairValuesAToBeGreaterThanB",
+                  {"column_A": y1, "column_B": y0, "or_equal": False, "ignore_row_if": "either_value_is_missing"},
+                  f"{box}: y1 > y0", ctx))
+        # box_inside_image
+        wcol, hcol = IMAGE_ROLES[box.replace("_box", "_image")]
+        ictx = ("tuple_id", box, wcol, hcol)
+        add(_Spec("box_inside_image", "tuples", "ExpectColumnValuesToBeBetween", {"column": x0, "min_value": 0},
+                  f"{box}: x0 >= 0", ictx))
+        add(_Spec("box_inside_image", "tuples", "ExpectColumnValuesToBeBetween", {"column": y0, "min_value": 0},
+                  f"{box}: y0 >= 0", ictx))
+        add(_Spec("box_inside_image", "tuples", "ExpectColumnPairValuesAToBeGreaterThanB",
+                  {"column_A": wcol, "column_B": x1, "or_equal": True, "ignore_row_if": "either_value_is_missing"},
+                  f"{box}: x1 <= {wcol}", ictx))
+        add(_Spec("box_inside_image", "tuples", "ExpectColumnPairValuesAToBeGreaterThanB",
+                  {"column_A": hcol, "column_B": y1, "or_equal": True, "ignore_row_if": "either_value_is_missing"},
+                  f"{box}: y1 <= {hcol}", ictx))
+        # box_min_size
+        add(_Spec("box_min_size", "tuples", "ExpectColumnValuesToBeBetween",
+                  {"column": f"{box}_min_side", "min_value": float(cfg.min_box_side)},
+                  f"{box}: shorter side >= {cfg.min_box_side:g} px", ctx))
+        add(_Spec("box_min_size", "tuples", "ExpectColumnValuesToBeBetween",
+                  {"column": f"{box}_area", "min_value": float(cfg.min_box_area)},
+                  f"{box}: area >= {cfg.min_box_area:g} px^2", ctx))
+    # image_files
+    ictx = ("tuple_id", "role", "image")
+    add(_Spec("image_files", "images", "ExpectColumnValuesToMatchRegex", {"column": "image", "regex": IMAGE_PATH_REGEX},
+              "image path is relative to the data root, without '..', and names a .png", ictx, key="image_path"))
+    add(_Spec("image_files", "images", "ExpectColumnValuesToBeInSet", {"column": "exists", "value_set": [True]},
+              "image file exists under the data root", ictx))
+    add(_Spec("image_files", "images", "ExpectColumnValuesToBeInSet", {"column": "decodes", "value_set": [True]},
+              "image file decodes", (*ictx, "error")))
+    add(_Spec("image_files", "images", "ExpectColumnPairValuesToBeEqual",
+              {"column_A": "width", "column_B": "recorded_width", "ignore_row_if": "either_value_is_missing"},
+              "image width equals the recorded width", ictx))
+    add(_Spec("image_files", "images", "ExpectColumnPairValuesToBeEqual",
+              {"column_A": "height", "column_B": "recorded_height", "ignore_row_if": "either_value_is_missing"},
+              "image height equals the recorded height", ictx))
+    # prompt_concept
+    pctx = ("tuple_id", "prompt", "concept_phrase", "base_class")
+    add(_Spec("prompt_concept", "tuples", "ExpectColumnValuesToBeInSet",
+              {"column": "prompt_holds_phrase", "value_set": [True]}, "prompt holds its concept_phrase", pctx))
+    add(_Spec("prompt_concept", "tuples", "ExpectColumnValuesToBeInSet",
+              {"column": "phrase_holds_base_class", "value_set": [True]}, "concept_phrase holds its base_class", pctx))
+    add(_Spec("prompt_concept", "tuples", "ExpectColumnValuesToBeInSet",
+              {"column": "phrase_has_placeholder", "value_set": [True]},
+              "concept_phrase holds a placeholder besides the base_class", pctx))
+    if placeholder is not None:
+        add(_Spec("prompt_concept", "tuples", "ExpectColumnValuesToBeInSet",
+                  {"column": "phrase_matches_placeholder", "value_set": [True]},
+                  f"concept_phrase equals {placeholder!r} filled with the base_class", pctx))
+    # ids_unique
+    add(_Spec("ids_unique", "tuples", "ExpectColumnValuesToBeUnique", {"column": "tuple_id"}, "tuple_id is unique",
+              ("tuple_id", "query_image")))
+    add(_Spec("ids_unique", "tuples", "ExpectColumnValuesToBeUnique", {"column": "query_image"},
+              "each tuple has its own query image", ("tuple_id", "query_image")))
+    add(_Spec("ids_unique", "concepts", "ExpectColumnValuesToBeBetween", {"column": "n_train_images", "max_value": 1},
+              "a concept has one training image", ("concept_id", "tuples")))
+    add(_Spec("ids_unique", "train_images", "ExpectColumnValuesToBeBetween", {"column": "n_concepts", "max_value": 1},
+              "a training image belongs to one concept", ("train_image", "concepts", "tuples")))
+    add(_Spec("ids_unique", "neg_per_tuple", "ExpectColumnValuesToBeInSet", {"column": "in_tuples", "value_set": [True]},
+              "every tuple_id of the negatives table is a tuple", ("tuple_id",)))
+    add(_Spec("ids_unique", "neg_per_tuple", "ExpectColumnValuesToBeBetween", {"column": "n_duplicate", "max_value": 0},
+              "no (tuple_id, neg_concept_id) pair twice in the negatives", ("tuple_id",)))
+    # split_leakage
+    add(_Spec("split_leakage", "train_images", "ExpectColumnValuesToBeBetween", {"column": "n_splits", "max_value": 1},
+              "a training image is in one split", ("train_image", "splits", "tuples")))
+    add(_Spec("split_leakage", "concepts", "ExpectColumnValuesToBeBetween", {"column": "n_splits", "max_value": 1},
+              "a concept is in one split", ("concept_id", "splits", "tuples")))
+    add(_Spec("split_leakage", "neg_per_tuple", "ExpectColumnValuesToBeBetween", {"column": "n_cross_split", "max_value": 0},
+              "a tuple's negatives come from its own split", ("tuple_id", "split", "bad_negatives")))
+    # negatives_own_image
+    nctx = ("tuple_id", "train_image", "bad_negatives")
+    add(_Spec("negatives_own_image", "neg_per_tuple", "ExpectColumnValuesToBeBetween",
+              {"column": "n_own_image", "max_value": 0}, "no negative is the tuple's own training image", nctx))
+    add(_Spec("negatives_own_image", "neg_per_tuple", "ExpectColumnValuesToBeBetween",
+              {"column": "n_own_concept", "max_value": 0}, "no negative is of the tuple's own concept", nctx))
+    # min_negatives
+    add(_Spec("min_negatives", "neg_per_tuple", "ExpectColumnValuesToBeBetween",
+              {"column": "n_negatives", "min_value": int(cfg.min_negatives)},
+              f"every tuple has at least {cfg.min_negatives} negatives", ("tuple_id", "split")))
+    # class_balance
+    add(_Spec("class_balance", "classes", "ExpectColumnValuesToBeBetween",
+              {"column": "imbalance", "max_value": float(cfg.class_balance_tolerance)},
+              f"most / this class's tuple count <= {cfg.class_balance_tolerance:g}",
+              ("base_class", "n_tuples", "most_frequent")))
+    # split_balance
+    add(_Spec("split_balance", "splits", "ExpectColumnValuesToBeBetween",
+              {"column": "deviation", "max_value": float(cfg.split_tolerance)},
+              f"|concept share - configured fraction| <= {cfg.split_tolerance:g}",
+              ("split", "n_concepts", "share", "expected")))
+    return S
+
+
+# --------------------------------------------------------------------------- running GE
+
+
+def _run_ge(tables: dict[str, pd.DataFrame], specs: list[_Spec], max_examples: int) -> tuple[list[Check], str, Any]:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    try:
+        context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    source = context.data_sources.add_pandas("ardetect")
+    by_table: dict[str, list[_Spec]] = {}
+    for s in specs:
+        by_table.setdefault(s.table, []).append(s)
+
+    def validate(table: str, df: pd.DataFrame, tspecs: list[_Spec], suffix: str, fmt: dict[str, Any]) -> dict[int, Any]:
+        asset = source.add_dataframe_asset(name=f"{table}{suffix}")
+        batch_def = asset.add_batch_definition_whole_dataframe(f"{table}{suffix}_all")
+        # built whole, then added once: add_expectation on a stored suite re-serialises it every time
+        expectations = [
+            getattr(gx.expectations, s.kind)(**s.kwargs, meta={"ardetect_index": i, "family": s.family, "name": s.name})
+            for i, s in enumerate(tspecs)
+        ]
+        suite = context.suites.add(gx.ExpectationSuite(name=f"ardetect_{table}{suffix}", expectations=expectations))
+        vdef = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"validate_{table}{suffix}", data=batch_def, suite=suite)
+        )
+        res = vdef.run(batch_parameters={"dataframe": df}, result_format=fmt)
+        return {int(r.expectation_config.meta["ardetect_index"]): r for r in res.results}
+
+    checks: list[Check] = []
+    for table, tspecs in by_table.items():
+        df = tables[table]
+        # pass 1, every expectation, pass/fail only (about half the cost of COMPLETE)
+        quick = validate(table, df, tspecs, "", {"result_format": "BOOLEAN_ONLY"})
+        failed = [i for i in range(len(tspecs)) if quick.get(i) is None or not quick[i].success]
+        # pass 2, the failed ones again with their unexpected rows
+        detail: dict[int, Any] = {}
+        if failed:
+            fmt: dict[str, Any] = {"result_format": "COMPLETE", "include_unexpected_rows": False}
+            if _ROW in df.columns:
+                fmt["unexpected_index_column_names"] = [_ROW]
+                fmt["return_unexpected_index_query"] = False
+            again = validate(table, df, [tspecs[i] for i in failed], "_failed", fmt)
+            detail = {failed[j]: r for j, r in again.items()}
+        for i, s in enumerate(tspecs):
+            if i in detail or i in failed:
+                checks.append(_to_check(s, detail.get(i, quick.get(i)), df, max_examples))
+            else:
+                checks.append(_passed(s, df))
+    # the ephemeral context made an (empty) temp folder for its docs site; drop it until asked for docs
+    site = _docs_dir(context)
+    if site is not None and _is_temp(site):
+        try:
+            site.rmdir()
+        except OSError:
+            pass
+    return checks, gx.__version__, context
+
+
+def _is_temp(path: Path) -> bool:
+    return Path(path).resolve().parent == Path(tempfile.gettempdir()).resolve()
+
+
+def _docs_dir(context: Any) -> Path | None:
+    try:
+        site = context.get_config().data_docs_sites["local_site"]["store_backend"]["base_directory"]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return Path(site)
+
+
+_TABLE_LEVEL = ("ExpectTable",)
+
+
+def _passed(s: _Spec, df: pd.DataFrame) -> Check:
+    """A check that passed pass 1 (BOOLEAN_ONLY): counts known without asking GE again."""
+    table_level = s.kind.startswith(_TABLE_LEVEL)
+    return Check(name=s.name, family=s.family, expectation=_snake(s.kind), table=s.table, column=s.column,
+                 description=s.description, success=True, unexpected_count=0,
+                 element_count=0 if table_level else len(df),
+                 observed=(list(df.columns) if "Columns" in s.kind else len(df)) if table_level else None)
+
+
+def _to_check(s: _Spec, r: Any, df: pd.DataFrame, max_examples: int) -> Check:
+    base = dict(name=s.name, family=s.family, expectation=_snake(s.kind), table=s.table, column=s.column,
+                description=s.description)
+    if r is None:
+        return Check(**base, success=False, error="expectation returned no result")
+    info = r.exception_info or {}
+    if info.get("raised_exception"):
+        return Check(**base, success=False, error=str(info.get("exception_message")))
+    result = r.result or {}
+    check = Check(**base, success=bool(r.success), unexpected_count=int(result.get("unexpected_count") or 0),
+                  element_count=int(result.get("element_count") or 0), observed=result.get("observed_value"))
+    details = result.get("details") or {}
+    if details and not r.success:
+        check.observed = {"observed": result.get("observed_value"), "details": details}
+        mismatched = details.get("mismatched") if isinstance(details, dict) else None
+        if isinstance(mismatched, dict):  # expect_table_columns_to_match_set
+            check.examples = [{f"{k}_columns": v for k, v in mismatched.items()}]
+            return check
+    if r.success:
+        return check
+    rows = [d.get(_ROW) for d in (result.get("unexpected_index_list") or []) if isinstance(d, dict)]
+    values = result.get("unexpected_list") or []
+    cols = [c for c in (s.kwargs.get("column"), s.kwargs.get("column_A"), s.kwargs.get("column_B")) if c]
+    examples = []
+    for k, row in enumerate(rows[:max_examples]):
+        ex: dict[str, Any] = {}
+        if row is not None and 0 <= int(row) < len(df):
+            rec = df.iloc[int(row)]
+            for c in (*s.context, *cols):
+                if c in df.columns and c not in ex:
+                    ex[c] = rec[c]
+        elif k < len(values):
+            ex["value"] = values[k]
+        examples.append(ex)
+    if not examples and values:
+        examples = [{"value": v} for v in values[:max_examples]]
+    check.examples = examples
+    if not check.element_count and check.unexpected_count == 0 and check.observed is None:
+        check.observed = {k: v for k, v in result.items() if k != "details"}
+    return check
+
+
+def validate_tuples(
+    tuples: pd.DataFrame,
+    negatives: pd.DataFrame,
+    data_root: str | Path,
+    cfg: ValidateConfig,
+    split_cfg: SplitConfig,
+    *,
+    placeholder: str | None = None,
+    workers: int | None = None,
+) -> ValidationResult:
+    """Run every expectation family on the tuple and negatives tables.
+
+    ``data_root`` is the folder the image paths are relative to. ``placeholder`` (e.g.
+    ``"V* {}"``) additionally requires every concept_phrase to be that template filled
+    with its base class. ``workers`` threads decode the images (default: 2 x cores, at
+    most 8). Returns a :class:`ValidationResult`; never raises on bad data (see
+    :func:`assert_valid`).
+    """
+    t0 = time.perf_counter()
+    tables = build_tables(tuples, negatives, data_root, split_cfg, placeholder=placeholder, workers=workers)
+    specs = build_specs(cfg, placeholder=placeholder)
+    checks, version, context = _run_ge(tables, specs, cfg.max_examples)
+    order = {s.name: i for i, s in enumerate(specs)}
+    checks.sort(key=lambda c: order.get(c.name, len(order)))  # spec (family) order, not table order
+    families = {f: all(c.success for c in checks if c.family == f) for f in FAMILIES}
+    failures = [c for c in checks if not c.success]
+    t = tables["tuples"]
+    counts = {
+        "tuples": int(len(tuples)),
+        "negatives": int(len(negatives)),
+        "images": int(tables["images"]["image"].nunique()),
+        "concepts": int(t["concept_id"].nunique()),
+        "per_split": {str(k): int(v) for k, v in t["split"].value_counts(dropna=False).sort_index().items()},
+        "concepts_per_split": {
+            str(r["split"]): int(r["n_concepts"]) for _, r in tables["splits"].iterrows()
+        },
+        "per_class": {str(k): int(v) for k, v in t["base_class"].value_counts(dropna=False).sort_index().items()},
+        "negatives_per_tuple": {
+            "min": float(tables["neg_per_tuple"]["n_negatives"].min()) if len(tables["neg_per_tuple"]) else 0.0,
+            "max": float(tables["neg_per_tuple"]["n_negatives"].max()) if len(tables["neg_per_tuple"]) else 0.0,
+        },
+    }
+    return ValidationResult(
+        success=not failures,
+        families=families,
+        failures=failures,
+        checks=checks,
+        counts=counts,
+        params={"validate": cfg.model_dump(), "split": split_cfg.model_dump(), "placeholder": placeholder,
+                "data_root": str(data_root)},
+        runtime_s=time.perf_counter() - t0,
+        ge_version=version,
+        _ge_context=context,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars unwrapped, NaN/inf as strings, tuples as lists."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if obj is None or obj is pd.NA or obj is pd.NaT:
+        return None
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return "nan"
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, (bool, int, str)):
+        return obj
+    return str(obj)
+
+
+def _short(v: Any, limit: int = 160) -> str:
+    s = json.dumps(_jsonable(v)) if not isinstance(v, str) else v
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _format_example(ex: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_short(v, 120)}" for k, v in ex.items())
+
+
+def _md(s: Any) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(rows: list[dict[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(_md(_short(r.get(c, ""), 120)) for c in cols) + " |")
+    return out
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
