@@ -40,10 +40,19 @@ def load_rgb(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def transform_with_box(transform: v2.Compose, image: Image.Image, box_xyxy) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply ``transform`` to an image and its pixel xyxy box; returns ([3, S, S], [4] pixel xyxy)."""
+def load_uint8(path: Path) -> tv_tensors.Image:
+    """[3, H, W] uint8 image tensor (decoded once; transforms run on tensors)."""
+    return tv_tensors.Image(torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).contiguous())
+
+
+def transform_with_box(transform: v2.Compose, image, box_xyxy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``transform`` to an image (PIL or [3, H, W] tensor) and its pixel xyxy box.
+
+    Returns ([3, S, S] float in [0, 1], [4] pixel xyxy in the transformed image).
+    """
+    h, w = (image.height, image.width) if isinstance(image, Image.Image) else tuple(image.shape[-2:])
     boxes = tv_tensors.BoundingBoxes(
-        torch.as_tensor([list(box_xyxy)], dtype=torch.float32), format="XYXY", canvas_size=(image.height, image.width)
+        torch.as_tensor([list(box_xyxy)], dtype=torch.float32), format="XYXY", canvas_size=(h, w)
     )
     img, out = transform(image, boxes)
     return img, out.as_subclass(torch.Tensor)[0]
@@ -74,6 +83,14 @@ class TupleDataset(torch.utils.data.Dataset):
         self.root = Path(data_root)
         self.size = image_size
         self.transform = build_transform(train, image_size)
+        self._decoded: dict[str, tv_tensors.Image] = {}
+
+    def image(self, rel: str) -> tv_tensors.Image:
+        """Decoded image, kept in memory after the first read (the default world fits in ~0.3 GB)."""
+        img = self._decoded.get(rel)
+        if img is None:
+            img = self._decoded[rel] = load_uint8(self.root / rel)
+        return img
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -81,13 +98,13 @@ class TupleDataset(torch.utils.data.Dataset):
     def item(self, index: int, target_image: str | None = None) -> Sample:
         """Tuple ``index``; with ``target_image`` the query is paired with that negative image instead of X."""
         r = self.rows.iloc[index]
-        q_img, q_box = transform_with_box(self.transform, load_rgb(self.root / r["query_image"]), r["query_box"])
+        q_img, q_box = transform_with_box(self.transform, self.image(r["query_image"]), r["query_box"])
         if target_image is None:
-            x_img, x_box = transform_with_box(self.transform, load_rgb(self.root / r["train_image"]), r["train_box"])
+            x_img, x_box = transform_with_box(self.transform, self.image(r["train_image"]), r["train_box"])
             norm = box_convert(x_box[None], "xyxy", "cxcywh")[0] / self.size
             positive = True
         else:
-            x_img, _ = transform_with_box(self.transform, load_rgb(self.root / target_image), [0, 0, 1, 1])
+            x_img, _ = transform_with_box(self.transform, self.image(target_image), [0, 0, 1, 1])
             x_box, norm, positive = torch.zeros(4), torch.zeros(0, 4), False
         return Sample(x_img, norm, x_box, q_img, q_box, r["prompt"], r["concept_phrase"], r["tuple_id"], positive)
 
