@@ -115,6 +115,7 @@ def _run(
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.train_phase1.lr_drop_epochs, cfg.train_phase1.lr_gamma) if phase == 1 else None
     criterion = criterion_of(cfg, phase)
     train_ds = TupleDataset(tuples, data_root, "train", size, train=p.augment)
+    out_dir.mkdir(parents=True, exist_ok=True)
     latest, best_path = out_dir / "latest.pt", out_dir / "best.pt"
     state, history = TrainState(), []
     if resume and latest.exists():
@@ -171,6 +172,7 @@ def _run(
 
 def run_phase1(cfg: Config, tuples: pd.DataFrame, data_root: Path, out_dir: Path, log: Logger | None = None, resume: bool = True, stop_after_steps: int | None = None):
     """Train the detector on positives. Returns (model, PhaseResult); the model holds the last epoch's weights."""
+    torch.manual_seed(cfg.train_phase1.seed)  # the initial weights are part of the run
     model = build_model(cfg)
     result = _run(cfg, 1, model, tuples, data_root, out_dir, log, resume, stop_after_steps)
     return model, result

@@ -1,0 +1,111 @@
+"""Training behaviour: resume after a kill, non-finite stop, phase 2 scope, DDP."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ardetect.train.engine import NonFiniteLoss
+from ardetect.train.phases import load_model, run_phase1, run_phase2
+
+from conftest import fast_config
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).with_name("phase1_script.py")
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
+    tuples, root = tiny_world
+    tuples.to_parquet(tmp_path / "tuples.parquet")
+    cfg = fast_config()
+    cfg_path = tmp_path / "cfg.pkl"
+    cfg_path.write_bytes(pickle.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # uninterrupted
+    full = subprocess.run([sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(root), str(tmp_path / "full")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    # killed with SIGKILL as soon as the first mid-epoch checkpoint exists, then resumed
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(root), str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "latest.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ck = torch.load(out / "latest.pt", weights_only=False)
+    assert ck["state"]["epoch"] == 0 and 0 < ck["state"]["step"]  # killed mid-epoch
+    resumed = subprocess.run([sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(root), str(out)],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    a = torch.load(tmp_path / "full" / "final.pt", weights_only=False)
+    b = torch.load(out / "final.pt", weights_only=False)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_non_finite_loss_stops_training(tiny_world, tmp_path, monkeypatch):
+    tuples, root = tiny_world
+    from ardetect.train import losses
+
+    real = losses.SetCriterion.single
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        out["loss_bbox"] = out["loss_bbox"] * float("nan")
+        return out
+
+    monkeypatch.setattr(losses.SetCriterion, "single", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at epoch 0 step 0.*loss_bbox"):
+        run_phase1(fast_config(), tuples, root, tmp_path / "p1", resume=False)
+
+
+def test_phase2_changes_only_the_adapters(tiny_world, tmp_path):
+    tuples, root = tiny_world
+    cfg = fast_config(train_phase1={"epochs": 1, "max_steps_per_epoch": 2})
+    model, _ = run_phase1(cfg, tuples, root, tmp_path / "p1", resume=False)
+    before = weights(load_model(tmp_path / "p1" / "best.pt"))
+    model2, result = run_phase2(cfg, tmp_path / "p1" / "best.pt", tuples, root, tmp_path / "p2", resume=False)
+    after = weights(model2)
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed, "phase 2 changed nothing"
+    assert all(k.startswith(("adapter_query.", "adapter_text.")) for k in changed), changed
+    assert "adapter_query.weight" in changed and "adapter_text.weight" in changed
+    assert result.history[-1]["train_loss_reg"] > 0
+
+
+def test_ddp_two_processes_gloo(tiny_world, tmp_path):
+    tuples, root = tiny_world
+    tuples.to_parquet(tmp_path / "tuples.parquet")
+    cfg = fast_config(train_phase1={"epochs": 1, "max_steps_per_epoch": 2})
+    cfg_path = tmp_path / "cfg.pkl"
+    cfg_path.write_bytes(pickle.dumps(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+           str(cfg_path), str(tmp_path / "tuples.parquet"), str(root), str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    w0 = torch.load(tmp_path / "ddp" / "final.pt", weights_only=False)
+    w1 = torch.load(tmp_path / "ddp" / "final_rank1.pt", weights_only=False)
+    # gradients were all-reduced, so every parameter agrees; batch-norm running statistics are
+    # per-process in DDP (each rank normalises its own shard) and are left out
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    differ = [k for k in w0 if not k.endswith(stats) and not torch.equal(w0[k], w1[k])]
+    assert not differ, differ[:5]
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.endswith("running_mean"))  # the shards really differed
+    assert "world 2" in proc.stdout
