@@ -2,71 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-
-
-def _git(cwd: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=ardetect-tests", "-c", "user.email=tests@ardetect.invalid", *args],
-        cwd=cwd, check=True, capture_output=True,
-    )
-
-
-def make_workspace(dest: Path, profile: str = "smoke", overrides: dict | None = None) -> Path:
-    """Copy the pipeline definition into ``dest`` as a fresh git + DVC repository."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", ".dvcignore", "params.yaml"):
-        shutil.copy2(REPO / name, dest / name)
-    for name in ("src", "profiles", "flows"):
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (dest / ".dvc").mkdir(exist_ok=True)
-    shutil.copy2(REPO / ".dvc" / "config", dest / ".dvc" / "config")
-    shutil.copy2(REPO / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
-    shutil.copy2(REPO / ".gitignore", dest / ".gitignore")
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["profile"] = profile
-    for dotted, value in (overrides or {}).items():
-        node = params
-        *path, last = dotted.split(".")
-        for key in path:
-            node = node[key]
-        node[last] = value
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _git(dest, "init", "-q")
-    _git(dest, "add", "-A")
-    _git(dest, "commit", "-q", "-m", "workspace")
-    return dest
-
-
-def run_env(ws: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws / 'mlflow.db'}"
-    env["PREFECT_HOME"] = str(ws / ".prefect")
-    env.pop("ARD_MLFLOW_PARENT_RUN_ID", None)
-    return env
-
-
-def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=ws, env=run_env(ws), capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+from workspace import dvc, make_workspace
 
 
 @pytest.fixture(scope="session")

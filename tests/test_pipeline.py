@@ -13,7 +13,7 @@ import pytest
 from ardetect import tracking
 from ardetect.stages import STAGES
 
-from conftest import BIN, dvc, make_workspace, run_env
+from workspace import BIN, dvc, make_workspace, run_env
 
 pytestmark = pytest.mark.slow
 

@@ -1,60 +1,13 @@
-"""A tiny hand-drawn tuple set (64-px images) and a fast training config."""
+"""Fixtures of the training tests: a tiny hand-drawn tuple set."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from PIL import Image, ImageDraw
 
-from ardetect.config import Config, config_from_dict
-
-REPO = Path(__file__).resolve().parents[2]
-CLASSES = ("cat", "mug", "car", "hat")
-
-
-def draw_world(root: Path, n_concepts: int = 12, queries: int = 2, size: int = 64) -> pd.DataFrame:
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for c in range(n_concepts):
-        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-
-        def draw(path: str, seed: int) -> list[float]:
-            r = np.random.default_rng(seed)
-            im = Image.new("RGB", (size, size), tuple(int(v) for v in r.integers(0, 255, 3)))
-            s = int(r.integers(size // 4, size // 2))
-            x, y = (int(v) for v in r.integers(0, size - s, 2))
-            ImageDraw.Draw(im).rectangle([x, y, x + s - 1, y + s - 1], fill=colour)
-            im.save(root / path)
-            return [float(x), float(y), float(x + s), float(y + s)]
-
-        tb = draw(f"img/x{c}.png", 1000 * c)
-        split = "train" if c < n_concepts - 4 else ("val" if c < n_concepts - 2 else "test")
-        for q in range(queries):
-            qb = draw(f"img/q{c}_{q}.png", 1000 * c + q + 1)
-            cls = CLASSES[c % len(CLASSES)]
-            rows.append(
-                dict(tuple_id=f"t{c:03d}_{q}", split=split, concept_id=f"c{c:03d}", base_class=cls, group="misc_objects",
-                     prompt=f"A photo of V* {cls} on the beach.", concept_phrase=f"V* {cls}", template="A photo of {} on the beach.",
-                     medium="photo", query_image=f"img/q{c}_{q}.png", query_box=qb, query_width=size, query_height=size,
-                     train_image=f"img/x{c}.png", train_box=tb, train_width=size, train_height=size, generator="synthetic", gen_seed=q)
-            )
-    return pd.DataFrame(rows)
-
-
-def fast_config(**sections) -> Config:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["world"]["image_size"] = 64
-    raw["model"] = {"size": "nano", "overrides": {"num_queries": 16}}
-    raw["train_phase1"] = {"epochs": 2, "batch_size": 2, "checkpoint_every": 2, "augment": True}
-    raw["train_phase2"] = {"epochs": 1, "k_negatives": 2, "checkpoint_every": 2, "max_steps_per_epoch": 3}
-    for k, v in sections.items():
-        raw[k] = {**raw.get(k, {}), **v}
-    return config_from_dict(raw, profiles_dir=REPO / "profiles")
+from tiny_world import draw_world
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 from ardetect.train.engine import NonFiniteLoss
 from ardetect.train.phases import load_model, run_phase1, run_phase2
 
-from conftest import fast_config
+from tiny_world import fast_config
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("phase1_script.py")

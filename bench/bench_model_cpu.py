@@ -1,0 +1,114 @@
+"""CPU benchmark of the ``nano`` detector at the default world's resolution (160x160).
+
+Measures, in one run:
+1. training throughput: forward + backward (phase 1, surrogate loss over all outputs),
+   samples per second, each sample its own query;
+2. scoring throughput, forward only: candidates per second with the query side
+   encoded once and broadcast over batched candidates, against recomputing the query
+   side for every candidate (each candidate paired with its own copy of the query, as
+   a detector with the signature F(X, p, Q, R_Q) does), and their ratio;
+3. the same with the candidates' query-independent side (backbone + input projections,
+   ``encode_images``) precomputed too, as a candidate index scoring many queries would.
+
+Run: ``PYTHONPATH=src .venv/bin/python bench/bench_model_cpu.py [--threads N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from ardetect.model import ModelConfig, build  # noqa: E402
+
+PROMPT = "A charcoal sketch of a V* cat sitting on a rock."
+CONCEPT = "V* cat"
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--candidates", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=8, help="candidates per forward pass")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = ModelConfig.named("nano")
+    model = build(cfg)
+    h, w = cfg.image_size
+    print(f"nano at {h}x{w}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    # 1. forward + backward, phase 1
+    b = args.train_batch
+    q_img, q_box = torch.rand(b, 3, h, w), torch.tensor([[30.0, 40.0, 110.0, 130.0]]).expand(b, 4)
+    targets = torch.rand(b, 3, h, w)
+    model.set_phase(1).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def train_step() -> None:
+        for p in params:
+            p.grad = None
+        cache = model.encode_query(q_img, q_box, [PROMPT] * b, [CONCEPT] * b)
+        out = model(targets, cache)
+        loss = out.pred_logits.sigmoid().mean() + out.pred_boxes.mean()
+        for aux in out.aux_outputs + [out.enc_outputs]:
+            loss = loss + aux["pred_logits"].sigmoid().mean() + aux["pred_boxes"].mean()
+        loss.backward()
+
+    t_train = timed(train_step, args.repeats)
+    print(f"train fwd+bwd   {b / t_train:8.2f} samples/s   ({t_train * 1000:.0f} ms per batch of {b})")
+
+    # 2. forward only: cached query side vs recomputed per candidate
+    model.eval()
+    n, chunk = args.candidates, args.chunk
+    cands = torch.rand(n, 3, h, w)
+    one_img, one_box = q_img[:1], q_box[:1]
+
+    @torch.no_grad()
+    def cached() -> None:
+        cache = model.encode_query(one_img, one_box, [PROMPT], [CONCEPT])
+        for s in range(0, n, chunk):
+            model.predict_region(cands[s : s + chunk], cache)
+
+    @torch.no_grad()
+    def recomputed() -> None:
+        for s in range(0, n, chunk):
+            k = min(chunk, n - s)
+            cache = model.encode_query(one_img.expand(k, -1, -1, -1), one_box.expand(k, 4), [PROMPT] * k, [CONCEPT] * k)
+            model.predict_region(cands[s : s + k], cache)
+
+    feats = model.encode_images(cands)  # candidate side once, as an index of training images would hold it
+
+    @torch.no_grad()
+    def both_cached() -> None:
+        cache = model.encode_query(one_img, one_box, [PROMPT], [CONCEPT])
+        model.predict_region(feats, cache, chunk_size=chunk)
+
+    t_cached = timed(cached, args.repeats)
+    t_recomp = timed(recomputed, args.repeats)
+    print(f"score cached    {n / t_cached:8.2f} candidates/s (query encoded once, {chunk} candidates per pass)")
+    print(f"score recomputed{n / t_recomp:8.2f} candidates/s (query side recomputed for every candidate)")
+    print(f"ratio cached/recomputed = {t_recomp / t_cached:.2f}x")
+    t_both = timed(both_cached, args.repeats)
+    print(f"score cached+index{n / t_both:6.2f} candidates/s (candidate backbone features also precomputed, "
+          f"{t_recomp / t_both:.2f}x recomputed)")
+
+
+if __name__ == "__main__":
+    main()

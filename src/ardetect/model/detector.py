@@ -1,0 +1,606 @@
+"""The Attribution Region Detector: GroundingDINO with query-region tokens and adapters.
+
+Two calls split the work so that one query is encoded once and scored against many
+candidate training images:
+
+    cache = model.encode_query(query_image, query_box, prompts, concept_phrases)   # QueryCache
+    out = model(candidate_images, cache)                                            # ARDOutput
+    boxes, scores = model.predict_region(candidate_images, cache)
+
+A ``QueryCache`` of batch 1 is broadcast over any number of candidate images; a cache of
+batch N pairs with N images.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from . import box_ops
+from .backbone import SinePositionEmbedding, build_image_backbone, build_text_backbone, load_tokenizer
+from .config import ModelConfig
+from .layers import MLP, Decoder, Encoder, sine_embed
+from .text import TokenizedPrompts, delimiter_ids, tokenize_prompts, tokenized_from_ids
+
+MASKED_LOGIT = -1e4
+"""Logit given to padding tokens: sigmoid is 0 and losses stay finite (GroundingDINO uses -inf)."""
+
+
+@dataclass
+class QueryCache:
+    """The query side, computed once per query and reused for any number of candidates.
+
+    Attributes:
+        text: [B, T, D] projected prompt features, region tokens inserted.
+        token_mask: [B, T] bool, True for real tokens.
+        self_attn_mask: [B, T, T] bool, phrase blocks (True = may attend).
+        position_ids: [B, T] long, position ids restarting in each phrase.
+        concept_mask: [B, T] bool, the concept's words and region tokens (scored tokens).
+        region_mask: [B, T] bool, the region tokens.
+        tokens: the ``TokenizedPrompts`` these came from.
+    """
+
+    text: Tensor
+    token_mask: Tensor
+    self_attn_mask: Tensor
+    position_ids: Tensor
+    concept_mask: Tensor
+    region_mask: Tensor
+    tokens: TokenizedPrompts | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.text.shape[0]
+
+    def expand(self, n: int) -> "QueryCache":
+        """Broadcast a batch-1 cache to n candidates (no copy), or check that the batch is n."""
+        b = self.batch_size
+        if b == n:
+            return self
+        if b != 1:
+            raise ValueError(f"a QueryCache of batch {b} cannot pair with {n} images: use batch 1 or {n}")
+        e = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
+        return QueryCache(
+            e(self.text), e(self.token_mask), e(self.self_attn_mask), e(self.position_ids),
+            e(self.concept_mask), e(self.region_mask), self.tokens,
+        )
+
+    def to(self, device: torch.device | str) -> "QueryCache":
+        return QueryCache(
+            self.text.to(device), self.token_mask.to(device), self.self_attn_mask.to(device), self.position_ids.to(device),
+            self.concept_mask.to(device), self.region_mask.to(device), self.tokens,
+        )
+
+    def detach(self) -> "QueryCache":
+        """A cache cut from the autograd graph (for scoring; training keeps the graph to reach the query side)."""
+        return QueryCache(self.text.detach(), self.token_mask, self.self_attn_mask, self.position_ids,
+                          self.concept_mask, self.region_mask, self.tokens)
+
+    def select(self, index: Sequence[int] | Tensor) -> "QueryCache":
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.text.device)
+        return QueryCache(
+            self.text[idx], self.token_mask[idx], self.self_attn_mask[idx], self.position_ids[idx],
+            self.concept_mask[idx], self.region_mask[idx], self.tokens,
+        )
+
+
+@dataclass
+class ARDOutput:
+    """Detector output for N candidate images, Q queries, T prompt tokens.
+
+    Attributes:
+        pred_logits: [N, Q, T] token logits of the last decoder layer (adapters applied);
+            padding tokens hold ``MASKED_LOGIT``.
+        pred_boxes: [N, Q, 4] boxes, normalised cxcywh.
+        aux_outputs: one dict per earlier decoder layer, ``{"pred_logits", "pred_boxes"}``.
+        enc_outputs: the encoder's selected proposals, ``{"pred_logits" [N, Q, T], "pred_boxes" [N, Q, 4]}``.
+        token_mask: [N, T] bool, real prompt tokens.
+        concept_mask: [N, T] bool, the tokens scored by ``predict_region``.
+    """
+
+    pred_logits: Tensor
+    pred_boxes: Tensor
+    aux_outputs: list[dict[str, Tensor]] = field(default_factory=list)
+    enc_outputs: dict[str, Tensor] = field(default_factory=dict)
+    token_mask: Tensor | None = None
+    concept_mask: Tensor | None = None
+
+
+@dataclass
+class ImageCache:
+    """The candidate side that does not depend on the query: backbone features after the
+    input projections, flattened over the levels. Compute it once per candidate image
+    (``encode_images``) and score it against any number of queries.
+
+    Attributes:
+        features: [N, S, D] projected features of all levels (S = sum of h*w).
+        mask: [N, S] bool, True on real (unpadded) positions.
+        pos: [N, S, D] sine position + level embeddings.
+        shapes: (h, w) of each level.
+        valid_ratios: [N, L, 2] (w, h) share of each level that is not padding.
+        image_size: (H, W) of the input images in pixels.
+    """
+
+    features: Tensor
+    mask: Tensor
+    pos: Tensor
+    shapes: list[tuple[int, int]]
+    valid_ratios: Tensor
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def select(self, index: Sequence[int] | slice | Tensor) -> "ImageCache":
+        if isinstance(index, slice):
+            pick = lambda t: t[index]  # noqa: E731
+        else:
+            idx = torch.as_tensor(index, dtype=torch.long, device=self.features.device)
+            pick = lambda t: t[idx]  # noqa: E731
+        return ImageCache(pick(self.features), pick(self.mask), pick(self.pos), self.shapes, pick(self.valid_ratios), self.image_size)
+
+    @staticmethod
+    def cat(caches: Sequence["ImageCache"]) -> "ImageCache":
+        first = caches[0]
+        if any(c.shapes != first.shapes for c in caches):
+            raise ValueError("image caches of different input sizes cannot be concatenated")
+        return ImageCache(
+            torch.cat([c.features for c in caches]), torch.cat([c.mask for c in caches]), torch.cat([c.pos for c in caches]),
+            first.shapes, torch.cat([c.valid_ratios for c in caches]), first.image_size,
+        )
+
+
+def check_images(images: Tensor, name: str = "images") -> None:
+    if not isinstance(images, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor [N, 3, H, W], got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"{name} must have rank 4 [N, 3, H, W], got shape {list(images.shape)}")
+    if images.shape[1] != 3:
+        raise ValueError(f"{name} must have 3 (RGB) channels in dim 1, got shape {list(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} must be floating point in [0, 1], got dtype {images.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch")
+
+
+class ARDetector(nn.Module):
+    """GroundingDINO-style detector with ARD's region tokens and adapters. Build with ``build(cfg)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_dim
+        # image side
+        self.backbone = build_image_backbone(cfg)
+        self.query_backbone = copy.deepcopy(self.backbone) if cfg.separate_query_backbone else None
+        self.position_embedding = SinePositionEmbedding(d, cfg.pos_temperature)
+        chans = self.backbone.channels
+        proj = [nn.Sequential(nn.Conv2d(c, d, 1), nn.GroupNorm(32, d)) for c in chans]
+        in_c = chans[-1]
+        for _ in range(cfg.num_feature_levels - len(chans)):
+            proj.append(nn.Sequential(nn.Conv2d(in_c, d, 3, stride=2, padding=1), nn.GroupNorm(32, d)))
+            in_c = d
+        self.input_proj = nn.ModuleList(proj)
+        self.level_embed = nn.Parameter(torch.randn(cfg.num_feature_levels, d))
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        # text side
+        self.text_backbone = build_text_backbone(cfg)
+        self.text_projection = nn.Linear(cfg.text_hidden, d)
+        self.tokenizer = load_tokenizer(cfg)
+        self.delimiters = delimiter_ids(self.tokenizer)
+        # region tokens: all backbone levels at the finest size, concatenated, 1x1 conv to D
+        self.region_proj = nn.Conv2d(sum(chans), d, 1) if cfg.region_tokens else None
+        # transformer
+        common = dict(ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads, num_levels=cfg.num_feature_levels, dropout=cfg.dropout)
+        self.encoder = Encoder(cfg.encoder_layers, dim=d, num_points=cfg.encoder_points, droppath=cfg.fusion_droppath, **common)
+        self.decoder = Decoder(cfg.decoder_layers, dim=d, num_points=cfg.decoder_points, **common)
+        self.query_embed = nn.Embedding(cfg.num_queries, d)
+        self.enc_output = nn.Linear(d, d)
+        self.enc_output_norm = nn.LayerNorm(d)
+        self.enc_bbox_head = MLP(d, d, 4, 3)
+        if cfg.share_bbox_head:
+            head = MLP(d, d, 4, 3)
+            self.bbox_heads = nn.ModuleList([head] * cfg.decoder_layers)
+        else:
+            self.bbox_heads = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(cfg.decoder_layers))
+        for head in list(self.bbox_heads) + [self.enc_bbox_head]:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        # ARD adapters F (decoder queries) and F~ (prompt tokens): identity, zero bias
+        self.adapter_query = nn.Linear(d, d)
+        self.adapter_text = nn.Linear(d, d)
+        self.reset_adapters()
+        self.adapters_enabled = cfg.adapters
+        self.phase = 1
+        self.set_phase(1)
+
+    # --- freezing --------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_adapters(self) -> None:
+        for a in (self.adapter_query, self.adapter_text):
+            a.weight.copy_(torch.eye(a.weight.shape[0]))
+            a.bias.zero_()
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [*self.adapter_query.parameters(), *self.adapter_text.parameters()]
+
+    def adapter_regularizer(self) -> Tensor:
+        """½(‖FᵀF − I‖_F + ‖F̃ᵀF̃ − I‖_F) over the adapter weights (biases excluded; Frobenius,
+        not squared; equal to the paper's ‖FFᵀ − I‖ form for square matrices)."""
+        eye = torch.eye(self.cfg.hidden_dim, device=self.adapter_query.weight.device, dtype=self.adapter_query.weight.dtype)
+        f, ft = self.adapter_query.weight, self.adapter_text.weight
+        return 0.5 * (torch.linalg.matrix_norm(f.T @ f - eye) + torch.linalg.matrix_norm(ft.T @ ft - eye))
+
+    def backbone_modules(self) -> dict[str, nn.Module]:
+        mods = {"image": self.backbone, "text": self.text_backbone}
+        if self.query_backbone is not None:
+            mods["query_image"] = self.query_backbone
+        return mods
+
+    def set_phase(self, phase: int, freeze_backbones: bool | None = None) -> "ARDetector":
+        """Set ``requires_grad`` for a training phase.
+
+        Phase 1: everything trains except the adapters and the frozen backbones (frozen
+        when loaded pretrained, trainable when random; ``freeze_backbones`` or
+        ``cfg.freeze_backbones`` overrides). Phase 2: only the adapters F and F~ train.
+        """
+        if phase not in (1, 2):
+            raise ValueError(f"phase={phase!r} must be 1 or 2")
+        self.phase = phase
+        self.freeze_override = freeze_backbones
+        for p in self.parameters():
+            p.requires_grad_(phase == 1)
+        if phase == 1:
+            img_frozen = freeze_backbones if freeze_backbones is not None else self.cfg.image_frozen()
+            txt_frozen = freeze_backbones if freeze_backbones is not None else self.cfg.text_frozen()
+            for m in (self.backbone, self.query_backbone):
+                if m is not None:
+                    m.requires_grad_(not img_frozen)
+            self.text_backbone.requires_grad_(not txt_frozen)
+            for p in self.adapter_parameters():
+                p.requires_grad_(False)
+        else:
+            for p in self.adapter_parameters():
+                p.requires_grad_(True)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ARDetector":
+        """Like ``nn.Module.train``, but modules without trainable parameters stay in eval
+        mode (frozen batch norm statistics, no dropout in frozen encoders)."""
+        super().train(mode)
+        if mode:
+            for m in self.backbone_modules().values():
+                if not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+            if self.phase == 2:  # only the adapters train: keep everything deterministic
+                for m in self.children():
+                    m.eval()
+        return self
+
+    def _frozen(self, module: nn.Module) -> bool:
+        return not any(p.requires_grad for p in module.parameters())
+
+    # --- query side ------------------------------------------------------------------
+    def normalize(self, images: Tensor) -> Tensor:
+        images = images.to(self.pixel_mean.dtype)  # the model's dtype (bf16 when the model was cast)
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def tokenize(self, prompts: Sequence[str], concept_phrases: Sequence[str] | None) -> TokenizedPrompts:
+        """Token ids, masks and concept positions of prompts (see ``ardetect.model.text``)."""
+        r = 1 if self.cfg.region_tokens else 0
+        return tokenize_prompts(self.tokenizer, prompts, concept_phrases, r if concept_phrases is not None else 0, self.cfg.max_text_len)
+
+    def _run_text_backbone(self, tok: TokenizedPrompts) -> Tensor:
+        frozen = self._frozen(self.text_backbone)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            out = self.text_backbone(
+                input_ids=tok.input_ids,
+                attention_mask=tok.text_self_mask[:, None],  # [B, 1, L, L] phrase blocks
+                token_type_ids=torch.zeros_like(tok.input_ids),
+                position_ids=tok.text_position_ids,
+            )
+        return self.text_projection(out.last_hidden_state)  # [B, L, D]
+
+    def image_features(self, images: Tensor, query: bool = False) -> list[Tensor]:
+        """Backbone feature maps (strides 8/16/32) of [B, 3, H, W] images in [0, 1]."""
+        backbone = self.query_backbone if (query and self.query_backbone is not None) else self.backbone
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._frozen(backbone)):
+            return backbone(self.normalize(images))
+
+    def region_tokens(self, query_image: Tensor, query_box: Tensor) -> Tensor:
+        """[B, 3, H, W] query images and [B, 4] pixel xyxy boxes -> [B, 1, D] region tokens."""
+        feats = self.image_features(query_image, query=True)
+        size = feats[0].shape[-2:]
+        fused = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]], 1)
+        fused = self.region_proj(fused)  # [B, D, H/8, W/8]
+        rois = torch.cat([torch.arange(len(query_box), device=fused.device, dtype=torch.float32)[:, None], query_box.float()], 1)
+        tokens = roi_align(fused.float(), rois, output_size=1, spatial_scale=1 / 8, sampling_ratio=-1, aligned=True)  # [B, D, 1, 1]
+        return tokens.to(fused.dtype).flatten(2).transpose(1, 2)  # [B, 1, D]
+
+    def encode_query(
+        self,
+        query_image: Tensor | None,
+        query_box: Tensor | None,
+        prompts: Sequence[str],
+        concept_phrases: Sequence[str] | None,
+    ) -> QueryCache:
+        """Encode B queries once: prompt tokens, text features and region tokens.
+
+        Args:
+            query_image: [B, 3, H, W] generated images in [0, 1] (may be None when region tokens are off).
+            query_box: [B, 4] the query region R_Q, pixel xyxy in ``query_image``.
+            prompts: B prompts, each containing its concept phrase.
+            concept_phrases: B concept phrases (e.g. "V* cat").
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if isinstance(concept_phrases, str):
+            concept_phrases = [concept_phrases]
+        tok = self.tokenize(prompts, concept_phrases)
+        device = self.text_projection.weight.device
+        tok = tok.to(device)
+        b = tok.input_ids.shape[0]
+        text = self._run_text_backbone(tok)  # [B, L, D]
+        if tok.num_region_tokens:
+            if query_image is None or query_box is None:
+                raise ValueError("region tokens are on (cfg.region_tokens): query_image and query_box are required")
+            check_images(query_image, "query_image")
+            if query_image.shape[0] != b:
+                raise ValueError(f"query_image has batch {query_image.shape[0]} but there are {b} prompts")
+            query_box = torch.as_tensor(query_box, dtype=torch.float32, device=device)
+            if query_box.dim() == 1:
+                query_box = query_box[None]
+            if query_box.shape[0] != b:
+                raise ValueError(f"query_box has {query_box.shape[0]} boxes but there are {b} prompts")
+            box_ops.check_boxes_in_image(query_box, query_image.shape[-2], query_image.shape[-1], "query_box")
+            region = self.region_tokens(query_image.to(device), query_box)  # [B, R, D]
+            source = torch.cat([text, region.to(text.dtype)], 1)  # [B, L + R, D]
+        else:
+            source = text
+        idx = tok.gather_index[..., None].expand(-1, -1, source.shape[-1])  # [B, T, D]
+        features = torch.gather(source, 1, idx)  # [B, T, D]
+        return QueryCache(features, tok.token_mask, tok.self_attn_mask, tok.position_ids, tok.concept_mask, tok.region_mask, tok)
+
+    def encode_text_ids(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> QueryCache:
+        """Encode ready token ids without concept or region tokens: GroundingDINO's own input."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if input_ids.shape[1] > self.cfg.max_text_len:
+            raise ValueError(f"input_ids are {input_ids.shape[1]} tokens, longer than max_text_len={self.cfg.max_text_len}")
+        tok = tokenized_from_ids(input_ids, attention_mask, self.delimiters)
+        text = self._run_text_backbone(tok)
+        return QueryCache(text, tok.token_mask, tok.self_attn_mask, tok.position_ids, tok.concept_mask, tok.region_mask, tok)
+
+    # --- candidate side --------------------------------------------------------------
+    def _flatten_levels(self, images: Tensor, pixel_mask: Tensor | None):
+        feats = self.image_features(images)
+        n, _, h, w = images.shape
+        if pixel_mask is None:
+            pixel_mask = torch.ones((n, h, w), dtype=torch.bool, device=images.device)
+        pixel_mask = pixel_mask.bool()
+        sources, masks = [], []
+        for lvl, f in enumerate(feats):
+            sources.append(self.input_proj[lvl](f))
+        for lvl in range(len(feats), self.cfg.num_feature_levels):
+            prev = feats[-1] if lvl == len(feats) else sources[-1]
+            sources.append(self.input_proj[lvl](prev))
+        for s in sources:
+            masks.append(F.interpolate(pixel_mask[None].float(), size=s.shape[-2:]).to(torch.bool)[0])  # [N, h, w]
+        shapes = [tuple(s.shape[-2:]) for s in sources]
+        pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(sources, masks)]
+        flat = torch.cat([s.flatten(2).transpose(1, 2) for s in sources], 1)  # [N, S, D]
+        mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # [N, S]
+        pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1) for i, p in enumerate(pos)], 1)
+        valid_ratios = torch.stack([self._valid_ratio(m, flat.dtype) for m in masks], 1)  # [N, L, 2]
+        return flat, mask_flat, pos_flat, shapes, valid_ratios
+
+    @staticmethod
+    def _valid_ratio(mask: Tensor, dtype: torch.dtype) -> Tensor:
+        _, h, w = mask.shape
+        vh = mask[:, :, 0].sum(1, dtype=dtype) / h
+        vw = mask[:, 0, :].sum(1, dtype=dtype) / w
+        return torch.stack([vw, vh], -1)  # [N, 2] (w, h)
+
+    def _proposals(self, memory: Tensor, mask_flat: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """One anchor box per encoder token -> (object queries [N, S, D], proposal logits [N, S, 4])."""
+        n = memory.shape[0]
+        props, start = [], 0
+        for lvl, (h, w) in enumerate(shapes):
+            m = mask_flat[:, start : start + h * w].view(n, h, w)
+            vh, vw = m[:, :, 0].sum(1), m[:, 0, :].sum(1)
+            gy, gx = torch.meshgrid(
+                torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device),
+                torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device),
+                indexing="ij",
+            )
+            grid = torch.stack([gx, gy], -1)  # [h, w, 2]
+            scale = torch.stack([vw, vh], -1).view(n, 1, 1, 2).to(memory.dtype)
+            grid = (grid[None] + 0.5) / scale  # [N, h, w, 2]
+            wh = torch.full_like(grid, 0.05 * 2.0**lvl)
+            props.append(torch.cat([grid, wh], -1).view(n, -1, 4))
+            start += h * w
+        props = torch.cat(props, 1)  # [N, S, 4]
+        ok = ((props > 0.01) & (props < 0.99)).all(-1, keepdim=True)
+        props = torch.log(props / (1 - props))
+        props = props.masked_fill(~mask_flat[..., None], float("inf")).masked_fill(~ok, float("inf"))
+        q = memory.masked_fill(~mask_flat[..., None], 0.0).masked_fill(~ok, 0.0)
+        return self.enc_output_norm(self.enc_output(q)), props
+
+    @staticmethod
+    def _similarity(x: Tensor, text: Tensor, token_mask: Tensor) -> Tensor:
+        """[N, Q, D] x [N, T, D] -> [N, Q, T] logits, padding tokens at ``MASKED_LOGIT``."""
+        logits = x @ text.transpose(-1, -2)
+        return logits.masked_fill(~token_mask[:, None, :], MASKED_LOGIT)
+
+    def class_logits(self, hidden: Tensor, text: Tensor, token_mask: Tensor) -> Tensor:
+        """Decoder class head: F(queries) . F~(tokens)^T, or the plain product with adapters off."""
+        if self.adapters_enabled:
+            hidden, text = self.adapter_query(hidden), self.adapter_text(text)
+        return self._similarity(hidden, text, token_mask)
+
+    def encode_images(self, images: Tensor, pixel_mask: Tensor | None = None) -> ImageCache:
+        """The query-independent candidate side of N images [N, 3, H, W] in [0, 1] -> ``ImageCache``."""
+        check_images(images)
+        n = images.shape[0]
+        if pixel_mask is not None and tuple(pixel_mask.shape) != (n, *images.shape[-2:]):
+            raise ValueError(f"pixel_mask must have shape [N, H, W] = {[n, *images.shape[-2:]]}, got {list(pixel_mask.shape)}")
+        flat, mask_flat, pos_flat, shapes, valid_ratios = self._flatten_levels(images, pixel_mask)
+        if flat.shape[1] < self.cfg.num_queries:
+            raise ValueError(
+                f"images of {images.shape[-2]}x{images.shape[-1]} give {flat.shape[1]} encoder tokens, "
+                f"fewer than num_queries={self.cfg.num_queries}: use larger images"
+            )
+        return ImageCache(flat, mask_flat, pos_flat, shapes, valid_ratios, (images.shape[-2], images.shape[-1]))
+
+    def forward(self, images: Tensor | ImageCache, query: QueryCache, pixel_mask: Tensor | None = None) -> ARDOutput:
+        """Detect the query's concept in N candidate images.
+
+        Args:
+            images: [N, 3, H, W] candidate images, RGB in [0, 1], or their ``ImageCache``
+                (``encode_images``), which skips the image backbone.
+            query: a ``QueryCache`` of batch 1 (broadcast) or N.
+            pixel_mask: optional [N, H, W] bool, True on real pixels (for padded batches).
+        """
+        cache = images if isinstance(images, ImageCache) else self.encode_images(images, pixel_mask)
+        n = len(cache)
+        query = query.expand(n)
+        cfg = self.cfg
+        flat, mask_flat, pos_flat, shapes, valid_ratios = cache.features, cache.mask, cache.pos, cache.shapes, cache.valid_ratios
+        text, token_mask = query.text, query.token_mask
+        text_pos = sine_embed(query.position_ids[..., None].to(text.dtype), cfg.hidden_dim)  # [N, T, D]
+        memory, memory_text = self.encoder(
+            flat, pos_flat, mask_flat, shapes, valid_ratios, text, token_mask, query.self_attn_mask, text_pos
+        )
+        # language-guided query selection ("standard" two-stage)
+        obj, props = self._proposals(memory, mask_flat, shapes)
+        enc_logits = self._similarity(obj, memory_text, token_mask)  # [N, S, T]
+        enc_coords = self.enc_bbox_head(obj) + props  # [N, S, 4] logits
+        topk = torch.topk(enc_logits.max(-1).values, cfg.num_queries, dim=1).indices  # [N, Q]
+        topk_coords = torch.gather(enc_coords, 1, topk[..., None].expand(-1, -1, 4))  # [N, Q, 4]
+        reference = topk_coords.detach().sigmoid()
+        target = self.query_embed.weight[None].expand(n, -1, -1)  # [N, Q, D]
+        enc_outputs = {
+            "pred_logits": torch.gather(enc_logits, 1, topk[..., None].expand(-1, -1, enc_logits.shape[-1])),
+            "pred_boxes": topk_coords.sigmoid(),
+        }
+        hidden, refs = self.decoder(
+            target, reference, memory, mask_flat, shapes, valid_ratios, memory_text, token_mask, self.bbox_heads
+        )  # [n_layers, N, Q, D], [n_layers, N, Q, 4]
+        outputs = []
+        for lvl in range(hidden.shape[0]):
+            ref = reference if lvl == 0 else refs[lvl - 1]
+            boxes = (self.bbox_heads[lvl](hidden[lvl]) + torch.special.logit(ref, eps=1e-5)).sigmoid()
+            outputs.append({"pred_logits": self.class_logits(hidden[lvl], memory_text, token_mask), "pred_boxes": boxes})
+        return ARDOutput(
+            pred_logits=outputs[-1]["pred_logits"],
+            pred_boxes=outputs[-1]["pred_boxes"],
+            aux_outputs=outputs[:-1],
+            enc_outputs=enc_outputs,
+            token_mask=token_mask,
+            concept_mask=query.concept_mask,
+        )
+
+    @staticmethod
+    def best_region(out: ARDOutput, image_sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """The single best box per image and its score: max over queries and concept tokens
+        of the sigmoid of the (adapted) logits -> (boxes [N, 4] pixel xyxy, scores [N])."""
+        prob = out.pred_logits.float().sigmoid().masked_fill(~out.concept_mask[:, None, :], 0.0)  # [N, Q, T]
+        per_query = prob.max(-1).values  # [N, Q]
+        scores, best = per_query.max(-1)  # [N]
+        boxes = out.pred_boxes[torch.arange(len(best), device=best.device), best]  # [N, 4]
+        return box_ops.cxcywh_norm_to_xyxy_pixels(boxes, image_sizes), scores
+
+    @torch.no_grad()
+    def predict_region(
+        self, images: Tensor | ImageCache, query: QueryCache, image_sizes: Tensor | None = None, chunk_size: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Best region and attribution score of each of N candidate images.
+
+        Args:
+            images: [N, 3, H, W] in [0, 1], or their ``ImageCache``.
+            query: ``QueryCache`` of batch 1 (broadcast) or N.
+            image_sizes: [N, 2] (height, width) to scale the boxes to; default the input size.
+            chunk_size: score at most this many candidates per forward pass.
+        Returns:
+            (boxes [N, 4] pixel xyxy, scores [N] in [0, 1]).
+        """
+        if isinstance(images, ImageCache):
+            n, (h, w), device = len(images), images.image_size, images.features.device
+        else:
+            check_images(images)
+            n, _, h, w = images.shape
+            device = images.device
+        if image_sizes is None:
+            image_sizes = torch.tensor([[h, w]], device=device).expand(n, 2)
+        chunk = chunk_size or n
+        boxes, scores = [], []
+        for s in range(0, n, chunk):
+            part = images.select(slice(s, s + chunk)) if isinstance(images, ImageCache) else images[s : s + chunk]
+            q = query if query.batch_size == 1 else query.select(range(s, min(s + chunk, n)))
+            out = self(part, q)
+            b, sc = self.best_region(out, image_sizes[s : s + chunk])
+            boxes.append(b)
+            scores.append(sc)
+        return torch.cat(boxes), torch.cat(scores)
+
+
+def build(cfg: ModelConfig) -> ARDetector:
+    """Build the detector of ``cfg`` (backbones pretrained where the config names weights)."""
+    return ARDetector(cfg)
+
+
+def param_groups(
+    model: ARDetector, lr: float, lr_backbone: float, lr_linear_proj_mult: float = 0.1, weight_decay: float | None = None
+) -> list[dict]:
+    """AdamW parameter groups over the trainable parameters.
+
+    Backbones (image, query image, text) get ``lr_backbone``; the deformable attention's
+    sampling offsets and the decoder's reference-point head get ``lr * lr_linear_proj_mult``
+    (REFERENCE.md: 1e-5 against 1e-4); everything else ``lr``. Empty groups are left out.
+    """
+    backbone_ids = {id(p) for m in model.backbone_modules().values() for p in m.parameters()}
+    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "linear_proj": [], "rest": []}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in backbone_ids:
+            groups["backbone"].append(p)
+        elif "sampling_offsets" in name or "reference_points" in name:
+            groups["linear_proj"].append(p)
+        else:
+            groups["rest"].append(p)
+    lrs = {"backbone": lr_backbone, "linear_proj": lr * lr_linear_proj_mult, "rest": lr}
+    out = []
+    for key, params in groups.items():
+        if params:
+            g = {"params": params, "lr": lrs[key], "name": key}
+            if weight_decay is not None:
+                g["weight_decay"] = weight_decay
+            out.append(g)
+    return out
+
+
+def count_parameters(model: ARDetector) -> dict[str, int]:
+    """Total parameters and the trainable count in each phase (the model's phase is restored)."""
+    phase, training, override = model.phase, model.training, model.freeze_override
+    uniq = lambda ps: sum(p.numel() for p in {id(p): p for p in ps}.values())  # noqa: E731
+    total = uniq(model.parameters())
+    counts = {"total": total}
+    for ph in (1, 2):
+        model.set_phase(ph, freeze_backbones=override)
+        counts[f"trainable_phase{ph}"] = uniq(p for p in model.parameters() if p.requires_grad)
+    model.set_phase(phase, freeze_backbones=override)
+    model.train(training)
+    parts = {"image_backbone": model.backbone, "text_backbone": model.text_backbone}
+    for k, m in parts.items():
+        counts[k] = uniq(m.parameters())
+    return counts

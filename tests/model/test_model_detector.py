@@ -1,0 +1,359 @@
+import pytest
+import torch
+
+from ardetect.model import ARDOutput, ModelConfig, QueryCache, build, param_groups
+from ardetect.model.detector import MASKED_LOGIT
+
+PROMPT = "A charcoal sketch of a V* cat sitting on a rock."
+CONCEPT = "V* cat"
+
+
+def encode(model, query, prompt=PROMPT, concept=CONCEPT):
+    image, box = query
+    return model.encode_query(image, box, [prompt], [concept])
+
+
+def test_nano_output_shapes(nano, nano_cfg, query, candidates):
+    cache = encode(nano, query)
+    assert isinstance(cache, QueryCache) and cache.batch_size == 1
+    with torch.no_grad():
+        out = nano(candidates, cache)
+    n, q, t = 3, nano_cfg.num_queries, cache.text.shape[1]
+    assert isinstance(out, ARDOutput)
+    assert out.pred_logits.shape == (n, q, t) and out.pred_boxes.shape == (n, q, 4)
+    assert len(out.aux_outputs) == nano_cfg.decoder_layers - 1
+    for aux in out.aux_outputs:
+        assert aux["pred_logits"].shape == (n, q, t) and aux["pred_boxes"].shape == (n, q, 4)
+    assert out.enc_outputs["pred_logits"].shape == (n, q, t) and out.enc_outputs["pred_boxes"].shape == (n, q, 4)
+    assert out.token_mask.shape == (n, t) and out.concept_mask.shape == (n, t)
+    assert ((out.pred_boxes >= 0) & (out.pred_boxes <= 1)).all()
+    assert torch.isfinite(out.pred_logits).all()
+    assert (out.pred_logits[~out.token_mask[:, None, :].expand(-1, q, -1)] == MASKED_LOGIT).all()
+
+
+def test_query_cache_broadcast_equals_per_image(nano, query, candidates):
+    cache = encode(nano, query)
+    with torch.no_grad():
+        batched = nano(candidates, cache)
+        for i in range(len(candidates)):
+            single = nano(candidates[i : i + 1], cache)
+            torch.testing.assert_close(single.pred_logits[0], batched.pred_logits[i], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(single.pred_boxes[0], batched.pred_boxes[i], atol=1e-5, rtol=1e-5)
+
+
+def test_cached_query_equals_recomputed(nano, query, candidates):
+    cache = encode(nano, query)
+    with torch.no_grad():
+        a = nano(candidates, cache)
+        b = nano(candidates, encode(nano, query))
+        c = nano(candidates, cache)  # reuse again
+    assert torch.equal(a.pred_logits, b.pred_logits) and torch.equal(a.pred_logits, c.pred_logits)
+
+
+def test_cache_of_batch_n_pairs_with_n_images(nano, query, candidates):
+    image, box = query
+    cache = nano.encode_query(image.expand(3, -1, -1, -1), box.expand(3, 4), [PROMPT] * 3, [CONCEPT] * 3)
+    with torch.no_grad():
+        paired = nano(candidates, cache)
+        broadcast = nano(candidates, encode(nano, query))
+    torch.testing.assert_close(paired.pred_logits, broadcast.pred_logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="batch 3"):
+        nano(candidates[:2], cache)
+
+
+def test_region_token_depends_on_the_box(nano, query):
+    image, box = query
+    a = nano.encode_query(image, box, [PROMPT], [CONCEPT])
+    b = nano.encode_query(image, torch.tensor([[0.0, 0.0, 30.0, 30.0]]), [PROMPT], [CONCEPT])
+    r = a.region_mask[0]
+    assert not torch.allclose(a.text[0, r], b.text[0, r])
+    torch.testing.assert_close(a.text[0, ~r], b.text[0, ~r])
+
+
+def test_adapters_at_identity_leave_logits_unchanged(nano, query, candidates):
+    cache = encode(nano, query)
+    with torch.no_grad():
+        on = nano(candidates, cache)
+        nano.adapters_enabled = False
+        try:
+            off = nano(candidates, cache)
+        finally:
+            nano.adapters_enabled = True
+    torch.testing.assert_close(on.pred_logits, off.pred_logits, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(on.pred_boxes, off.pred_boxes)
+
+
+def test_adapters_rescore_without_moving_boxes(nano_cfg, query, candidates):
+    torch.manual_seed(0)
+    model = build(nano_cfg).eval()
+    cache = encode(model, query)
+    with torch.no_grad():
+        before = model(candidates, cache)
+        model.adapter_query.weight.add_(0.1 * torch.randn_like(model.adapter_query.weight))
+        model.adapter_text.bias.add_(0.1)
+        after = model(candidates, cache)
+    assert not torch.allclose(before.pred_logits, after.pred_logits)
+    torch.testing.assert_close(before.pred_boxes, after.pred_boxes)
+    torch.testing.assert_close(before.enc_outputs["pred_logits"], after.enc_outputs["pred_logits"])
+
+
+def test_predict_region_is_best_concept_box(nano, query, candidates):
+    cache = encode(nano, query)
+    boxes, scores = nano.predict_region(candidates, cache)
+    assert boxes.shape == (3, 4) and scores.shape == (3,)
+    with torch.no_grad():
+        out = nano(candidates, cache)
+    prob = out.pred_logits.sigmoid()[:, :, cache.concept_mask[0]]  # [N, Q, concept tokens]
+    want = prob.flatten(1).max(1).values
+    torch.testing.assert_close(scores, want)
+    q_best = prob.max(-1).values.argmax(1)
+    cx, cy, w, h = out.pred_boxes[torch.arange(3), q_best].unbind(-1)
+    want_boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * candidates.shape[-1]
+    torch.testing.assert_close(boxes, want_boxes)
+    assert (boxes[:, 2:] >= boxes[:, :2]).all()
+    # scaled to given image sizes, and chunked scoring gives the same
+    sizes = torch.tensor([[320, 640]] * 3)
+    boxes2, scores2 = nano.predict_region(candidates, cache, image_sizes=sizes, chunk_size=2)
+    torch.testing.assert_close(scores2, scores, atol=1e-5, rtol=1e-5)
+    side = candidates.shape[-1]
+    torch.testing.assert_close(boxes2, boxes * torch.tensor([640 / side, 320 / side] * 2), atol=1e-3, rtol=1e-4)
+
+
+def _grads_after_backward(model, query, candidates):
+    model.zero_grad(set_to_none=True)
+    model.train()
+    cache = encode(model, query)
+    out = model(candidates[:2], cache)
+    loss = out.pred_logits.float().sigmoid().mean() + out.pred_boxes.mean()
+    loss = loss + sum(a["pred_logits"].sigmoid().mean() + a["pred_boxes"].mean() for a in out.aux_outputs)
+    loss = loss + out.enc_outputs["pred_logits"].sigmoid().mean() + out.enc_outputs["pred_boxes"].mean()
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return with_grad, trainable
+
+
+def test_phase1_gradients_reach_exactly_the_trainable_parameters(nano_cfg, query, candidates):
+    torch.manual_seed(0)
+    model = build(nano_cfg)
+    model.set_phase(1)
+    with_grad, trainable = _grads_after_backward(model, query, candidates)
+    assert with_grad == trainable
+    # nano: MiniLM pretrained -> frozen; CNN random -> trains; adapters wait for phase 2
+    assert not any(n.startswith("text_backbone.") for n in trainable)
+    assert any(n.startswith("backbone.") for n in trainable)
+    assert not any(n.startswith("adapter_") for n in trainable)
+    assert any(n.startswith("region_proj.") for n in with_grad)
+    assert any("sampling_offsets" in n for n in with_grad)
+    assert not model.text_backbone.training  # frozen encoder stays in eval mode
+
+
+def test_phase2_trains_only_adapters(nano_cfg, query, candidates):
+    torch.manual_seed(0)
+    model = build(nano_cfg)
+    model.set_phase(2)
+    with_grad, trainable = _grads_after_backward(model, query, candidates)
+    assert trainable == {"adapter_query.weight", "adapter_query.bias", "adapter_text.weight", "adapter_text.bias"}
+    assert with_grad == trainable
+
+
+def test_freeze_flag_overrides_default(nano_cfg):
+    model = build(nano_cfg.model_copy(update={"freeze_backbones": True}))
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    model = build(nano_cfg.model_copy(update={"freeze_backbones": False}))
+    assert all(p.requires_grad for p in model.text_backbone.parameters())
+    model.set_phase(1, freeze_backbones=True)
+    assert not any(p.requires_grad for p in model.text_backbone.parameters())
+
+
+def test_param_groups(nano_cfg):
+    model = build(nano_cfg)
+    groups = param_groups(model, lr=1e-4, lr_backbone=1e-5, lr_linear_proj_mult=0.1, weight_decay=1e-4)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["rest"]["lr"] == 1e-4 and by_name["backbone"]["lr"] == 1e-5
+    assert by_name["linear_proj"]["lr"] == pytest.approx(1e-5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("sampling_offsets" in names[id(p)] or "reference_points" in names[id(p)] for p in by_name["linear_proj"]["params"])
+    assert any("reference_points_head" in names[id(p)] for p in by_name["linear_proj"]["params"])
+    n_group = sum(len(g["params"]) for g in groups)
+    n_train = len({id(p) for p in model.parameters() if p.requires_grad})
+    assert n_group == n_train
+    torch.optim.AdamW(groups)  # accepted as is
+    model.set_phase(2)
+    assert [g["name"] for g in param_groups(model, 1e-4, 1e-5)] == ["rest"]
+
+
+def test_determinism_under_seed(nano_cfg, query, candidates):
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        model = build(nano_cfg).eval()
+        with torch.no_grad():
+            outs.append(model(candidates, encode(model, query)))
+    assert torch.equal(outs[0].pred_logits, outs[1].pred_logits)
+    assert torch.equal(outs[0].pred_boxes, outs[1].pred_boxes)
+
+
+def test_separate_query_backbone(nano_cfg, query, candidates):
+    torch.manual_seed(0)
+    shared = build(nano_cfg).eval()
+    torch.manual_seed(0)
+    separate = build(nano_cfg.model_copy(update={"separate_query_backbone": True})).eval()
+    assert shared.query_backbone is None and separate.query_backbone is not separate.backbone
+    assert separate.query_backbone.state_dict().keys() == separate.backbone.state_dict().keys()
+    with torch.no_grad():
+        a = shared(candidates, encode(shared, query))
+        b = separate(candidates, encode(separate, query))
+        torch.testing.assert_close(a.pred_logits, b.pred_logits)  # same weights at start
+        next(separate.query_backbone.parameters()).add_(1.0)
+        c = separate(candidates, encode(separate, query))
+    assert not torch.allclose(a.pred_logits, c.pred_logits)
+
+
+def test_region_tokens_off(nano_cfg, candidates):
+    model = build(nano_cfg.model_copy(update={"region_tokens": False})).eval()
+    assert model.region_proj is None
+    cache = model.encode_query(None, None, [PROMPT], [CONCEPT])
+    assert not cache.region_mask.any() and cache.concept_mask.sum() == 3  # "v", "*", "cat"
+    with torch.no_grad():
+        assert model(candidates, cache).pred_logits.shape[-1] == cache.text.shape[1]
+
+
+@pytest.mark.parametrize(
+    "box, match",
+    [
+        ([[30.0, 40.0, 200.0, 80.0]], "outside"),
+        ([[-10.0, 40.0, 60.0, 80.0]], "outside"),
+        ([[50.0, 40.0, 50.0, 80.0]], "degenerate"),
+        ([[60.0, 40.0, 50.0, 80.0]], "degenerate"),
+        ([[float("nan"), 40.0, 50.0, 80.0]], "non-finite"),
+        ([[1.0, 2.0, 3.0]], r"\[N, 4\]"),
+    ],
+)
+def test_bad_query_box_raises(nano, query, box, match):
+    image, _ = query
+    with pytest.raises(ValueError, match=match):
+        nano.encode_query(image, torch.tensor(box), [PROMPT], [CONCEPT])
+
+
+def test_bad_prompts_raise(nano, query):
+    image, box = query
+    with pytest.raises(ValueError, match="empty"):
+        nano.encode_query(image, box, [""], [CONCEPT])
+    with pytest.raises(ValueError, match="does not contain"):
+        nano.encode_query(image, box, ["a photo of a dog."], [CONCEPT])
+    with pytest.raises(ValueError, match="max_text_len"):
+        nano.encode_query(image, box, ["a V* cat " + "on a big rock " * 20], [CONCEPT])
+    with pytest.raises(ValueError, match="required"):
+        nano.encode_query(None, None, [PROMPT], [CONCEPT])
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, match",
+    [
+        ((3, 160, 160), torch.float32, "rank 4"),
+        ((1, 1, 3, 160, 160), torch.float32, "rank 4"),
+        ((1, 1, 160, 160), torch.float32, "3 \\(RGB\\) channels"),
+        ((1, 4, 160, 160), torch.float32, "3 \\(RGB\\) channels"),
+        ((1, 3, 160, 160), torch.uint8, "floating point"),
+    ],
+)
+def test_bad_images_raise(nano, query, shape, dtype, match):
+    cache = encode(nano, query)
+    bad = torch.zeros(shape, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        nano(bad, cache)
+    with pytest.raises(ValueError, match=match):
+        nano.encode_query(bad, query[1], [PROMPT], [CONCEPT])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["T-B", "B-B", "B-L"])
+def test_big_sizes_output_shapes_at_tiny_resolution(size):
+    cfg = ModelConfig.named(size, image_size=(64, 64), num_queries=16)
+    torch.manual_seed(0)
+    model = build(cfg).eval()
+    image = torch.rand(1, 3, 64, 64)
+    cache = model.encode_query(image, torch.tensor([[4.0, 4.0, 40.0, 50.0]]), ["a V* cat on a rock."], [CONCEPT])
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64), cache)
+    t = cache.text.shape[1]
+    assert out.pred_logits.shape == (2, 16, t) and out.pred_boxes.shape == (2, 16, 4)
+    assert len(out.aux_outputs) == 5 and torch.isfinite(out.pred_logits).all()
+    assert cache.text.shape[-1] == 256
+
+
+def test_image_pretrained_loads_timm_checkpoint_and_freezes(nano_cfg, tmp_path):
+    import timm
+
+    from ardetect.model.backbone import CNNBackbone
+
+    donor = timm.create_model(nano_cfg.cnn_name, pretrained=False, num_classes=10)  # a classification checkpoint
+    path = tmp_path / "cnn.pth"
+    torch.save(donor.state_dict(), path)
+    model = build(nano_cfg.model_copy(update={"image_pretrained": str(path)}))
+    body = model.backbone.body.state_dict()
+    for k, v in body.items():
+        if k in donor.state_dict():
+            assert torch.equal(v, donor.state_dict()[k])
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # pretrained -> frozen
+    torch.save({"stem.conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="image_pretrained"):
+        CNNBackbone(nano_cfg)  # builds
+        build(nano_cfg.model_copy(update={"image_pretrained": str(path)}))
+
+
+def test_adapter_regularizer_is_zero_at_identity(nano_cfg):
+    model = build(nano_cfg)
+    assert model.adapter_regularizer().item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.adapter_query.weight.mul_(2.0)  # F^T F - I = 3 I
+    d = nano_cfg.hidden_dim
+    assert model.adapter_regularizer().item() == pytest.approx(0.5 * 3.0 * d**0.5, rel=1e-5)
+    model.set_phase(2)
+    model.adapter_regularizer().backward()
+    assert model.adapter_query.weight.grad is not None and model.adapter_query.bias.grad is None
+
+
+def test_too_small_images_and_bad_pixel_mask_raise(nano, query):
+    cache = encode(nano, query)
+    with pytest.raises(ValueError, match="num_queries"):
+        nano(torch.rand(1, 3, 32, 32), cache)
+    with pytest.raises(ValueError, match="pixel_mask"):
+        nano(torch.rand(1, 3, 96, 96), cache, pixel_mask=torch.ones(1, 96, 90, dtype=torch.bool))
+
+
+def test_pixel_mask_of_padded_batch(nano, query):
+    """A padded image in a batch leaves its neighbours' results alone, and its mask is used."""
+    cache = encode(nano, query)
+    images = torch.rand(2, 3, 96, 96)
+    mask = torch.ones(2, 96, 96, dtype=torch.bool)
+    mask[1, :, 64:] = False
+    images[1, :, :, 64:] = 0
+    with torch.no_grad():
+        out = nano(images, cache, pixel_mask=mask)
+        alone = nano(images[:1], cache)
+        unmasked = nano(images[1:], cache)
+    assert torch.isfinite(out.pred_logits).all() and torch.isfinite(out.pred_boxes).all()
+    torch.testing.assert_close(out.pred_logits[0], alone.pred_logits[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out.pred_logits[1], unmasked.pred_logits[0], atol=1e-3)
+
+
+def test_image_cache_equals_images_and_is_reusable_across_queries(nano, query, candidates):
+    feats = nano.encode_images(candidates)
+    assert len(feats) == 3 and feats.features.shape[0] == 3
+    other_query = (query[0].flip(-1), torch.tensor([[5.0, 5.0, 50.0, 60.0]]))
+    for q in (query, other_query):
+        cache = encode(nano, q)
+        with torch.no_grad():
+            want = nano(candidates, cache)
+            got = nano(feats, cache)
+        assert torch.equal(want.pred_logits, got.pred_logits) and torch.equal(want.pred_boxes, got.pred_boxes)
+        b1, s1 = nano.predict_region(candidates, cache)
+        b2, s2 = nano.predict_region(feats, cache, chunk_size=2)
+        torch.testing.assert_close(s1, s2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b1, b2, atol=1e-3, rtol=1e-4)
+    from ardetect.model import ImageCache
+
+    joined = ImageCache.cat([feats.select([0]), feats.select(slice(1, 3))])
+    assert torch.equal(joined.features, feats.features)
