@@ -111,10 +111,11 @@ def test_deleted_image_fails_validate_naming_it(piped, tmp_path):
 
 
 def test_bad_param_stops_before_any_stage(tmp_path):
-    ws = make_workspace(tmp_path / "repo", overrides={"world.n_concepts": 1})
+    # a key the smoke overlay does not set (the overlay wins over params.yaml)
+    ws = make_workspace(tmp_path / "repo", overrides={"world.identity_drift": 5.0})
     proc = ard(ws, "pipeline", "run", check=False)
     assert proc.returncode != 0
-    assert "world.n_concepts" in proc.stdout + proc.stderr
+    assert "world.identity_drift" in proc.stdout + proc.stderr
     assert not (ws / "data/exemplars").exists()
 
 

@@ -109,3 +109,22 @@ def test_ddp_two_processes_gloo(tiny_world, tmp_path):
     assert not differ, differ[:5]
     assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.endswith("running_mean"))  # the shards really differed
     assert "world 2" in proc.stdout
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tiny_world, tmp_path, capsys):
+    tuples, root = tiny_world
+    cfg = fast_config(train_phase1={"epochs": 1, "max_steps_per_epoch": 2})
+    run_phase1(cfg, tuples, root, tmp_path / "p1", resume=True)
+    first = torch.load(tmp_path / "p1" / "latest.pt", weights_only=False)["fingerprint"]
+    capsys.readouterr()
+    # same params: the finished run is picked up, nothing retrains
+    _, again = run_phase1(cfg, tuples, root, tmp_path / "p1", resume=True)
+    assert "resuming from" in capsys.readouterr().out
+    assert len(again.history) == 1
+    # another learning rate: the old latest.pt belongs to another run
+    other = fast_config(train_phase1={"epochs": 1, "max_steps_per_epoch": 2, "lr": 5e-4})
+    _, fresh = run_phase1(other, tuples, root, tmp_path / "p1", resume=True)
+    printed = capsys.readouterr().out
+    assert "is from another run" in printed and "resuming from" not in printed
+    assert len(fresh.history) == 1
+    assert torch.load(tmp_path / "p1" / "latest.pt", weights_only=False)["fingerprint"] != first

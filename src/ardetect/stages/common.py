@@ -61,6 +61,8 @@ def rebase_paths(values, tmp: Path, final: Path, data_root: Path) -> list[str]:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("great_expectations", "alembic", "mlflow.store.db.utils"):  # their INFO lines bury the stage's own
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_stage(name: str, body: Callable[[Config], dict], params_section: Callable[[Config], dict], system_metrics: bool = False) -> None:

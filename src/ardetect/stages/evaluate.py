@@ -75,15 +75,19 @@ def build(cfg: Config) -> dict:
                 sections.append(f"### {world} / {e.method} per medium\n\n{e.by_medium.round(4).to_markdown()}\n")
             sections.append(f"### {world} / ARD per base class\n\n{evals[0].by_class.round(4).to_markdown()}\n")
             curve = recall_curve({e.method: e.per_query for e in evals})
+            # wide table (k, one column per method) for `dvc plots show`
+            curve.pivot(index="k", columns="method", values="recall")[[e.method for e in evals]].reset_index().to_csv(
+                tmp / f"recall_at_k_{world}.csv", index=False
+            )
             curve.insert(0, "world", world)
             curves.append(curve)
-            recall_plot(curve, tmp / f"recall_at_k_{world}.png", f"Recall@K, {world} ({len(tuples)} queries)")
+            recall_plot(curve, tmp / "figures" / f"recall_at_k_{world}.png", f"Recall@K, {world} ({len(tuples)} queries)")
             for e in evals:
                 per_query_all.append(e.per_query.assign(method=e.method, world=world))
             for tid in figure_ids:
                 q = tuples[tuples["tuple_id"] == tid].iloc[0]
-                path = retrieval_figure(q, DATA, {e.method: e.retrievals[tid] for e in evals[:3:2]}, tmp / f"retrieval_{world}_{tid}.png")
-                figure_paths.append(OUT / path.name)
+                path = retrieval_figure(q, DATA, {e.method: e.retrievals[tid] for e in evals[:3:2]}, tmp / "figures" / f"retrieval_{world}_{tid}.png")
+                figure_paths.append(OUT / "figures" / path.name)
         ardm, abcm = metrics["test"]["ARD"], metrics["test"]["AbC"]
         checks = {
             "ARD Recall@10 >= 0.5": ardm["recall@10"] >= 0.5,
@@ -96,11 +100,11 @@ def build(cfg: Config) -> dict:
              "| bar | met |", "|---|---|", *[f"| {k} | {'yes' if v else 'NO'} |" for k, v in checks.items()], "", *sections]
         )
         (tmp / "results.md").write_text(report)
-        pd.concat(curves).to_csv(tmp / "recall_at_k.csv", index=False)
         write_parquet_atomic(pd.concat(per_query_all, ignore_index=True), tmp / "per_query.parquet")
         tracking.write_json_atomic(metrics, tmp / "metrics.json")
-    for f in sorted(OUT.iterdir()):
-        tracking.log_artifact(f, artifact_path="evaluation")
+    for f in sorted(OUT.rglob("*")):
+        if f.is_file():
+            tracking.log_artifact(f, artifact_path="evaluation" + ("/figures" if f.parent.name == "figures" else ""))
     flat = {}
     for world in ("test", "world2"):
         for method, m in metrics[world].items():

@@ -8,6 +8,7 @@ through callbacks; the DVC stages do the tracking. Each phase keeps ``latest.pt`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -82,6 +83,23 @@ def validation_metrics(model, tuples: pd.DataFrame, data_root: Path, image_size:
     return {f"val_{k}": v for k, v in ev.summary.items() if k != "queries"}
 
 
+def run_fingerprint(cfg: Config, phase: int, model, tuples: pd.DataFrame, start_from: Path | None = None) -> str:
+    """What a resumable run depends on: the phase's settings, the model, the tuples, the starting weights.
+
+    A ``latest.pt`` with another fingerprint belongs to another run (changed params or
+    data): it is not resumed.
+    """
+    h = hashlib.sha256()
+    section = cfg.train_phase1 if phase == 1 else cfg.train_phase2
+    parts = {"phase": phase, "section": section.model_dump(mode="json"), "loss": cfg.train_phase1.loss.model_dump(mode="json"),
+             "model": model.cfg.model_dump(mode="json"), "pretrained": cfg.model.pretrained}
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    h.update(pd.util.hash_pandas_object(tuples[["tuple_id", "split", "query_image", "train_image", "prompt"]], index=False).to_numpy().tobytes())
+    if start_from is not None:
+        h.update(hashlib.sha256(Path(start_from).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class PhaseResult:
     history: list[dict]
@@ -92,7 +110,7 @@ class PhaseResult:
 
 def _run(
     cfg: Config, phase: int, model, tuples: pd.DataFrame, data_root: Path, out_dir: Path, log: Logger | None, resume: bool,
-    stop_after_steps: int | None = None,
+    stop_after_steps: int | None = None, start_from: Path | None = None,
 ) -> PhaseResult:
     p = cfg.train_phase1 if phase == 1 else cfg.train_phase2
     rank, world = distributed()
@@ -118,12 +136,17 @@ def _run(
     out_dir.mkdir(parents=True, exist_ok=True)
     latest, best_path = out_dir / "latest.pt", out_dir / "best.pt"
     state, history = TrainState(), []
+    fingerprint = run_fingerprint(cfg, phase, model, tuples, start_from)
     if resume and latest.exists():
-        state, history, _ = load_checkpoint(latest, model, optimizer, scheduler)
-        if rank == 0:
-            print(f"[phase {phase}] resuming from {latest}: epoch {state.epoch}, step {state.step}")
+        found = torch.load(latest, map_location="cpu", weights_only=False).get("fingerprint")
+        if found == fingerprint:
+            state, history, _ = load_checkpoint(latest, model, optimizer, scheduler)
+            if rank == 0:
+                print(f"[phase {phase}] resuming from {latest}: epoch {state.epoch}, step {state.step}")
+        elif rank == 0:
+            print(f"[phase {phase}] {latest} is from another run (fingerprint {found} != {fingerprint}): starting afresh")
     n_steps = steps_per_epoch(len(train_ds), batch_size, world, p.max_steps_per_epoch)
-    meta = {"phase": phase, "model_config": model.cfg.model_dump(mode="json")}
+    meta = {"phase": phase, "model_config": model.cfg.model_dump(mode="json"), "fingerprint": fingerprint}
 
     def checkpoint() -> None:
         if rank == 0:
@@ -191,5 +214,5 @@ def load_model(path: Path):
 def run_phase2(cfg: Config, phase1_model_path: Path, tuples: pd.DataFrame, data_root: Path, out_dir: Path, log: Logger | None = None, resume: bool = True, stop_after_steps: int | None = None):
     """Train only the adapters F and F~ on positives with k fresh negatives each."""
     model = load_model(phase1_model_path)
-    result = _run(cfg, 2, model, tuples, data_root, out_dir, log, resume, stop_after_steps)
+    result = _run(cfg, 2, model, tuples, data_root, out_dir, log, resume, stop_after_steps, start_from=phase1_model_path)
     return model, result
