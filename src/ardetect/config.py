@@ -33,11 +33,19 @@ class DistractorConfig(_Section):
     min_count: int = Field(1, ge=0, le=8)
     max_count: int = Field(3, ge=0, le=8)
     same_class_prob: float = Field(0.4, ge=0.0, le=1.0, description="chance a distractor shares the concept's base class")
+    scale: tuple[float, float] = Field(
+        (0.2, 0.45),
+        description="distractor size as a fraction of the image side; overlapping the concept's own range keeps "
+        "'the largest object' from giving the concept away",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> "DistractorConfig":
         if self.max_count < self.min_count:
             raise ValueError(f"max_count={self.max_count} is below min_count={self.min_count}")
+        lo, hi = self.scale
+        if not (0.05 <= lo <= hi <= 0.95):
+            raise ValueError(f"scale={list(self.scale)} must satisfy 0.05 <= low <= high <= 0.95")
         return self
 
 

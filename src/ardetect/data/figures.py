@@ -61,7 +61,7 @@ def tuple_gallery(tuples: pd.DataFrame, data_root: Path, out_path: Path, n: int 
             0, -0.08, f"p: {t['prompt']}", transform=axes[i, 0].transAxes, fontsize=7, va="top", wrap=True
         )
     fig.suptitle("Sample attribution tuples (Q, R_Q, p, X, R_X)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the suptitle
     try:
         return _save_atomic(fig, out_path)
     finally:

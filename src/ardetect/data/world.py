@@ -289,7 +289,7 @@ def _render_scene(cfg: WorldConfig, identity: dict, scene: str, medium: str, rng
         same = rng.random() < dc.same_class_prob
         bc = identity["base_class"] if same else str(rng.choice(others))
         did = _random_identity(bc, rng)
-        dfrac = float(rng.uniform(0.15, max(0.16, 0.8 * lo)))
+        dfrac = float(rng.uniform(*dc.scale))
         dpose = _make_pose(did, size, dfrac, float(rng.uniform(-0.3, 0.3)), bool(rng.random() < 0.5))
         dparts = _object_parts(did)
         for _try in range(12):

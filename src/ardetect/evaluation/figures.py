@@ -73,7 +73,7 @@ def retrieval_figure(query: pd.Series, data_root: Path, retrievals: dict[str, li
         for c in range(len(retrievals[method][:10]) + 1, 11):
             axes[r, c].axis("off")
     fig.suptitle(f"{query['tuple_id']}: \"{query['prompt']}\"", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     try:
         return _save_atomic(fig, out, dpi=80)
     finally:

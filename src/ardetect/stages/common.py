@@ -86,3 +86,21 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
         print(f"[{name}] FAILED: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     log.info("stage %s done in %.1f s", name, time.perf_counter() - start)
+
+
+def write_history(result, out: Path, artifact_path: str) -> None:
+    """A training phase's record: ``history.json`` (every epoch), ``history.csv`` (for ``dvc plots``),
+    ``metrics.json`` (best and last epoch, for ``dvc metrics``); all logged to MLflow."""
+    import pandas as pd
+
+    history = result.history
+    best = next((r for r in history if r.get("epoch") == result.best_epoch), {})
+    scalars = lambda r: {k: v for k, v in r.items() if isinstance(v, (int, float))}  # noqa: E731
+    tracking.write_json_atomic({"history": history, "best_epoch": result.best_epoch}, out / "history.json")
+    tracking.write_json_atomic({"best_epoch": result.best_epoch, "epochs": len(history), "best": scalars(best),
+                                "last": scalars(history[-1]) if history else {}}, out / "metrics.json")
+    tmp = out / ".history.csv.tmp"
+    pd.DataFrame([scalars(r) for r in history]).to_csv(tmp, index=False)
+    os.replace(tmp, out / "history.csv")
+    for name in ("history.json", "metrics.json", "history.csv"):
+        tracking.log_artifact(out / name, artifact_path=artifact_path)

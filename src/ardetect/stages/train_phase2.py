@@ -8,7 +8,7 @@ from pathlib import Path
 from ardetect import tracking
 from ardetect.config import Config
 from ardetect.data.schema import TUPLE_COLUMNS, read_table
-from ardetect.stages.common import DATA, run_stage
+from ardetect.stages.common import DATA, run_stage, write_history
 from ardetect.train.engine import init_distributed
 
 OUT = Path("models/phase2")
@@ -24,8 +24,7 @@ def build(cfg: Config) -> dict:
     if rank == 0:
         shutil.copy2(OUT / "best.pt", OUT / ".model.pt.tmp")
         (OUT / ".model.pt.tmp").replace(OUT / "model.pt")
-        tracking.write_json_atomic({"history": result.history, "best_epoch": result.best_epoch}, OUT / "history.json")
-        tracking.log_artifact(OUT / "history.json", artifact_path="phase2")
+        write_history(result, OUT, artifact_path="phase2")
     last = result.history[-1] if result.history else {}
     return {"best_epoch": result.best_epoch, "world_size": world, **{f"final_{k}": v for k, v in last.items() if isinstance(v, float)}}
 
