@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -36,3 +37,41 @@ def test_cached_features_match_a_fresh_forward(tmp_path):
     np.testing.assert_allclose(first.scores, scores.numpy(), atol=1e-5)
     np.testing.assert_allclose(first.boxes, boxes.numpy(), atol=1e-3)
     assert first.boxes[0, 2] <= 80 and (first.boxes >= 0).all()
+
+
+def test_shared_trunk_scores_each_variant_as_its_own_model(tmp_path):
+    import copy
+
+    from ardetect.evaluation.ard import SharedTrunkARD
+    from ardetect.evaluation.harness import evaluate_method
+
+    torch.manual_seed(0)
+    minus = build(ModelConfig.named("nano", num_queries=16, image_size=(64, 64))).eval()
+    with torch.no_grad():  # random logits are large enough to saturate the sigmoid: scale them down
+        minus.adapter_query.weight.mul_(1e-3)
+    ard = copy.deepcopy(minus)
+    with torch.no_grad():  # phase 2 changes only the adapters
+        ard.adapter_query.weight.add_(1e-3 * torch.randn_like(ard.adapter_query.weight))
+        ard.adapter_text.bias.add_(0.5)
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"x{i}.png")
+    tuples = pd.DataFrame({
+        "tuple_id": ["t0", "t1"], "query_image": ["x0.png", "x1.png"], "query_box": [[8.0, 10.0, 40.0, 50.0], [4.0, 4.0, 30.0, 60.0]],
+        "prompt": ["A photo of a V* cat.", "An ink drawing of a V* mug."], "concept_phrase": ["V* cat", "V* mug"],
+        "train_image": ["x2.png", "x3.png"], "train_box": [[0.0, 0.0, 32.0, 32.0]] * 2, "medium": ["photo", "ink drawing"],
+        "base_class": ["cat", "mug"],
+    })
+    negatives = pd.DataFrame({"tuple_id": ["t0", "t0", "t1"], "neg_image": ["x3.png", "x1.png", "x2.png"]})
+    shared = SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64, batch=2)
+    together = {m.name: evaluate_method(m, tuples, negatives, progress=False) for m in shared.methods()}
+    for name, model in (("ARD", ard), ("ARD-", minus)):
+        alone = evaluate_method(ARDMethod(model, tmp_path, 64, name=name), tuples, negatives, progress=False)
+        np.testing.assert_allclose(together[name].per_query["score"], alone.per_query["score"], atol=1e-5)
+        assert together[name].summary == alone.summary
+    assert not shared._pending  # every stashed answer was collected
+    assert not np.allclose(together["ARD"].per_query["score"], together["ARD-"].per_query["score"])
+    with torch.no_grad():
+        ard.input_proj[0][0].weight.add_(1.0)  # outside the adapters: not a variant any more
+    with pytest.raises(ValueError, match="outside the adapters"):
+        SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64).methods()[1].score(tuples.iloc[0], ["x2.png"])

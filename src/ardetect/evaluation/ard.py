@@ -59,11 +59,60 @@ class ARDMethod:
                 self._features[p] = found[p]
         return ImageCache.cat([found[p] for p in paths])
 
-    @torch.no_grad()
-    def score(self, query: pd.Series, candidates: list[str]) -> Scores:
+    def _inputs(self, query: pd.Series, candidates: list[str]):
         q_img, q_box = transform_with_box(self.transform, load_rgb(self.root / query["query_image"]), query["query_box"])
         cache = self.model.encode_query(q_img[None].to(self.device), q_box[None].to(self.device), [query["prompt"]], [query["concept_phrase"]])
-        feats = self.image_features(candidates)
         sizes = torch.tensor([self._image(c)[1] for c in candidates], device=self.device)  # [C, 2] (h, w) of each original image
-        boxes, scores = self.model.predict_region(feats, cache, image_sizes=sizes, chunk_size=self.batch)
+        return self.image_features(candidates), cache, sizes
+
+    @staticmethod
+    def _scores(boxes: torch.Tensor, scores: torch.Tensor) -> Scores:
         return Scores(scores.float().cpu().numpy().astype(np.float64), boxes.float().cpu().numpy())
+
+    @torch.no_grad()
+    def score(self, query: pd.Series, candidates: list[str]) -> Scores:
+        feats, cache, sizes = self._inputs(query, candidates)
+        return self._scores(*self.model.predict_region(feats, cache, image_sizes=sizes, chunk_size=self.batch))
+
+    @torch.no_grad()
+    def score_variants(self, variants: dict, query: pd.Series, candidates: list[str]) -> dict[str, Scores]:
+        """Scores of detectors that differ from this one only in their adapters, in one pass."""
+        from ardetect.model import predict_region_variants
+
+        feats, cache, sizes = self._inputs(query, candidates)
+        out = predict_region_variants(self.model, variants, feats, cache, image_sizes=sizes, chunk_size=self.batch)
+        return {name: self._scores(*bs) for name, bs in out.items()}
+
+
+class SharedTrunkARD:
+    """ARD and ARD− (or any detectors that differ only in their adapters) scored in one pass.
+
+    ``methods()`` gives one harness method per variant; the first to see a query scores it
+    for all of them and keeps the others' answers until they ask.
+    """
+
+    def __init__(self, models: dict, data_root: Path, image_size: int, batch: int = 64, device: str = "cpu"):
+        first = next(iter(models.values()))
+        self.runner = ARDMethod(first, data_root, image_size, name="shared", batch=batch, device=device)
+        self.models = {name: m.eval() for name, m in models.items()}
+        self._pending: dict[tuple[str, str], Scores] = {}
+
+    def _score(self, name: str, query: pd.Series, candidates: list[str]) -> Scores:
+        key = (str(query["tuple_id"]), name)
+        if key not in self._pending:
+            for other, sc in self.runner.score_variants(self.models, query, candidates).items():
+                self._pending[(key[0], other)] = sc
+        return self._pending.pop(key)
+
+    def methods(self) -> list:
+        return [_Variant(self, name) for name in self.models]
+
+
+class _Variant:
+    region_level = True
+
+    def __init__(self, trunk: SharedTrunkARD, name: str):
+        self.trunk, self.name = trunk, name
+
+    def score(self, query: pd.Series, candidates: list[str]) -> Scores:
+        return self.trunk._score(self.name, query, candidates)

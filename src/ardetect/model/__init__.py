@@ -16,7 +16,9 @@ Weights: ``ardetect.model.convert`` reads transformers' and original GroundingDI
 """
 
 from .config import SIZES, ModelConfig
-from .detector import MASKED_LOGIT, ARDetector, ARDOutput, ImageCache, QueryCache, build, count_parameters, param_groups
+from .detector import (
+    MASKED_LOGIT, ARDetector, ARDOutput, ImageCache, QueryCache, build, count_parameters, param_groups, predict_region_variants,
+)
 from .text import TokenizedPrompts, tokenize_prompts
 
 __all__ = [
@@ -31,5 +33,6 @@ __all__ = [
     "build",
     "count_parameters",
     "param_groups",
+    "predict_region_variants",
     "tokenize_prompts",
 ]

@@ -102,6 +102,8 @@ class ARDOutput:
         enc_outputs: the encoder's selected proposals, ``{"pred_logits" [N, Q, T], "pred_boxes" [N, Q, 4]}``.
         token_mask: [N, T] bool, real prompt tokens.
         concept_mask: [N, T] bool, the tokens scored by ``predict_region``.
+        hidden: [N, Q, D] last decoder layer's query embeddings (before the adapters).
+        memory_text: [N, T] x D prompt features out of the encoder (before the adapters).
     """
 
     pred_logits: Tensor
@@ -110,6 +112,8 @@ class ARDOutput:
     enc_outputs: dict[str, Tensor] = field(default_factory=dict)
     token_mask: Tensor | None = None
     concept_mask: Tensor | None = None
+    hidden: Tensor | None = None
+    memory_text: Tensor | None = None
 
 
 @dataclass
@@ -439,9 +443,14 @@ class ARDetector(nn.Module):
         logits = x @ text.transpose(-1, -2)
         return logits.masked_fill(~token_mask[:, None, :], MASKED_LOGIT)
 
-    def class_logits(self, hidden: Tensor, text: Tensor, token_mask: Tensor) -> Tensor:
-        """Decoder class head: F(queries) . F~(tokens)^T, or the plain product with adapters off."""
-        if self.adapters_enabled:
+    def class_logits(self, hidden: Tensor, text: Tensor, token_mask: Tensor, adapters: tuple[nn.Module, nn.Module] | None = None) -> Tensor:
+        """Decoder class head: F(queries) . F~(tokens)^T, or the plain product with adapters off.
+
+        ``adapters`` = (F, F~) scores with another pair than the model's own (see ``predict_region_variants``).
+        """
+        if adapters is not None:
+            hidden, text = adapters[0](hidden), adapters[1](text)
+        elif self.adapters_enabled:
             hidden, text = self.adapter_query(hidden), self.adapter_text(text)
         return self._similarity(hidden, text, token_mask)
 
@@ -505,6 +514,8 @@ class ARDetector(nn.Module):
             enc_outputs=enc_outputs,
             token_mask=token_mask,
             concept_mask=query.concept_mask,
+            hidden=hidden[-1],
+            memory_text=memory_text,
         )
 
     @staticmethod
@@ -531,24 +542,58 @@ class ARDetector(nn.Module):
         Returns:
             (boxes [N, 4] pixel xyxy, scores [N] in [0, 1]).
         """
-        if isinstance(images, ImageCache):
-            n, (h, w), device = len(images), images.image_size, images.features.device
-        else:
-            check_images(images)
-            n, _, h, w = images.shape
-            device = images.device
-        if image_sizes is None:
-            image_sizes = torch.tensor([[h, w]], device=device).expand(n, 2)
-        chunk = chunk_size or n
         boxes, scores = [], []
-        for s in range(0, n, chunk):
-            part = images.select(slice(s, s + chunk)) if isinstance(images, ImageCache) else images[s : s + chunk]
-            q = query if query.batch_size == 1 else query.select(range(s, min(s + chunk, n)))
+        for part, q, sizes in candidate_chunks(images, query, image_sizes, chunk_size):
             out = self(part, q)
-            b, sc = self.best_region(out, image_sizes[s : s + chunk])
+            b, sc = self.best_region(out, sizes)
             boxes.append(b)
             scores.append(sc)
         return torch.cat(boxes), torch.cat(scores)
+
+
+def candidate_chunks(images: Tensor | ImageCache, query: QueryCache, image_sizes: Tensor | None, chunk_size: int | None):
+    """Yield (images or ImageCache, QueryCache, image sizes [n, 2]) for chunks of at most ``chunk_size`` candidates."""
+    if isinstance(images, ImageCache):
+        n, (h, w), device = len(images), images.image_size, images.features.device
+    else:
+        check_images(images)
+        n, _, h, w = images.shape
+        device = images.device
+    if image_sizes is None:
+        image_sizes = torch.tensor([[h, w]], device=device).expand(n, 2)
+    chunk = chunk_size or n
+    for s in range(0, n, chunk):
+        part = images.select(slice(s, s + chunk)) if isinstance(images, ImageCache) else images[s : s + chunk]
+        q = query if query.batch_size == 1 else query.select(range(s, min(s + chunk, n)))
+        yield part, q, image_sizes[s : s + chunk]
+
+
+@torch.no_grad()
+def predict_region_variants(
+    model: "ARDetector", variants: dict[str, "ARDetector"], images: Tensor | ImageCache, query: QueryCache,
+    image_sizes: Tensor | None = None, chunk_size: int | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``predict_region`` of several detectors that differ only in their adapters, in one pass.
+
+    Phase 2 trains nothing but the adapters, so ARD and ARD− share every other weight:
+    the backbone, encoder and decoder run once and each variant's class head re-scores
+    the same decoder output. Raises ``ValueError`` when a variant differs elsewhere.
+    Returns {name: (boxes [N, 4] pixel xyxy, scores [N])}.
+    """
+    own = model.state_dict()
+    for name, other in variants.items():
+        differ = [k for k, v in other.state_dict().items() if not k.startswith(("adapter_query.", "adapter_text.")) and not torch.equal(v, own[k])]
+        if differ:
+            raise ValueError(f"variant {name!r} differs from the shared model outside the adapters: {differ[:3]}")
+    parts: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in variants}
+    for part, q, sizes in candidate_chunks(images, query, image_sizes, chunk_size):
+        out = model(part, q)
+        for name, other in variants.items():
+            heads = (other.adapter_query, other.adapter_text) if other.adapters_enabled else (nn.Identity(), nn.Identity())
+            logits = model.class_logits(out.hidden, out.memory_text, out.token_mask, adapters=heads)
+            variant_out = ARDOutput(logits, out.pred_boxes, token_mask=out.token_mask, concept_mask=out.concept_mask)
+            parts[name].append(model.best_region(variant_out, sizes))
+    return {name: (torch.cat([b for b, _ in p]), torch.cat([sc for _, sc in p])) for name, p in parts.items()}
 
 
 def build(cfg: ModelConfig) -> ARDetector:

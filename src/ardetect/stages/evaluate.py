@@ -35,7 +35,7 @@ def _subset(tuples: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
 
 def build(cfg: Config) -> dict:
     from ardetect.evaluation.abc import AbCMethod, load_abc
-    from ardetect.evaluation.ard import ARDMethod
+    from ardetect.evaluation.ard import SharedTrunkARD
     from ardetect.evaluation.figures import recall_curve, recall_plot, retrieval_figure
     from ardetect.evaluation.harness import ChanceMethod, evaluate_method, results_table
     from ardetect.train.phases import image_size_of, load_model
@@ -59,9 +59,10 @@ def build(cfg: Config) -> dict:
             negatives = read_table(npath, NEGATIVE_COLUMNS, f"{world} negatives")
             negatives = negatives[negatives["tuple_id"].astype(str).isin(set(tuples["tuple_id"]))]
             figure_ids = list(tuples["tuple_id"].iloc[:: max(1, len(tuples) // max(ev.figure_queries, 1))][: ev.figure_queries])
+            # ARD and ARD- differ only in the adapters: one pass of the detector scores both
+            shared = SharedTrunkARD({"ARD": ard, "ARD-": ard_minus}, DATA, size, batch=ev.candidate_batch)
             methods = [
-                ARDMethod(ard, DATA, size, name="ARD", batch=ev.candidate_batch),
-                ARDMethod(ard_minus, DATA, size, name="ARD-", batch=ev.candidate_batch),
+                *shared.methods(),
                 AbCMethod(abc, cal, DATA, cfg.abc.image_size),
                 ChanceMethod(seed=cfg.train_phase1.seed),
             ]
