@@ -119,7 +119,7 @@ def test_bad_param_stops_before_any_stage(tmp_path):
     assert not (ws / "data/exemplars").exists()
 
 
-def test_prefect_flow_runs_stages_once(tmp_path):
+def test_prefect_flow_runs_stages_once_then_nothing(tmp_path):
     ws = make_workspace(tmp_path / "repo")
     env = run_env(ws)
     cmd = [sys.executable, "flows/pipeline.py"]
@@ -134,3 +134,17 @@ def test_prefect_flow_runs_stages_once(tmp_path):
     parent = runs[runs["tags.ard.kind"] == "pipeline"]
     assert len(parent) == 1 and parent.iloc[0]["tags.ard.orchestrator"] == "prefect"
     assert (runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]).sum() == len(STAGES)
+    second = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "Running stage" not in second.stdout + second.stderr  # DVC found everything up to date
+    assert "Finished in state Completed" in second.stdout + second.stderr
+
+
+def test_dvc_experiment_with_another_world_seed(piped, tmp_path):
+    ws = _copy_ws(piped[0], tmp_path / "repo")
+    proc = dvc(ws, "exp", "run", "-S", "world.seed=3", "--name", "seed3")
+    assert "Running stage 'exemplars'" in proc.stdout  # the world changed, so its stages re-ran
+    shown = dvc(ws, "exp", "show", "--csv").stdout
+    row = next(line for line in shown.splitlines() if "seed3" in line)
+    header = shown.splitlines()[0].split(",")
+    assert row.split(",")[header.index("world.seed")] == "3"

@@ -22,6 +22,7 @@ max text length 256.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +96,13 @@ class ModelConfig(BaseModel):
     decoder_points: int = Field(4, ge=1)
     num_queries: int = Field(900, ge=1)
     pos_temperature: int = Field(20, ge=1, description="sine position embedding temperature of the image features")
+    logit_scale: float = Field(
+        1.0, gt=0, description="contrastive head: logits = scale * <query, token> + bias, both learnable from these values"
+    )
+    logit_bias: float = Field(
+        0.0, description="GroundingDINO: scale 1, bias 0 (converted weights keep them); from scratch (nano): 1/sqrt(hidden) "
+        "and the prior-probability bias -log(99), so training starts at sigmoid 0.01 instead of saturated logits",
+    )
     share_bbox_head: bool = Field(True, description="one box head for all decoder layers (GroundingDINO)")
     image_size: tuple[int, int] = Field((800, 1333), description="nominal input (height, width) in pixels")
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -117,7 +125,7 @@ class ModelConfig(BaseModel):
             base = dict(
                 image_backbone="cnn", cnn_name="regnetx_002", text_backbone="minilm-l6", text_pretrained=BUNDLED_MINILM,
                 max_text_len=64, hidden_dim=64, num_heads=4, encoder_layers=2, decoder_layers=2, ffn_dim=256,
-                num_queries=64, image_size=(160, 160), fusion_droppath=0.0,
+                num_queries=64, image_size=(160, 160), fusion_droppath=0.0, logit_scale=64**-0.5, logit_bias=-math.log(99.0),
             )
         else:
             swin = "swin-t" if size == "T-B" else "swin-b"

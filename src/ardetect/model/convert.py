@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .config import TEXT_BACKBONES, ModelConfig
 
-ARD_ONLY_PREFIXES = ("region_proj.", "adapter_query.", "adapter_text.")
+ARD_ONLY_PREFIXES = ("region_proj.", "adapter_query.", "adapter_text.", "logit_scale", "logit_bias")
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:

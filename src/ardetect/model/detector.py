@@ -221,6 +221,9 @@ class ARDetector(nn.Module):
         self.adapter_query = nn.Linear(d, d)
         self.adapter_text = nn.Linear(d, d)
         self.reset_adapters()
+        # contrastive head's scale and bias (scalars; 1 and 0 reproduce GroundingDINO)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias)))
         self.adapters_enabled = cfg.adapters
         self.phase = 1
         self.set_phase(1)
@@ -437,10 +440,9 @@ class ARDetector(nn.Module):
         q = memory.masked_fill(~mask_flat[..., None], 0.0).masked_fill(~ok, 0.0)
         return self.enc_output_norm(self.enc_output(q)), props
 
-    @staticmethod
-    def _similarity(x: Tensor, text: Tensor, token_mask: Tensor) -> Tensor:
-        """[N, Q, D] x [N, T, D] -> [N, Q, T] logits, padding tokens at ``MASKED_LOGIT``."""
-        logits = x @ text.transpose(-1, -2)
+    def _similarity(self, x: Tensor, text: Tensor, token_mask: Tensor) -> Tensor:
+        """[N, Q, D] x [N, T, D] -> [N, Q, T] logits (scaled, biased), padding tokens at ``MASKED_LOGIT``."""
+        logits = (x @ text.transpose(-1, -2)) * self.logit_scale.to(x.dtype) + self.logit_bias.to(x.dtype)
         return logits.masked_fill(~token_mask[:, None, :], MASKED_LOGIT)
 
     def class_logits(self, hidden: Tensor, text: Tensor, token_mask: Tensor, adapters: tuple[nn.Module, nn.Module] | None = None) -> Tensor:
