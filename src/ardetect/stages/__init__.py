@@ -4,4 +4,3 @@ Each stage is run as ``python -m ardetect.stages.<name>`` from the repository ro
 """
 
 STAGES = ("exemplars", "generate", "tuples", "validate", "world2", "train_phase1", "train_phase2", "train_abc", "evaluate")
-DATA_STAGES = STAGES[:4]

@@ -50,8 +50,7 @@ def build(cfg: Config) -> dict:
         "world2": (DATA / "world2" / "tuples.parquet", DATA / "world2" / "negatives.parquet"),
     }
     metrics: dict = {}
-    sections, curves, per_query_all = [], [], []
-    figure_paths = []
+    sections, per_query_all = [], []
     with atomic_dir(OUT) as tmp:
         for world, (tpath, npath) in worlds.items():
             tuples = read_table(tpath, TUPLE_COLUMNS, world)
@@ -80,15 +79,12 @@ def build(cfg: Config) -> dict:
             curve.pivot(index="k", columns="method", values="recall")[[e.method for e in evals]].reset_index().to_csv(
                 tmp / f"recall_at_k_{world}.csv", index=False
             )
-            curve.insert(0, "world", world)
-            curves.append(curve)
             recall_plot(curve, tmp / "figures" / f"recall_at_k_{world}.png", f"Recall@K, {world} ({len(tuples)} queries)")
             for e in evals:
                 per_query_all.append(e.per_query.assign(method=e.method, world=world))
             for tid in figure_ids:
                 q = tuples[tuples["tuple_id"] == tid].iloc[0]
-                path = retrieval_figure(q, DATA, {e.method: e.retrievals[tid] for e in evals[:3:2]}, tmp / "figures" / f"retrieval_{world}_{tid}.png")
-                figure_paths.append(OUT / "figures" / path.name)
+                retrieval_figure(q, DATA, {e.method: e.retrievals[tid] for e in evals[:3:2]}, tmp / "figures" / f"retrieval_{world}_{tid}.png")
         ardm, abcm = metrics["test"]["ARD"], metrics["test"]["AbC"]
         checks = {
             "ARD Recall@10 >= 0.5": ardm["recall@10"] >= 0.5,
