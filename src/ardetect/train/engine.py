@@ -183,8 +183,10 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState, 
     )
 
 
-def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> tuple[TrainState, list[dict], dict]:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, ck: dict | None = None) -> tuple[TrainState, list[dict], dict]:
+    """Restore a checkpoint written by ``save_checkpoint`` (``ck``: its already loaded contents)."""
+    if ck is None:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
     missing, unexpected = model.load_state_dict(ck["model"], strict=False)
     if unexpected:
         raise ValueError(f"checkpoint {path}: unexpected keys {unexpected[:5]}")

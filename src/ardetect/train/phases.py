@@ -138,9 +138,10 @@ def _run(
     state, history = TrainState(), []
     fingerprint = run_fingerprint(cfg, phase, model, tuples, start_from)
     if resume and latest.exists():
-        found = torch.load(latest, map_location="cpu", weights_only=False).get("fingerprint")
+        ck = torch.load(latest, map_location="cpu", weights_only=False)
+        found = ck.get("fingerprint")
         if found == fingerprint:
-            state, history, _ = load_checkpoint(latest, model, optimizer, scheduler)
+            state, history, _ = load_checkpoint(latest, model, optimizer, scheduler, ck=ck)
             if rank == 0:
                 print(f"[phase {phase}] resuming from {latest}: epoch {state.epoch}, step {state.step}")
         elif rank == 0:
