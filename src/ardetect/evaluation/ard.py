@@ -75,12 +75,12 @@ class ARDMethod:
         return self._scores(*self.model.predict_region(feats, cache, image_sizes=sizes, chunk_size=self.batch))
 
     @torch.no_grad()
-    def score_variants(self, variants: dict, query: pd.Series, candidates: list[str]) -> dict[str, Scores]:
+    def score_variants(self, variants: dict, query: pd.Series, candidates: list[str], check: bool = True) -> dict[str, Scores]:
         """Scores of detectors that differ from this one only in their adapters, in one pass."""
         from ardetect.model import predict_region_variants
 
         feats, cache, sizes = self._inputs(query, candidates)
-        out = predict_region_variants(self.model, variants, feats, cache, image_sizes=sizes, chunk_size=self.batch)
+        out = predict_region_variants(self.model, variants, feats, cache, image_sizes=sizes, chunk_size=self.batch, check=check)
         return {name: self._scores(*bs) for name, bs in out.items()}
 
 
@@ -92,15 +92,18 @@ class SharedTrunkARD:
     """
 
     def __init__(self, models: dict, data_root: Path, image_size: int, batch: int = 64, device: str = "cpu"):
+        from ardetect.model.detector import check_variants
+
         first = next(iter(models.values()))
         self.runner = ARDMethod(first, data_root, image_size, name="shared", batch=batch, device=device)
         self.models = {name: m.eval() for name, m in models.items()}
+        check_variants(first, self.models)  # once, not per query
         self._pending: dict[tuple[str, str], Scores] = {}
 
     def _score(self, name: str, query: pd.Series, candidates: list[str]) -> Scores:
         key = (str(query["tuple_id"]), name)
         if key not in self._pending:
-            for other, sc in self.runner.score_variants(self.models, query, candidates).items():
+            for other, sc in self.runner.score_variants(self.models, query, candidates, check=False).items():
                 self._pending[(key[0], other)] = sc
         return self._pending.pop(key)
 

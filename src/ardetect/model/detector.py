@@ -103,7 +103,7 @@ class ARDOutput:
         token_mask: [N, T] bool, real prompt tokens.
         concept_mask: [N, T] bool, the tokens scored by ``predict_region``.
         hidden: [N, Q, D] last decoder layer's query embeddings (before the adapters).
-        memory_text: [N, T] x D prompt features out of the encoder (before the adapters).
+        memory_text: [N, T, D] prompt features out of the encoder (before the adapters).
     """
 
     pred_logits: Tensor
@@ -570,23 +570,30 @@ def candidate_chunks(images: Tensor | ImageCache, query: QueryCache, image_sizes
         yield part, q, image_sizes[s : s + chunk]
 
 
-@torch.no_grad()
-def predict_region_variants(
-    model: "ARDetector", variants: dict[str, "ARDetector"], images: Tensor | ImageCache, query: QueryCache,
-    image_sizes: Tensor | None = None, chunk_size: int | None = None,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """``predict_region`` of several detectors that differ only in their adapters, in one pass.
-
-    Phase 2 trains nothing but the adapters, so ARD and ARD− share every other weight:
-    the backbone, encoder and decoder run once and each variant's class head re-scores
-    the same decoder output. Raises ``ValueError`` when a variant differs elsewhere.
-    Returns {name: (boxes [N, 4] pixel xyxy, scores [N])}.
-    """
+def check_variants(model: "ARDetector", variants: dict[str, "ARDetector"]) -> None:
+    """Raise ``ValueError`` unless every variant equals ``model`` outside the adapters F and F~."""
     own = model.state_dict()
     for name, other in variants.items():
         differ = [k for k, v in other.state_dict().items() if not k.startswith(("adapter_query.", "adapter_text.")) and not torch.equal(v, own[k])]
         if differ:
             raise ValueError(f"variant {name!r} differs from the shared model outside the adapters: {differ[:3]}")
+
+
+@torch.no_grad()
+def predict_region_variants(
+    model: "ARDetector", variants: dict[str, "ARDetector"], images: Tensor | ImageCache, query: QueryCache,
+    image_sizes: Tensor | None = None, chunk_size: int | None = None, check: bool = True,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``predict_region`` of several detectors that differ only in their adapters, in one pass.
+
+    Phase 2 trains nothing but the adapters, so ARD and ARD− share every other weight:
+    the backbone, encoder and decoder run once and each variant's class head re-scores
+    the same decoder output. Raises ``ValueError`` when a variant differs elsewhere
+    (``check=False`` skips that comparison of every weight, for callers that made it once).
+    Returns {name: (boxes [N, 4] pixel xyxy, scores [N])}.
+    """
+    if check:
+        check_variants(model, variants)
     parts: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in variants}
     for part, q, sizes in candidate_chunks(images, query, image_sizes, chunk_size):
         out = model(part, q)
