@@ -170,6 +170,10 @@ class LossConfig(_Section):
     focal_alpha: float = Field(0.25, ge=0, le=1)
     focal_gamma: float = Field(2.0, ge=0)
     aux_loss: bool = True
+    weight_align: float = Field(
+        0.0, ge=0, description="region contrast between query and target regions (ours, for from-scratch training); 0 = the paper's recipe"
+    )
+    align_temperature: float = Field(0.1, gt=0, description="temperature of the region contrast")
 
 
 class Phase1Config(_Section):

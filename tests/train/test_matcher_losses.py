@@ -102,3 +102,40 @@ def test_orthogonality_regulariser():
     w = 2 * torch.eye(3)  # W W^T - I = 3 I -> Frobenius sqrt(27)
     assert orthogonality(w).item() == pytest.approx(math.sqrt(27))
     assert adapter_regulariser(torch.eye(3), w).item() == pytest.approx(0.5 * math.sqrt(27))
+
+
+def test_region_contrast_hand_computed():
+    from ardetect.train.losses import region_contrast
+
+    q = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # cosines q . t^T: [[1, 0.6], [0, 0.8]]
+    t = torch.tensor([[3.0, 0.0], [0.6, 0.8]])
+    same = torch.eye(2, dtype=torch.bool)
+    tau = 0.5
+    row = lambda pos, other: -math.log(math.exp(pos / tau) / (math.exp(pos / tau) + math.exp(other / tau)))  # noqa: E731
+    q_to_t = 0.5 * (row(1.0, 0.6) + row(0.8, 0.0))  # rows of q . t^T
+    t_to_q = 0.5 * (row(1.0, 0.0) + row(0.8, 0.6))  # rows of t . q^T
+    assert region_contrast(q, t, same, tau).item() == pytest.approx(0.5 * (q_to_t + t_to_q), rel=1e-5)
+    # a pair of the same concept is no negative: with both off-diagonals masked, nothing is left to contrast
+    assert region_contrast(q, t, torch.ones(2, 2, dtype=torch.bool), tau).item() == pytest.approx(0.0, abs=1e-6)
+    # one positive alone has no negatives: zero, but still attached to the graph
+    one = torch.ones(1, 2, requires_grad=True)
+    loss = region_contrast(one, one, torch.ones(1, 1, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0 and one.grad is not None
+
+
+def test_criterion_adds_the_weighted_region_contrast():
+    from ardetect.train.losses import region_contrast
+
+    gen = torch.Generator().manual_seed(2)
+    outs = {"pred_logits": torch.randn(2, 5, 6, generator=gen), "pred_boxes": torch.rand(2, 5, 4, generator=gen) * 0.5 + 0.25}
+    pairs = (torch.randn(2, 8, generator=gen), torch.randn(2, 8, generator=gen), torch.eye(2, dtype=torch.bool))
+    targets = rand_targets(gen, 2, 6, [1, 1])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    plain = SetCriterion(HungarianMatcher())
+    assert not plain.uses_align and "loss_align" not in plain({**outs, "align": pairs}, targets, mask)
+    crit = SetCriterion(HungarianMatcher(), weight_align=0.7, align_temperature=0.2)
+    out = crit({**outs, "align": pairs}, targets, mask)
+    want = region_contrast(*pairs, temperature=0.2)
+    assert out["loss_align"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(plain(outs, targets, mask)["loss"].item() + 0.7 * want.item(), rel=1e-5)

@@ -128,3 +128,40 @@ def test_checkpoint_of_other_params_is_not_resumed(tiny_world, tmp_path, capsys)
     assert "is from another run" in printed and "resuming from" not in printed
     assert len(fresh.history) == 1
     assert torch.load(tmp_path / "p1" / "latest.pt", weights_only=False)["fingerprint"] != first
+
+
+def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
+    from ardetect.data.datasets import TupleDataset
+    from ardetect.train.engine import iter_batches, model_outputs
+    from ardetect.train.phases import build_model
+
+    tuples, root = tiny_world
+    cfg = fast_config(train_phase1={"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 3, "loss": {"weight_align": 1.0}})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ds = TupleDataset(tuples, root, "train", 64, train=False)
+    _, batch = next(iter_batches(ds, seed=0, epoch=0, batch_size=3))
+    with torch.no_grad():
+        outputs, _, _ = model_outputs(model, batch, aux=False, align=True)
+        plain, _, _ = model_outputs(model, batch, aux=False, align=False)
+        query_regions, target_regions, same = outputs["align"]
+        # the target side is the region token the query side would read from the target image and box
+        want_target = torch.cat([
+            model.region_tokens(batch.images[i : i + 1], _pixel_box(batch.boxes[i][0], 64)[None])[:, 0] for i in range(3)
+        ])
+        want_query = model.region_tokens(batch.query_images, batch.query_boxes)[:, 0]
+    assert torch.allclose(target_regions, want_target, atol=1e-5)
+    assert torch.allclose(query_regions, want_query, atol=1e-5)
+    assert same.shape == (3, 3) and same.diagonal().all()
+    keys = batch.image_keys
+    assert same.tolist() == [[a == b for b in keys] for a in keys]
+    # reusing the target images' backbone maps changes nothing in the detections
+    assert torch.equal(outputs["pred_logits"], plain["pred_logits"])
+    # a run with the region contrast logs it, finite and positive
+    _, result = run_phase1(cfg, tuples, root, tmp_path / "p1", resume=False)
+    assert 0 < result.history[-1]["train_loss_align"] < 10
+
+
+def _pixel_box(cxcywh: torch.Tensor, size: int) -> torch.Tensor:
+    cx, cy, w, h = (cxcywh * size).tolist()
+    return torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])

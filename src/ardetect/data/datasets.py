@@ -71,6 +71,7 @@ class Sample:
     concept_phrase: str
     tuple_id: str
     positive: bool
+    image_key: str = ""  # the target image's path relative to the data root (same image = same concept)
 
 
 class TupleDataset(torch.utils.data.Dataset):
@@ -102,11 +103,11 @@ class TupleDataset(torch.utils.data.Dataset):
         if target_image is None:
             x_img, x_box = transform_with_box(self.transform, self.image(r["train_image"]), r["train_box"])
             norm = box_convert(x_box[None], "xyxy", "cxcywh")[0] / self.size
-            positive = True
+            positive, key = True, r["train_image"]
         else:
             x_img, _ = transform_with_box(self.transform, self.image(target_image), [0, 0, 1, 1])
-            x_box, norm, positive = torch.zeros(4), torch.zeros(0, 4), False
-        return Sample(x_img, norm, x_box, q_img, q_box, r["prompt"], r["concept_phrase"], r["tuple_id"], positive)
+            x_box, norm, positive, key = torch.zeros(4), torch.zeros(0, 4), False, target_image
+        return Sample(x_img, norm, x_box, q_img, q_box, r["prompt"], r["concept_phrase"], r["tuple_id"], positive, key)
 
     def __getitem__(self, index: int) -> Sample:
         return self.item(index)

@@ -323,11 +323,16 @@ class ARDetector(nn.Module):
 
     def region_tokens(self, query_image: Tensor, query_box: Tensor) -> Tensor:
         """[B, 3, H, W] query images and [B, 4] pixel xyxy boxes -> [B, 1, D] region tokens."""
-        feats = self.image_features(query_image, query=True)
+        return self.pool_regions(self.image_features(query_image, query=True), query_box)
+
+    def pool_regions(self, feats: list[Tensor], boxes: Tensor) -> Tensor:
+        """Region tokens of [B, 4] pixel xyxy boxes read from backbone maps ``feats`` (strides 8/16/32) -> [B, 1, D]."""
+        if self.region_proj is None:
+            raise ValueError("region tokens are off (cfg.region_tokens=False): there is no region projection")
         size = feats[0].shape[-2:]
         fused = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]], 1)
         fused = self.region_proj(fused)  # [B, D, H/8, W/8]
-        rois = torch.cat([torch.arange(len(query_box), device=fused.device, dtype=torch.float32)[:, None], query_box.float()], 1)
+        rois = torch.cat([torch.arange(len(boxes), device=fused.device, dtype=torch.float32)[:, None], boxes.float()], 1)
         tokens = roi_align(fused.float(), rois, output_size=1, spatial_scale=1 / 8, sampling_ratio=-1, aligned=True)  # [B, D, 1, 1]
         return tokens.to(fused.dtype).flatten(2).transpose(1, 2)  # [B, 1, D]
 
@@ -386,8 +391,8 @@ class ARDetector(nn.Module):
         return QueryCache(text, tok.token_mask, tok.self_attn_mask, tok.position_ids, tok.concept_mask, tok.region_mask, tok)
 
     # --- candidate side --------------------------------------------------------------
-    def _flatten_levels(self, images: Tensor, pixel_mask: Tensor | None):
-        feats = self.image_features(images)
+    def _flatten_levels(self, images: Tensor, pixel_mask: Tensor | None, features: list[Tensor] | None = None):
+        feats = self.image_features(images) if features is None else features
         n, _, h, w = images.shape
         if pixel_mask is None:
             pixel_mask = torch.ones((n, h, w), dtype=torch.bool, device=images.device)
@@ -456,13 +461,16 @@ class ARDetector(nn.Module):
             hidden, text = self.adapter_query(hidden), self.adapter_text(text)
         return self._similarity(hidden, text, token_mask)
 
-    def encode_images(self, images: Tensor, pixel_mask: Tensor | None = None) -> ImageCache:
-        """The query-independent candidate side of N images [N, 3, H, W] in [0, 1] -> ``ImageCache``."""
+    def encode_images(self, images: Tensor, pixel_mask: Tensor | None = None, features: list[Tensor] | None = None) -> ImageCache:
+        """The query-independent candidate side of N images [N, 3, H, W] in [0, 1] -> ``ImageCache``.
+
+        ``features``: the images' backbone maps (``image_features``) when the caller already has them.
+        """
         check_images(images)
         n = images.shape[0]
         if pixel_mask is not None and tuple(pixel_mask.shape) != (n, *images.shape[-2:]):
             raise ValueError(f"pixel_mask must have shape [N, H, W] = {[n, *images.shape[-2:]]}, got {list(pixel_mask.shape)}")
-        flat, mask_flat, pos_flat, shapes, valid_ratios = self._flatten_levels(images, pixel_mask)
+        flat, mask_flat, pos_flat, shapes, valid_ratios = self._flatten_levels(images, pixel_mask, features)
         if flat.shape[1] < self.cfg.num_queries:
             raise ValueError(
                 f"images of {images.shape[-2]}x{images.shape[-1]} give {flat.shape[1]} encoder tokens, "

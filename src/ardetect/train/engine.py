@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torchvision.ops import box_convert
 
 from ardetect.data.datasets import NegativeSampler, Sample, TupleDataset
 from ardetect.train.losses import SetCriterion
@@ -42,6 +43,7 @@ class Batch:
     query_of: Tensor  # [B] long
     positive: Tensor  # [B] bool
     tuple_ids: list[str]  # B
+    image_keys: list[str] | None = None  # B target image paths (equal paths = the same concept)
 
     @property
     def num_positive(self) -> int:
@@ -50,7 +52,7 @@ class Batch:
 
 def collate_groups(groups: Sequence[Sequence[Sample]]) -> Batch:
     """Each group shares one query: its first sample is the positive, the rest negatives."""
-    images, boxes, q_images, q_boxes, prompts, phrases, query_of, positive, ids = [], [], [], [], [], [], [], [], []
+    images, boxes, q_images, q_boxes, prompts, phrases, query_of, positive, ids, keys = [], [], [], [], [], [], [], [], [], []
     for gi, group in enumerate(groups):
         first = group[0]
         q_images.append(first.query_image)
@@ -63,9 +65,10 @@ def collate_groups(groups: Sequence[Sequence[Sample]]) -> Batch:
             query_of.append(gi)
             positive.append(s.positive)
             ids.append(s.tuple_id)
+            keys.append(s.image_key)
     return Batch(
         torch.stack(images), boxes, torch.stack(q_images), torch.stack(q_boxes), prompts, phrases,
-        torch.tensor(query_of), torch.tensor(positive), ids,
+        torch.tensor(query_of), torch.tensor(positive), ids, keys,
     )
 
 
@@ -119,20 +122,38 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1, max_steps: int | No
     return min(steps, max_steps) if max_steps is not None else steps
 
 
-def model_outputs(model, batch: Batch, aux: bool = True) -> tuple[dict, Tensor, list[Target]]:
+def model_outputs(model, batch: Batch, aux: bool = True, align: bool = False) -> tuple[dict, Tensor, list[Target]]:
     """Run the detector on a batch: queries encoded once each, then paired with their images.
 
-    ``aux=False`` keeps only the last decoder layer (phase 2's loss).
+    ``aux=False`` keeps only the last decoder layer (phase 2's loss). ``align=True`` also
+    returns ``outputs["align"]``: each positive's query region token, the same pooling of
+    its target region in the target image, and which pairs show the same concept
+    (``region_contrast``); the target images' backbone runs once for both.
     """
     cache = model.encode_query(batch.query_images, batch.query_boxes, batch.prompts, batch.phrases)
-    cache = cache.select(batch.query_of)  # [B] (each query reused by its negatives)
-    out = model(batch.images, cache)
-    concept = cache.concept_mask.float()  # [B, T]
+    feats = model.image_features(batch.images) if align else None
+    images = model.encode_images(batch.images, features=feats) if align else batch.images
+    out = model(images, cache.select(batch.query_of))  # each query reused by its negatives
+    concept = cache.concept_mask[batch.query_of].float()  # [B, T]
     targets = [Target(b, concept[i : i + 1].expand(len(b), -1)) for i, b in enumerate(batch.boxes)]
     outputs = {"pred_logits": out.pred_logits, "pred_boxes": out.pred_boxes}
     if aux:
         outputs.update(aux_outputs=out.aux_outputs, enc_outputs=out.enc_outputs)
+    if align:
+        outputs["align"] = _region_pairs(model, cache, feats, batch)
     return outputs, out.token_mask, targets
+
+
+def _region_pairs(model, cache, feats: list[Tensor], batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """(query region tokens [M, D], target region tokens [M, D], same concept [M, M] bool) of the M positives."""
+    pos = torch.nonzero(batch.positive).flatten()
+    region = cache.text[cache.region_mask].view(len(batch.prompts), -1, cache.text.shape[-1])[:, 0]  # [P, D]
+    size = torch.tensor(batch.images.shape[-2:][::-1] * 2, dtype=torch.float32)  # (W, H, W, H)
+    boxes = torch.stack([box_convert(batch.boxes[int(i)][0], "cxcywh", "xyxy") for i in pos]) * size  # [M, 4] pixels
+    target = model.pool_regions([f[pos] for f in feats], boxes.to(feats[0].device))[:, 0]  # [M, D]
+    keys = [batch.image_keys[int(i)] if batch.image_keys else str(int(i)) for i in pos]
+    same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool)
+    return region[batch.query_of[pos]], target, same
 
 
 def check_finite(losses: dict[str, Tensor], where: str) -> None:
@@ -226,7 +247,7 @@ def train_one_epoch(
     count = 0
     n_steps = steps_per_epoch(len(ds), batch_size, world, max_steps)
     for step, batch in iter_batches(ds, seed, epoch, batch_size, rank, world, negatives, start=state.step, max_steps=max_steps):
-        outputs, token_mask, targets = _forward(model, ddp_model, batch, aux=aux)
+        outputs, token_mask, targets = _forward(model, ddp_model, batch, aux=aux, align=criterion.uses_align)
         losses = criterion(outputs, targets, token_mask)
         if regulariser is not None and lambda_reg > 0:
             losses["loss_reg"] = regulariser()
@@ -258,14 +279,14 @@ class _DDPForward(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch, aux: bool = True):
-        return model_outputs(self.model, batch, aux)
+    def forward(self, batch: Batch, aux: bool = True, align: bool = False):
+        return model_outputs(self.model, batch, aux, align)
 
 
-def _forward(model, ddp_model, batch: Batch, aux: bool = True):
+def _forward(model, ddp_model, batch: Batch, aux: bool = True, align: bool = False):
     if ddp_model is model:
-        return model_outputs(model, batch, aux)
-    return ddp_model(batch, aux)
+        return model_outputs(model, batch, aux, align)
+    return ddp_model(batch, aux, align)
 
 
 def wrap_ddp(model) -> torch.nn.Module:

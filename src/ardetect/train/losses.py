@@ -3,6 +3,11 @@
 Negatives (phase 2) are images with no target: every token target is 0, so their
 focal loss pushes all query-token similarities down. Auxiliary losses repeat the
 same terms on every intermediate decoder layer and on the encoder proposals.
+
+``region_contrast`` (phase 1, optional, weight ``weight_align``) is our addition for
+detectors trained from scratch: it pulls each query region token towards the same
+pooling of its target region and away from the other positives' target regions in the
+batch, so that identity features form long before the detection losses alone find them.
 """
 
 from __future__ import annotations
@@ -25,11 +30,19 @@ class SetCriterion(torch.nn.Module):
         weight_giou: float = 2.0,
         alpha: float = 0.25,
         gamma: float = 2.0,
+        weight_align: float = 0.0,
+        align_temperature: float = 0.1,
     ):
         super().__init__()
         self.matcher = matcher
-        self.weights = {"loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
+        self.weights = {"loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou, "loss_align": weight_align}
         self.alpha, self.gamma = alpha, gamma
+        self.align_temperature = align_temperature
+
+    @property
+    def uses_align(self) -> bool:
+        """Whether the criterion wants ``outputs["align"]`` (region contrast weighted above 0)."""
+        return self.weights["loss_align"] > 0
 
     def single(self, logits: Tensor, boxes: Tensor, token_mask: Tensor, targets: list[Target], num_boxes: float) -> dict[str, Tensor]:
         """Losses of one prediction set: logits [B, Q, T], boxes [B, Q, 4], token_mask [B, T] (True = real token)."""
@@ -68,6 +81,8 @@ class SetCriterion(torch.nn.Module):
         if enc:
             for k, v in self.single(enc["pred_logits"], enc["pred_boxes"], token_mask, targets, num_boxes).items():
                 losses[f"{k}_enc"] = v
+        if self.uses_align and outputs.get("align") is not None:
+            losses["loss_align"] = region_contrast(*outputs["align"], temperature=self.align_temperature)
         total = sum(self.weights[k.rsplit("_", 1)[0] if k not in self.weights else k] * v for k, v in losses.items())
         losses["loss"] = total
         return losses
@@ -82,3 +97,21 @@ def orthogonality(weight: Tensor) -> Tensor:
 def adapter_regulariser(w_query: Tensor, w_prompt: Tensor) -> Tensor:
     """½(‖FFᵀ − I‖_F + ‖F̃F̃ᵀ − I‖_F), biases excluded (ARD eq. 3)."""
     return 0.5 * (orthogonality(w_query) + orthogonality(w_prompt))
+
+
+def region_contrast(query_regions: Tensor, target_regions: Tensor, same: Tensor, temperature: float = 0.1) -> Tensor:
+    """Symmetric InfoNCE between M query region tokens and their M target regions ([M, D] each).
+
+    Pair i is the positive of row i; pairs of the same concept (``same`` [M, M], True on
+    the diagonal) are left out of the negatives. Cosine similarity over ``temperature``.
+    """
+    m = query_regions.shape[0]
+    if m < 2:
+        return query_regions.sum() * 0.0 + target_regions.sum() * 0.0  # no negatives: nothing to contrast
+    q = torch.nn.functional.normalize(query_regions.float(), dim=-1)
+    t = torch.nn.functional.normalize(target_regions.float(), dim=-1)
+    logits = q @ t.T / temperature  # [M, M]
+    eye = torch.eye(m, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(same.to(logits.device) & ~eye, float("-inf"))
+    labels = torch.arange(m, device=logits.device)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))

@@ -57,7 +57,10 @@ def criterion_of(cfg: Config, phase: int) -> SetCriterion:
     loss = cfg.train_phase1.loss
     matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma)
     if phase == 1:
-        return SetCriterion(matcher, loss.weight_class, loss.weight_bbox, loss.weight_giou, loss.focal_alpha, loss.focal_gamma)
+        return SetCriterion(
+            matcher, loss.weight_class, loss.weight_bbox, loss.weight_giou, loss.focal_alpha, loss.focal_gamma,
+            weight_align=loss.weight_align, align_temperature=loss.align_temperature,
+        )
     # phase 2: focal loss only (the adapters change class logits, never boxes)
     return SetCriterion(matcher, cfg.train_phase2.lambda_cls, 0.0, 0.0, loss.focal_alpha, loss.focal_gamma)
 
