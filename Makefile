@@ -13,6 +13,10 @@ export DO_NOT_TRACK := 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
+# glibc malloc keeps freed memory instead of re-faulting it every training step (see MALLOC_ENV in src/ardetect/pipeline.py)
+export MALLOC_MMAP_THRESHOLD_ ?= 33554432
+export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
+export MALLOC_TOP_PAD_ ?= 1073741824
 
 .PHONY: install run flow test test-fast bench clean-data help
 

@@ -171,7 +171,7 @@ class LossConfig(_Section):
     focal_gamma: float = Field(2.0, ge=0)
     aux_loss: bool = True
     weight_align: float = Field(
-        0.0, ge=0, description="region contrast between query and target regions (ours, for from-scratch training); 0 = the paper's recipe"
+        1.0, ge=0, description="region contrast between query and target regions (ours, for from-scratch training); 0 = the paper's recipe"
     )
     align_temperature: float = Field(0.1, gt=0, description="temperature of the region contrast")
 
@@ -180,7 +180,7 @@ class Phase1Config(_Section):
     """Phase 1: positives only, Hungarian matching, focal + L1 + GIoU."""
 
     epochs: int = Field(3, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0, description="from scratch (nano); the paper's 1e-4 fine-tunes pretrained GroundingDINO")
     lr_backbone: float = Field(1e-3, ge=0, description="image backbone lr when it trains (randomly initialised)")
     lr_linear_proj_mult: float = Field(0.1, gt=0, description="lr multiplier of sampling offsets and reference points")
@@ -188,7 +188,7 @@ class Phase1Config(_Section):
     clip_grad: float = Field(0.1, ge=0, description="max grad norm; 0 = off")
     lr_drop_epochs: int = Field(2, ge=1, description="StepLR step size, epochs")
     lr_gamma: float = Field(0.1, gt=0, le=1)
-    checkpoint_every: int = Field(50, ge=1, description="save the latest checkpoint every N steps (resume point)")
+    checkpoint_every: int = Field(100, ge=1, description="save the latest checkpoint every N steps (resume point)")
     augment: bool = True
     seed: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs; null = the whole split")

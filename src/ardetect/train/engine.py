@@ -266,7 +266,7 @@ def train_one_epoch(
         if log is not None and rank == 0:
             log({"train_step_loss": float(losses["loss"]), "step": state.global_step})
         if progress is not None and rank == 0:
-            progress(step + 1, n_steps, {k: float(v.detach()) for k, v in losses.items() if k in ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_reg")})
+            progress(step + 1, n_steps, {k: float(v.detach()) for k, v in losses.items() if k in ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_align", "loss_reg")})
         if on_checkpoint is not None and state.step % checkpoint_every == 0 and state.step < n_steps:
             on_checkpoint()
     return {k: v / max(count, 1) for k, v in totals.items()}
