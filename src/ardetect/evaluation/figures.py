@@ -47,7 +47,7 @@ def retrieval_figure(query: pd.Series, data_root: Path, retrievals: dict[str, li
     """
     plt = _plt()
     methods = list(retrievals)
-    fig, axes = plt.subplots(len(methods), 11, figsize=(22, 2.4 * len(methods)), squeeze=False)
+    fig, axes = plt.subplots(len(methods), 11, figsize=(22, 2.7 * len(methods)), squeeze=False)
     for r, method in enumerate(methods):
         ax = axes[r, 0]
         ax.imshow(np.asarray(Image.open(data_root / query["query_image"]).convert("RGB")))
@@ -73,7 +73,7 @@ def retrieval_figure(query: pd.Series, data_root: Path, retrievals: dict[str, li
         for c in range(len(retrievals[method][:10]) + 1, 11):
             axes[r, c].axis("off")
     fig.suptitle(f"{query['tuple_id']}: \"{query['prompt']}\"", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()), h_pad=1.2)  # row titles clear of the images above
     try:
         return _save_atomic(fig, out, dpi=80)
     finally:
