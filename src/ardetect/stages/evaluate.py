@@ -68,9 +68,8 @@ def build(cfg: Config) -> dict:
             evals = [evaluate_method(m, tuples, negatives, ev.iou_threshold, keep_retrievals=figure_ids) for m in methods]
             metrics[world] = {e.method: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in e.summary.items()} for e in evals}
             n_cand = 1 + negatives.groupby("tuple_id", observed=True).size()
-            sections.append(
-                f"## {world}: {len(tuples)} queries, {int(n_cand.min())}–{int(n_cand.max())} candidates each\n\n{results_table(evals)}\n"
-            )
+            lo, hi = int(n_cand.min()), int(n_cand.max())
+            sections.append(f"## {world}: {len(tuples)} queries, {lo if lo == hi else f'{lo}–{hi}'} candidates each\n\n{results_table(evals)}\n")
             for e in evals[:3]:
                 sections.append(f"### {world} / {e.method} per medium\n\n{e.by_medium.round(4).to_markdown()}\n")
             sections.append(f"### {world} / ARD per base class\n\n{evals[0].by_class.round(4).to_markdown()}\n")
