@@ -131,6 +131,8 @@ def test_checkpoint_of_other_params_is_not_resumed(tiny_world, tmp_path, capsys)
 
 
 def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
+    from torchvision.ops import box_convert
+
     from ardetect.data.datasets import TupleDataset
     from ardetect.train.engine import iter_batches, model_outputs
     from ardetect.train.phases import build_model
@@ -147,7 +149,7 @@ def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
         query_regions, target_regions, same = outputs["align"]
         # the target side is the region token the query side would read from the target image and box
         want_target = torch.cat([
-            model.region_tokens(batch.images[i : i + 1], _pixel_box(batch.boxes[i][0], 64)[None])[:, 0] for i in range(3)
+            model.region_tokens(batch.images[i : i + 1], box_convert(batch.boxes[i] * 64, "cxcywh", "xyxy"))[:, 0] for i in range(3)
         ])
         want_query = model.region_tokens(batch.query_images, batch.query_boxes)[:, 0]
     assert torch.allclose(target_regions, want_target, atol=1e-5)
@@ -160,8 +162,3 @@ def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
     # a run with the region contrast logs it, finite and positive
     _, result = run_phase1(cfg, tuples, root, tmp_path / "p1", resume=False)
     assert 0 < result.history[-1]["train_loss_align"] < 10
-
-
-def _pixel_box(cxcywh: torch.Tensor, size: int) -> torch.Tensor:
-    cx, cy, w, h = (cxcywh * size).tolist()
-    return torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])

@@ -71,7 +71,7 @@ class Sample:
     concept_phrase: str
     tuple_id: str
     positive: bool
-    image_key: str = ""  # the target image's path relative to the data root (same image = same concept)
+    image_key: str  # the target image's path relative to the data root (same image = same concept)
 
 
 class TupleDataset(torch.utils.data.Dataset):

@@ -43,7 +43,7 @@ class Batch:
     query_of: Tensor  # [B] long
     positive: Tensor  # [B] bool
     tuple_ids: list[str]  # B
-    image_keys: list[str] | None = None  # B target image paths (equal paths = the same concept)
+    image_keys: list[str]  # B target image paths (equal paths = the same concept)
 
     @property
     def num_positive(self) -> int:
@@ -151,7 +151,7 @@ def _region_pairs(model, cache, feats: list[Tensor], batch: Batch) -> tuple[Tens
     size = torch.tensor(batch.images.shape[-2:][::-1] * 2, dtype=torch.float32)  # (W, H, W, H)
     boxes = torch.stack([box_convert(batch.boxes[int(i)][0], "cxcywh", "xyxy") for i in pos]) * size  # [M, 4] pixels
     target = model.pool_regions([f[pos] for f in feats], boxes.to(feats[0].device))[:, 0]  # [M, D]
-    keys = [batch.image_keys[int(i)] if batch.image_keys else str(int(i)) for i in pos]
+    keys = [batch.image_keys[int(i)] for i in pos]
     same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool)
     return region[batch.query_of[pos]], target, same
 
