@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,11 @@ def test_pipeline_outputs_and_up_to_date(piped):
     assert "up to date" in status.stdout, status.stdout
     assert "Running stage" not in second.stdout
     assert "stages run: none (all up to date)" in second.stdout
+    metrics = json.loads((ws / "reports/metrics.json").read_text())
+    for world in ("test", "world2"):
+        for method in ("ARD", "ARD-", "AbC", "chance"):
+            assert 0.0 <= metrics[world][method]["class_rprecision"] <= 1.0, (world, method)
+    assert "class_rprecision" in (ws / "reports/results.md").read_text()
 
 
 def test_mlflow_parent_and_children(piped):

@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 
 from ardetect.evaluation.harness import ChanceMethod, Scores, candidates_of, evaluate_method, results_table
 
@@ -60,3 +61,30 @@ def test_chance_is_seeded_and_image_level():
     b = evaluate_method(ChanceMethod(1), t, n, progress=False).per_query
     assert a["rank"].tolist() == b["rank"].tolist()
     assert a["box_correct"].isna().all()
+
+
+def test_class_rprecision_hand_computed():
+    from ardetect.evaluation.harness import class_rprecision
+
+    classes = ["cat", "cat", "mug", "dog", "cat"]  # 3 cats: the top 3 are scored
+    assert class_rprecision(np.array([0.9, 0.8, 0.1, 0.2, 0.7]), classes, "cat") == 1.0
+    assert class_rprecision(np.array([0.9, 0.1, 0.8, 0.7, 0.2]), classes, "cat") == 1 / 3
+    # a tie across the cut: 0.5 (cat) and 0.5 (mug) compete for one place -> half a cat
+    assert class_rprecision(np.array([0.9, 0.5, 0.5, 0.1, 0.95]), classes, "cat") == (2 + 0.5) / 3
+    # every score tied: the class's share of the candidates (what chance gives on average)
+    assert class_rprecision(np.zeros(5), classes, "cat") == 3 / 5
+    with pytest.raises(ValueError, match="'cow'"):
+        class_rprecision(np.zeros(5), classes, "cow")
+
+
+def test_harness_reports_class_rprecision_when_classes_given():
+    t, n = data()
+    classes = {"x1.png": "cat", "x2.png": "cat", "x3.png": "mug"}
+    ev = evaluate_method(Fixed(), t, n, progress=False, class_of=classes)
+    pq = ev.per_query.set_index("tuple_id")
+    # t1 (cat): cats x1, x2 -> top 2 of [0.9, 0.1, 0.2] = x1, x3 -> 1/2; t2 (cat): [x2 .5, x1 .5, x3 .1] -> 1
+    # t3 (mug): only x3 -> top 1 of [x3 .2, x1 .6, x2 .1] is x1 -> 0
+    assert pq["class_rprecision"].tolist() == [0.5, 1.0, 0.0]
+    assert ev.summary["class_rprecision"] == 0.5
+    assert "class_rprecision" not in evaluate_method(Fixed(), t, n, progress=False).summary
+    assert "| N/A |" in results_table([evaluate_method(Fixed(), t, n, progress=False)])

@@ -4,11 +4,18 @@ For each test tuple the method scores its own training image X and every negativ
 (the training images of all other concepts in its split). Region-level methods also
 return a box per candidate; image-level methods return none and are ranked without
 the IoU gate, with box accuracy reported as N/A (as the ARD paper's table 2 does).
+
+A diagnostic beside the paper's metrics (ours), when the candidates' base classes are
+given: class R-precision. With n the number of candidates of the query's base class
+(its own training image included), it is the share of that class among the n best
+scored candidates: 1 when a method ranks every image of the query's class first, about
+n / (number of candidates) by chance. It tells apart a method that finds the class
+but not the identity from one that finds neither.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -58,8 +65,10 @@ def candidates_of(tuples: pd.DataFrame, negatives: pd.DataFrame) -> dict[str, li
 
 def evaluate_method(
     method: Method, tuples: pd.DataFrame, negatives: pd.DataFrame, iou_threshold: float = 0.5,
-    keep_retrievals: Iterable[str] = (), progress: bool = True,
+    keep_retrievals: Iterable[str] = (), progress: bool = True, class_of: Mapping[str, str] | None = None,
 ) -> Evaluation:
+    """Score every query's candidates with ``method``; ``class_of`` (candidate image -> base
+    class) adds the class R-precision diagnostic (module docstring)."""
     cands = candidates_of(tuples, negatives)
     keep = set(keep_retrievals)
     rows, retrievals = [], {}
@@ -77,6 +86,8 @@ def evaluate_method(
             gt = torch.as_tensor(np.asarray(q["train_box"], dtype=np.float32))[None]
             iou = float(box_iou(pred, gt)[0, 0])
         m = query_metrics(rank, iou, iou_threshold)
+        if class_of is not None:
+            m["class_rprecision"] = class_rprecision(out.scores, [class_of[x] for x in c], q["base_class"])
         rows.append({"tuple_id": q["tuple_id"], "medium": q["medium"], "base_class": q["base_class"], "score": float(out.scores[0]), **m})
         if q["tuple_id"] in keep:
             order = np.argsort(-np.asarray(out.scores), kind="stable")
@@ -84,7 +95,7 @@ def evaluate_method(
                 (c[i], float(out.scores[i]), None if out.boxes is None else [float(v) for v in out.boxes[i]]) for i in order[:10]
             ]
     per_query = pd.DataFrame(rows)
-    metric_cols = [col for col in per_query.columns if col.startswith(("recall@", "inverse_rank@")) or col == "box_correct"]
+    metric_cols = [col for col in per_query.columns if col.startswith(("recall@", "inverse_rank@", "class_rprecision")) or col == "box_correct"]
 
     def breakdown(key: str) -> pd.DataFrame:
         g = per_query.groupby(key)[metric_cols].mean()
@@ -94,6 +105,23 @@ def evaluate_method(
     return Evaluation(
         method.name, method.region_level, per_query, aggregate(per_query), breakdown("medium"), breakdown("base_class"), retrievals
     )
+
+
+def class_rprecision(scores: np.ndarray, classes: list[str], query_class: str) -> float:
+    """Share of ``query_class`` among the n best scores, n = how many candidates have that class.
+
+    Candidates tied at the cut are counted in proportion (the expected share under a random
+    order of the ties), so the value never depends on the candidates' order.
+    """
+    same = np.asarray([c == query_class for c in classes])
+    n = int(same.sum())
+    if n == 0:
+        raise ValueError(f"no candidate has the query's base class {query_class!r}")
+    s = np.asarray(scores, dtype=float)
+    cut = np.sort(s)[::-1][n - 1]
+    above, tied = s > cut, s == cut
+    take = n - int(above.sum())  # how many of the tied candidates make the top n
+    return float((same[above].sum() + take * same[tied].mean()) / n)
 
 
 class ChanceMethod:
@@ -110,14 +138,18 @@ class ChanceMethod:
         return Scores(rng.random(len(candidates)))
 
 
-def results_table(evaluations: list[Evaluation], keys: tuple[str, ...] = ("box_accuracy", "inverse_rank@5", "inverse_rank@10", "recall@1", "recall@5", "recall@10")) -> str:
-    """A markdown table, one row per method; image-level methods show box accuracy as N/A."""
+def results_table(
+    evaluations: list[Evaluation],
+    keys: tuple[str, ...] = ("box_accuracy", "inverse_rank@5", "inverse_rank@10", "recall@1", "recall@5", "recall@10", "class_rprecision"),
+) -> str:
+    """A markdown table, one row per method; image-level methods show box accuracy as N/A,
+    and a metric an evaluation lacks (class R-precision without classes) shows as N/A too."""
     head = "| method | " + " | ".join(keys) + " | queries |"
     rows = [head, "|" + "---|" * (len(keys) + 2)]
     for ev in evaluations:
         cells = []
         for k in keys:
             v = ev.summary.get(k, float("nan"))
-            cells.append("N/A" if (k == "box_accuracy" and not ev.region_level) else f"{v:.4f}")
+            cells.append("N/A" if (k == "box_accuracy" and not ev.region_level) or k not in ev.summary else f"{v:.4f}")
         rows.append(f"| {ev.method} | " + " | ".join(cells) + f" | {int(ev.summary['queries'])} |")
     return "\n".join(rows)

@@ -53,7 +53,7 @@ def query_metrics(
 
 def aggregate(per_query: pd.DataFrame) -> dict[str, float]:
     """Mean of every metric column over queries; box accuracy is NaN for image-level methods."""
-    cols = [c for c in per_query.columns if c.startswith(("recall@", "inverse_rank@"))]
+    cols = [c for c in per_query.columns if c.startswith(("recall@", "inverse_rank@", "class_rprecision"))]
     out = {c: float(per_query[c].mean()) for c in cols}
     box = per_query["box_correct"]
     out["box_accuracy"] = float(box.mean()) if box.notna().any() else float("nan")

@@ -22,7 +22,10 @@ NOTE = (
     "Recall@K and InverseRank@K follow the ARD paper (sec. 5.1): the positive's rank among its own training image "
     "and every negative (all other concepts' training images in the split), ties counted against the positive, and "
     "0 when the predicted region's IoU with R_X is below {iou}. AbC and chance are image-level: they predict no "
-    "region, so they are ranked without the IoU gate and their box accuracy is N/A (as in the paper's table 2)."
+    "region, so they are ranked without the IoU gate and their box accuracy is N/A (as in the paper's table 2). "
+    "class_rprecision is our diagnostic, not the paper's: with n the number of candidates of the query's base class "
+    "(its own image included), the share of that class among the n best scored candidates; 1 = every image of the "
+    "class ranked first, chance = n / candidates. No IoU gate."
 )
 
 
@@ -54,6 +57,7 @@ def build(cfg: Config) -> dict:
     with atomic_dir(OUT) as tmp:
         for world, (tpath, npath) in worlds.items():
             tuples = read_table(tpath, TUPLE_COLUMNS, world)
+            class_of = dict(zip(tuples["train_image"].astype(str), tuples["base_class"].astype(str)))
             tuples = _subset(tuples[tuples["split"] == "test"].reset_index(drop=True), ev.max_queries, cfg.train_phase1.seed)
             negatives = read_table(npath, NEGATIVE_COLUMNS, f"{world} negatives")
             negatives = negatives[negatives["tuple_id"].astype(str).isin(set(tuples["tuple_id"]))]
@@ -65,7 +69,7 @@ def build(cfg: Config) -> dict:
                 AbCMethod(abc, cal, DATA, cfg.abc.image_size),
                 ChanceMethod(seed=cfg.train_phase1.seed),
             ]
-            evals = [evaluate_method(m, tuples, negatives, ev.iou_threshold, keep_retrievals=figure_ids) for m in methods]
+            evals = [evaluate_method(m, tuples, negatives, ev.iou_threshold, keep_retrievals=figure_ids, class_of=class_of) for m in methods]
             metrics[world] = {e.method: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in e.summary.items()} for e in evals}
             n_cand = 1 + negatives.groupby("tuple_id", observed=True).size()
             lo, hi = int(n_cand.min()), int(n_cand.max())
