@@ -90,6 +90,30 @@ def test_phase2_changes_only_the_adapters(tiny_world, tmp_path):
     assert result.history[-1]["train_loss_reg"] > 0
 
 
+def test_model_file_leaves_out_the_bundled_text_weights(tiny_world, tmp_path):
+    tuples, root = tiny_world
+    cfg = fast_config(train_phase1={"epochs": 1, "max_steps_per_epoch": 1})
+    model, _ = run_phase1(cfg, tuples, root, tmp_path / "p1", resume=False)
+    path = tmp_path / "p1" / "best.pt"
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    # the frozen MiniLM comes back from the installed package: the file holds the rest
+    assert ck["reloaded_prefixes"] == ["text_backbone."]
+    assert not any(k.startswith("text_backbone.") for k in ck["model"]) and any(k.startswith("decoder.") for k in ck["model"])
+    text_mb = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k.startswith("text_backbone.")) / 2**20
+    assert path.stat().st_size < sum(v.numel() * v.element_size() for v in model.state_dict().values()) - text_mb * 2**20 * 0.9
+    trained, loaded = weights(model), weights(load_model(path))
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(v, trained[k]) for k, v in loaded.items())  # every weight back, the text ones included
+    # a file whose left-out weights differ from what this machine loads is refused, naming it
+    ck["reloaded_digest"] = "0" * 64
+    torch.save(ck, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt was trained on other frozen weights under \['text_backbone\.'\]"):
+        load_model(tmp_path / "other.pt")
+    # a file holding every weight (the earlier layout) still loads
+    torch.save({**ck, "model": model.state_dict(), "reloaded_prefixes": [], "reloaded_digest": None}, tmp_path / "full.pt")
+    assert all(torch.equal(v, trained[k]) for k, v in weights(load_model(tmp_path / "full.pt")).items())
+
+
 def test_ddp_two_processes_gloo(tiny_world, tmp_path):
     tuples, root = tiny_world
     tuples.to_parquet(tmp_path / "tuples.parquet")

@@ -8,6 +8,7 @@ any number of DataLoader workers or DDP processes sees the same samples.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -179,6 +180,61 @@ def trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
     """The parameters and buffers that training can change (frozen pretrained backbones left out)."""
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in frozen}
+
+
+def reloaded_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the frozen backbones that building ``model.cfg`` loads again
+    from their pretrained source (the bundled MiniLM, a timm checkpoint): a model file
+    can leave them out."""
+    cfg = model.cfg
+    out: list[str] = []
+    if cfg.text_pretrained_loaded and cfg.text_frozen():
+        out.append("text_backbone.")
+    if cfg.image_pretrained_loaded and cfg.image_frozen():
+        out += ["backbone.", "query_backbone."]
+    return tuple(out)
+
+
+def weights_digest(state: dict[str, Tensor], prefixes: tuple[str, ...]) -> str:
+    """sha256 of the tensors under ``prefixes`` (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for k in sorted(k for k in state if k.startswith(prefixes)):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_file_state(model: torch.nn.Module) -> dict:
+    """The weights a model file stores: everything but the frozen pretrained backbones that
+    ``build`` loads again (``reloaded_prefixes``), with a digest of those to check at load."""
+    state = model.state_dict()
+    skip = reloaded_prefixes(model)
+    return {
+        "model": {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state,
+        "reloaded_prefixes": list(skip),
+        "reloaded_digest": weights_digest(state, skip) if skip else None,
+    }
+
+
+def load_model_file_state(model: torch.nn.Module, ck: dict, path: Path) -> None:
+    """Load ``model_file_state`` contents into a freshly built ``model``; a file written
+    before the backbones were left out (no ``reloaded_prefixes``) loads strictly."""
+    skip = tuple(ck.get("reloaded_prefixes") or ())
+    if not skip:
+        model.load_state_dict(ck["model"])
+        return
+    missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+    bad = [k for k in missing if not k.startswith(skip)]
+    if unexpected or bad:
+        raise ValueError(f"model file {path}: unexpected keys {unexpected[:5]}, missing keys {bad[:5]}")
+    found = weights_digest(model.state_dict(), skip)
+    if found != ck["reloaded_digest"]:
+        raise ValueError(
+            f"model file {path} was trained on other frozen weights under {list(skip)} than this machine's "
+            f"text_pretrained={model.cfg.text_pretrained!r} / image_pretrained={model.cfg.image_pretrained!r} load "
+            f"(digest {found[:12]} != {str(ck['reloaded_digest'])[:12]}): install the same packages or checkpoints"
+        )
 
 
 @dataclass

@@ -25,7 +25,8 @@ from ardetect.data.datasets import NegativeSampler, TupleDataset
 from ardetect.evaluation.ard import ARDMethod
 from ardetect.evaluation.harness import evaluate_method
 from ardetect.train.engine import (
-    TrainState, distributed, load_checkpoint, save_atomic, save_checkpoint, steps_per_epoch, train_one_epoch, wrap_ddp,
+    TrainState, distributed, load_checkpoint, load_model_file_state, model_file_state, save_atomic, save_checkpoint,
+    steps_per_epoch, train_one_epoch, wrap_ddp,
 )
 from ardetect.train.losses import SetCriterion, adapter_regulariser
 from ardetect.train.matcher import HungarianMatcher
@@ -189,7 +190,7 @@ def _run(
         if rank == 0:
             if metric > state.best:
                 state.best, state.best_epoch = metric, epoch + 1
-                save_atomic({"model": model.state_dict(), **meta, "epoch": epoch + 1, "metric": metric}, best_path)
+                save_atomic({**model_file_state(model), **meta, "epoch": epoch + 1, "metric": metric}, best_path)
             checkpoint()
             if log is not None:
                 log({k: v for k, v in record.items() if isinstance(v, (int, float))}, epoch + 1)
@@ -211,7 +212,7 @@ def load_model(path: Path):
 
     ck = torch.load(path, map_location="cpu", weights_only=False)
     model = build(ModelConfig.model_validate(ck["model_config"]))
-    model.load_state_dict(ck["model"])
+    load_model_file_state(model, ck, path)
     return model
 
 
