@@ -58,6 +58,10 @@ def test_unknown_section_is_named():
         (("tuples", "split", "train"), 0.5, r"tuples\.split.*sum to 1"),
         (("validate", "max_examples"), 0, r"validate\.max_examples.*got 0"),
         (("world", "template_set"), "imagenet", r"world\.template_set.*got 'imagenet'"),
+        (("evaluate", "identity_weights"), [0, -2], r"evaluate\.identity_weights.*\[-2\.0\]"),
+        (("evaluate", "identity_weights"), [], r"evaluate\.identity_weights.*at least 1"),
+        (("evaluate", "identity_top_k"), 0, r"evaluate\.identity_top_k.*got 0"),
+        (("train_phase1", "loss", "align_queue"), -1, r"train_phase1\.loss\.align_queue.*got -1"),
     ],
 )
 def test_out_of_range_values_are_named(path, value, pattern):

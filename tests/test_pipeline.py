@@ -53,9 +53,18 @@ def test_pipeline_outputs_and_up_to_date(piped):
     assert "stages run: none (all up to date)" in second.stdout
     metrics = json.loads((ws / "reports/metrics.json").read_text())
     for world in ("test", "world2"):
-        for method in ("ARD", "ARD-", "AbC", "chance"):
+        for method in ("ARD", "ARD-", "AbC", "chance", "ARD paper score", "ARD- paper score"):
             assert 0.0 <= metrics[world][method]["class_rprecision"] <= 1.0, (world, method)
-    assert "class_rprecision" in (ws / "reports/results.md").read_text()
+    # the identity weight of each detector is fitted on the val split, from the params' grid
+    grid = {"0", "1", "2", "5", "10", "20"}
+    for name in ("ARD", "ARD-"):
+        fit = metrics["identity_fit"][name]
+        assert set(fit["val_recall@10"]) == grid and f"{fit['weight']:g}" in grid
+        assert fit["val_recall@10"][f"{fit['weight']:g}"] == max(fit["val_recall@10"].values())
+        if fit["weight"] == 0:  # the paper's score: the two rows are the same ranking
+            assert metrics["test"][name]["recall@10"] == metrics["test"][name + " paper score"]["recall@10"]
+    report = (ws / "reports/results.md").read_text()
+    assert "class_rprecision" in report and "Identity weight, fitted on" in report
 
 
 def test_mlflow_parent_and_children(piped):

@@ -10,6 +10,7 @@ fails at load time with a message that names the key path and the value.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -174,6 +175,9 @@ class LossConfig(_Section):
         1.0, ge=0, description="region contrast between query and target regions (ours, for from-scratch training); 0 = the paper's recipe"
     )
     align_temperature: float = Field(0.1, gt=0, description="temperature of the region contrast")
+    align_queue: int = Field(
+        256, ge=0, description="earlier batches' target regions kept as further region-contrast negatives (ours); 0 = this batch only"
+    )
 
 
 class Phase1Config(_Section):
@@ -234,6 +238,20 @@ class EvaluateConfig(_Section):
     generalisation_concepts: int = Field(60, ge=3, description="concepts of the second world (all in its test split)")
     generalisation_queries_per_concept: int = Field(1, ge=1, le=10)
     figure_queries: int = Field(2, ge=0, description="queries drawn in the top-10 retrieval figure")
+    identity_weights: list[float] = Field(
+        [0.0, 1.0, 2.0, 5.0, 10.0, 20.0], min_length=1,
+        description="grid the identity re-ranking weight is fitted over on the val split (README); 0 = the paper's score",
+    )
+    identity_top_k: int = Field(5, ge=1, description="boxes per candidate image the identity re-ranking chooses among")
+    fit_queries: int | None = Field(52, ge=1, description="val queries the identity weight is fitted on; null = all")
+
+    @field_validator("identity_weights")
+    @classmethod
+    def _weights(cls, v: list[float]) -> list[float]:
+        bad = [w for w in v if not math.isfinite(w) or w < 0]
+        if bad:
+            raise ValueError(f"identity_weights has {bad}: each weight must be a finite number >= 0")
+        return sorted(set(v))
 
 
 class TrackingConfig(_Section):

@@ -39,11 +39,9 @@ def test_cached_features_match_a_fresh_forward(tmp_path):
     assert first.boxes[0, 2] <= 80 and (first.boxes >= 0).all()
 
 
-def test_shared_trunk_scores_each_variant_as_its_own_model(tmp_path):
+def _variants(tmp_path):
+    """ARD- and an ARD that differs only in its adapters, four random images and two queries."""
     import copy
-
-    from ardetect.evaluation.ard import SharedTrunkARD
-    from ardetect.evaluation.harness import evaluate_method
 
     torch.manual_seed(0)
     minus = build(ModelConfig.named("nano", num_queries=16, image_size=(64, 64))).eval()
@@ -63,6 +61,14 @@ def test_shared_trunk_scores_each_variant_as_its_own_model(tmp_path):
         "base_class": ["cat", "mug"],
     })
     negatives = pd.DataFrame({"tuple_id": ["t0", "t0", "t1"], "neg_image": ["x3.png", "x1.png", "x2.png"]})
+    return ard, minus, tuples, negatives
+
+
+def test_shared_trunk_scores_each_variant_as_its_own_model(tmp_path):
+    from ardetect.evaluation.ard import SharedTrunkARD
+    from ardetect.evaluation.harness import evaluate_method
+
+    ard, minus, tuples, negatives = _variants(tmp_path)
     shared = SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64, batch=2)
     together = {m.name: evaluate_method(m, tuples, negatives, progress=False) for m in shared.methods()}
     for name, model in (("ARD", ard), ("ARD-", minus)):
@@ -75,3 +81,60 @@ def test_shared_trunk_scores_each_variant_as_its_own_model(tmp_path):
         ard.input_proj[0][0].weight.add_(1.0)  # outside the adapters: not a variant any more
     with pytest.raises(ValueError, match="outside the adapters"):
         SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64).methods()[1].score(tuples.iloc[0], ["x2.png"])
+
+
+def test_shared_trunk_identity_weights_match_each_model_alone(tmp_path):
+    from ardetect.evaluation.ard import SharedTrunkARD
+    from ardetect.evaluation.harness import evaluate_method
+
+    ard, minus, tuples, negatives = _variants(tmp_path)
+    shared = SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64, batch=2, top_k=3, identity=True)
+    methods = [*shared.methods({"ARD": 4.0}), shared.method("ARD paper", "ARD")]
+    together = {m.name: evaluate_method(m, tuples, negatives, progress=False) for m in methods}
+    assert not shared._pending
+    for name, model, w in (("ARD", ard, 4.0), ("ARD-", minus, 0.0), ("ARD paper", ard, 0.0)):
+        alone = evaluate_method(ARDMethod(model, tmp_path, 64, name=name, identity_weight=w, top_k=3), tuples, negatives, progress=False)
+        np.testing.assert_allclose(together[name].per_query["score"], alone.per_query["score"], atol=1e-5)
+    # the re-ranked score is the probability discounted by the region similarity: never above it
+    assert (together["ARD"].per_query["score"] <= together["ARD paper"].per_query["score"] + 1e-6).all()
+    assert not np.allclose(together["ARD"].per_query["score"], together["ARD paper"].per_query["score"])
+    with pytest.raises(ValueError, match="already a method"):
+        shared.method("ARD", "ARD-")
+    with pytest.raises(ValueError, match="variant='ARD2'"):
+        shared.method("x", "ARD2")
+    with pytest.raises(ValueError, match="identity=True"):
+        SharedTrunkARD({"ARD": ard}, tmp_path, 64).method("ARD", "ARD", 1.0)
+
+
+def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_ties():
+    from ardetect.evaluation.ard import fit_identity_weight
+    from ardetect.evaluation.harness import Scores
+
+    # query q_i's positive scores 1 - rank_w(i) / 20 against 11 negatives at 0.9, 0.8, ...: rank = 1 + negatives above it
+    ranks = {0.0: [12, 12, 1, 1], 1.0: [1, 12, 1, 1], 2.0: [1, 12, 1, 12], 5.0: [1, 12, 1, 1]}
+
+    class Trunk:
+        def method(self, label, variant, w):
+            class M:
+                name, region_level, identity_weight = label, True, w
+
+                def score(self, query, candidates):
+                    r = ranks[w][int(query["tuple_id"][1])]
+                    neg = 0.95 - 0.05 * np.arange(len(candidates) - 1)
+                    pos = 1.0 if r == 1 else neg[r - 2] - 0.01
+                    box = np.array([[0.0, 0.0, 10.0, 10.0]] * len(candidates))
+                    return Scores(np.concatenate([[pos], neg]), box)
+
+            return M()
+
+    tuples = pd.DataFrame({
+        "tuple_id": [f"t{i}" for i in range(4)], "query_image": ["q.png"] * 4, "query_box": [[0.0, 0.0, 10.0, 10.0]] * 4,
+        "prompt": ["p"] * 4, "concept_phrase": ["V* cat"] * 4, "train_image": [f"x{i}.png" for i in range(4)],
+        "train_box": [[0.0, 0.0, 10.0, 10.0]] * 4, "medium": ["photo"] * 4, "base_class": ["cat"] * 4,
+    })
+    negatives = pd.DataFrame({"tuple_id": np.repeat(tuples["tuple_id"], 11), "neg_image": [f"n{j}.png" for j in range(11)] * 4})
+    best, recalls = fit_identity_weight(Trunk(), "ARD", tuples, negatives, [5.0, 0.0, 1.0, 2.0])
+    assert recalls == {0.0: 0.5, 1.0: 0.75, 2.0: 0.5, 5.0: 0.75}
+    assert best == 1.0  # 1 and 5 tie at 0.75: the smaller weight
+    with pytest.raises(ValueError, match="grid is empty"):
+        fit_identity_weight(Trunk(), "ARD", tuples, negatives, [])

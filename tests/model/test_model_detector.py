@@ -357,3 +357,39 @@ def test_image_cache_equals_images_and_is_reusable_across_queries(nano, query, c
 
     joined = ImageCache.cat([feats.select([0]), feats.select(slice(1, 3))])
     assert torch.equal(joined.features, feats.features)
+
+
+def test_identity_reranking_scores_probability_times_region_similarity(nano, query, candidates):
+    from ardetect.model.detector import RegionCandidates, region_candidates
+
+    cache = encode(nano, query)
+    feats = nano.encode_images(candidates, region_map=True)
+    found = region_candidates(nano, None, feats, cache, top_k=4, identity=True)[""]
+    assert found.boxes.shape == (3, 4, 4) and found.prob.shape == found.similarity.shape == (3, 4)
+    assert (found.prob[:, :-1] >= found.prob[:, 1:]).all()  # descending
+    paper_boxes, paper_scores = nano.predict_region(candidates, cache)
+    torch.testing.assert_close(found.prob[:, 0], paper_scores)
+    torch.testing.assert_close(found.boxes[:, 0], paper_boxes)
+    # each similarity is the cosine between the query's region token and the region pooled at that box
+    with torch.no_grad():
+        token = nano.region_tokens(*query)[0, 0]
+        for i in range(3):
+            pooled = nano.pool_regions(nano.image_features(candidates[i : i + 1]), found.boxes[i][:1])[0, 0]
+            want = torch.nn.functional.cosine_similarity(pooled, token, dim=0)
+            torch.testing.assert_close(found.similarity[i, 0], want, atol=1e-5, rtol=1e-5)
+    # w > 0: prob * exp(w (sim - 1)), best of the K boxes; raw images are encoded with their region maps
+    w = 2.0
+    score = found.prob * torch.exp(w * (found.similarity - 1))
+    want_scores, j = score.max(-1)
+    boxes, scores = nano.predict_region(candidates, cache, identity_weight=w, top_k=4, chunk_size=2)
+    torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(boxes, found.boxes[torch.arange(3), j], atol=1e-3, rtol=1e-4)
+    assert (scores <= found.prob.max(-1).values + 1e-6).all()  # never above the best probability
+    with pytest.raises(ValueError, match="identity_weight=-1"):
+        found.pick(-1.0)
+    with pytest.raises(ValueError, match="no region similarity"):
+        RegionCandidates(found.boxes, found.prob).pick(1.0)
+    with pytest.raises(ValueError, match="region maps"):
+        nano.predict_region(nano.encode_images(candidates), cache, identity_weight=1.0)
+    with pytest.raises(ValueError, match="top_k=0"):
+        nano.predict_region(candidates, cache, top_k=0)

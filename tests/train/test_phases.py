@@ -171,7 +171,7 @@ def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
     with torch.no_grad():
         outputs, _, _ = model_outputs(model, batch, aux=False, align=True)
         plain, _, _ = model_outputs(model, batch, aux=False, align=False)
-        query_regions, target_regions, same = outputs["align"]
+        query_regions, target_regions, same, ids = outputs["align"]
         # the target side is the region token the query side would read from the target image and box
         want_target = torch.cat([
             model.region_tokens(batch.images[i : i + 1], box_convert(batch.boxes[i] * 64, "cxcywh", "xyxy"))[:, 0] for i in range(3)
@@ -182,6 +182,7 @@ def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
     assert same.shape == (3, 3) and same.diagonal().all()
     keys = batch.image_keys
     assert same.tolist() == [[a == b for b in keys] for a in keys]
+    assert (ids[:, None] == ids[None]).tolist() == same.tolist()  # one id per image
     # reusing the target images' backbone maps changes nothing in the detections
     assert torch.equal(outputs["pred_logits"], plain["pred_logits"])
     # a run with the region contrast logs it, finite and positive

@@ -8,6 +8,7 @@ through the backbone once; candidates are scored in batches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,10 +21,14 @@ from ardetect.evaluation.harness import Scores
 
 
 class ARDMethod:
+    """ARD through the harness. ``identity_weight`` > 0 scores with the identity re-ranking
+    (``RegionCandidates.pick``) over the ``top_k`` most probable boxes; 0 is the paper's score."""
+
     region_level = True
 
     def __init__(
-        self, model, data_root: Path, image_size: int, name: str = "ARD", batch: int = 64, device: str = "cpu", max_cached: int = 4096
+        self, model, data_root: Path, image_size: int, name: str = "ARD", batch: int = 64, device: str = "cpu", max_cached: int = 4096,
+        identity_weight: float = 0.0, top_k: int = 5,
     ):
         self.model = model.eval()
         self.name = name
@@ -31,6 +36,8 @@ class ARDMethod:
         self.size = image_size
         self.batch = batch
         self.device = device
+        self.identity_weight = identity_weight
+        self.top_k = top_k
         self.transform = build_transform(train=False, size=image_size)
         self._image = lru_cache(maxsize=max_cached)(self._load)
         self._features: dict[str, object] = {}  # image path -> ImageCache of batch 1
@@ -42,28 +49,30 @@ class ARDMethod:
         return tensor, (img.height, img.width)
 
     @torch.no_grad()
-    def image_features(self, paths: list[str]):
-        """``ImageCache`` of ``paths`` in order; images not seen before go through the backbone in batches."""
+    def image_features(self, paths: list[str], region_map: bool = False):
+        """``ImageCache`` of ``paths`` in order; images not seen before (or seen without the
+        region map that ``region_map`` asks for) go through the backbone in batches."""
         from ardetect.model import ImageCache
 
-        found = {p: self._features[p] for p in paths if p in self._features}
+        found = {p: self._features[p] for p in paths if p in self._features and (not region_map or self._features[p].region_map is not None)}
         missing = list(dict.fromkeys(p for p in paths if p not in found))
         for s in range(0, len(missing), self.batch):
             part = missing[s : s + self.batch]
             images = torch.stack([self._image(p)[0] for p in part]).to(self.device)  # [b, 3, S, S]
-            enc = self.model.encode_images(images)
+            enc = self.model.encode_images(images, region_map=region_map)
             for i, p in enumerate(part):
                 found[p] = enc.select(slice(i, i + 1))
+                self._features.pop(p, None)
                 if len(self._features) >= self.max_cached:  # the oldest entry makes room
                     self._features.pop(next(iter(self._features)))
                 self._features[p] = found[p]
         return ImageCache.cat([found[p] for p in paths])
 
-    def _inputs(self, query: pd.Series, candidates: list[str]):
+    def _inputs(self, query: pd.Series, candidates: list[str], region_map: bool = False):
         q_img, q_box = transform_with_box(self.transform, load_rgb(self.root / query["query_image"]), query["query_box"])
         cache = self.model.encode_query(q_img[None].to(self.device), q_box[None].to(self.device), [query["prompt"]], [query["concept_phrase"]])
         sizes = torch.tensor([self._image(c)[1] for c in candidates], device=self.device)  # [C, 2] (h, w) of each original image
-        return self.image_features(candidates), cache, sizes
+        return self.image_features(candidates, region_map), cache, sizes
 
     @staticmethod
     def _scores(boxes: torch.Tensor, scores: torch.Tensor) -> Scores:
@@ -71,51 +80,94 @@ class ARDMethod:
 
     @torch.no_grad()
     def score(self, query: pd.Series, candidates: list[str]) -> Scores:
-        feats, cache, sizes = self._inputs(query, candidates)
-        return self._scores(*self.model.predict_region(feats, cache, image_sizes=sizes, chunk_size=self.batch))
+        identity = self.identity_weight > 0
+        feats, cache, sizes = self._inputs(query, candidates, identity)
+        return self._scores(*self.model.predict_region(
+            feats, cache, image_sizes=sizes, chunk_size=self.batch, identity_weight=self.identity_weight, top_k=self.top_k
+        ))
 
     @torch.no_grad()
-    def score_variants(self, variants: dict, query: pd.Series, candidates: list[str], check: bool = True) -> dict[str, Scores]:
-        """Scores of detectors that differ from this one only in their adapters, in one pass."""
+    def candidates_variants(self, variants: dict, query: pd.Series, candidates: list[str], check: bool = True, identity: bool = False) -> dict:
+        """``RegionCandidates`` of detectors that differ from this one only in their adapters, in one pass."""
         from ardetect.model import predict_region_variants
 
-        feats, cache, sizes = self._inputs(query, candidates)
-        out = predict_region_variants(self.model, variants, feats, cache, image_sizes=sizes, chunk_size=self.batch, check=check)
-        return {name: self._scores(*bs) for name, bs in out.items()}
+        feats, cache, sizes = self._inputs(query, candidates, identity)
+        return predict_region_variants(
+            self.model, variants, feats, cache, image_sizes=sizes, chunk_size=self.batch, check=check, top_k=self.top_k, identity=identity
+        )
 
 
 class SharedTrunkARD:
     """ARD and ARD− (or any detectors that differ only in their adapters) scored in one pass.
 
-    ``methods()`` gives one harness method per variant; the first to see a query scores it
-    for all of them and keeps the others' answers until they ask.
+    ``method(label, variant, identity_weight)`` gives a harness method; the first method to
+    see a query runs the detector once for every variant and keeps the top boxes (with their
+    region similarity when ``identity``) until every method made so far has read them.
     """
 
-    def __init__(self, models: dict, data_root: Path, image_size: int, batch: int = 64, device: str = "cpu"):
+    def __init__(self, models: dict, data_root: Path, image_size: int, batch: int = 64, device: str = "cpu", top_k: int = 5, identity: bool = False):
         from ardetect.model.detector import check_variants
 
         first = next(iter(models.values()))
-        self.runner = ARDMethod(first, data_root, image_size, name="shared", batch=batch, device=device)
+        self.runner = ARDMethod(first, data_root, image_size, name="shared", batch=batch, device=device, top_k=top_k)
         self.models = {name: m.eval() for name, m in models.items()}
+        self.identity = identity
         check_variants(first, self.models)  # once, not per query
-        self._pending: dict[tuple[str, str], Scores] = {}
+        self._labels: set[str] = set()
+        self._pending: dict[tuple, tuple[dict, set[str]]] = {}  # (tuple_id, *candidates) -> (candidates of each variant, labels still to read)
 
-    def _score(self, name: str, query: pd.Series, candidates: list[str]) -> Scores:
-        key = (str(query["tuple_id"]), name)
+    def candidates(self, label: str, variant: str, query: pd.Series, candidates: list[str]):
+        key = (str(query["tuple_id"]), *candidates)
         if key not in self._pending:
-            for other, sc in self.runner.score_variants(self.models, query, candidates, check=False).items():
-                self._pending[(key[0], other)] = sc
-        return self._pending.pop(key)
+            found = self.runner.candidates_variants(self.models, query, candidates, check=False, identity=self.identity)
+            self._pending[key] = (found, set(self._labels))
+        found, waiting = self._pending[key]
+        waiting.discard(label)
+        if not waiting:
+            del self._pending[key]
+        return found[variant]
 
-    def methods(self) -> list:
-        return [_Variant(self, name) for name in self.models]
+    def method(self, label: str, variant: str, identity_weight: float = 0.0) -> "_Variant":
+        if variant not in self.models:
+            raise ValueError(f"variant={variant!r} is not one of {list(self.models)}")
+        if identity_weight > 0 and not self.identity:
+            raise ValueError(f"identity_weight={identity_weight} needs SharedTrunkARD(..., identity=True)")
+        if label in self._labels:
+            raise ValueError(f"label={label!r} is already a method of this trunk")
+        self._labels.add(label)
+        return _Variant(self, label, variant, identity_weight)
+
+    def methods(self, identity_weights: dict[str, float] | None = None) -> list:
+        """One method per variant, named after it, with its weight from ``identity_weights`` (default 0)."""
+        weights = identity_weights or {}
+        return [self.method(name, name, weights.get(name, 0.0)) for name in self.models]
 
 
 class _Variant:
     region_level = True
 
-    def __init__(self, trunk: SharedTrunkARD, name: str):
-        self.trunk, self.name = trunk, name
+    def __init__(self, trunk: SharedTrunkARD, label: str, variant: str, identity_weight: float):
+        self.trunk, self.name, self.variant, self.identity_weight = trunk, label, variant, identity_weight
 
     def score(self, query: pd.Series, candidates: list[str]) -> Scores:
-        return self.trunk._score(self.name, query, candidates)
+        found = self.trunk.candidates(self.name, self.variant, query, candidates)
+        return ARDMethod._scores(*found.pick(self.identity_weight))
+
+
+def fit_identity_weight(
+    trunk: SharedTrunkARD, variant: str, tuples: pd.DataFrame, negatives: pd.DataFrame, grid: Sequence[float],
+    iou_threshold: float = 0.5, progress: bool = False,
+) -> tuple[float, dict[float, float]]:
+    """The identity weight of ``grid`` with the best Recall@10 of ``variant`` on ``tuples``
+    (a validation split: never the test tuples), ties to the smaller weight.
+
+    Returns (weight, {weight: recall@10}).
+    """
+    from ardetect.evaluation.harness import evaluate_method
+
+    if not grid:
+        raise ValueError("grid is empty: give at least one identity weight")
+    methods = [trunk.method(f"{variant}@fit{w:g}", variant, float(w)) for w in sorted(set(float(w) for w in grid))]
+    recalls = {m.identity_weight: float(evaluate_method(m, tuples, negatives, iou_threshold, progress=progress).summary["recall@10"]) for m in methods}
+    best = max(recalls, key=lambda w: (recalls[w], -w))
+    return best, recalls

@@ -14,6 +14,7 @@ batch N pairs with N images.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -129,6 +130,8 @@ class ImageCache:
         shapes: (h, w) of each level.
         valid_ratios: [N, L, 2] (w, h) share of each level that is not padding.
         image_size: (H, W) of the input images in pixels.
+        region_map: [N, D, H/8, W/8] the map region tokens are pooled from (``region_map``),
+            for the identity re-ranking of ``region_candidates``; None when region tokens are off.
     """
 
     features: Tensor
@@ -137,6 +140,7 @@ class ImageCache:
     shapes: list[tuple[int, int]]
     valid_ratios: Tensor
     image_size: tuple[int, int]
+    region_map: Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -147,16 +151,19 @@ class ImageCache:
         else:
             idx = torch.as_tensor(index, dtype=torch.long, device=self.features.device)
             pick = lambda t: t[idx]  # noqa: E731
-        return ImageCache(pick(self.features), pick(self.mask), pick(self.pos), self.shapes, pick(self.valid_ratios), self.image_size)
+        region_map = None if self.region_map is None else pick(self.region_map)
+        return ImageCache(pick(self.features), pick(self.mask), pick(self.pos), self.shapes, pick(self.valid_ratios), self.image_size, region_map)
 
     @staticmethod
     def cat(caches: Sequence["ImageCache"]) -> "ImageCache":
         first = caches[0]
         if any(c.shapes != first.shapes for c in caches):
             raise ValueError("image caches of different input sizes cannot be concatenated")
+        maps = [c.region_map for c in caches]
         return ImageCache(
             torch.cat([c.features for c in caches]), torch.cat([c.mask for c in caches]), torch.cat([c.pos for c in caches]),
             first.shapes, torch.cat([c.valid_ratios for c in caches]), first.image_size,
+            None if any(m is None for m in maps) else torch.cat(maps),
         )
 
 
@@ -325,16 +332,26 @@ class ARDetector(nn.Module):
         """[B, 3, H, W] query images and [B, 4] pixel xyxy boxes -> [B, 1, D] region tokens."""
         return self.pool_regions(self.image_features(query_image, query=True), query_box)
 
-    def pool_regions(self, feats: list[Tensor], boxes: Tensor) -> Tensor:
-        """Region tokens of [B, 4] pixel xyxy boxes read from backbone maps ``feats`` (strides 8/16/32) -> [B, 1, D]."""
+    def region_map(self, feats: list[Tensor]) -> Tensor:
+        """Backbone maps ``feats`` (strides 8/16/32) -> [B, D, H/8, W/8]: all levels at the finest size, 1x1 conv."""
         if self.region_proj is None:
             raise ValueError("region tokens are off (cfg.region_tokens=False): there is no region projection")
         size = feats[0].shape[-2:]
         fused = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]], 1)
-        fused = self.region_proj(fused)  # [B, D, H/8, W/8]
-        rois = torch.cat([torch.arange(len(boxes), device=fused.device, dtype=torch.float32)[:, None], boxes.float()], 1)
-        tokens = roi_align(fused.float(), rois, output_size=1, spatial_scale=1 / 8, sampling_ratio=-1, aligned=True)  # [B, D, 1, 1]
-        return tokens.to(fused.dtype).flatten(2).transpose(1, 2)  # [B, 1, D]
+        return self.region_proj(fused)
+
+    def pool_regions(self, feats: list[Tensor], boxes: Tensor) -> Tensor:
+        """Region tokens of [B, 4] pixel xyxy boxes read from backbone maps ``feats`` (strides 8/16/32) -> [B, 1, D]."""
+        return self.pool_map(self.region_map(feats), boxes[:, None])[:, 0][:, None]
+
+    @staticmethod
+    def pool_map(region_map: Tensor, boxes: Tensor) -> Tensor:
+        """[B, D, h, w] region maps (stride 8) and [B, K, 4] pixel xyxy boxes -> [B, K, D] pooled regions (RoIAlign)."""
+        b, k = boxes.shape[:2]
+        index = torch.arange(b, device=region_map.device, dtype=torch.float32).repeat_interleave(k)[:, None]
+        rois = torch.cat([index, boxes.reshape(b * k, 4).float().to(region_map.device)], 1)
+        tokens = roi_align(region_map.float(), rois, output_size=1, spatial_scale=1 / 8, sampling_ratio=-1, aligned=True)  # [B*K, D, 1, 1]
+        return tokens.to(region_map.dtype).view(b, k, -1)
 
     def encode_query(
         self,
@@ -461,22 +478,27 @@ class ARDetector(nn.Module):
             hidden, text = self.adapter_query(hidden), self.adapter_text(text)
         return self._similarity(hidden, text, token_mask)
 
-    def encode_images(self, images: Tensor, pixel_mask: Tensor | None = None, features: list[Tensor] | None = None) -> ImageCache:
+    def encode_images(
+        self, images: Tensor, pixel_mask: Tensor | None = None, features: list[Tensor] | None = None, region_map: bool = False
+    ) -> ImageCache:
         """The query-independent candidate side of N images [N, 3, H, W] in [0, 1] -> ``ImageCache``.
 
         ``features``: the images' backbone maps (``image_features``) when the caller already has them.
+        ``region_map``: also keep the map region tokens are pooled from (the identity re-ranking needs it).
         """
         check_images(images)
         n = images.shape[0]
         if pixel_mask is not None and tuple(pixel_mask.shape) != (n, *images.shape[-2:]):
             raise ValueError(f"pixel_mask must have shape [N, H, W] = {[n, *images.shape[-2:]]}, got {list(pixel_mask.shape)}")
-        flat, mask_flat, pos_flat, shapes, valid_ratios = self._flatten_levels(images, pixel_mask, features)
+        feats = self.image_features(images) if features is None else features
+        flat, mask_flat, pos_flat, shapes, valid_ratios = self._flatten_levels(images, pixel_mask, feats)
         if flat.shape[1] < self.cfg.num_queries:
             raise ValueError(
                 f"images of {images.shape[-2]}x{images.shape[-1]} give {flat.shape[1]} encoder tokens, "
                 f"fewer than num_queries={self.cfg.num_queries}: use larger images"
             )
-        return ImageCache(flat, mask_flat, pos_flat, shapes, valid_ratios, (images.shape[-2], images.shape[-1]))
+        rmap = self.region_map(feats) if region_map else None
+        return ImageCache(flat, mask_flat, pos_flat, shapes, valid_ratios, (images.shape[-2], images.shape[-1]), rmap)
 
     def forward(self, images: Tensor | ImageCache, query: QueryCache, pixel_mask: Tensor | None = None) -> ARDOutput:
         """Detect the query's concept in N candidate images.
@@ -532,33 +554,51 @@ class ARDetector(nn.Module):
     def best_region(out: ARDOutput, image_sizes: Tensor) -> tuple[Tensor, Tensor]:
         """The single best box per image and its score: max over queries and concept tokens
         of the sigmoid of the (adapted) logits -> (boxes [N, 4] pixel xyxy, scores [N])."""
-        prob = out.pred_logits.float().sigmoid().masked_fill(~out.concept_mask[:, None, :], 0.0)  # [N, Q, T]
-        per_query = prob.max(-1).values  # [N, Q]
-        scores, best = per_query.max(-1)  # [N]
-        boxes = out.pred_boxes[torch.arange(len(best), device=best.device), best]  # [N, 4]
-        return box_ops.cxcywh_norm_to_xyxy_pixels(boxes, image_sizes), scores
+        return ARDetector.top_regions(out.pred_logits, out, image_sizes, 1).pick()
+
+    @staticmethod
+    def top_regions(
+        logits: Tensor, out: ARDOutput, image_sizes: Tensor, top_k: int, images: ImageCache | None = None, query: QueryCache | None = None
+    ) -> "RegionCandidates":
+        """The ``top_k`` boxes of each image by detector probability (max over concept tokens of the
+        sigmoid of ``logits`` [N, Q, T]); with ``images`` (holding ``region_map``) and ``query``, also
+        the cosine similarity between the query's region token and the region pooled at each box."""
+        prob = logits.float().sigmoid().masked_fill(~out.concept_mask[:, None, :], 0.0).max(-1).values  # [N, Q]
+        prob, top = prob.topk(min(top_k, prob.shape[1]), dim=-1)  # [N, K], descending
+        boxes = torch.gather(out.pred_boxes, 1, top[..., None].expand(-1, -1, 4))  # [N, K, 4] normalised cxcywh
+        similarity = None
+        if images is not None:
+            if images.region_map is None:
+                raise ValueError("identity re-ranking needs the candidates' region maps: encode_images(..., region_map=True)")
+            if query is None or not bool(query.region_mask.any()):
+                raise ValueError("identity re-ranking needs a query with region tokens (cfg.region_tokens)")
+            q = query.expand(len(images))
+            token = q.text[q.region_mask].view(len(images), -1, q.text.shape[-1])[:, 0]  # [N, D] first region token
+            h, w = images.image_size
+            inside = box_ops.cxcywh_norm_to_xyxy_pixels(boxes, torch.tensor([[h, w]], device=boxes.device).expand(len(boxes), 2))
+            pooled = ARDetector.pool_map(images.region_map, inside)  # [N, K, D]
+            similarity = F.cosine_similarity(pooled.float(), token.float()[:, None], dim=-1)  # [N, K]
+        return RegionCandidates(box_ops.cxcywh_norm_to_xyxy_pixels(boxes, image_sizes), prob, similarity)
 
     @torch.no_grad()
     def predict_region(
-        self, images: Tensor | ImageCache, query: QueryCache, image_sizes: Tensor | None = None, chunk_size: int | None = None
+        self, images: Tensor | ImageCache, query: QueryCache, image_sizes: Tensor | None = None, chunk_size: int | None = None,
+        identity_weight: float = 0.0, top_k: int = 5,
     ) -> tuple[Tensor, Tensor]:
         """Best region and attribution score of each of N candidate images.
 
         Args:
-            images: [N, 3, H, W] in [0, 1], or their ``ImageCache``.
+            images: [N, 3, H, W] in [0, 1], or their ``ImageCache`` (with ``region_map`` when
+                ``identity_weight`` > 0).
             query: ``QueryCache`` of batch 1 (broadcast) or N.
             image_sizes: [N, 2] (height, width) to scale the boxes to; default the input size.
             chunk_size: score at most this many candidates per forward pass.
+            identity_weight: 0 = the paper's score (the best box's probability); above 0, the
+                identity re-ranking of ``RegionCandidates.pick`` over the ``top_k`` boxes.
         Returns:
             (boxes [N, 4] pixel xyxy, scores [N] in [0, 1]).
         """
-        boxes, scores = [], []
-        for part, q, sizes in candidate_chunks(images, query, image_sizes, chunk_size):
-            out = self(part, q)
-            b, sc = self.best_region(out, sizes)
-            boxes.append(b)
-            scores.append(sc)
-        return torch.cat(boxes), torch.cat(scores)
+        return region_candidates(self, None, images, query, image_sizes, chunk_size, top_k, identity_weight > 0)[""].pick(identity_weight)
 
 
 def candidate_chunks(images: Tensor | ImageCache, query: QueryCache, image_sizes: Tensor | None, chunk_size: int | None):
@@ -587,30 +627,92 @@ def check_variants(model: "ARDetector", variants: dict[str, "ARDetector"]) -> No
             raise ValueError(f"variant {name!r} differs from the shared model outside the adapters: {differ[:3]}")
 
 
+@dataclass
+class RegionCandidates:
+    """The ``top_k`` boxes of each of N candidate images, from which the attribution score is picked.
+
+    Attributes:
+        boxes: [N, K, 4] pixel xyxy.
+        prob: [N, K] detector probability of each box (max over concept tokens), descending.
+        similarity: [N, K] cosine between the query's region token and the region pooled at
+            each box from the same map (``ARDetector.region_map``); None when not computed.
+    """
+
+    boxes: Tensor
+    prob: Tensor
+    similarity: Tensor | None = None
+
+    def pick(self, identity_weight: float = 0.0) -> tuple[Tensor, Tensor]:
+        """(boxes [N, 4], scores [N]) of the best box of each image.
+
+        ``identity_weight`` w = 0 is the paper's score: the most probable box and its
+        probability. With w > 0 (ours, README "Identity re-ranking") each box scores
+        ``prob * exp(w * (similarity - 1))``: the probability, discounted by how far the
+        region at the box is from the query region; the best of the K boxes wins.
+        """
+        if not math.isfinite(identity_weight) or identity_weight < 0:
+            raise ValueError(f"identity_weight={identity_weight!r} must be a finite number >= 0")
+        if identity_weight == 0:
+            return self.boxes[:, 0], self.prob[:, 0]
+        if self.similarity is None:
+            raise ValueError(f"identity_weight={identity_weight}: these candidates carry no region similarity")
+        score = self.prob * torch.exp(identity_weight * (self.similarity - 1.0))
+        best, j = score.max(-1)
+        return self.boxes[torch.arange(len(j), device=j.device), j], best
+
+    @staticmethod
+    def cat(parts: Sequence["RegionCandidates"]) -> "RegionCandidates":
+        sims = [p.similarity for p in parts]
+        return RegionCandidates(
+            torch.cat([p.boxes for p in parts]), torch.cat([p.prob for p in parts]),
+            None if any(s is None for s in sims) else torch.cat(sims),
+        )
+
+
+@torch.no_grad()
+def region_candidates(
+    model: "ARDetector", variants: dict[str, "ARDetector"] | None, images: Tensor | ImageCache, query: QueryCache,
+    image_sizes: Tensor | None = None, chunk_size: int | None = None, top_k: int = 5, identity: bool = False,
+) -> dict[str, RegionCandidates]:
+    """The top-k boxes of N candidate images for ``model`` (key "") or for each of ``variants``.
+
+    ``identity``: also their region similarity to the query (``ARDetector.top_regions``);
+    raw images are then encoded with their region maps.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be at least 1")
+    heads_of = {"": None} if variants is None else {
+        name: (other.adapter_query, other.adapter_text) if other.adapters_enabled else (nn.Identity(), nn.Identity())
+        for name, other in variants.items()
+    }
+    parts: dict[str, list[RegionCandidates]] = {name: [] for name in heads_of}
+    for part, q, sizes in candidate_chunks(images, query, image_sizes, chunk_size):
+        if identity and not isinstance(part, ImageCache):
+            part = model.encode_images(part, region_map=True)
+        out = model(part, q)
+        for name, heads in heads_of.items():
+            logits = out.pred_logits if heads is None else model.class_logits(out.hidden, out.memory_text, out.token_mask, adapters=heads)
+            parts[name].append(model.top_regions(logits, out, sizes, top_k, part if identity else None, q))
+    return {name: RegionCandidates.cat(p) for name, p in parts.items()}
+
+
 @torch.no_grad()
 def predict_region_variants(
     model: "ARDetector", variants: dict[str, "ARDetector"], images: Tensor | ImageCache, query: QueryCache,
-    image_sizes: Tensor | None = None, chunk_size: int | None = None, check: bool = True,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """``predict_region`` of several detectors that differ only in their adapters, in one pass.
+    image_sizes: Tensor | None = None, chunk_size: int | None = None, check: bool = True, top_k: int = 5,
+    identity: bool = False,
+) -> dict[str, RegionCandidates]:
+    """The ``RegionCandidates`` of several detectors that differ only in their adapters, in one pass.
 
     Phase 2 trains nothing but the adapters, so ARD and ARD− share every other weight:
     the backbone, encoder and decoder run once and each variant's class head re-scores
     the same decoder output. Raises ``ValueError`` when a variant differs elsewhere
     (``check=False`` skips that comparison of every weight, for callers that made it once).
-    Returns {name: (boxes [N, 4] pixel xyxy, scores [N])}.
+    ``.pick(w)`` of a variant's candidates is its ``predict_region(..., identity_weight=w)``.
     """
     if check:
         check_variants(model, variants)
-    parts: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in variants}
-    for part, q, sizes in candidate_chunks(images, query, image_sizes, chunk_size):
-        out = model(part, q)
-        for name, other in variants.items():
-            heads = (other.adapter_query, other.adapter_text) if other.adapters_enabled else (nn.Identity(), nn.Identity())
-            logits = model.class_logits(out.hidden, out.memory_text, out.token_mask, adapters=heads)
-            variant_out = ARDOutput(logits, out.pred_boxes, token_mask=out.token_mask, concept_mask=out.concept_mask)
-            parts[name].append(model.best_region(variant_out, sizes))
-    return {name: (torch.cat([b for b, _ in p]), torch.cat([sc for _, sc in p])) for name, p in parts.items()}
+    return region_candidates(model, variants, images, query, image_sizes, chunk_size, top_k, identity)
 
 
 def build(cfg: ModelConfig) -> ARDetector:

@@ -145,8 +145,14 @@ def model_outputs(model, batch: Batch, aux: bool = True, align: bool = False) ->
     return outputs, out.token_mask, targets
 
 
-def _region_pairs(model, cache, feats: list[Tensor], batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-    """(query region tokens [M, D], target region tokens [M, D], same concept [M, M] bool) of the M positives."""
+def image_id(key: str) -> int:
+    """A stable 63-bit id of an image key (its path), for tensors that must tell images apart."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _region_pairs(model, cache, feats: list[Tensor], batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(query region tokens [M, D], target region tokens [M, D], same concept [M, M] bool,
+    target image ids [M]) of the M positives."""
     pos = torch.nonzero(batch.positive).flatten()
     region = cache.text[cache.region_mask].view(len(batch.prompts), -1, cache.text.shape[-1])[:, 0]  # [P, D]
     size = torch.tensor(batch.images.shape[-2:][::-1] * 2, dtype=torch.float32)  # (W, H, W, H)
@@ -154,7 +160,8 @@ def _region_pairs(model, cache, feats: list[Tensor], batch: Batch) -> tuple[Tens
     target = model.pool_regions([f[pos] for f in feats], boxes.to(feats[0].device))[:, 0]  # [M, D]
     keys = [batch.image_keys[int(i)] for i in pos]
     same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool)
-    return region[batch.query_of[pos]], target, same
+    ids = torch.tensor([image_id(k) for k in keys], dtype=torch.long)
+    return region[batch.query_of[pos]], target, same, ids
 
 
 def check_finite(losses: dict[str, Tensor], where: str) -> None:
