@@ -61,7 +61,7 @@ def test_unknown_section_is_named():
         (("evaluate", "identity_weights"), [0, -2], r"evaluate\.identity_weights.*\[-2\.0\]"),
         (("evaluate", "identity_weights"), [], r"evaluate\.identity_weights.*at least 1"),
         (("evaluate", "identity_top_k"), 0, r"evaluate\.identity_top_k.*got 0"),
-        (("train_phase1", "loss", "align_queue"), -1, r"train_phase1\.loss\.align_queue.*got -1"),
+        (("train_phase1", "loss", "align_negatives"), -1, r"train_phase1\.loss\.align_negatives.*got -1"),
     ],
 )
 def test_out_of_range_values_are_named(path, value, pattern):

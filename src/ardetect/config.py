@@ -175,8 +175,8 @@ class LossConfig(_Section):
         1.0, ge=0, description="region contrast between query and target regions (ours, for from-scratch training); 0 = the paper's recipe"
     )
     align_temperature: float = Field(0.1, gt=0, description="temperature of the region contrast")
-    align_queue: int = Field(
-        256, ge=0, description="earlier batches' target regions kept as further region-contrast negatives (ours); 0 = this batch only"
+    align_negatives: int = Field(
+        4, ge=0, description="region-contrast negatives from each target image: regions at its most probable boxes clear of the target (ours)"
     )
 
 

@@ -129,58 +129,42 @@ def test_criterion_adds_the_weighted_region_contrast():
 
     gen = torch.Generator().manual_seed(2)
     outs = {"pred_logits": torch.randn(2, 5, 6, generator=gen), "pred_boxes": torch.rand(2, 5, 4, generator=gen) * 0.5 + 0.25}
-    pairs = (torch.randn(2, 8, generator=gen), torch.randn(2, 8, generator=gen), torch.eye(2, dtype=torch.bool), torch.tensor([5, 6]))
+    pairs = (torch.randn(2, 8, generator=gen), torch.randn(2, 8, generator=gen), torch.eye(2, dtype=torch.bool), torch.randn(3, 8, generator=gen))
     targets = rand_targets(gen, 2, 6, [1, 1])
     mask = torch.ones(2, 6, dtype=torch.bool)
     plain = SetCriterion(HungarianMatcher())
     assert not plain.uses_align and "loss_align" not in plain({**outs, "align": pairs}, targets, mask)
     crit = SetCriterion(HungarianMatcher(), weight_align=0.7, align_temperature=0.2)
     out = crit({**outs, "align": pairs}, targets, mask)
-    want = region_contrast(*pairs[:3], temperature=0.2)
+    want = region_contrast(*pairs[:3], temperature=0.2, extra_negatives=pairs[3])
     assert out["loss_align"].item() == pytest.approx(want.item(), rel=1e-6)
     assert out["loss"].item() == pytest.approx(plain(outs, targets, mask)["loss"].item() + 0.7 * want.item(), rel=1e-5)
 
 
-def test_region_contrast_queue_adds_earlier_regions_as_negatives():
-    from ardetect.train.losses import RegionQueue, region_contrast
+def test_region_contrast_other_regions_are_negatives_of_every_query():
+    from ardetect.train.losses import region_contrast
 
     q = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # as above: cosines q . t^T [[1, 0.6], [0, 0.8]]
     t = torch.tensor([[3.0, 0.0], [0.6, 0.8]])
     same = torch.eye(2, dtype=torch.bool)
     tau = 0.5
-    extra = torch.tensor([[0.0, 1.0]])  # cosines with q: 0 and 1
+    others = torch.tensor([[0.0, 3.0]])  # unit [0, 1]: cosines with q 0 and 1
     e = lambda x: math.exp(x / tau)  # noqa: E731
     q_to_t = 0.5 * (-math.log(e(1.0) / (e(1.0) + e(0.6) + e(0.0))) - math.log(e(0.8) / (e(0.8) + e(0.0) + e(1.0))))
-    t_to_q = 0.5 * (-math.log(e(1.0) / (e(1.0) + e(0.0))) - math.log(e(0.8) / (e(0.8) + e(0.6))))  # no queue on this side
-    got = region_contrast(q, t, same, tau, extra_negatives=extra)
+    t_to_q = 0.5 * (-math.log(e(1.0) / (e(1.0) + e(0.0))) - math.log(e(0.8) / (e(0.8) + e(0.6))))  # others only on the query side
+    got = region_contrast(q, t, same, tau, extra_negatives=others)
     assert got.item() == pytest.approx(0.5 * (q_to_t + t_to_q), rel=1e-5)
-    # one positive alone has negatives now
-    assert region_contrast(q[:1], t[:1], same[:1, :1], tau, extra).item() > 0
-
-    queue = RegionQueue(3)
-    queue.push(torch.tensor([[2.0, 0.0], [0.0, 3.0]]), torch.tensor([10, 11]))
-    queue.push(torch.tensor([[0.0, -1.0], [1.0, 1.0]]), torch.tensor([12, 10]))
-    assert len(queue) == 3 and queue.ids.tolist() == [12, 10, 10]  # newest first, the oldest dropped
-    torch.testing.assert_close(queue.regions, torch.tensor([[0.0, -1.0], [2**-0.5, 2**-0.5], [1.0, 0.0]]))
-    assert queue.negatives(torch.tensor([10])).tolist() == [[0.0, -1.0]]  # the images of this batch are no negatives
-    state = queue.state()
-    again = RegionQueue(3)
-    again.load_state(state)
-    assert torch.equal(again.regions, queue.regions) and torch.equal(again.ids, queue.ids)
-    with pytest.raises(ValueError, match="align_queue=4"):
-        RegionQueue(4).load_state(state)
-    with pytest.raises(ValueError, match="align_queue=0"):
-        RegionQueue(0)
-
-    # the criterion fills its queue from each batch's target regions and uses it from the next batch on
+    # one positive alone has negatives now; an empty set of others changes nothing
+    assert region_contrast(q[:1], t[:1], same[:1, :1], tau, others).item() > 0
+    assert region_contrast(q, t, same, tau, others[:0]).item() == pytest.approx(region_contrast(q, t, same, tau).item())
+    # the criterion passes the fourth element of "align" on as the other regions
     gen = torch.Generator().manual_seed(3)
     outs = {"pred_logits": torch.randn(2, 5, 6, generator=gen), "pred_boxes": torch.rand(2, 5, 4, generator=gen) * 0.5 + 0.25}
     targets = rand_targets(gen, 2, 6, [1, 1])
     mask = torch.ones(2, 6, dtype=torch.bool)
-    crit = SetCriterion(HungarianMatcher(), weight_align=1.0, align_temperature=tau, align_queue=8)
-    first = (q, t, same, torch.tensor([1, 2]))
-    assert crit({**outs, "align": first}, targets, mask)["loss_align"].item() == pytest.approx(region_contrast(q, t, same, tau).item(), rel=1e-6)
-    second = (q, t, same, torch.tensor([2, 3]))  # image 2 again: only image 1's region is a negative from the queue
-    want = region_contrast(q, t, same, tau, torch.nn.functional.normalize(t[:1], dim=-1))
-    assert crit({**outs, "align": second}, targets, mask)["loss_align"].item() == pytest.approx(want.item(), rel=1e-6)
-    assert len(crit.queue) == 4
+    crit = SetCriterion(HungarianMatcher(), weight_align=1.0, align_temperature=tau, align_negatives=3)
+    assert crit.align_negatives == 3
+    assert crit({**outs, "align": (q, t, same, others)}, targets, mask)["loss_align"].item() == pytest.approx(got.item(), rel=1e-6)
+    assert SetCriterion(HungarianMatcher(), weight_align=0.0, align_negatives=3).align_negatives == 0  # no contrast, no negatives
+    with pytest.raises(ValueError, match="align_negatives=-1"):
+        SetCriterion(HungarianMatcher(), weight_align=1.0, align_negatives=-1)

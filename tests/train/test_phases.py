@@ -26,6 +26,11 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def batch_concept(model, batch, i: int) -> torch.Tensor:
+    """[T] bool: the concept tokens of sample i's prompt."""
+    return model.tokenize([batch.prompts[i]], [batch.phrases[i]]).concept_mask[0]
+
+
 def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
     tuples, root = tiny_world
     tuples.to_parquet(tmp_path / "tuples.parquet")
@@ -156,7 +161,7 @@ def test_checkpoint_of_other_params_is_not_resumed(tiny_world, tmp_path, capsys)
 
 
 def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
-    from torchvision.ops import box_convert
+    from torchvision.ops import box_convert, box_iou
 
     from ardetect.data.datasets import TupleDataset
     from ardetect.train.engine import iter_batches, model_outputs
@@ -169,9 +174,17 @@ def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
     ds = TupleDataset(tuples, root, "train", 64, train=False)
     _, batch = next(iter_batches(ds, seed=0, epoch=0, batch_size=3))
     with torch.no_grad():
-        outputs, _, _ = model_outputs(model, batch, aux=False, align=True)
+        outputs, _, _ = model_outputs(model, batch, aux=False, align=True, align_negatives=2)
         plain, _, _ = model_outputs(model, batch, aux=False, align=False)
-        query_regions, target_regions, same, ids = outputs["align"]
+        query_regions, target_regions, same, others = outputs["align"]
+        # the other regions: per target image, the 2 most probable predicted boxes with IoU < 0.3 to its target box
+        want_others = []
+        for i in range(3):
+            prob = plain["pred_logits"][i].sigmoid().masked_fill(~batch_concept(model, batch, i)[None], 0).max(-1).values  # [Q]
+            pred = box_convert(plain["pred_boxes"][i], "cxcywh", "xyxy") * 64
+            target_box = box_convert(batch.boxes[i], "cxcywh", "xyxy") * 64
+            clear = [j for j in prob.argsort(descending=True).tolist() if box_iou(pred[j : j + 1], target_box)[0, 0] < 0.3][:2]
+            want_others += [model.region_tokens(batch.images[i : i + 1], pred[j : j + 1])[0, 0] for j in clear]
         # the target side is the region token the query side would read from the target image and box
         want_target = torch.cat([
             model.region_tokens(batch.images[i : i + 1], box_convert(batch.boxes[i] * 64, "cxcywh", "xyxy"))[:, 0] for i in range(3)
@@ -182,7 +195,7 @@ def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
     assert same.shape == (3, 3) and same.diagonal().all()
     keys = batch.image_keys
     assert same.tolist() == [[a == b for b in keys] for a in keys]
-    assert (ids[:, None] == ids[None]).tolist() == same.tolist()  # one id per image
+    assert len(want_others) > 0 and torch.allclose(others, torch.stack(want_others), atol=1e-5)
     # reusing the target images' backbone maps changes nothing in the detections
     assert torch.equal(outputs["pred_logits"], plain["pred_logits"])
     # a run with the region contrast logs it, finite and positive

@@ -44,7 +44,7 @@ def _subset(tuples: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
 
 def build(cfg: Config) -> dict:
     from ardetect.evaluation.abc import AbCMethod, load_abc
-    from ardetect.evaluation.ard import SharedTrunkARD, fit_identity_weight
+    from ardetect.evaluation.ard import SharedTrunkARD
     from ardetect.evaluation.figures import recall_curve, recall_plot, retrieval_figure
     from ardetect.evaluation.harness import ChanceMethod, evaluate_method, results_table
     from ardetect.train.phases import image_size_of, load_model

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou
 
 from ardetect.data.datasets import NegativeSampler, Sample, TupleDataset
 from ardetect.train.losses import SetCriterion
@@ -123,13 +123,15 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1, max_steps: int | No
     return min(steps, max_steps) if max_steps is not None else steps
 
 
-def model_outputs(model, batch: Batch, aux: bool = True, align: bool = False) -> tuple[dict, Tensor, list[Target]]:
+def model_outputs(model, batch: Batch, aux: bool = True, align: bool = False, align_negatives: int = 0) -> tuple[dict, Tensor, list[Target]]:
     """Run the detector on a batch: queries encoded once each, then paired with their images.
 
     ``aux=False`` keeps only the last decoder layer (phase 2's loss). ``align=True`` also
     returns ``outputs["align"]``: each positive's query region token, the same pooling of
-    its target region in the target image, and which pairs show the same concept
-    (``region_contrast``); the target images' backbone runs once for both.
+    its target region in the target image, which pairs show the same concept, and the
+    regions at the ``align_negatives`` most probable predicted boxes of each target image
+    that stay clear of its target region (``region_contrast``); the target images'
+    backbone runs once for all.
     """
     cache = model.encode_query(batch.query_images, batch.query_boxes, batch.prompts, batch.phrases)
     feats = model.image_features(batch.images) if align else None
@@ -141,27 +143,37 @@ def model_outputs(model, batch: Batch, aux: bool = True, align: bool = False) ->
     if aux:
         outputs.update(aux_outputs=out.aux_outputs, enc_outputs=out.enc_outputs)
     if align:
-        outputs["align"] = _region_pairs(model, cache, feats, batch)
+        outputs["align"] = _region_pairs(model, cache, feats, batch, out, align_negatives)
     return outputs, out.token_mask, targets
 
 
-def image_id(key: str) -> int:
-    """A stable 63-bit id of an image key (its path), for tensors that must tell images apart."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
-
-
-def _region_pairs(model, cache, feats: list[Tensor], batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _region_pairs(model, cache, feats: list[Tensor], batch: Batch, out=None, k: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(query region tokens [M, D], target region tokens [M, D], same concept [M, M] bool,
-    target image ids [M]) of the M positives."""
+    other regions [E, D]) of the M positives; the other regions are pooled at the k most
+    probable boxes of ``out`` in each target image whose IoU with its target box is below
+    ``CLEAR_IOU`` (E <= M k)."""
     pos = torch.nonzero(batch.positive).flatten()
     region = cache.text[cache.region_mask].view(len(batch.prompts), -1, cache.text.shape[-1])[:, 0]  # [P, D]
     size = torch.tensor(batch.images.shape[-2:][::-1] * 2, dtype=torch.float32)  # (W, H, W, H)
     boxes = torch.stack([box_convert(batch.boxes[int(i)][0], "cxcywh", "xyxy") for i in pos]) * size  # [M, 4] pixels
-    target = model.pool_regions([f[pos] for f in feats], boxes.to(feats[0].device))[:, 0]  # [M, D]
+    rmap = model.region_map([f[pos] for f in feats])  # [M, D, h, w]
+    boxes = boxes.to(rmap.device)
+    target = model.pool_map(rmap, boxes[:, None])[:, 0]  # [M, D]
     keys = [batch.image_keys[int(i)] for i in pos]
     same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool)
-    ids = torch.tensor([image_id(k) for k in keys], dtype=torch.long)
-    return region[batch.query_of[pos]], target, same, ids
+    others = target.new_zeros(0, target.shape[-1])
+    if k > 0 and out is not None:
+        with torch.no_grad():
+            prob = out.pred_logits[pos].float().sigmoid().masked_fill(~out.concept_mask[pos][:, None, :], 0.0).max(-1).values  # [M, Q]
+            pred = box_convert(out.pred_boxes[pos].float(), "cxcywh", "xyxy") * size.to(rmap.device)  # [M, Q, 4] pixels
+            clear = torch.stack([box_iou(pred[i], boxes[i : i + 1])[:, 0] < CLEAR_IOU for i in range(len(pos))])  # [M, Q]
+            score, top = prob.masked_fill(~clear, -1.0).topk(min(k, prob.shape[1]), dim=-1)  # [M, k]
+            picked = torch.gather(pred, 1, top[..., None].expand(-1, -1, 4))  # [M, k, 4]
+        others = model.pool_map(rmap, picked)[score >= 0]  # [E, D]
+    return region[batch.query_of[pos]], target, same, others
+
+
+CLEAR_IOU = 0.3  # a predicted box this far from the target region shows another object (each image holds one concept)
 
 
 def check_finite(losses: dict[str, Tensor], where: str) -> None:
@@ -310,7 +322,7 @@ def train_one_epoch(
     count = 0
     n_steps = steps_per_epoch(len(ds), batch_size, world, max_steps)
     for step, batch in iter_batches(ds, seed, epoch, batch_size, rank, world, negatives, start=state.step, max_steps=max_steps):
-        outputs, token_mask, targets = _forward(model, ddp_model, batch, aux=aux, align=criterion.uses_align)
+        outputs, token_mask, targets = _forward(model, ddp_model, batch, aux=aux, align=criterion.uses_align, align_negatives=criterion.align_negatives)
         losses = criterion(outputs, targets, token_mask)
         if regulariser is not None and lambda_reg > 0:
             losses["loss_reg"] = regulariser()
@@ -342,14 +354,14 @@ class _DDPForward(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch, aux: bool = True, align: bool = False):
-        return model_outputs(self.model, batch, aux, align)
+    def forward(self, batch: Batch, aux: bool = True, align: bool = False, align_negatives: int = 0):
+        return model_outputs(self.model, batch, aux, align, align_negatives)
 
 
-def _forward(model, ddp_model, batch: Batch, aux: bool = True, align: bool = False):
+def _forward(model, ddp_model, batch: Batch, aux: bool = True, align: bool = False, align_negatives: int = 0):
     if ddp_model is model:
-        return model_outputs(model, batch, aux, align)
-    return ddp_model(batch, aux, align)
+        return model_outputs(model, batch, aux, align, align_negatives)
+    return ddp_model(batch, aux, align, align_negatives)
 
 
 def wrap_ddp(model) -> torch.nn.Module:

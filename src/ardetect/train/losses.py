@@ -8,8 +8,9 @@ same terms on every intermediate decoder layer and on the encoder proposals.
 detectors trained from scratch: it pulls each query region token towards the same
 pooling of its target region and away from the other positives' target regions in the
 batch, so that identity features form long before the detection losses alone find them.
-With ``align_queue`` > 0 a ``RegionQueue`` of the last target regions (a cross-batch
-memory) adds their regions as further negatives: a batch of 4 alone offers 3.
+With ``align_negatives`` = k > 0 the regions at the detector's k most probable boxes
+away from each target region (other objects of the target image, same-class
+distractors among them) join as further negatives: a batch of 4 alone offers 3.
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ class SetCriterion(torch.nn.Module):
         gamma: float = 2.0,
         weight_align: float = 0.0,
         align_temperature: float = 0.1,
-        align_queue: int = 0,
+        align_negatives: int = 0,
     ):
         super().__init__()
         self.matcher = matcher
         self.weights = {"loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou, "loss_align": weight_align}
         self.alpha, self.gamma = alpha, gamma
         self.align_temperature = align_temperature
-        self.queue = RegionQueue(align_queue) if align_queue > 0 and weight_align > 0 else None
+        if align_negatives < 0:
+            raise ValueError(f"align_negatives={align_negatives} must be >= 0")
+        self.align_negatives = align_negatives if weight_align > 0 else 0
 
     @property
     def uses_align(self) -> bool:
@@ -86,11 +89,8 @@ class SetCriterion(torch.nn.Module):
             for k, v in self.single(enc["pred_logits"], enc["pred_boxes"], token_mask, targets, num_boxes).items():
                 losses[f"{k}_enc"] = v
         if self.uses_align and outputs.get("align") is not None:
-            query_regions, target_regions, same, ids = outputs["align"]
-            extra = self.queue.negatives(ids) if self.queue is not None else None
-            losses["loss_align"] = region_contrast(query_regions, target_regions, same, self.align_temperature, extra)
-            if self.queue is not None:
-                self.queue.push(target_regions, ids)
+            query_regions, target_regions, same, others = outputs["align"]
+            losses["loss_align"] = region_contrast(query_regions, target_regions, same, self.align_temperature, others)
         total = sum(self.weights[k.rsplit("_", 1)[0] if k not in self.weights else k] * v for k, v in losses.items())
         losses["loss"] = total
         return losses
@@ -114,9 +114,9 @@ def region_contrast(
 
     Pair i is the positive of row i; pairs of the same concept (``same`` [M, M], True on
     the diagonal) are left out of the negatives. Cosine similarity over ``temperature``.
-    ``extra_negatives`` [E, D] (unit length, no gradient: a ``RegionQueue``) are further
-    target regions of other concepts, negatives of every query region (the query-to-target
-    direction only).
+    ``extra_negatives`` [E, D] are further regions known to show none of the concepts
+    (other objects of the target images): negatives of every query region, in the
+    query-to-target direction.
     """
     m = query_regions.shape[0]
     n_extra = 0 if extra_negatives is None else extra_negatives.shape[0]
@@ -128,43 +128,6 @@ def region_contrast(
     eye = torch.eye(m, dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(same.to(logits.device) & ~eye, float("-inf"))
     labels = torch.arange(m, device=logits.device)
-    rows = logits if not n_extra else torch.cat([logits, q @ extra_negatives.to(q).T / temperature], 1)  # [M, M + E]
+    rows = logits if not n_extra else torch.cat([logits, q @ torch.nn.functional.normalize(extra_negatives.float(), dim=-1).T / temperature], 1)  # [M, M + E]
     return 0.5 * (torch.nn.functional.cross_entropy(rows, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
 
-
-class RegionQueue:
-    """The last ``size`` target regions of the region contrast (unit length, detached) and the
-    ids of their images, newest first: negatives from earlier batches (a cross-batch memory).
-
-    ``state()``/``load_state()`` carry it through a checkpoint, so that a resumed run
-    sees the same negatives as an uninterrupted one.
-    """
-
-    def __init__(self, size: int):
-        if size < 1:
-            raise ValueError(f"align_queue={size} must be at least 1 (0 turns the queue off)")
-        self.size = size
-        self.regions = torch.zeros(0, 0)
-        self.ids = torch.zeros(0, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def negatives(self, ids: Tensor) -> Tensor:
-        """The stored regions of images other than ``ids`` [M]."""
-        return self.regions[~torch.isin(self.ids, ids.to(self.ids.device))]
-
-    def push(self, regions: Tensor, ids: Tensor) -> None:
-        """Add [M, D] regions of images ``ids`` [M]; the oldest beyond ``size`` drop out."""
-        new = torch.nn.functional.normalize(regions.detach().float(), dim=-1)
-        old = self.regions.to(new.device) if len(self) else new[:0]
-        self.regions = torch.cat([new, old])[: self.size]
-        self.ids = torch.cat([ids.to(self.ids.device), self.ids])[: self.size]
-
-    def state(self) -> dict:
-        return {"size": self.size, "regions": self.regions.cpu(), "ids": self.ids.cpu()}
-
-    def load_state(self, state: dict) -> None:
-        if state["size"] != self.size:
-            raise ValueError(f"checkpoint queue of size {state['size']}, this run's align_queue={self.size}")
-        self.regions, self.ids = state["regions"], state["ids"]

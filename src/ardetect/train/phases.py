@@ -60,7 +60,7 @@ def criterion_of(cfg: Config, phase: int) -> SetCriterion:
     if phase == 1:
         return SetCriterion(
             matcher, loss.weight_class, loss.weight_bbox, loss.weight_giou, loss.focal_alpha, loss.focal_gamma,
-            weight_align=loss.weight_align, align_temperature=loss.align_temperature, align_queue=loss.align_queue,
+            weight_align=loss.weight_align, align_temperature=loss.align_temperature, align_negatives=loss.align_negatives,
         )
     # phase 2: focal loss only (the adapters change class logits, never boxes)
     return SetCriterion(matcher, cfg.train_phase2.lambda_cls, 0.0, 0.0, loss.focal_alpha, loss.focal_gamma)
@@ -146,8 +146,6 @@ def _run(
         found = ck.get("fingerprint")
         if found == fingerprint:
             state, history, _ = load_checkpoint(latest, model, optimizer, scheduler, ck=ck)
-            if criterion.queue is not None:
-                criterion.queue.load_state(ck["region_queue"])
             if rank == 0:
                 print(f"[phase {phase}] resuming from {latest}: epoch {state.epoch}, step {state.step}")
         elif rank == 0:
@@ -157,8 +155,7 @@ def _run(
 
     def checkpoint() -> None:
         if rank == 0:
-            queue = {"region_queue": criterion.queue.state()} if criterion.queue is not None else {}
-            save_checkpoint(latest, model, optimizer, scheduler, state, history, {**meta, **queue})
+            save_checkpoint(latest, model, optimizer, scheduler, state, history, meta)
 
     steps_done = 0
 
