@@ -243,7 +243,7 @@ class EvaluateConfig(_Section):
         description="grid the identity re-ranking weight is fitted over on the val split (README); 0 = the paper's score",
     )
     identity_top_k: int = Field(5, ge=1, description="boxes per candidate image the identity re-ranking chooses among")
-    fit_queries: int | None = Field(52, ge=1, description="val queries the identity weight is fitted on; null = all")
+    fit_queries: int | None = Field(32, ge=1, description="val queries the identity weight is fitted on; null = all")
 
     @field_validator("identity_weights")
     @classmethod

@@ -98,6 +98,16 @@ def test_shared_trunk_identity_weights_match_each_model_alone(tmp_path):
     # the re-ranked score is the probability discounted by the region similarity: never above it
     assert (together["ARD"].per_query["score"] <= together["ARD paper"].per_query["score"] + 1e-6).all()
     assert not np.allclose(together["ARD"].per_query["score"], together["ARD paper"].per_query["score"])
+    # fitting both variants' weights runs the detector once per query
+    from ardetect.evaluation.ard import fit_identity_weights
+
+    fresh = SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64, batch=2, top_k=3, identity=True)
+    calls = []
+    run = fresh.runner.candidates_variants
+    fresh.runner.candidates_variants = lambda *a, **k: calls.append(1) or run(*a, **k)
+    fitted = fit_identity_weights(fresh, ["ARD", "ARD-"], tuples, negatives, [0.0, 4.0])
+    assert len(calls) == len(tuples) and not fresh._pending
+    assert set(fitted) == {"ARD", "ARD-"} and all(w in (0.0, 4.0) for w, _ in fitted.values())
     with pytest.raises(ValueError, match="already a method"):
         shared.method("ARD", "ARD-")
     with pytest.raises(ValueError, match="variant='ARD2'"):
@@ -107,7 +117,7 @@ def test_shared_trunk_identity_weights_match_each_model_alone(tmp_path):
 
 
 def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_ties():
-    from ardetect.evaluation.ard import fit_identity_weight
+    from ardetect.evaluation.ard import fit_identity_weights
     from ardetect.evaluation.harness import Scores
 
     # query q_i's positive scores 1 - rank_w(i) / 20 against 11 negatives at 0.9, 0.8, ...: rank = 1 + negatives above it
@@ -133,8 +143,10 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
         "train_box": [[0.0, 0.0, 10.0, 10.0]] * 4, "medium": ["photo"] * 4, "base_class": ["cat"] * 4,
     })
     negatives = pd.DataFrame({"tuple_id": np.repeat(tuples["tuple_id"], 11), "neg_image": [f"n{j}.png" for j in range(11)] * 4})
-    best, recalls = fit_identity_weight(Trunk(), "ARD", tuples, negatives, [5.0, 0.0, 1.0, 2.0])
+    fitted = fit_identity_weights(Trunk(), ["ARD", "ARD-"], tuples, negatives, [5.0, 0.0, 1.0, 2.0])
+    best, recalls = fitted["ARD"]
     assert recalls == {0.0: 0.5, 1.0: 0.75, 2.0: 0.5, 5.0: 0.75}
     assert best == 1.0  # 1 and 5 tie at 0.75: the smaller weight
+    assert fitted["ARD-"] == fitted["ARD"]  # the stub scores both variants alike
     with pytest.raises(ValueError, match="grid is empty"):
-        fit_identity_weight(Trunk(), "ARD", tuples, negatives, [])
+        fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [])

@@ -154,20 +154,24 @@ class _Variant:
         return ARDMethod._scores(*found.pick(self.identity_weight))
 
 
-def fit_identity_weight(
-    trunk: SharedTrunkARD, variant: str, tuples: pd.DataFrame, negatives: pd.DataFrame, grid: Sequence[float],
+def fit_identity_weights(
+    trunk: SharedTrunkARD, variants: Sequence[str], tuples: pd.DataFrame, negatives: pd.DataFrame, grid: Sequence[float],
     iou_threshold: float = 0.5, progress: bool = False,
-) -> tuple[float, dict[float, float]]:
-    """The identity weight of ``grid`` with the best Recall@10 of ``variant`` on ``tuples``
-    (a validation split: never the test tuples), ties to the smaller weight.
+) -> dict[str, tuple[float, dict[float, float]]]:
+    """For each of ``variants``, the identity weight of ``grid`` with the best Recall@10 on
+    ``tuples`` (a validation split: never the test tuples), ties to the smaller weight.
 
-    Returns (weight, {weight: recall@10}).
+    The detector runs once per query for every variant and weight. Returns
+    {variant: (weight, {weight: recall@10})}.
     """
     from ardetect.evaluation.harness import evaluate_method
 
-    if not grid:
+    weights = sorted(set(float(w) for w in grid))
+    if not weights:
         raise ValueError("grid is empty: give at least one identity weight")
-    methods = [trunk.method(f"{variant}@fit{w:g}", variant, float(w)) for w in sorted(set(float(w) for w in grid))]
-    recalls = {m.identity_weight: float(evaluate_method(m, tuples, negatives, iou_threshold, progress=progress).summary["recall@10"]) for m in methods}
-    best = max(recalls, key=lambda w: (recalls[w], -w))
-    return best, recalls
+    methods = {v: [trunk.method(f"{v}@fit{w:g}", v, w) for w in weights] for v in variants}  # all made before any runs
+    out = {}
+    for v, ms in methods.items():
+        recalls = {m.identity_weight: float(evaluate_method(m, tuples, negatives, iou_threshold, progress=progress).summary["recall@10"]) for m in ms}
+        out[v] = (max(recalls, key=lambda w: (recalls[w], -w)), recalls)
+    return out

@@ -132,7 +132,7 @@ def fit_weights(cfg: Config, detectors: dict, size: int, identity: bool) -> tupl
 
     Returns ({name: {"weight", "val_recall@10": {weight: recall}}}, (val queries, markdown section)).
     """
-    from ardetect.evaluation.ard import SharedTrunkARD, fit_identity_weight
+    from ardetect.evaluation.ard import SharedTrunkARD, fit_identity_weights
 
     ev = cfg.evaluate
     tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
@@ -143,8 +143,7 @@ def fit_weights(cfg: Config, detectors: dict, size: int, identity: bool) -> tupl
     negatives = negatives[negatives["tuple_id"].astype(str).isin(set(val["tuple_id"]))]
     trunk = SharedTrunkARD(detectors, DATA, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity)
     out, rows = {}, []
-    for name in detectors:
-        w, recalls = fit_identity_weight(trunk, name, val, negatives, ev.identity_weights, ev.iou_threshold, progress=True)
+    for name, (w, recalls) in fit_identity_weights(trunk, list(detectors), val, negatives, ev.identity_weights, ev.iou_threshold, progress=True).items():
         out[name] = {"weight": w, "val_recall@10": {f"{k:g}": v for k, v in recalls.items()}}
         rows.append(f"| {name} | {w:g} | " + " | ".join(f"{recalls[k]:.4f}" for k in sorted(recalls)) + " |")
     head = "| method | fitted w | " + " | ".join(f"val R@10, w={k:g}" for k in ev.identity_weights) + " |"
