@@ -131,7 +131,8 @@ class ImageCache:
         valid_ratios: [N, L, 2] (w, h) share of each level that is not padding.
         image_size: (H, W) of the input images in pixels.
         region_map: [N, D, H/8, W/8] the map region tokens are pooled from (``region_map``),
-            for the identity re-ranking of ``region_candidates``; None when region tokens are off.
+            for the identity re-ranking of ``region_candidates``; None unless
+            ``encode_images(..., region_map=True)`` kept it.
     """
 
     features: Tensor
@@ -342,7 +343,7 @@ class ARDetector(nn.Module):
 
     def pool_regions(self, feats: list[Tensor], boxes: Tensor) -> Tensor:
         """Region tokens of [B, 4] pixel xyxy boxes read from backbone maps ``feats`` (strides 8/16/32) -> [B, 1, D]."""
-        return self.pool_map(self.region_map(feats), boxes[:, None])[:, 0][:, None]
+        return self.pool_map(self.region_map(feats), boxes[:, None])
 
     @staticmethod
     def pool_map(region_map: Tensor, boxes: Tensor) -> Tensor:
@@ -549,12 +550,6 @@ class ARDetector(nn.Module):
             hidden=hidden[-1],
             memory_text=memory_text,
         )
-
-    @staticmethod
-    def best_region(out: ARDOutput, image_sizes: Tensor) -> tuple[Tensor, Tensor]:
-        """The single best box per image and its score: max over queries and concept tokens
-        of the sigmoid of the (adapted) logits -> (boxes [N, 4] pixel xyxy, scores [N])."""
-        return ARDetector.top_regions(out.pred_logits, out, image_sizes, 1).pick()
 
     @staticmethod
     def top_regions(

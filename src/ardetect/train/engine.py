@@ -147,6 +147,9 @@ def model_outputs(model, batch: Batch, aux: bool = True, align: bool = False, al
     return outputs, out.token_mask, targets
 
 
+CLEAR_IOU = 0.3  # a predicted box this far from the target region shows another object (each image holds one concept)
+
+
 def _region_pairs(model, cache, feats: list[Tensor], batch: Batch, out=None, k: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(query region tokens [M, D], target region tokens [M, D], same concept [M, M] bool,
     other regions [E, D]) of the M positives; the other regions are pooled at the k most
@@ -171,9 +174,6 @@ def _region_pairs(model, cache, feats: list[Tensor], batch: Batch, out=None, k: 
             picked = torch.gather(pred, 1, top[..., None].expand(-1, -1, 4))  # [M, k, 4]
         others = model.pool_map(rmap, picked)[score >= 0]  # [E, D]
     return region[batch.query_of[pos]], target, same, others
-
-
-CLEAR_IOU = 0.3  # a predicted box this far from the target region shows another object (each image holds one concept)
 
 
 def check_finite(losses: dict[str, Tensor], where: str) -> None:

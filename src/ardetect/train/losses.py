@@ -130,4 +130,3 @@ def region_contrast(
     labels = torch.arange(m, device=logits.device)
     rows = logits if not n_extra else torch.cat([logits, q @ torch.nn.functional.normalize(extra_negatives.float(), dim=-1).T / temperature], 1)  # [M, M + E]
     return 0.5 * (torch.nn.functional.cross_entropy(rows, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
-
