@@ -60,6 +60,8 @@ def test_unknown_section_is_named():
         (("world", "template_set"), "imagenet", r"world\.template_set.*got 'imagenet'"),
         (("evaluate", "identity_weights"), [0, -2], r"evaluate\.identity_weights.*\[-2\.0\]"),
         (("evaluate", "identity_weights"), [], r"evaluate\.identity_weights.*at least 1"),
+        (("evaluate", "identity_grids"), [1, 0], r"evaluate\.identity_grids.*\[0\]"),
+        (("evaluate", "identity_grids"), [], r"evaluate\.identity_grids.*at least 1"),
         (("evaluate", "identity_top_k"), 0, r"evaluate\.identity_top_k.*got 0"),
         (("train_phase1", "loss", "align_negatives"), -1, r"train_phase1\.loss\.align_negatives.*got -1"),
     ],

@@ -55,16 +55,19 @@ def test_pipeline_outputs_and_up_to_date(piped):
     for world in ("test", "world2"):
         for method in ("ARD", "ARD-", "AbC", "chance", "ARD paper score", "ARD- paper score"):
             assert 0.0 <= metrics[world][method]["class_rprecision"] <= 1.0, (world, method)
-    # the identity weight of each detector is fitted on the val split, from the params' grid
-    grid = {"0", "1", "2", "5", "10", "20"}
+    # the identity weight and pooling grid of each detector are fitted on the val split, from the params' grids
+    weights = {"0", "1", "2", "5", "10", "20"}
     for name in ("ARD", "ARD-"):
         fit = metrics["identity_fit"][name]
-        assert set(fit["val_recall@10"]) == grid and f"{fit['weight']:g}" in grid
-        assert fit["val_recall@10"][f"{fit['weight']:g}"] == max(fit["val_recall@10"].values())
+        by_grid = fit["val_recall@10"]
+        assert set(by_grid) == {"1x1", "2x2"} and set(by_grid["1x1"]) == weights and set(by_grid["2x2"]) == weights - {"0"}
+        assert fit["grid"] in (1, 2) and f"{fit['weight']:g}" in by_grid[f"{fit['grid']}x{fit['grid']}"]
+        best = max(r for rs in by_grid.values() for r in rs.values())
+        assert by_grid[f"{fit['grid']}x{fit['grid']}"][f"{fit['weight']:g}"] == best
         if fit["weight"] == 0:  # the paper's score: the two rows are the same ranking
             assert metrics["test"][name]["recall@10"] == metrics["test"][name + " paper score"]["recall@10"]
     report = (ws / "reports/results.md").read_text()
-    assert "class_rprecision" in report and "Identity weight, fitted on" in report
+    assert "class_rprecision" in report and "Identity weight and pooling grid, fitted on" in report
 
 
 def test_mlflow_parent_and_children(piped):

@@ -172,7 +172,7 @@ class LossConfig(_Section):
     focal_gamma: float = Field(2.0, ge=0)
     aux_loss: bool = True
     weight_align: float = Field(
-        1.0, ge=0, description="region contrast between query and target regions (ours, for from-scratch training); 0 = the paper's recipe"
+        3.0, ge=0, description="region contrast between query and target regions (ours, for from-scratch training); 0 = the paper's recipe"
     )
     align_temperature: float = Field(0.1, gt=0, description="temperature of the region contrast")
     align_negatives: int = Field(
@@ -196,6 +196,7 @@ class Phase1Config(_Section):
     augment: bool = True
     seed: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs; null = the whole split")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes building batches ahead of training; 0 = in the training process (same batches)")
     loss: LossConfig = LossConfig()
 
 
@@ -213,6 +214,7 @@ class Phase2Config(_Section):
     seed: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(200, ge=1, description="positives per epoch; null = the whole split")
     augment: bool = True
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes building batches ahead of training; 0 = in the training process (same batches)")
 
 
 class AbCSection(_Section):
@@ -242,8 +244,20 @@ class EvaluateConfig(_Section):
         [0.0, 1.0, 2.0, 5.0, 10.0, 20.0], min_length=1,
         description="grid the identity re-ranking weight is fitted over on the val split (README); 0 = the paper's score",
     )
+    identity_grids: list[int] = Field(
+        [1, 2], min_length=1,
+        description="pooling grids of the re-ranking's region descriptor fitted over with the weight (1 = the region token, 2 = 2x2 cells)",
+    )
     identity_top_k: int = Field(5, ge=1, description="boxes per candidate image the identity re-ranking chooses among")
-    fit_queries: int | None = Field(32, ge=1, description="val queries the identity weight is fitted on; null = all")
+    fit_queries: int | None = Field(64, ge=1, description="val queries the identity weight and grid are fitted on; null = all")
+
+    @field_validator("identity_grids")
+    @classmethod
+    def _grids(cls, v: list[int]) -> list[int]:
+        bad = [g for g in v if not 1 <= g <= 8]
+        if bad:
+            raise ValueError(f"identity_grids has {bad}: each pooling grid must be an integer from 1 to 8")
+        return sorted(set(v))
 
     @field_validator("identity_weights")
     @classmethod

@@ -88,12 +88,12 @@ def test_shared_trunk_identity_weights_match_each_model_alone(tmp_path):
     from ardetect.evaluation.harness import evaluate_method
 
     ard, minus, tuples, negatives = _variants(tmp_path)
-    shared = SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64, batch=2, top_k=3, identity=True)
-    methods = [*shared.methods({"ARD": 4.0}), shared.method("ARD paper", "ARD")]
+    shared = SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64, batch=2, top_k=3, identity=True, grids=[1, 2])
+    methods = [*shared.methods({"ARD": (4.0, 1), "ARD-": (3.0, 2)}), shared.method("ARD paper", "ARD")]
     together = {m.name: evaluate_method(m, tuples, negatives, progress=False) for m in methods}
     assert not shared._pending
-    for name, model, w in (("ARD", ard, 4.0), ("ARD-", minus, 0.0), ("ARD paper", ard, 0.0)):
-        alone = evaluate_method(ARDMethod(model, tmp_path, 64, name=name, identity_weight=w, top_k=3), tuples, negatives, progress=False)
+    for name, model, w, g in (("ARD", ard, 4.0, 1), ("ARD-", minus, 3.0, 2), ("ARD paper", ard, 0.0, 1)):
+        alone = evaluate_method(ARDMethod(model, tmp_path, 64, name=name, identity_weight=w, top_k=3, grid=g), tuples, negatives, progress=False)
         np.testing.assert_allclose(together[name].per_query["score"], alone.per_query["score"], atol=1e-5)
     # the re-ranked score is the probability discounted by the region similarity: never above it
     assert (together["ARD"].per_query["score"] <= together["ARD paper"].per_query["score"] + 1e-6).all()
@@ -107,7 +107,18 @@ def test_shared_trunk_identity_weights_match_each_model_alone(tmp_path):
     fresh.runner.candidates_variants = lambda *a, **k: calls.append(1) or run(*a, **k)
     fitted = fit_identity_weights(fresh, ["ARD", "ARD-"], tuples, negatives, [0.0, 4.0])
     assert len(calls) == len(tuples) and not fresh._pending
-    assert set(fitted) == {"ARD", "ARD-"} and all(w in (0.0, 4.0) for w, _ in fitted.values())
+    assert set(fitted) == {"ARD", "ARD-"} and all(w in (0.0, 4.0) and g == 1 for w, g, _ in fitted.values())
+    # with two pooling grids: still one detector pass per query; w = 0 is tried once
+    two = SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64, batch=2, top_k=3, identity=True, grids=[2, 1])
+    calls.clear()
+    run2 = two.runner.candidates_variants
+    two.runner.candidates_variants = lambda *a, **k: calls.append(1) or run2(*a, **k)
+    fitted = fit_identity_weights(two, ["ARD"], tuples, negatives, [0.0, 4.0])
+    assert len(calls) == len(tuples) and set(fitted["ARD"][2]) == {(1, 0.0), (1, 4.0), (2, 4.0)}
+    with pytest.raises(ValueError, match="grid=3"):
+        two.method("x", "ARD", 1.0, 3)
+    with pytest.raises(ValueError, match="grids=\\[0\\]"):
+        SharedTrunkARD({"ARD": ard}, tmp_path, 64, grids=[0])
     with pytest.raises(ValueError, match="already a method"):
         shared.method("ARD", "ARD-")
     with pytest.raises(ValueError, match="variant='ARD2'"):
@@ -121,20 +132,26 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
     from ardetect.evaluation.harness import Scores
 
     # query q_i's positive scores 1 - rank_w(i) / 20 against 11 negatives at 0.9, 0.8, ...: rank = 1 + negatives above it
-    ranks = {0.0: [12, 12, 1, 1], 1.0: [1, 12, 1, 1], 2.0: [1, 12, 1, 12], 5.0: [1, 12, 1, 1]}
+    ranks = {
+        (1, 0.0): [12, 12, 1, 1], (1, 1.0): [1, 12, 1, 1], (1, 2.0): [1, 12, 1, 12], (1, 5.0): [1, 12, 1, 1],
+        (2, 1.0): [12, 12, 12, 1], (2, 2.0): [1, 12, 1, 1], (2, 5.0): [1, 12, 1, 12],
+    }
 
     class Trunk:
-        def method(self, label, variant, w):
+        grids = (1, 2)
+
+        def method(self, label, variant, w, grid):
             class M:
                 name, region_level, identity_weight = label, True, w
 
                 def score(self, query, candidates):
-                    r = ranks[w][int(query["tuple_id"][1])]
+                    r = ranks[(M.grid, w)][int(query["tuple_id"][1])]
                     neg = 0.95 - 0.05 * np.arange(len(candidates) - 1)
                     pos = 1.0 if r == 1 else neg[r - 2] - 0.01
                     box = np.array([[0.0, 0.0, 10.0, 10.0]] * len(candidates))
                     return Scores(np.concatenate([[pos], neg]), box)
 
+            M.grid = grid
             return M()
 
     tuples = pd.DataFrame({
@@ -144,9 +161,11 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
     })
     negatives = pd.DataFrame({"tuple_id": np.repeat(tuples["tuple_id"], 11), "neg_image": [f"n{j}.png" for j in range(11)] * 4})
     fitted = fit_identity_weights(Trunk(), ["ARD", "ARD-"], tuples, negatives, [5.0, 0.0, 1.0, 2.0])
-    best, recalls = fitted["ARD"]
-    assert recalls == {0.0: 0.5, 1.0: 0.75, 2.0: 0.5, 5.0: 0.75}
-    assert best == 1.0  # 1 and 5 tie at 0.75: the smaller weight
+    best, grid, recalls = fitted["ARD"]
+    assert recalls == {(1, 0.0): 0.5, (1, 1.0): 0.75, (1, 2.0): 0.5, (1, 5.0): 0.75, (2, 1.0): 0.25, (2, 2.0): 0.75, (2, 5.0): 0.5}
+    assert (best, grid) == (1.0, 1)  # (1, 1x1), (5, 1x1) and (2, 2x2) tie at 0.75: the coarser grid, then the smaller weight
+    ranks[(2, 5.0)] = [1, 1, 1, 1]  # 2x2 alone best: it wins
+    assert fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [5.0, 0.0, 1.0, 2.0])["ARD"][:2] == (5.0, 2)
     assert fitted["ARD-"] == fitted["ARD"]  # the stub scores both variants alike
     with pytest.raises(ValueError, match="grid is empty"):
         fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [])

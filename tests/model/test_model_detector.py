@@ -365,7 +365,7 @@ def test_identity_reranking_scores_probability_times_region_similarity(nano, que
     cache = encode(nano, query)
     feats = nano.encode_images(candidates, region_map=True)
     found = region_candidates(nano, None, feats, cache, top_k=4, identity=True)[""]
-    assert found.boxes.shape == (3, 4, 4) and found.prob.shape == found.similarity.shape == (3, 4)
+    assert found.boxes.shape == (3, 4, 4) and found.prob.shape == found.similarity[1].shape == (3, 4)
     assert (found.prob[:, :-1] >= found.prob[:, 1:]).all()  # descending
     paper_boxes, paper_scores = nano.predict_region(candidates, cache)
     torch.testing.assert_close(found.prob[:, 0], paper_scores)
@@ -376,10 +376,10 @@ def test_identity_reranking_scores_probability_times_region_similarity(nano, que
         for i in range(3):
             pooled = nano.pool_regions(nano.image_features(candidates[i : i + 1]), found.boxes[i][:1])[0, 0]
             want = torch.nn.functional.cosine_similarity(pooled, token, dim=0)
-            torch.testing.assert_close(found.similarity[i, 0], want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(found.similarity[1][i, 0], want, atol=1e-5, rtol=1e-5)
     # w > 0: prob * exp(w (sim - 1)), best of the K boxes; raw images are encoded with their region maps
     w = 2.0
-    score = found.prob * torch.exp(w * (found.similarity - 1))
+    score = found.prob * torch.exp(w * (found.similarity[1] - 1))
     want_scores, j = score.max(-1)
     boxes, scores = nano.predict_region(candidates, cache, identity_weight=w, top_k=4, chunk_size=2)
     torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=1e-5)
@@ -393,3 +393,45 @@ def test_identity_reranking_scores_probability_times_region_similarity(nano, que
         nano.predict_region(nano.encode_images(candidates), cache, identity_weight=1.0)
     with pytest.raises(ValueError, match="top_k=0"):
         nano.predict_region(candidates, cache, top_k=0)
+    with pytest.raises(ValueError, match="grid=2.*grids \\[1\\]"):
+        found.pick(1.0, grid=2)
+
+
+def test_identity_reranking_on_a_2x2_pooling_grid(nano, query, candidates):
+    from torchvision.ops import roi_align
+
+    from ardetect.model.detector import region_candidates
+
+    images, boxes = query
+    with torch.no_grad():
+        plain = encode(nano, query)
+        cache = nano.encode_query(images, boxes, [PROMPT], [CONCEPT], region_map=True)
+        # keeping the map changes nothing else, and its 1x1 descriptor is the region token
+        torch.testing.assert_close(cache.text, plain.text)
+        torch.testing.assert_close(cache.descriptor(1), nano.region_tokens(images, boxes)[:, 0])
+        rmap = nano.region_map(nano.image_features(images))
+        # a 2x2 descriptor: RoIAlign on 2x2 cells of the stride-8 map, flattened channel-major
+        roi = torch.cat([torch.zeros(1, 1), boxes.float()], 1)
+        want_q = roi_align(rmap, roi, output_size=2, spatial_scale=1 / 8, sampling_ratio=-1, aligned=True).reshape(1, -1)
+        torch.testing.assert_close(cache.descriptor(2), want_q)
+        assert cache.descriptor(2).shape[-1] == 4 * cache.descriptor(1).shape[-1]
+        feats = nano.encode_images(candidates, region_map=True)
+        found = region_candidates(nano, None, feats, cache, top_k=3, identity=True, grids=(1, 2))[""]
+        assert set(found.similarity) == {1, 2}
+        for i in range(3):
+            cand_map = nano.region_map(nano.image_features(candidates[i : i + 1]))
+            roi = torch.cat([torch.zeros(3, 1), found.boxes[i]], 1)  # no image_sizes: the boxes are in the input's pixels
+            pooled = roi_align(cand_map, roi, output_size=2, spatial_scale=1 / 8, sampling_ratio=-1, aligned=True).reshape(3, -1)
+            want = torch.nn.functional.cosine_similarity(pooled, want_q, dim=-1)
+            torch.testing.assert_close(found.similarity[2][i], want, atol=1e-5, rtol=1e-5)
+        # the 2x2 score: prob * exp(w (sim_2x2 - 1)); predict_region(grid=2) gives the same
+        want_scores, j = (found.prob * torch.exp(3.0 * (found.similarity[2] - 1))).max(-1)
+        boxes2, scores2 = nano.predict_region(candidates, cache, identity_weight=3.0, top_k=3, grid=2)
+        torch.testing.assert_close(scores2, want_scores, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(boxes2, found.boxes[torch.arange(3), j], atol=1e-3, rtol=1e-4)
+        # a batch-1 query broadcasts its kept map with the rest of it
+        assert cache.expand(3).region_map.shape[0] == 3 and cache.select([0]).region_box.shape == (1, 4)
+    with pytest.raises(ValueError, match="grid=2.*region_map=True"):
+        plain.descriptor(2)
+    with pytest.raises(ValueError, match="grid=0"):
+        nano.pool_map(rmap, boxes[:, None], 0)

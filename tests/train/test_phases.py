@@ -201,3 +201,23 @@ def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
     # a run with the region contrast logs it, finite and positive
     _, result = run_phase1(cfg, tuples, root, tmp_path / "p1", resume=False)
     assert 0 < result.history[-1]["train_loss_align"] < 10
+
+
+def test_loader_workers_build_the_same_batches(tiny_world):
+    from ardetect.data.datasets import NegativeSampler, TupleDataset
+    from ardetect.train.engine import iter_batches
+
+    tuples, root = tiny_world
+    ds = TupleDataset(tuples, root, "train", 64, train=True)  # augmented: seeded per sample, wherever it is built
+    negatives = NegativeSampler(tuples, "train", 2, seed=0)
+    for kwargs in ({"batch_size": 3}, {"batch_size": 1, "negatives": negatives}):
+        here = list(iter_batches(ds, seed=0, epoch=1, start=1, max_steps=4, **kwargs))
+        ahead = list(iter_batches(ds, seed=0, epoch=1, start=1, max_steps=4, workers=1, **kwargs))
+        assert [s for s, _ in here] == [s for s, _ in ahead] == [1, 2, 3]
+        for (_, a), (_, b) in zip(here, ahead):
+            assert torch.equal(a.images, b.images) and torch.equal(a.query_images, b.query_images)
+            assert all(torch.equal(x, y) for x, y in zip(a.boxes, b.boxes))
+            assert a.tuple_ids == b.tuple_ids and a.image_keys == b.image_keys and torch.equal(a.positive, b.positive)
+    assert not list(iter_batches(ds, seed=0, epoch=0, batch_size=3, start=5, max_steps=4, workers=1))
+    with pytest.raises(ValueError, match="workers=-1"):
+        next(iter_batches(ds, seed=0, epoch=0, batch_size=3, workers=-1))

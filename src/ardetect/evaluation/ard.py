@@ -22,13 +22,14 @@ from ardetect.evaluation.harness import Scores
 
 class ARDMethod:
     """ARD through the harness. ``identity_weight`` > 0 scores with the identity re-ranking
-    (``RegionCandidates.pick``) over the ``top_k`` most probable boxes; 0 is the paper's score."""
+    (``RegionCandidates.pick``) over the ``top_k`` most probable boxes, with region descriptors
+    pooled on ``grid`` x ``grid`` cells; 0 is the paper's score."""
 
     region_level = True
 
     def __init__(
         self, model, data_root: Path, image_size: int, name: str = "ARD", batch: int = 64, device: str = "cpu", max_cached: int = 4096,
-        identity_weight: float = 0.0, top_k: int = 5,
+        identity_weight: float = 0.0, top_k: int = 5, grid: int = 1,
     ):
         self.model = model.eval()
         self.name = name
@@ -38,6 +39,7 @@ class ARDMethod:
         self.device = device
         self.identity_weight = identity_weight
         self.top_k = top_k
+        self.grid = grid
         self.transform = build_transform(train=False, size=image_size)
         self._image = lru_cache(maxsize=max_cached)(self._load)
         self._features: dict[str, object] = {}  # image path -> ImageCache of batch 1
@@ -68,9 +70,11 @@ class ARDMethod:
                 self._features[p] = found[p]
         return ImageCache.cat([found[p] for p in paths])
 
-    def _inputs(self, query: pd.Series, candidates: list[str], region_map: bool = False):
+    def _inputs(self, query: pd.Series, candidates: list[str], region_map: bool = False, query_map: bool = False):
         q_img, q_box = transform_with_box(self.transform, load_rgb(self.root / query["query_image"]), query["query_box"])
-        cache = self.model.encode_query(q_img[None].to(self.device), q_box[None].to(self.device), [query["prompt"]], [query["concept_phrase"]])
+        cache = self.model.encode_query(
+            q_img[None].to(self.device), q_box[None].to(self.device), [query["prompt"]], [query["concept_phrase"]], region_map=query_map
+        )
         sizes = torch.tensor([self._image(c)[1] for c in candidates], device=self.device)  # [C, 2] (h, w) of each original image
         return self.image_features(candidates, region_map), cache, sizes
 
@@ -81,37 +85,47 @@ class ARDMethod:
     @torch.no_grad()
     def score(self, query: pd.Series, candidates: list[str]) -> Scores:
         identity = self.identity_weight > 0
-        feats, cache, sizes = self._inputs(query, candidates, identity)
+        feats, cache, sizes = self._inputs(query, candidates, identity, identity and self.grid > 1)
         return self._scores(*self.model.predict_region(
-            feats, cache, image_sizes=sizes, chunk_size=self.batch, identity_weight=self.identity_weight, top_k=self.top_k
+            feats, cache, image_sizes=sizes, chunk_size=self.batch, identity_weight=self.identity_weight, top_k=self.top_k, grid=self.grid
         ))
 
     @torch.no_grad()
-    def candidates_variants(self, variants: dict, query: pd.Series, candidates: list[str], check: bool = True, identity: bool = False) -> dict:
+    def candidates_variants(
+        self, variants: dict, query: pd.Series, candidates: list[str], check: bool = True, identity: bool = False, grids: Sequence[int] = (1,)
+    ) -> dict:
         """``RegionCandidates`` of detectors that differ from this one only in their adapters, in one pass."""
         from ardetect.model import predict_region_variants
 
-        feats, cache, sizes = self._inputs(query, candidates, identity)
+        feats, cache, sizes = self._inputs(query, candidates, identity, identity and max(grids) > 1)
         return predict_region_variants(
-            self.model, variants, feats, cache, image_sizes=sizes, chunk_size=self.batch, check=check, top_k=self.top_k, identity=identity
+            self.model, variants, feats, cache, image_sizes=sizes, chunk_size=self.batch, check=check, top_k=self.top_k,
+            identity=identity, grids=grids,
         )
 
 
 class SharedTrunkARD:
     """ARD and ARD− (or any detectors that differ only in their adapters) scored in one pass.
 
-    ``method(label, variant, identity_weight)`` gives a harness method; the first method to
-    see a query runs the detector once for every variant and keeps the top boxes (with their
-    region similarity when ``identity``) until every method made so far has read them.
+    ``method(label, variant, identity_weight, grid)`` gives a harness method; the first method
+    to see a query runs the detector once for every variant and keeps the top boxes (with their
+    region similarity for each pooling grid of ``grids`` when ``identity``) until every method
+    made so far has read them.
     """
 
-    def __init__(self, models: dict, data_root: Path, image_size: int, batch: int = 64, device: str = "cpu", top_k: int = 5, identity: bool = False):
+    def __init__(
+        self, models: dict, data_root: Path, image_size: int, batch: int = 64, device: str = "cpu", top_k: int = 5, identity: bool = False,
+        grids: Sequence[int] = (1,),
+    ):
         from ardetect.model.detector import check_variants
 
         first = next(iter(models.values()))
         self.runner = ARDMethod(first, data_root, image_size, name="shared", batch=batch, device=device, top_k=top_k)
         self.models = {name: m.eval() for name, m in models.items()}
         self.identity = identity
+        self.grids = tuple(dict.fromkeys(int(g) for g in grids))
+        if not self.grids or min(self.grids) < 1:
+            raise ValueError(f"grids={list(grids)}: give at least one pooling grid, each >= 1")
         check_variants(first, self.models)  # once, not per query
         self._labels: set[str] = set()
         self._pending: dict[tuple, tuple[dict, set[str]]] = {}  # (tuple_id, *candidates) -> (candidates of each variant, labels still to read)
@@ -119,7 +133,7 @@ class SharedTrunkARD:
     def candidates(self, label: str, variant: str, query: pd.Series, candidates: list[str]):
         key = (str(query["tuple_id"]), *candidates)
         if key not in self._pending:
-            found = self.runner.candidates_variants(self.models, query, candidates, check=False, identity=self.identity)
+            found = self.runner.candidates_variants(self.models, query, candidates, check=False, identity=self.identity, grids=self.grids)
             self._pending[key] = (found, set(self._labels))
         found, waiting = self._pending[key]
         waiting.discard(label)
@@ -127,51 +141,57 @@ class SharedTrunkARD:
             del self._pending[key]
         return found[variant]
 
-    def method(self, label: str, variant: str, identity_weight: float = 0.0) -> "_Variant":
+    def method(self, label: str, variant: str, identity_weight: float = 0.0, grid: int = 1) -> "_Variant":
         if variant not in self.models:
             raise ValueError(f"variant={variant!r} is not one of {list(self.models)}")
         if identity_weight > 0 and not self.identity:
             raise ValueError(f"identity_weight={identity_weight} needs SharedTrunkARD(..., identity=True)")
+        if grid not in self.grids:
+            raise ValueError(f"grid={grid!r} is not one of this trunk's grids {list(self.grids)}")
         if label in self._labels:
             raise ValueError(f"label={label!r} is already a method of this trunk")
         self._labels.add(label)
-        return _Variant(self, label, variant, identity_weight)
+        return _Variant(self, label, variant, identity_weight, grid)
 
-    def methods(self, identity_weights: dict[str, float] | None = None) -> list:
-        """One method per variant, named after it, with its weight from ``identity_weights`` (default 0)."""
-        weights = identity_weights or {}
-        return [self.method(name, name, weights.get(name, 0.0)) for name in self.models]
+    def methods(self, identity: dict[str, tuple[float, int]] | None = None) -> list:
+        """One method per variant, named after it, with its (identity weight, grid) from ``identity`` (default (0, 1))."""
+        chosen = identity or {}
+        return [self.method(name, name, *chosen.get(name, (0.0, 1))) for name in self.models]
 
 
 class _Variant:
     region_level = True
 
-    def __init__(self, trunk: SharedTrunkARD, label: str, variant: str, identity_weight: float):
-        self.trunk, self.name, self.variant, self.identity_weight = trunk, label, variant, identity_weight
+    def __init__(self, trunk: SharedTrunkARD, label: str, variant: str, identity_weight: float, grid: int = 1):
+        self.trunk, self.name, self.variant, self.identity_weight, self.grid = trunk, label, variant, identity_weight, grid
 
     def score(self, query: pd.Series, candidates: list[str]) -> Scores:
         found = self.trunk.candidates(self.name, self.variant, query, candidates)
-        return ARDMethod._scores(*found.pick(self.identity_weight))
+        return ARDMethod._scores(*found.pick(self.identity_weight, self.grid))
 
 
 def fit_identity_weights(
     trunk: SharedTrunkARD, variants: Sequence[str], tuples: pd.DataFrame, negatives: pd.DataFrame, grid: Sequence[float],
     iou_threshold: float = 0.5, progress: bool = False,
-) -> dict[str, tuple[float, dict[float, float]]]:
-    """For each of ``variants``, the identity weight of ``grid`` with the best Recall@10 on
-    ``tuples`` (a validation split: never the test tuples), ties to the smaller weight.
+) -> dict[str, tuple[float, int, dict[tuple[int, float], float]]]:
+    """For each of ``variants``, the identity weight of ``grid`` and the pooling grid of the
+    trunk's ``grids`` with the best Recall@10 on ``tuples`` (a validation split: never the test
+    tuples); ties go to the coarser pooling grid, then to the smaller weight (w = 0 is the
+    paper's score whatever the pooling grid, so it is tried once, with grid 1).
 
-    The detector runs once per query for every variant and weight. Returns
-    {variant: (weight, {weight: recall@10})}.
+    The detector runs once per query for every variant, weight and pooling grid. Returns
+    {variant: (weight, pooling grid, {(pooling grid, weight): recall@10})}.
     """
     from ardetect.evaluation.harness import evaluate_method
 
     weights = sorted(set(float(w) for w in grid))
     if not weights:
         raise ValueError("grid is empty: give at least one identity weight")
-    methods = {v: [trunk.method(f"{v}@fit{w:g}", v, w) for w in weights] for v in variants}  # all made before any runs
+    combos = [(g, w) for g in sorted(trunk.grids) for w in weights if w > 0 or g == min(trunk.grids)]
+    methods = {v: [trunk.method(f"{v}@fit{w:g}x{g}", v, w, g) for g, w in combos] for v in variants}  # all made before any runs
     out = {}
     for v, ms in methods.items():
-        recalls = {m.identity_weight: float(evaluate_method(m, tuples, negatives, iou_threshold, progress=progress).summary["recall@10"]) for m in ms}
-        out[v] = (max(recalls, key=lambda w: (recalls[w], -w)), recalls)
+        recalls = {(m.grid, m.identity_weight): float(evaluate_method(m, tuples, negatives, iou_threshold, progress=progress).summary["recall@10"]) for m in ms}
+        g, w = max(recalls, key=lambda gw: (recalls[gw], -gw[0], -gw[1]))
+        out[v] = (w, g, recalls)
     return out

@@ -45,6 +45,9 @@ class QueryCache:
         concept_mask: [B, T] bool, the concept's words and region tokens (scored tokens).
         region_mask: [B, T] bool, the region tokens.
         tokens: the ``TokenizedPrompts`` these came from.
+        region_map: [B, D, H/8, W/8] the query image's region map and ``region_box`` [B, 4]
+            pixel xyxy the query region R_Q in it, for region descriptors finer than the
+            region token (``descriptor``); None unless ``encode_query(..., region_map=True)``.
     """
 
     text: Tensor
@@ -54,10 +57,20 @@ class QueryCache:
     concept_mask: Tensor
     region_mask: Tensor
     tokens: TokenizedPrompts | None = None
+    region_map: Tensor | None = None
+    region_box: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.text.shape[0]
+
+    def _apply(self, fn) -> "QueryCache":
+        """A cache with ``fn`` applied to every tensor."""
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return QueryCache(
+            fn(self.text), fn(self.token_mask), fn(self.self_attn_mask), fn(self.position_ids),
+            fn(self.concept_mask), fn(self.region_mask), self.tokens, opt(self.region_map), opt(self.region_box),
+        )
 
     def expand(self, n: int) -> "QueryCache":
         """Broadcast a batch-1 cache to n candidates (no copy), or check that the batch is n."""
@@ -66,29 +79,29 @@ class QueryCache:
             return self
         if b != 1:
             raise ValueError(f"a QueryCache of batch {b} cannot pair with {n} images: use batch 1 or {n}")
-        e = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
-        return QueryCache(
-            e(self.text), e(self.token_mask), e(self.self_attn_mask), e(self.position_ids),
-            e(self.concept_mask), e(self.region_mask), self.tokens,
-        )
+        return self._apply(lambda t: t.expand(n, *t.shape[1:]))
 
     def to(self, device: torch.device | str) -> "QueryCache":
-        return QueryCache(
-            self.text.to(device), self.token_mask.to(device), self.self_attn_mask.to(device), self.position_ids.to(device),
-            self.concept_mask.to(device), self.region_mask.to(device), self.tokens,
-        )
+        return self._apply(lambda t: t.to(device))
 
     def detach(self) -> "QueryCache":
         """A cache cut from the autograd graph (for scoring; training keeps the graph to reach the query side)."""
-        return QueryCache(self.text.detach(), self.token_mask, self.self_attn_mask, self.position_ids,
-                          self.concept_mask, self.region_mask, self.tokens)
+        return self._apply(lambda t: t.detach())
 
     def select(self, index: Sequence[int] | Tensor) -> "QueryCache":
         idx = torch.as_tensor(index, dtype=torch.long, device=self.text.device)
-        return QueryCache(
-            self.text[idx], self.token_mask[idx], self.self_attn_mask[idx], self.position_ids[idx],
-            self.concept_mask[idx], self.region_mask[idx], self.tokens,
-        )
+        return self._apply(lambda t: t[idx])
+
+    def descriptor(self, grid: int = 1) -> Tensor:
+        """[B, D grid^2] the query region's descriptor: grid 1 is its (first) region token;
+        a finer grid pools R_Q on grid x grid cells of the kept ``region_map`` (``ARDetector.pool_map``)."""
+        if not bool(self.region_mask.any()):
+            raise ValueError("this query has no region tokens (cfg.region_tokens): it has no region descriptor")
+        if grid == 1:
+            return self.text[self.region_mask].view(self.batch_size, -1, self.text.shape[-1])[:, 0]
+        if self.region_map is None or self.region_box is None:
+            raise ValueError(f"grid={grid}: a region descriptor finer than 1x1 needs encode_query(..., region_map=True)")
+        return ARDetector.pool_map(self.region_map, self.region_box[:, None], grid)[:, 0]
 
 
 @dataclass
@@ -346,12 +359,15 @@ class ARDetector(nn.Module):
         return self.pool_map(self.region_map(feats), boxes[:, None])
 
     @staticmethod
-    def pool_map(region_map: Tensor, boxes: Tensor) -> Tensor:
-        """[B, D, h, w] region maps (stride 8) and [B, K, 4] pixel xyxy boxes -> [B, K, D] pooled regions (RoIAlign)."""
+    def pool_map(region_map: Tensor, boxes: Tensor, grid: int = 1) -> Tensor:
+        """[B, D, h, w] region maps (stride 8) and [B, K, 4] pixel xyxy boxes -> [B, K, D grid^2]
+        pooled regions (RoIAlign on grid x grid cells, flattened channel-major; grid 1 = the region token)."""
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            raise ValueError(f"grid={grid!r} must be an integer >= 1")
         b, k = boxes.shape[:2]
         index = torch.arange(b, device=region_map.device, dtype=torch.float32).repeat_interleave(k)[:, None]
         rois = torch.cat([index, boxes.reshape(b * k, 4).float().to(region_map.device)], 1)
-        tokens = roi_align(region_map.float(), rois, output_size=1, spatial_scale=1 / 8, sampling_ratio=-1, aligned=True)  # [B*K, D, 1, 1]
+        tokens = roi_align(region_map.float(), rois, output_size=grid, spatial_scale=1 / 8, sampling_ratio=-1, aligned=True)  # [B*K, D, g, g]
         return tokens.to(region_map.dtype).view(b, k, -1)
 
     def encode_query(
@@ -360,6 +376,7 @@ class ARDetector(nn.Module):
         query_box: Tensor | None,
         prompts: Sequence[str],
         concept_phrases: Sequence[str] | None,
+        region_map: bool = False,
     ) -> QueryCache:
         """Encode B queries once: prompt tokens, text features and region tokens.
 
@@ -368,6 +385,8 @@ class ARDetector(nn.Module):
             query_box: [B, 4] the query region R_Q, pixel xyxy in ``query_image``.
             prompts: B prompts, each containing its concept phrase.
             concept_phrases: B concept phrases (e.g. "V* cat").
+            region_map: also keep the query image's region map and box (``QueryCache.descriptor``
+                of a grid finer than 1x1, for the identity re-ranking).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -390,13 +409,17 @@ class ARDetector(nn.Module):
             if query_box.shape[0] != b:
                 raise ValueError(f"query_box has {query_box.shape[0]} boxes but there are {b} prompts")
             box_ops.check_boxes_in_image(query_box, query_image.shape[-2], query_image.shape[-1], "query_box")
-            region = self.region_tokens(query_image.to(device), query_box)  # [B, R, D]
+            rmap = self.region_map(self.image_features(query_image.to(device), query=True))  # [B, D, h, w]
+            region = self.pool_map(rmap, query_box[:, None])  # [B, R, D] (= region_tokens)
             source = torch.cat([text, region.to(text.dtype)], 1)  # [B, L + R, D]
+        elif region_map:
+            raise ValueError("region_map=True: this model has no region tokens (cfg.region_tokens), so no region map")
         else:
             source = text
         idx = tok.gather_index[..., None].expand(-1, -1, source.shape[-1])  # [B, T, D]
         features = torch.gather(source, 1, idx)  # [B, T, D]
-        return QueryCache(features, tok.token_mask, tok.self_attn_mask, tok.position_ids, tok.concept_mask, tok.region_mask, tok)
+        kept = (rmap, query_box) if region_map else (None, None)
+        return QueryCache(features, tok.token_mask, tok.self_attn_mask, tok.position_ids, tok.concept_mask, tok.region_mask, tok, *kept)
 
     def encode_text_ids(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> QueryCache:
         """Encode ready token ids without concept or region tokens: GroundingDINO's own input."""
@@ -553,11 +576,13 @@ class ARDetector(nn.Module):
 
     @staticmethod
     def top_regions(
-        logits: Tensor, out: ARDOutput, image_sizes: Tensor, top_k: int, images: ImageCache | None = None, query: QueryCache | None = None
+        logits: Tensor, out: ARDOutput, image_sizes: Tensor, top_k: int, images: ImageCache | None = None, query: QueryCache | None = None,
+        grids: Sequence[int] = (1,),
     ) -> "RegionCandidates":
         """The ``top_k`` boxes of each image by detector probability (max over concept tokens of the
         sigmoid of ``logits`` [N, Q, T]); with ``images`` (holding ``region_map``) and ``query``, also
-        the cosine similarity between the query's region token and the region pooled at each box."""
+        the cosine similarity between the query region's descriptor and the same pooling of the
+        candidate's region map at each box, for each pooling grid of ``grids`` (1 = the region token)."""
         prob = logits.float().sigmoid().masked_fill(~out.concept_mask[:, None, :], 0.0).max(-1).values  # [N, Q]
         prob, top = prob.topk(min(top_k, prob.shape[1]), dim=-1)  # [N, K], descending
         boxes = torch.gather(out.pred_boxes, 1, top[..., None].expand(-1, -1, 4))  # [N, K, 4] normalised cxcywh
@@ -567,18 +592,19 @@ class ARDetector(nn.Module):
                 raise ValueError("identity re-ranking needs the candidates' region maps: encode_images(..., region_map=True)")
             if query is None or not bool(query.region_mask.any()):
                 raise ValueError("identity re-ranking needs a query with region tokens (cfg.region_tokens)")
-            q = query.expand(len(images))
-            token = q.text[q.region_mask].view(len(images), -1, q.text.shape[-1])[:, 0]  # [N, D] first region token
+            query.expand(len(images))  # checks the batch
             h, w = images.image_size
             inside = box_ops.cxcywh_norm_to_xyxy_pixels(boxes, torch.tensor([[h, w]], device=boxes.device).expand(len(boxes), 2))
-            pooled = ARDetector.pool_map(images.region_map, inside)  # [N, K, D]
-            similarity = F.cosine_similarity(pooled.float(), token.float()[:, None], dim=-1)  # [N, K]
+            similarity = {}
+            for g in dict.fromkeys(grids):
+                pooled = ARDetector.pool_map(images.region_map, inside, g).float()  # [N, K, D g^2]
+                similarity[g] = F.cosine_similarity(pooled, query.descriptor(g).float()[:, None], dim=-1)  # [N, K]
         return RegionCandidates(box_ops.cxcywh_norm_to_xyxy_pixels(boxes, image_sizes), prob, similarity)
 
     @torch.no_grad()
     def predict_region(
         self, images: Tensor | ImageCache, query: QueryCache, image_sizes: Tensor | None = None, chunk_size: int | None = None,
-        identity_weight: float = 0.0, top_k: int = 5,
+        identity_weight: float = 0.0, top_k: int = 5, grid: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """Best region and attribution score of each of N candidate images.
 
@@ -590,10 +616,13 @@ class ARDetector(nn.Module):
             chunk_size: score at most this many candidates per forward pass.
             identity_weight: 0 = the paper's score (the best box's probability); above 0, the
                 identity re-ranking of ``RegionCandidates.pick`` over the ``top_k`` boxes.
+            grid: the re-ranking's region descriptor, pooled on grid x grid cells (1 = the region
+                token; above 1 the query needs ``encode_query(..., region_map=True)``).
         Returns:
             (boxes [N, 4] pixel xyxy, scores [N] in [0, 1]).
         """
-        return region_candidates(self, None, images, query, image_sizes, chunk_size, top_k, identity_weight > 0)[""].pick(identity_weight)
+        found = region_candidates(self, None, images, query, image_sizes, chunk_size, top_k, identity_weight > 0, grids=(grid,))
+        return found[""].pick(identity_weight, grid)
 
 
 def candidate_chunks(images: Tensor | ImageCache, query: QueryCache, image_sizes: Tensor | None, chunk_size: int | None):
@@ -629,21 +658,23 @@ class RegionCandidates:
     Attributes:
         boxes: [N, K, 4] pixel xyxy.
         prob: [N, K] detector probability of each box (max over concept tokens), descending.
-        similarity: [N, K] cosine between the query's region token and the region pooled at
-            each box from the same map (``ARDetector.region_map``); None when not computed.
+        similarity: {grid: [N, K]} cosine between the query region's descriptor and the
+            candidate's region at each box, both pooled on grid x grid cells of their region
+            maps (``ARDetector.pool_map``; grid 1 = the region token); None when not computed.
     """
 
     boxes: Tensor
     prob: Tensor
-    similarity: Tensor | None = None
+    similarity: dict[int, Tensor] | None = None
 
-    def pick(self, identity_weight: float = 0.0) -> tuple[Tensor, Tensor]:
+    def pick(self, identity_weight: float = 0.0, grid: int = 1) -> tuple[Tensor, Tensor]:
         """(boxes [N, 4], scores [N]) of the best box of each image.
 
         ``identity_weight`` w = 0 is the paper's score: the most probable box and its
         probability. With w > 0 (ours, README "Identity re-ranking") each box scores
-        ``prob * exp(w * (similarity - 1))``: the probability, discounted by how far the
-        region at the box is from the query region; the best of the K boxes wins.
+        ``prob * exp(w * (similarity - 1))``, with the similarity of descriptors pooled on
+        ``grid`` x ``grid`` cells: the probability, discounted by how far the region at the
+        box is from the query region; the best of the K boxes wins.
         """
         if not math.isfinite(identity_weight) or identity_weight < 0:
             raise ValueError(f"identity_weight={identity_weight!r} must be a finite number >= 0")
@@ -651,7 +682,9 @@ class RegionCandidates:
             return self.boxes[:, 0], self.prob[:, 0]
         if self.similarity is None:
             raise ValueError(f"identity_weight={identity_weight}: these candidates carry no region similarity")
-        score = self.prob * torch.exp(identity_weight * (self.similarity - 1.0))
+        if grid not in self.similarity:
+            raise ValueError(f"grid={grid!r}: these candidates carry region similarities of grids {sorted(self.similarity)} only")
+        score = self.prob * torch.exp(identity_weight * (self.similarity[grid] - 1.0))
         best, j = score.max(-1)
         return self.boxes[torch.arange(len(j), device=j.device), j], best
 
@@ -660,7 +693,7 @@ class RegionCandidates:
         sims = [p.similarity for p in parts]
         return RegionCandidates(
             torch.cat([p.boxes for p in parts]), torch.cat([p.prob for p in parts]),
-            None if any(s is None for s in sims) else torch.cat(sims),
+            None if any(s is None for s in sims) else {g: torch.cat([s[g] for s in sims]) for g in sims[0]},
         )
 
 
@@ -668,11 +701,12 @@ class RegionCandidates:
 def region_candidates(
     model: "ARDetector", variants: dict[str, "ARDetector"] | None, images: Tensor | ImageCache, query: QueryCache,
     image_sizes: Tensor | None = None, chunk_size: int | None = None, top_k: int = 5, identity: bool = False,
+    grids: Sequence[int] = (1,),
 ) -> dict[str, RegionCandidates]:
     """The top-k boxes of N candidate images for ``model`` (key "") or for each of ``variants``.
 
-    ``identity``: also their region similarity to the query (``ARDetector.top_regions``);
-    raw images are then encoded with their region maps.
+    ``identity``: also their region similarity to the query (``ARDetector.top_regions``) for
+    each pooling grid of ``grids``; raw images are then encoded with their region maps.
     """
     if top_k < 1:
         raise ValueError(f"top_k={top_k} must be at least 1")
@@ -687,7 +721,7 @@ def region_candidates(
         out = model(part, q)
         for name, heads in heads_of.items():
             logits = out.pred_logits if heads is None else model.class_logits(out.hidden, out.memory_text, out.token_mask, adapters=heads)
-            parts[name].append(model.top_regions(logits, out, sizes, top_k, part if identity else None, q))
+            parts[name].append(model.top_regions(logits, out, sizes, top_k, part if identity else None, q, grids))
     return {name: RegionCandidates.cat(p) for name, p in parts.items()}
 
 
@@ -695,7 +729,7 @@ def region_candidates(
 def predict_region_variants(
     model: "ARDetector", variants: dict[str, "ARDetector"], images: Tensor | ImageCache, query: QueryCache,
     image_sizes: Tensor | None = None, chunk_size: int | None = None, check: bool = True, top_k: int = 5,
-    identity: bool = False,
+    identity: bool = False, grids: Sequence[int] = (1,),
 ) -> dict[str, RegionCandidates]:
     """The ``RegionCandidates`` of several detectors that differ only in their adapters, in one pass.
 
@@ -707,7 +741,7 @@ def predict_region_variants(
     """
     if check:
         check_variants(model, variants)
-    return region_candidates(model, variants, images, query, image_sizes, chunk_size, top_k, identity)
+    return region_candidates(model, variants, images, query, image_sizes, chunk_size, top_k, identity, grids)
 
 
 def build(cfg: ModelConfig) -> ARDetector:

@@ -28,9 +28,10 @@ NOTE = (
     "class ranked first, chance = n / candidates. No IoU gate.\n\n"
     "ARD and ARD- score with the identity re-ranking (ours, README \"Identity re-ranking\"): of each candidate's "
     "{top_k} most probable boxes, the one with the best probability x exp(w (cos - 1)) wins, cos being the cosine "
-    "between the query's region token and the region pooled at the box. The weight w of each is fitted on {fit} "
-    "val queries (never the test tuples); w = 0 is the paper's score. The rows \"ARD paper score\" and "
-    "\"ARD- paper score\" are the same detectors scored as the paper scores them (w = 0)."
+    "between the query region's descriptor and the same pooling of the candidate's region at the box (on g x g cells; "
+    "g = 1 is the region token). The weight w and the pooling grid g of each are fitted on {fit} val queries (never "
+    "the test tuples); w = 0 is the paper's score. The rows \"ARD paper score\" and \"ARD- paper score\" are the "
+    "same detectors scored as the paper scores them (w = 0)."
 )
 PAPER = " paper score"
 
@@ -73,9 +74,10 @@ def build(cfg: Config) -> dict:
             negatives = negatives[negatives["tuple_id"].astype(str).isin(set(tuples["tuple_id"]))]
             figure_ids = list(tuples["tuple_id"].iloc[:: max(1, len(tuples) // max(ev.figure_queries, 1))][: ev.figure_queries])
             # ARD and ARD- differ only in the adapters: one pass of the detector scores both
-            shared = SharedTrunkARD(detectors, DATA, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity)
+            grids = sorted({w["grid"] for w in weights.values()})
+            shared = SharedTrunkARD(detectors, DATA, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity, grids=grids)
             methods = [
-                *shared.methods({name: w["weight"] for name, w in weights.items()}),
+                *shared.methods({name: (w["weight"], w["grid"]) for name, w in weights.items()}),
                 AbCMethod(abc, cal, DATA, cfg.abc.image_size),
                 ChanceMethod(seed=cfg.train_phase1.seed),
                 *[shared.method(name + PAPER, name) for name in detectors],
@@ -117,7 +119,7 @@ def build(cfg: Config) -> dict:
     for f in sorted(OUT.rglob("*")):
         if f.is_file():
             tracking.log_artifact(f, artifact_path="evaluation" + ("/figures" if f.parent.name == "figures" else ""))
-    flat = {f"identity_weight.{name}": w["weight"] for name, w in weights.items()}
+    flat = {f"identity_{key}.{name}": w[key] for name, w in weights.items() for key in ("weight", "grid")}
     for world in ("test", "world2"):
         for method, m in metrics[world].items():
             for k, v in m.items():
@@ -128,9 +130,9 @@ def build(cfg: Config) -> dict:
 
 
 def fit_weights(cfg: Config, detectors: dict, size: int, identity: bool) -> tuple[dict, tuple[int, str]]:
-    """The identity weight of each detector, fitted on a seeded subset of the val split.
+    """The identity weight and pooling grid of each detector, fitted on a seeded subset of the val split.
 
-    Returns ({name: {"weight", "val_recall@10": {weight: recall}}}, (val queries, markdown section)).
+    Returns ({name: {"weight", "grid", "val_recall@10": {"gxg": {weight: recall}}}}, (val queries, markdown section)).
     """
     from ardetect.evaluation.ard import SharedTrunkARD, fit_identity_weights
 
@@ -141,13 +143,23 @@ def fit_weights(cfg: Config, detectors: dict, size: int, identity: bool) -> tupl
         raise ValueError("evaluate: the val split has no tuples to fit the identity weight on (tuples.split)")
     negatives = read_table(DATA / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
     negatives = negatives[negatives["tuple_id"].astype(str).isin(set(val["tuple_id"]))]
-    trunk = SharedTrunkARD(detectors, DATA, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity)
+    trunk = SharedTrunkARD(detectors, DATA, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity, grids=ev.identity_grids)
+    fitted = fit_identity_weights(trunk, list(detectors), val, negatives, ev.identity_weights, ev.iou_threshold, progress=True)
     out, rows = {}, []
-    for name, (w, recalls) in fit_identity_weights(trunk, list(detectors), val, negatives, ev.identity_weights, ev.iou_threshold, progress=True).items():
-        out[name] = {"weight": w, "val_recall@10": {f"{k:g}": v for k, v in recalls.items()}}
-        rows.append(f"| {name} | {w:g} | " + " | ".join(f"{recalls[k]:.4f}" for k in sorted(recalls)) + " |")
-    head = "| method | fitted w | " + " | ".join(f"val R@10, w={k:g}" for k in ev.identity_weights) + " |"
-    section = "\n".join([f"## Identity weight, fitted on {len(val)} val queries\n", head, "|" + "---|" * (len(ev.identity_weights) + 2), *rows, ""])
+    for name, (w, g, recalls) in fitted.items():
+        by_grid: dict[str, dict[str, float]] = {}
+        for (gg, ww), r in sorted(recalls.items()):
+            by_grid.setdefault(f"{gg}x{gg}", {})[f"{ww:g}"] = r
+        out[name] = {"weight": w, "grid": g, "val_recall@10": by_grid}
+        for gg in ev.identity_grids:
+            cells = [f"{recalls[(gg, k)]:.4f}" if (gg, k) in recalls else "=" for k in ev.identity_weights]
+            rows.append(f"| {name} | {gg}x{gg} | {w:g}, {g}x{g} | " + " | ".join(cells) + " |")
+    head = "| method | pooling grid | fitted w, grid | " + " | ".join(f"val R@10, w={k:g}" for k in ev.identity_weights) + " |"
+    section = "\n".join([
+        f"## Identity weight and pooling grid, fitted on {len(val)} val queries\n",
+        "(w = 0 is the paper's score whatever the grid: it is scored once, on the first grid, and \"=\" marks the others.)\n",
+        head, "|" + "---|" * (len(ev.identity_weights) + 3), *rows, "",
+    ])
     return out, (len(val), section)
 
 

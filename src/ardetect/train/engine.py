@@ -98,24 +98,55 @@ def shard(indices: list[int], rank: int, world: int) -> list[int]:
     return padded[rank::world]
 
 
+class EpochBatches(torch.utils.data.Dataset):
+    """One epoch's batches by step: what ``iter_batches`` yields, built where a DataLoader
+    worker can make them ahead of the training step (each sample's augmentation is seeded
+    by (seed, epoch, index), so a worker builds exactly what the training process would)."""
+
+    def __init__(self, ds: TupleDataset, order: list[int], seed: int, epoch: int, batch_size: int, negatives: NegativeSampler | None = None):
+        self.ds, self.order, self.seed, self.epoch, self.batch_size, self.negatives = ds, order, seed, epoch, batch_size, negatives
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __getitem__(self, step: int) -> tuple[int, Batch]:
+        seed, epoch = self.seed, self.epoch
+        groups = []
+        for idx in self.order[step * self.batch_size : (step + 1) * self.batch_size]:
+            group = [seeded_item(self.ds, idx, sample_seed(seed, epoch, idx))]
+            if self.negatives is not None:
+                for j, img in enumerate(self.negatives.draw(idx, epoch)):
+                    group.append(seeded_item(self.ds, idx, sample_seed(seed, epoch, idx, j + 1), target_image=img))
+            groups.append(group)
+        return step, collate_groups(groups)
+
+
+def _as_is(item):
+    return item
+
+
 def iter_batches(
     ds: TupleDataset, seed: int, epoch: int, batch_size: int, rank: int = 0, world: int = 1,
-    negatives: NegativeSampler | None = None, start: int = 0, max_steps: int | None = None,
+    negatives: NegativeSampler | None = None, start: int = 0, max_steps: int | None = None, workers: int = 0,
 ) -> Iterator[tuple[int, Batch]]:
-    """(step, batch) of one epoch from ``start``; with ``negatives``, each positive brings k negatives."""
-    order = shard(epoch_order(len(ds), seed, epoch), rank, world)
-    steps = math.ceil(len(order) / batch_size)
-    if max_steps is not None:
-        steps = min(steps, max_steps)
-    for step in range(start, steps):
-        groups = []
-        for idx in order[step * batch_size : (step + 1) * batch_size]:
-            group = [seeded_item(ds, idx, sample_seed(seed, epoch, idx))]
-            if negatives is not None:
-                for j, img in enumerate(negatives.draw(idx, epoch)):
-                    group.append(seeded_item(ds, idx, sample_seed(seed, epoch, idx, j + 1), target_image=img))
-            groups.append(group)
-        yield step, collate_groups(groups)
+    """(step, batch) of one epoch from ``start``; with ``negatives``, each positive brings k negatives.
+
+    ``workers`` > 0 builds the batches in that many DataLoader processes, a few steps ahead
+    of training (the same batches as ``workers=0``, which builds them in this process).
+    """
+    if workers < 0:
+        raise ValueError(f"workers={workers}: give 0 (build batches in this process) or more")
+    batches = EpochBatches(ds, shard(epoch_order(len(ds), seed, epoch), rank, world), seed, epoch, batch_size, negatives)
+    steps = len(batches) if max_steps is None else min(len(batches), max_steps)
+    if workers == 0:
+        for step in range(start, steps):
+            yield batches[step]
+        return
+    if start >= steps:
+        return
+    yield from torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=range(start, steps), num_workers=workers, collate_fn=_as_is, prefetch_factor=4,
+    )
 
 
 def steps_per_epoch(n: int, batch_size: int, world: int = 1, max_steps: int | None = None) -> int:
@@ -313,15 +344,16 @@ def train_one_epoch(
     max_steps: int | None = None, regulariser: Callable[[], Tensor] | None = None, lambda_reg: float = 0.0,
     on_checkpoint: Callable[[], None] | None = None, checkpoint_every: int = 50,
     log: Callable[[dict], None] | None = None, progress: Callable[[int, int, dict], None] | None = None,
-    aux: bool = True,
+    aux: bool = True, workers: int = 0,
 ) -> dict[str, float]:
-    """One epoch from ``state.step``; returns mean losses. Calls ``on_checkpoint`` every N steps."""
+    """One epoch from ``state.step``; returns mean losses. Calls ``on_checkpoint`` every N steps.
+    ``workers``: DataLoader processes building the batches ahead (``iter_batches``)."""
     rank, world = distributed()
     ddp_model.train()
     totals: dict[str, float] = {}
     count = 0
     n_steps = steps_per_epoch(len(ds), batch_size, world, max_steps)
-    for step, batch in iter_batches(ds, seed, epoch, batch_size, rank, world, negatives, start=state.step, max_steps=max_steps):
+    for step, batch in iter_batches(ds, seed, epoch, batch_size, rank, world, negatives, start=state.step, max_steps=max_steps, workers=workers):
         outputs, token_mask, targets = _forward(model, ddp_model, batch, aux=aux, align=criterion.uses_align, align_negatives=criterion.align_negatives)
         losses = criterion(outputs, targets, token_mask)
         if regulariser is not None and lambda_reg > 0:

@@ -95,7 +95,7 @@ def run_fingerprint(cfg: Config, phase: int, model, tuples: pd.DataFrame, start_
     """
     h = hashlib.sha256()
     section = cfg.train_phase1 if phase == 1 else cfg.train_phase2
-    parts = {"phase": phase, "section": section.model_dump(mode="json"), "loss": cfg.train_phase1.loss.model_dump(mode="json"),
+    parts = {"phase": phase, "section": section.model_dump(mode="json", exclude={"loader_workers"}),  # workers build the same batches "loss": cfg.train_phase1.loss.model_dump(mode="json"),
              "model": model.cfg.model_dump(mode="json"), "pretrained": cfg.model.pretrained}
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     h.update(pd.util.hash_pandas_object(tuples[["tuple_id", "split", "query_image", "train_image", "prompt"]], index=False).to_numpy().tobytes())
@@ -175,7 +175,7 @@ def _run(
             model, ddp_model, criterion, optimizer, train_ds, epoch, state, seed=p.seed, batch_size=batch_size,
             clip_grad=p.clip_grad, negatives=negatives, max_steps=p.max_steps_per_epoch, regulariser=reg, lambda_reg=lam,
             on_checkpoint=checkpoint, checkpoint_every=p.checkpoint_every, progress=progress,
-            aux=phase == 1 and cfg.train_phase1.loss.aux_loss,
+            aux=phase == 1 and cfg.train_phase1.loss.aux_loss, workers=p.loader_workers,
         )
         bar.close()
         if scheduler is not None:
