@@ -117,6 +117,10 @@ def test_shared_trunk_identity_weights_match_each_model_alone(tmp_path):
     assert len(calls) == len(tuples) and set(fitted["ARD"][2]) == {(1, 0.0), (1, 4.0), (2, 4.0)}
     with pytest.raises(ValueError, match="grid=3"):
         two.method("x", "ARD", 1.0, 3)
+    # the paper's score (w = 0) uses no grid: a trunk of 2x2 descriptors only still scores it
+    only2 = SharedTrunkARD({"ARD": ard}, tmp_path, 64, batch=2, top_k=3, identity=True, grids=[2])
+    paper = evaluate_method(only2.method("ARD paper", "ARD"), tuples, negatives, progress=False)
+    np.testing.assert_allclose(paper.per_query["score"], together["ARD paper"].per_query["score"], atol=1e-5)
     with pytest.raises(ValueError, match="grids=\\[0\\]"):
         SharedTrunkARD({"ARD": ard}, tmp_path, 64, grids=[0])
     with pytest.raises(ValueError, match="already a method"):

@@ -146,7 +146,7 @@ class SharedTrunkARD:
             raise ValueError(f"variant={variant!r} is not one of {list(self.models)}")
         if identity_weight > 0 and not self.identity:
             raise ValueError(f"identity_weight={identity_weight} needs SharedTrunkARD(..., identity=True)")
-        if grid not in self.grids:
+        if identity_weight > 0 and grid not in self.grids:  # w = 0, the paper's score, uses no grid
             raise ValueError(f"grid={grid!r} is not one of this trunk's grids {list(self.grids)}")
         if label in self._labels:
             raise ValueError(f"label={label!r} is already a method of this trunk")
