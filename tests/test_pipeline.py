@@ -60,8 +60,9 @@ def test_pipeline_outputs_and_up_to_date(piped):
     for name in ("ARD", "ARD-"):
         fit = metrics["identity_fit"][name]
         by_grid = fit["val_recall@10"]
-        assert set(by_grid) == {"1x1", "2x2"} and set(by_grid["1x1"]) == weights and set(by_grid["2x2"]) == weights - {"0"}
-        assert fit["grid"] in (1, 2) and f"{fit['weight']:g}" in by_grid[f"{fit['grid']}x{fit['grid']}"]
+        assert set(by_grid) == {"1x1", "2x2", "3x3", "4x4"} and set(by_grid["1x1"]) == weights
+        assert all(set(by_grid[f"{g}x{g}"]) == weights - {"0"} for g in (2, 3, 4))
+        assert fit["grid"] in (1, 2, 3, 4) and f"{fit['weight']:g}" in by_grid[f"{fit['grid']}x{fit['grid']}"]
         best = max(r for rs in by_grid.values() for r in rs.values())
         assert by_grid[f"{fit['grid']}x{fit['grid']}"][f"{fit['weight']:g}"] == best
         if fit["weight"] == 0:  # the paper's score: the two rows are the same ranking

@@ -245,8 +245,8 @@ class EvaluateConfig(_Section):
         description="grid the identity re-ranking weight is fitted over on the val split (README); 0 = the paper's score",
     )
     identity_grids: list[int] = Field(
-        [1, 2], min_length=1,
-        description="pooling grids of the re-ranking's region descriptor fitted over with the weight (1 = the region token, 2 = 2x2 cells)",
+        [1, 2, 3, 4], min_length=1,
+        description="pooling grids of the re-ranking's region descriptor fitted over with the weight (1 = the region token, 2 = 2x2 cells, ...)",
     )
     identity_top_k: int = Field(5, ge=1, description="boxes per candidate image the identity re-ranking chooses among")
     fit_queries: int | None = Field(64, ge=1, description="val queries the identity weight and grid are fitted on; null = all")
