@@ -64,6 +64,9 @@ def test_unknown_section_is_named():
         (("evaluate", "identity_grids"), [], r"evaluate\.identity_grids.*at least 1"),
         (("evaluate", "identity_top_k"), 0, r"evaluate\.identity_top_k.*got 0"),
         (("train_phase1", "loss", "align_negatives"), -1, r"train_phase1\.loss\.align_negatives.*got -1"),
+        (("train_phase2", "rank_grid"), 9, r"train_phase2\.rank_grid.*got 9"),
+        (("train_phase2", "lambda_rank"), -1, r"train_phase2\.lambda_rank.*got -1"),
+        (("train_phase2", "same_class_negatives"), 5, r"train_phase2.*same_class_negatives=5 is above k_negatives=4"),
     ],
 )
 def test_out_of_range_values_are_named(path, value, pattern):

@@ -205,6 +205,7 @@ class Phase2Config(_Section):
 
     epochs: int = Field(2, ge=1)
     k_negatives: int = Field(4, ge=1, description="negatives per positive (paper: 4)")
+    same_class_negatives: int = Field(0, ge=0, description="of the k, how many come from the query's base class (ours); 0 = the paper's uniform draw")
     lambda_reg: float = Field(0.05, ge=0, description="weight of the adapters' orthogonality regulariser")
     lambda_cls: float = Field(1.0, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -215,6 +216,18 @@ class Phase2Config(_Section):
     max_steps_per_epoch: int | None = Field(200, ge=1, description="positives per epoch; null = the whole split")
     augment: bool = True
     loader_workers: int = Field(0, ge=0, description="DataLoader processes building batches ahead of training; 0 = in the training process (same batches)")
+    lambda_rank: float = Field(
+        0.0, ge=0, description="weight of the ranking loss on the re-ranked attribution score of each positive against its k negatives (ours); 0 = the paper's phase 2",
+    )
+    rank_grid: int = Field(4, ge=1, le=8, description="pooling grid of the region similarity in the ranking loss's score")
+    rank_identity_weight: float = Field(5.0, ge=0, description="identity weight w of the ranking loss's score, prob * exp(w (sim - 1))")
+    rank_top_k: int = Field(5, ge=1, description="boxes per image the ranking loss's score chooses among (as evaluate.identity_top_k)")
+
+    @model_validator(mode="after")
+    def _hard_within_k(self) -> "Phase2Config":
+        if self.same_class_negatives > self.k_negatives:
+            raise ValueError(f"same_class_negatives={self.same_class_negatives} is above k_negatives={self.k_negatives}")
+        return self
 
 
 class AbCSection(_Section):

@@ -60,3 +60,20 @@ def test_negative_sampler_fresh_per_epoch_seeded_and_never_own(tmp_path):
     assert NegativeSampler(t, "train", k=4, seed=7).draw(0, 3) == draws[3]  # reproducible
     with pytest.raises(ValueError, match="k=12"):
         NegativeSampler(t, "train", k=12, seed=0)
+
+
+def test_negative_sampler_draws_same_class_negatives_first(tmp_path):
+    t = _tuples(tmp_path, n_concepts=12)
+    t["split"] = "train"
+    t["base_class"] = ["cat" if int(c[1:]) < 4 else "mug" for c in t["concept_id"]]  # c0..c3 cats, 3 others for c0
+    hard = NegativeSampler(t, "train", k=4, seed=7, same_class=2)
+    for e in range(6):
+        d = hard.draw(0, e)
+        assert len(set(d)) == 4 and "x0.png" not in d
+        assert set(d[:2]) <= {"x1.png", "x2.png", "x3.png"}  # two of the other cats
+        assert hard.draw(0, e) == d  # reproducible
+    # more asked than the class holds: all of it, the rest uniform
+    all3 = NegativeSampler(t, "train", k=4, seed=7, same_class=4).draw(0, 0)
+    assert set(all3[:3]) == {"x1.png", "x2.png", "x3.png"} and len(set(all3)) == 4 and "x0.png" not in all3
+    with pytest.raises(ValueError, match="same_class=5"):
+        NegativeSampler(t, "train", k=4, seed=7, same_class=5)

@@ -168,3 +168,23 @@ def test_region_contrast_other_regions_are_negatives_of_every_query():
     assert SetCriterion(HungarianMatcher(), weight_align=0.0, align_negatives=3).align_negatives == 0  # no contrast, no negatives
     with pytest.raises(ValueError, match="align_negatives=-1"):
         SetCriterion(HungarianMatcher(), weight_align=1.0, align_negatives=-1)
+
+
+def test_ranking_loss_hand_computed():
+    from ardetect.train.losses import ranking_loss
+
+    scores = torch.tensor([-0.5, -1.0, -2.0, -0.1, float("-inf"), -3.0, -1.0], requires_grad=True)
+    group = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    positive = torch.tensor([True, False, False, False, True, False, True])
+    # group 0: positive first of three; group 1: the positive missed its target (-inf), left out; group 2: positive second of two
+    g0 = math.log(math.exp(-0.5) + math.exp(-1.0) + math.exp(-2.0)) + 0.5
+    g2 = math.log(math.exp(-3.0) + math.exp(-1.0)) + 1.0
+    loss = ranking_loss(scores, group, positive)
+    assert loss.item() == pytest.approx((g0 + g2) / 2, rel=1e-6)
+    loss.backward()
+    assert scores.grad[0] < 0 < scores.grad[1] and scores.grad[3] == 0  # the positive up, its negatives down
+    # a negative that cannot be ranked (-inf) simply drops out of its group's softmax
+    assert ranking_loss(torch.tensor([-1.0, float("-inf")]), torch.tensor([0, 0]), torch.tensor([True, False])).item() == pytest.approx(0.0, abs=1e-7)
+    # nothing rankable: 0, still differentiable
+    none = ranking_loss(torch.tensor([float("-inf"), -1.0], requires_grad=True), torch.tensor([0, 0]), torch.tensor([True, False]))
+    assert none.item() == 0.0 and none.requires_grad

@@ -92,7 +92,14 @@ def test_phase2_changes_only_the_adapters(tiny_world, tmp_path):
     assert changed, "phase 2 changed nothing"
     assert all(k.startswith(("adapter_query.", "adapter_text.")) for k in changed), changed
     assert "adapter_query.weight" in changed and "adapter_text.weight" in changed
-    assert result.history[-1]["train_loss_reg"] > 0
+    assert result.history[-1]["train_loss_reg"] > 0 and "train_loss_rank" not in result.history[-1]
+    # with the ranking loss (ours) still only the adapters change, and the loss is logged
+    cfg_rank = fast_config(train_phase1={"epochs": 1, "max_steps_per_epoch": 2}, train_phase2={"lambda_rank": 1.0, "rank_grid": 2})
+    model_r, result_r = run_phase2(cfg_rank, tmp_path / "p1" / "best.pt", tuples, root, tmp_path / "p2_rank", resume=False)
+    after_r = weights(model_r)
+    changed_r = sorted(k for k in before if not torch.equal(before[k], after_r[k]))
+    assert changed_r and all(k.startswith(("adapter_query.", "adapter_text.")) for k in changed_r), changed_r
+    assert result_r.history[-1]["train_loss_rank"] >= 0
 
 
 def test_model_file_leaves_out_the_bundled_text_weights(tiny_world, tmp_path):
@@ -221,3 +228,43 @@ def test_loader_workers_build_the_same_batches(tiny_world):
     assert not list(iter_batches(ds, seed=0, epoch=0, batch_size=3, start=5, max_steps=4, workers=1))
     with pytest.raises(ValueError, match="workers=-1"):
         next(iter_batches(ds, seed=0, epoch=0, batch_size=3, workers=-1))
+
+
+def test_ranked_scores_are_the_evaluation_scores_in_log_form(tiny_world):
+    """Phase 2's ranking loss reads each image's re-ranked score exactly as the evaluation picks it:
+    log of prob * exp(w (sim - 1)) at the best of the top-k boxes, the positive gated at IoU 0.5."""
+    from torchvision.ops import box_convert, box_iou
+
+    from ardetect.data.datasets import NegativeSampler, TupleDataset
+    from ardetect.model.detector import RegionCandidates, region_candidates
+    from ardetect.train.engine import iter_batches, model_outputs
+    from ardetect.train.phases import build_model
+
+    tuples, root = tiny_world
+    torch.manual_seed(0)
+    model = build_model(fast_config()).eval()
+    ds = TupleDataset(tuples, root, "train", 64, train=False)
+    _, batch = next(iter_batches(ds, seed=0, epoch=0, batch_size=1, negatives=NegativeSampler(tuples, "train", 2, seed=0)))
+    model.set_phase(2)
+    outputs, _, _ = model_outputs(model, batch, aux=False, rank=(2, 3.0, 4))
+    scores, group, positive = outputs["rank"]
+    assert scores.requires_grad and group.tolist() == [0, 0, 0] and positive.tolist() == [True, False, False]
+    with torch.no_grad():
+        cache = model.encode_query(batch.query_images, batch.query_boxes, batch.prompts, batch.phrases, region_map=True)
+        found = region_candidates(model, None, model.encode_images(batch.images, region_map=True), cache, top_k=4, identity=True, grids=(2,))[""]
+    _, want = found.pick(3.0, 2)  # the evaluation's score of each image
+    torch.testing.assert_close(scores[1:].exp(), want[1:], atol=1e-5, rtol=1e-4)
+    gt = box_convert(batch.boxes[0], "cxcywh", "xyxy") * 64
+    hit = box_iou(found.boxes[0], gt)[:, 0] >= 0.5
+    if hit.any():  # the positive: its best box among those on its target
+        gated = RegionCandidates(found.boxes[:1, hit], found.prob[:1, hit], {2: found.similarity[2][:1, hit]})
+        torch.testing.assert_close(scores[0].exp(), gated.pick(3.0, 2)[1][0], atol=1e-5, rtol=1e-4)
+    else:
+        assert scores[0] == float("-inf")
+    # the loss reaches the adapters F and F~ only
+    from ardetect.train.losses import ranking_loss
+
+    scores = torch.cat([(scores[1:].max() - 0.5)[None], scores[1:]])  # a rankable positive whatever the random detector found
+    ranking_loss(scores, group, positive).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and grads <= {"adapter_query.weight", "adapter_query.bias", "adapter_text.weight", "adapter_text.bias"}, grads

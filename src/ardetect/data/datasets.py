@@ -116,24 +116,35 @@ class TupleDataset(torch.utils.data.Dataset):
 class NegativeSampler:
     """k negatives per positive, drawn fresh every epoch from a seeded generator.
 
-    The pool of a tuple is the training images of every other concept in its split.
-    Draws depend on (seed, epoch, tuple index) only, so they differ between epochs,
-    repeat exactly when an interrupted run resumes, and are the same under DDP.
+    The pool of a tuple is the training images of every other concept in its split;
+    ``same_class`` of the k (ours; 0 = the paper's uniform draw) come from the concepts of
+    the tuple's own base class, the hard negatives the ranking has to tell apart, as far as
+    there are any. Draws depend on (seed, epoch, tuple index) only, so they differ between
+    epochs, repeat exactly when an interrupted run resumes, and are the same under DDP.
     """
 
-    def __init__(self, tuples: pd.DataFrame, split: str, k: int, seed: int):
+    def __init__(self, tuples: pd.DataFrame, split: str, k: int, seed: int, same_class: int = 0):
         if k < 0:
             raise ValueError(f"NegativeSampler: k={k} must be >= 0")
+        if not 0 <= same_class <= k:
+            raise ValueError(f"NegativeSampler: same_class={same_class} must be between 0 and k={k}")
         rows = tuples[tuples["split"] == split].reset_index(drop=True)
-        pool = rows.drop_duplicates("concept_id")[["concept_id", "train_image"]]
+        pool = rows.drop_duplicates("concept_id")
         self.images = pool["train_image"].to_numpy()
         self.concepts = pool["concept_id"].to_numpy()
         self.row_concepts = rows["concept_id"].to_numpy()
+        if same_class:
+            self.classes, self.row_classes = pool["base_class"].to_numpy(), rows["base_class"].to_numpy()
         if k > len(self.images) - 1:
             raise ValueError(f"NegativeSampler: k={k} but split {split!r} has only {len(self.images) - 1} negatives per tuple")
-        self.k, self.seed = k, seed
+        self.k, self.seed, self.same_class = k, seed, same_class
 
     def draw(self, index: int, epoch: int) -> list[str]:
         rng = np.random.default_rng([self.seed, epoch, index])
-        allowed = np.flatnonzero(self.concepts != self.row_concepts[index])
-        return list(self.images[rng.choice(allowed, size=self.k, replace=False)])
+        allowed = self.concepts != self.row_concepts[index]
+        if not self.same_class:
+            return list(self.images[rng.choice(np.flatnonzero(allowed), size=self.k, replace=False)])
+        near = np.flatnonzero(allowed & (self.classes == self.row_classes[index]))
+        hard = rng.choice(near, size=min(self.same_class, len(near)), replace=False)
+        rest = np.setdiff1d(np.flatnonzero(allowed), hard)
+        return list(self.images[np.concatenate([hard, rng.choice(rest, size=self.k - len(hard), replace=False)])])

@@ -154,7 +154,9 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1, max_steps: int | No
     return min(steps, max_steps) if max_steps is not None else steps
 
 
-def model_outputs(model, batch: Batch, aux: bool = True, align: bool = False, align_negatives: int = 0) -> tuple[dict, Tensor, list[Target]]:
+def model_outputs(
+    model, batch: Batch, aux: bool = True, align: bool = False, align_negatives: int = 0, rank: tuple[int, float, int] | None = None,
+) -> tuple[dict, Tensor, list[Target]]:
     """Run the detector on a batch: queries encoded once each, then paired with their images.
 
     ``aux=False`` keeps only the last decoder layer (phase 2's loss). ``align=True`` also
@@ -162,11 +164,12 @@ def model_outputs(model, batch: Batch, aux: bool = True, align: bool = False, al
     its target region in the target image, which pairs show the same concept, and the
     regions at the ``align_negatives`` most probable predicted boxes of each target image
     that stay clear of its target region (``region_contrast``); the target images'
-    backbone runs once for all.
+    backbone runs once for all. ``rank`` = (grid, weight, k) also returns ``outputs["rank"]``,
+    each image's re-ranked score (``_ranked_scores``).
     """
-    cache = model.encode_query(batch.query_images, batch.query_boxes, batch.prompts, batch.phrases)
-    feats = model.image_features(batch.images) if align else None
-    images = model.encode_images(batch.images, features=feats) if align else batch.images
+    cache = model.encode_query(batch.query_images, batch.query_boxes, batch.prompts, batch.phrases, region_map=rank is not None)
+    feats = model.image_features(batch.images) if (align or rank) else None
+    images = model.encode_images(batch.images, features=feats) if feats is not None else batch.images
     out = model(images, cache.select(batch.query_of))  # each query reused by its negatives
     concept = cache.concept_mask[batch.query_of].float()  # [B, T]
     targets = [Target(b, concept[i : i + 1].expand(len(b), -1)) for i, b in enumerate(batch.boxes)]
@@ -175,7 +178,34 @@ def model_outputs(model, batch: Batch, aux: bool = True, align: bool = False, al
         outputs.update(aux_outputs=out.aux_outputs, enc_outputs=out.enc_outputs)
     if align:
         outputs["align"] = _region_pairs(model, cache, feats, batch, out, align_negatives)
+    if rank is not None:
+        outputs["rank"] = _ranked_scores(model, cache, feats, batch, out, *rank)
     return outputs, out.token_mask, targets
+
+
+MASKED = -1e4  # logit given to the tokens outside the concept (sigmoid 0)
+
+
+def _ranked_scores(model, cache, feats: list[Tensor], batch: Batch, out, grid: int, weight: float, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The re-ranked attribution score of every image of the batch, as ``RegionCandidates.pick``
+    computes it at evaluation, in log form and differentiable in the class logits: the best of the
+    k most probable boxes of log prob + weight (similarity - 1), the similarity pooled on ``grid``.
+    A positive image's score counts only its boxes with IoU >= 0.5 to its target region (the
+    evaluation's gate). Returns (scores [B], group [B], positive [B]); a positive whose top boxes
+    all miss its target scores -inf."""
+    size = torch.tensor(batch.images.shape[-2:][::-1] * 2, dtype=torch.float32, device=out.pred_boxes.device)  # (W, H, W, H)
+    logit = out.pred_logits.float().masked_fill(~out.concept_mask[:, None, :], MASKED).max(-1).values  # [B, Q]
+    top = logit.detach().topk(min(k, logit.shape[1]), dim=-1).indices  # [B, k]
+    with torch.no_grad():
+        boxes = torch.gather(box_convert(out.pred_boxes.float(), "cxcywh", "xyxy") * size, 1, top[..., None].expand(-1, -1, 4))  # [B, k, 4]
+        pooled = model.pool_map(model.region_map(feats), boxes, grid).float()  # [B, k, D g^2]
+        sim = torch.nn.functional.cosine_similarity(pooled, cache.descriptor(grid).float()[batch.query_of.to(pooled.device)][:, None], dim=-1)
+        allowed = torch.ones_like(sim, dtype=torch.bool)
+        for b in torch.nonzero(batch.positive).flatten().tolist():
+            gt = box_convert(batch.boxes[b][:1].float().to(size.device), "cxcywh", "xyxy") * size
+            allowed[b] = box_iou(boxes[b], gt)[:, 0] >= 0.5
+    score = torch.nn.functional.logsigmoid(torch.gather(logit, 1, top)) + weight * (sim - 1.0)  # [B, k]
+    return score.masked_fill(~allowed, float("-inf")).max(-1).values, batch.query_of.to(score.device), batch.positive.to(score.device)
 
 
 CLEAR_IOU = 0.3  # a predicted box this far from the target region shows another object (each image holds one concept)
@@ -354,7 +384,9 @@ def train_one_epoch(
     count = 0
     n_steps = steps_per_epoch(len(ds), batch_size, world, max_steps)
     for step, batch in iter_batches(ds, seed, epoch, batch_size, rank, world, negatives, start=state.step, max_steps=max_steps, workers=workers):
-        outputs, token_mask, targets = _forward(model, ddp_model, batch, aux=aux, align=criterion.uses_align, align_negatives=criterion.align_negatives)
+        outputs, token_mask, targets = _forward(
+            model, ddp_model, batch, aux=aux, align=criterion.uses_align, align_negatives=criterion.align_negatives, rank=criterion.rank_inputs,
+        )
         losses = criterion(outputs, targets, token_mask)
         if regulariser is not None and lambda_reg > 0:
             losses["loss_reg"] = regulariser()
@@ -373,7 +405,7 @@ def train_one_epoch(
         if log is not None and rank == 0:
             log({"train_step_loss": float(losses["loss"]), "step": state.global_step})
         if progress is not None and rank == 0:
-            progress(step + 1, n_steps, {k: float(v.detach()) for k, v in losses.items() if k in ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_align", "loss_reg")})
+            progress(step + 1, n_steps, {k: float(v.detach()) for k, v in losses.items() if k in ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_align", "loss_rank", "loss_reg")})
         if on_checkpoint is not None and state.step % checkpoint_every == 0 and state.step < n_steps:
             on_checkpoint()
     return {k: v / max(count, 1) for k, v in totals.items()}
@@ -386,14 +418,14 @@ class _DDPForward(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch, aux: bool = True, align: bool = False, align_negatives: int = 0):
-        return model_outputs(self.model, batch, aux, align, align_negatives)
+    def forward(self, batch: Batch, aux: bool = True, align: bool = False, align_negatives: int = 0, rank=None):
+        return model_outputs(self.model, batch, aux, align, align_negatives, rank)
 
 
-def _forward(model, ddp_model, batch: Batch, aux: bool = True, align: bool = False, align_negatives: int = 0):
+def _forward(model, ddp_model, batch: Batch, aux: bool = True, align: bool = False, align_negatives: int = 0, rank=None):
     if ddp_model is model:
-        return model_outputs(model, batch, aux, align, align_negatives)
-    return ddp_model(batch, aux, align, align_negatives)
+        return model_outputs(model, batch, aux, align, align_negatives, rank)
+    return ddp_model(batch, aux, align, align_negatives, rank)
 
 
 def wrap_ddp(model) -> torch.nn.Module:

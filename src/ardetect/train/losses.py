@@ -36,10 +36,17 @@ class SetCriterion(torch.nn.Module):
         weight_align: float = 0.0,
         align_temperature: float = 0.1,
         align_negatives: int = 0,
+        weight_rank: float = 0.0,
+        rank_grid: int = 4,
+        rank_identity_weight: float = 5.0,
+        rank_top_k: int = 5,
     ):
         super().__init__()
         self.matcher = matcher
-        self.weights = {"loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou, "loss_align": weight_align}
+        self.weights = {
+            "loss_class": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou, "loss_align": weight_align, "loss_rank": weight_rank,
+        }
+        self.rank_settings = (rank_grid, rank_identity_weight, rank_top_k)
         self.alpha, self.gamma = alpha, gamma
         self.align_temperature = align_temperature
         if align_negatives < 0:
@@ -50,6 +57,11 @@ class SetCriterion(torch.nn.Module):
     def uses_align(self) -> bool:
         """Whether the criterion wants ``outputs["align"]`` (region contrast weighted above 0)."""
         return self.weights["loss_align"] > 0
+
+    @property
+    def rank_inputs(self) -> tuple[int, float, int] | None:
+        """(grid, identity weight, top k) of the ``outputs["rank"]`` the criterion wants, or None (weight 0)."""
+        return self.rank_settings if self.weights["loss_rank"] > 0 else None
 
     def single(self, logits: Tensor, boxes: Tensor, token_mask: Tensor, targets: list[Target], num_boxes: float) -> dict[str, Tensor]:
         """Losses of one prediction set: logits [B, Q, T], boxes [B, Q, 4], token_mask [B, T] (True = real token)."""
@@ -91,6 +103,8 @@ class SetCriterion(torch.nn.Module):
         if self.uses_align and outputs.get("align") is not None:
             query_regions, target_regions, same, others = outputs["align"]
             losses["loss_align"] = region_contrast(query_regions, target_regions, same, self.align_temperature, others)
+        if self.rank_inputs is not None and outputs.get("rank") is not None:
+            losses["loss_rank"] = ranking_loss(*outputs["rank"])
         total = sum(self.weights[k.rsplit("_", 1)[0] if k not in self.weights else k] * v for k, v in losses.items())
         losses["loss"] = total
         return losses
@@ -130,3 +144,19 @@ def region_contrast(
     labels = torch.arange(m, device=logits.device)
     rows = logits if not n_extra else torch.cat([logits, q @ torch.nn.functional.normalize(extra_negatives.float(), dim=-1).T / temperature], 1)  # [M, M + E]
     return 0.5 * (torch.nn.functional.cross_entropy(rows, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
+
+
+def ranking_loss(scores: Tensor, group: Tensor, positive: Tensor) -> Tensor:
+    """Cross-entropy of ranking each group's positive image first among the group's images by
+    ``scores`` [B] (log attribution scores; -inf = not rankable). Mean over groups with a
+    finite positive score and at least one other image; 0 when there is none."""
+    terms = []
+    for g in torch.unique(group):
+        mine = group == g
+        row, pos = scores[mine], positive[mine]
+        if int(pos.sum()) != 1 or len(row) < 2 or not bool(torch.isfinite(row[pos]).all()):
+            continue
+        terms.append(torch.logsumexp(row, 0) - row[pos][0])
+    if not terms:
+        return scores.masked_fill(~torch.isfinite(scores), 0.0).sum() * 0.0
+    return torch.stack(terms).mean()

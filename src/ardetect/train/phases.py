@@ -62,8 +62,12 @@ def criterion_of(cfg: Config, phase: int) -> SetCriterion:
             matcher, loss.weight_class, loss.weight_bbox, loss.weight_giou, loss.focal_alpha, loss.focal_gamma,
             weight_align=loss.weight_align, align_temperature=loss.align_temperature, align_negatives=loss.align_negatives,
         )
-    # phase 2: focal loss only (the adapters change class logits, never boxes)
-    return SetCriterion(matcher, cfg.train_phase2.lambda_cls, 0.0, 0.0, loss.focal_alpha, loss.focal_gamma)
+    # phase 2: focal loss (the adapters change class logits, never boxes), and optionally the ranking loss (ours)
+    p2 = cfg.train_phase2
+    return SetCriterion(
+        matcher, p2.lambda_cls, 0.0, 0.0, loss.focal_alpha, loss.focal_gamma,
+        weight_rank=p2.lambda_rank, rank_grid=p2.rank_grid, rank_identity_weight=p2.rank_identity_weight, rank_top_k=p2.rank_top_k,
+    )
 
 
 @torch.no_grad()
@@ -130,7 +134,7 @@ def _run(
     else:
         groups = [{"params": model.adapter_parameters(), "lr": p.lr, "name": "adapters"}]
         batch_size = 1  # one positive and its k negatives share the query (paper)
-        negatives = NegativeSampler(tuples, "train", p.k_negatives, p.seed)
+        negatives = NegativeSampler(tuples, "train", p.k_negatives, p.seed, same_class=p.same_class_negatives)
         reg = lambda: adapter_regulariser(model.adapter_query.weight, model.adapter_text.weight)  # noqa: E731
         lam = p.lambda_reg
     optimizer = torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay)
