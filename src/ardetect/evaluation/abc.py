@@ -240,9 +240,17 @@ def fit_abc(cfg, tuples, data_root, log: Callable[[dict, int], None] | None = No
     if train.empty:
         raise ValueError("fit_abc: no training tuples")
     stats: dict = {}
+    decoded: dict[str, Tensor] = {}  # the world encoder's training images, reused below instead of decoded again
+
+    def images_of(paths: list[str]) -> Tensor:
+        if decoded and all(p in decoded for p in paths):
+            return torch.stack([decoded[p] for p in paths])
+        return load_images(paths, data_root, cfg.image_size)
+
     if cfg.encoder == "world":
         pool = sorted(set(train["train_image"]) | set(train["query_image"]))
         imgs = load_images(pool, data_root, cfg.image_size)
+        decoded.update(zip(pool, imgs))
         base = train_world_encoder(
             imgs, dim=cfg.feature_dim, epochs=cfg.ssl_epochs, seed=cfg.seed,
             progress=(lambda e, loss: log({"abc_ssl_loss": loss}, e + 1)) if log else None,
@@ -251,8 +259,9 @@ def fit_abc(cfg, tuples, data_root, log: Callable[[dict, int], None] | None = No
     else:
         base, dim = build_base_encoder(cfg.encoder, cfg.feature_dim)
     model = AbC(base, dim)
-    synth = model.base_features(load_images(train["query_image"].tolist(), data_root, cfg.image_size))
-    exem = model.base_features(load_images(train["train_image"].tolist(), data_root, cfg.image_size))
+    synth = model.base_features(images_of(train["query_image"].tolist()))
+    exem = model.base_features(images_of(train["train_image"].tolist()))
+    decoded.clear()
     hist = train_heads(model, synth, exem, train["concept_id"].tolist(), epochs=cfg.head_epochs, lr=cfg.lr, lambda_reg=cfg.lambda_reg, seed=cfg.seed)
     if log:
         for i, v in enumerate(hist):
