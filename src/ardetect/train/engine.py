@@ -183,9 +183,6 @@ def model_outputs(
     return outputs, out.token_mask, targets
 
 
-MASKED = -1e4  # logit given to the tokens outside the concept (sigmoid 0)
-
-
 def _ranked_scores(model, cache, feats: list[Tensor], batch: Batch, out, grid: int, weight: float, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """The re-ranked attribution score of every image of the batch, as ``RegionCandidates.pick``
     computes it at evaluation, in log form and differentiable in the class logits: the best of the
@@ -193,8 +190,10 @@ def _ranked_scores(model, cache, feats: list[Tensor], batch: Batch, out, grid: i
     A positive image's score counts only its boxes with IoU >= 0.5 to its target region (the
     evaluation's gate). Returns (scores [B], group [B], positive [B]); a positive whose top boxes
     all miss its target scores -inf."""
+    from ardetect.model.detector import MASKED_LOGIT  # loaded with the model already
+
     size = torch.tensor(batch.images.shape[-2:][::-1] * 2, dtype=torch.float32, device=out.pred_boxes.device)  # (W, H, W, H)
-    logit = out.pred_logits.float().masked_fill(~out.concept_mask[:, None, :], MASKED).max(-1).values  # [B, Q]
+    logit = out.pred_logits.float().masked_fill(~out.concept_mask[:, None, :], MASKED_LOGIT).max(-1).values  # [B, Q]
     top = logit.detach().topk(min(k, logit.shape[1]), dim=-1).indices  # [B, k]
     with torch.no_grad():
         boxes = torch.gather(box_convert(out.pred_boxes.float(), "cxcywh", "xyxy") * size, 1, top[..., None].expand(-1, -1, 4))  # [B, k, 4]
