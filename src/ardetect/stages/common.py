@@ -89,16 +89,24 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
 
 
 def write_history(result, out: Path, artifact_path: str) -> None:
-    """A training phase's record: ``history.json`` (every epoch), ``history.csv`` (for ``dvc plots``),
-    ``metrics.json`` (best and last epoch, for ``dvc metrics``); all logged to MLflow."""
+    """A training phase's record: ``history.json`` (every epoch, losses included), ``history.csv``
+    (for ``dvc plots``), and ``metrics.json`` for ``dvc metrics``: the best epoch and its val
+    Recall@K and box accuracy only (a dashboard, not the history); all logged to MLflow."""
+    import math
+    import re
+
     import pandas as pd
 
     history = result.history
     best = next((r for r in history if r.get("epoch") == result.best_epoch), {})
     scalars = lambda r: {k: v for k, v in r.items() if isinstance(v, (int, float))}  # noqa: E731
+    headline = {
+        k: (None if isinstance(v, float) and math.isnan(v) else v)
+        for k, v in scalars(best).items()
+        if re.fullmatch(r"val_recall@\d+", k) or k == "val_box_accuracy"
+    }
     tracking.write_json_atomic({"history": history, "best_epoch": result.best_epoch}, out / "history.json")
-    tracking.write_json_atomic({"best_epoch": result.best_epoch, "epochs": len(history), "best": scalars(best),
-                                "last": scalars(history[-1]) if history else {}}, out / "metrics.json")
+    tracking.write_json_atomic({"best_epoch": result.best_epoch, **headline}, out / "metrics.json")
     tmp = out / ".history.csv.tmp"
     pd.DataFrame([scalars(r) for r in history]).to_csv(tmp, index=False)
     os.replace(tmp, out / "history.csv")

@@ -1,4 +1,9 @@
-"""Stage ``tuples``: join generated images to exemplars, split by concept, list negatives."""
+"""Stage ``tuples``: join generated images to exemplars, split by concept, list negatives.
+
+``stats.json`` (a DVC metric) holds the headline counts: tuples, concepts, per split,
+negatives. ``details.json`` (an output, not a metric) holds the breakdowns: counts
+per base class and per medium, box-size statistics. Both are logged to MLflow.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,12 @@ from ardetect.data.tuples import assign_splits, build_negatives, build_tuples, s
 from ardetect.stages.common import DATA, atomic_dir, run_stage
 
 OUT = DATA / "tuples"
+HEADLINE = ("tuples", "concepts", "per_split", "concepts_per_split", "negatives")
+
+
+def split_statistics(stats: dict) -> tuple[dict, dict]:
+    """(headline for ``stats.json``, the rest for ``details.json``)."""
+    return {k: v for k, v in stats.items() if k in HEADLINE}, {k: v for k, v in stats.items() if k not in HEADLINE}
 
 
 def build(cfg: Config) -> dict:
@@ -19,13 +30,15 @@ def build(cfg: Config) -> dict:
     tuples = build_tuples(exemplars, generated, splits)
     negatives = build_negatives(tuples, exemplars, splits)
     stats = statistics(tuples, negatives)
+    headline, details = split_statistics(stats)
     with atomic_dir(OUT) as tmp:
         write_parquet_atomic(tuples, tmp / "tuples.parquet")
         write_parquet_atomic(negatives, tmp / "negatives.parquet")
-        tracking.write_json_atomic(stats, tmp / "stats.json")
+        tracking.write_json_atomic(headline, tmp / "stats.json")
+        tracking.write_json_atomic(details, tmp / "details.json")
         tuple_gallery(tuples, DATA, tmp / "gallery.png", n=cfg.tuples.gallery_size, seed=cfg.tuples.split_seed)
         box_size_histograms(tuples, tmp / "box_sizes.png")
-    for name in ("stats.json", "gallery.png", "box_sizes.png"):
+    for name in ("stats.json", "details.json", "gallery.png", "box_sizes.png"):
         tracking.log_artifact(OUT / name, artifact_path="tuples")
     return {
         "tuples": stats["tuples"],

@@ -1,8 +1,11 @@
 """Stage ``validate``: Great Expectations checks of the tuple annotations.
 
-Writes a readable report and a JSON summary to ``data/validation/`` whether the
-checks pass or not; a failed expectation fails the stage (non-zero exit), so
-``dvc repro`` runs nothing downstream, and leaves every earlier output untouched.
+Writes to ``data/validation/`` whether the checks pass or not: ``report.md`` (the
+readable report), ``summary.json`` (the headline, a DVC metric: success, counts,
+failed expectations, failed families) and ``checks.json`` (every check, the failures
+with example rows, counts, params: an output, not a metric). A failed expectation
+fails the stage (non-zero exit), so ``dvc repro`` runs nothing downstream, and
+leaves every earlier output untouched.
 """
 
 from __future__ import annotations
@@ -15,6 +18,14 @@ from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, read_table
 from ardetect.stages.common import DATA, StageError, atomic_dir, run_stage
 
 OUT = DATA / "validation"
+HEADLINE = ("success", "tuples", "negatives", "images", "expectations", "failed_expectations", "failed_families")
+
+
+def headline(summary: dict) -> dict:
+    """The dashboard part of the validation summary (``summary.json``)."""
+    out = {k: summary[k] for k in HEADLINE if k in summary}
+    out["failed_family_count"] = len(summary.get("failed_families", []))
+    return out
 
 
 def build(cfg: Config) -> dict:
@@ -24,12 +35,14 @@ def build(cfg: Config) -> dict:
     negatives = read_table(DATA / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
     placeholder = cfg.world.placeholder if cfg.exemplars.source == "synthetic" else None
     result = validate_tuples(tuples, negatives, DATA, cfg.validate_, cfg.tuples.split, placeholder=placeholder)
+    summary = result.summary()
     with atomic_dir(OUT) as tmp:
-        result.write_report(tmp)
+        result.write_report(tmp)  # report.md, and summary.json in full: that becomes checks.json
+        (tmp / "summary.json").replace(tmp / "checks.json")
+        tracking.write_json_atomic(headline(summary), tmp / "summary.json")
     for path in sorted(OUT.iterdir()):
         if path.is_file():
             tracking.log_artifact(path, artifact_path="validation")
-    summary = result.summary()
     metrics = {f"family_{k}": float(v) for k, v in result.families.items()}
     metrics["success"] = float(result.success)
     metrics["failed_expectations"] = float(len(result.failures))
