@@ -24,12 +24,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from ardetect import tracking  # noqa: E402
 from ardetect.config import load_config  # noqa: E402
-from ardetect.pipeline import StageOutcome, repro_stage, stages_in_order, summarize  # noqa: E402
+from ardetect.pipeline import StageOutcome, record_parent_run, repro_stage, stages_in_order, summarize  # noqa: E402
 
 
 class StageFailed(RuntimeError):
     def __init__(self, outcome: StageOutcome):
-        super().__init__(f"stage {outcome.stage!r} failed (exit {outcome.returncode}):\n{outcome.output[-4000:]}")
+        detail = f"{outcome.error_type}: {outcome.error}" if outcome.error else f"exit {outcome.returncode}"
+        super().__init__(f"stage {outcome.stage!r} failed ({detail}):\n{outcome.output[-4000:]}")
         self.outcome = outcome
 
 
@@ -46,11 +47,13 @@ def _retry_transient(task, task_run, state) -> bool:
 
 @task(name="dvc-stage", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_transient, task_run_name="dvc repro {stage}")
 def run_stage(stage: str, root: str) -> dict:
+    """One stage, DVC deciding what runs; its output goes to the task log a line at a time
+    (each progress bar once, in its final state)."""
     logger = get_run_logger()
     outcome = repro_stage(stage, Path(root), echo=logger.info)
     if not outcome.ok:
         raise StageFailed(outcome)
-    return {"stage": stage, "ran": outcome.ran, "skipped": outcome.skipped, "returncode": outcome.returncode}
+    return outcome.to_dict()
 
 
 @flow(name="ardetect-pipeline", log_prints=True)
@@ -59,22 +62,25 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     logger = get_run_logger()
     rootp = Path(root).resolve()
     cfg = load_config(rootp / "params.yaml")
-    names = stages or stages_in_order(rootp)
+    order = stages_in_order(rootp)
+    names = stages or order
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, rootp)
     start = time.perf_counter()
     outcomes: list[StageOutcome] = []
-    with tracking.pipeline_run(cfg.tracking.experiment, uri, run_name=f"prefect pipeline [{cfg.profile}]", tags={"ard.profile": cfg.profile, "ard.orchestrator": "prefect"}):
+    tags = {"ard.profile": cfg.profile, "ard.orchestrator": "prefect", "ard.stages_requested": ",".join(names)}
+    with tracking.pipeline_run(
+        cfg.tracking.experiment, uri, run_name=f"prefect pipeline [{cfg.profile}]", tags=tags, params=cfg.model_dump(by_alias=True)
+    ):
         try:
             for name in names:
                 res = run_stage(name, str(rootp))
-                outcomes.append(StageOutcome(name, res["returncode"], res["ran"], res["skipped"]))
+                outcomes.append(StageOutcome(name, res["returncode"], res["ran"], res["up_to_date"], res["failed"]))
         except StageFailed as err:
             outcomes.append(err.outcome)
             raise
         finally:
             summary = summarize(outcomes)
-            ran = sorted({s for o in outcomes for s in o.ran})
-            tracking.log_metrics({"pipeline_seconds": time.perf_counter() - start, "stages_run": len(ran)})
+            ran = record_parent_run(outcomes, rootp, time.perf_counter() - start, order)["ran"]
             create_markdown_artifact(
                 key="ardetect-pipeline-summary",
                 markdown=f"# ardetect pipeline [{cfg.profile}]\n\n{summary}\n\nStages run: {', '.join(ran) or 'none (all up to date)'}\n",

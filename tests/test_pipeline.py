@@ -1,4 +1,5 @@
-"""End to end on the smoke profile: DVC stages, up-to-date checks, MLflow runs, failure handling."""
+"""The pipeline driver (outcomes from DVC's API, stage output relayed), then end to end on the
+smoke profile: DVC stages, up-to-date checks, MLflow runs, failure handling."""
 
 from __future__ import annotations
 
@@ -7,16 +8,150 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pandas as pd
 import pytest
 
 from ardetect import tracking
+from ardetect.pipeline import OutputRelay, collate, headline_metrics, repro_stage, repro_with_retries, stages_in_order
 from ardetect.stages import STAGES
 
-from workspace import BIN, dvc, make_workspace, run_env
+from workspace import BIN, _git, dvc, make_workspace, run_env
 
-pytestmark = pytest.mark.slow
+# A stage's output as tqdm writes it into a pipe: a kept bar (leave=True) redrawn with
+# \r and ended by \n, a cleared bar (leave=False: \r, spaces, \r) followed on the same
+# line by a log line, and a \r\n line ending.
+FAKE_OUTPUT = (
+    "Running stage 'train':\n"
+    + "".join(f"\rkept: {p:3d}%|bar| {p}/100" for p in range(0, 101, 5)) + "\n"
+    + "".join(f"\rcleared: {p:3d}%|bar| {p}/100" for p in range(0, 101, 10)) + "\r" + " " * 30 + "\r"
+    + "INFO stage done\n"
+    + "windows line\r\n"
+    + "\n"
+    + "last line without newline"
+)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 100_000])
+def test_relay_keeps_carriage_returns_for_the_terminal_and_logs_each_bar_once(chunk):
+    raw, logged = [], []
+    relay = OutputRelay(write=raw.append, log=logged.append)
+    for i in range(0, len(FAKE_OUTPUT), chunk):
+        relay.feed(FAKE_OUTPUT[i : i + chunk])
+    relay.close()
+    assert "".join(raw) == FAKE_OUTPUT  # the terminal gets every byte, \r included: the bar redraws in place
+    assert logged == [
+        "Running stage 'train':",
+        "kept: 100%|bar| 100/100",
+        "cleared: 100%|bar| 100/100",
+        "INFO stage done",
+        "windows line",
+        "last line without newline",
+    ]
+    assert relay.lines[-2] == ""  # the blank line is kept in the transcript, not logged
+
+
+def _tiny_dvc_repo(root):
+    """A git + DVC repo whose stage draws tqdm bars and prints text that looks like DVC's own messages."""
+    root.mkdir(parents=True)
+    (root / "work.py").write_text(textwrap.dedent("""
+        import sys
+        from tqdm import tqdm
+        print("Running stage 'decoy':")  # looks like DVC's message; must not count as a stage run
+        print("Stage 'other' didn't change, skipping")
+        for _ in tqdm(range(40), desc="kept", mininterval=0):
+            pass
+        for _ in tqdm(range(40), desc="cleared", mininterval=0, leave=False):
+            pass
+        if open("input.txt").read().strip() == "fail":
+            sys.exit(3)
+        open("out.txt", "w").write(open("input.txt").read())
+    """))
+    (root / "input.txt").write_text("one\n")
+    (root / "dvc.yaml").write_text(textwrap.dedent("""
+        stages:
+          first:
+            cmd: python work.py
+            deps: [work.py, input.txt]
+            outs: [out.txt]
+          second:
+            cmd: python -c "import shutil; shutil.copy('out.txt', 'out2.txt')"
+            deps: [out.txt]
+            outs: [out2.txt]
+    """))
+    _git(root, "init", "-q")
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "init")
+    return root
+
+
+def test_repro_stage_reads_outcomes_from_dvc_and_relays_output(tmp_path):
+    root = _tiny_dvc_repo(tmp_path / "repo")
+    raw, logged = [], []
+    first = repro_stage("second", root, echo=logged.append, write=raw.append)
+    assert first.ok, first.output
+    assert (first.ran, first.up_to_date, first.failed) == (["first", "second"], [], [])
+    text = "".join(raw)
+    assert text.count("\rkept:") > 10  # the terminal gets each redraw, in place
+    kept = [line for line in logged if line.startswith("kept:")]
+    cleared = [line for line in logged if line.startswith("cleared:")]
+    assert len(kept) == 1 and kept[0].startswith("kept: 100%|") and "40/40" in kept[0]  # once, in its final state
+    assert len(cleared) == 1 and cleared[0].startswith("cleared: 100%|") and "40/40" in cleared[0]
+    assert all("\r" not in line for line in logged)
+    assert len(logged) == len(first.output.splitlines()) - first.output.splitlines().count("")
+
+    again = repro_stage("second", root)  # no echo, no writer: the outcome does not come from the text
+    assert (again.ran, again.up_to_date, again.failed) == ([], ["first", "second"], [])
+    assert "decoy" not in again.ran + again.up_to_date
+
+    (root / "input.txt").write_text("two\n")
+    only_first = repro_stage("first", root)
+    assert (only_first.ran, only_first.up_to_date) == (["first"], [])
+    after = repro_stage("second", root)
+    assert (after.ran, after.up_to_date) == (["second"], ["first"])
+    assert collate([only_first, after], ["first", "second"]) == {"ran": ["first", "second"], "up_to_date": [], "failed": []}
+
+
+def test_repro_stage_failure_and_lock_contention(tmp_path):
+    import zc.lockfile
+
+    root = _tiny_dvc_repo(tmp_path / "repo")
+    (root / "input.txt").write_text("fail\n")
+    failed = repro_stage("second", root)
+    assert not failed.ok and failed.failed == ["first"] and failed.ran == []
+    assert failed.error_type == "ReproductionError" and "exited with 3" in failed.error
+    assert not failed.transient  # a bad input is not retried
+    (root / "input.txt").write_text("one\n")
+
+    lock = zc.lockfile.LockFile(str(root / ".dvc/tmp/lock"))  # another DVC process holds the repo
+    try:
+        held = repro_stage("second", root)
+        notes = []
+        retried = repro_with_retries("second", root, retries=1, delay_s=0.1, notify=notes.append)
+    finally:
+        lock.close()
+    assert not held.ok and held.lock_error and held.transient and held.error_type == "LockError"
+    assert not retried.ok and len(notes) == 1 and "retry 1/1" in notes[0]
+    ok = repro_with_retries("second", root, retries=1, delay_s=0.1)
+    assert ok.ok and ok.ran == ["first", "second"]
+
+
+def test_headline_metrics_read_old_and_new_layouts():
+    new = {"test": {"ARD": {"recall@1": 0.1, "recall@5": 0.3, "recall@10": 0.5, "box_accuracy": 0.6},
+                    "AbC": {"recall@1": 0.05, "recall@5": 0.2, "recall@10": 0.3, "box_accuracy": None}},
+           "world2": {"ARD": {"recall@1": 0.2, "recall@5": 0.4, "recall@10": 0.6, "box_accuracy": 0.7}},
+           "bars": {"ARD Recall@10 >= 0.5": True}}
+    old = {"test": {"ARD": {**new["test"]["ARD"], "class_rprecision": 0.9, "inverse_rank@10": 0.2, "queries": 12}},
+           "identity_fit": {"ARD": {"weight": 2.0}}}
+    assert headline_metrics(new) == {
+        "test.ARD.recall@1": 0.1, "test.ARD.recall@5": 0.3, "test.ARD.recall@10": 0.5, "test.ARD.box_accuracy": 0.6,
+        "test.AbC.recall@1": 0.05, "test.AbC.recall@5": 0.2, "test.AbC.recall@10": 0.3,
+        "world2.ARD.recall@1": 0.2, "world2.ARD.recall@5": 0.4, "world2.ARD.recall@10": 0.6, "world2.ARD.box_accuracy": 0.7,
+    }
+    assert headline_metrics(old) == {f"test.ARD.{k}": v for k, v in new["test"]["ARD"].items()}
+    assert headline_metrics({}) == {}
 
 
 def ard(ws, *args, check=True):
@@ -39,6 +174,7 @@ def piped(tmp_path_factory):
     return ws, first, second
 
 
+@pytest.mark.slow
 def test_pipeline_outputs_and_up_to_date(piped):
     ws, first, second = piped
     for stage in STAGES:
@@ -52,25 +188,70 @@ def test_pipeline_outputs_and_up_to_date(piped):
     assert "Running stage" not in second.stdout
     assert "stages run: none (all up to date)" in second.stdout
     metrics = json.loads((ws / "reports/metrics.json").read_text())
-    for world in ("test", "world2"):
-        for method in ("ARD", "ARD-", "AbC", "chance", "ARD paper score", "ARD- paper score"):
-            assert 0.0 <= metrics[world][method]["class_rprecision"] <= 1.0, (world, method)
+    details_path = ws / "reports/details.json"
+    if "class_rprecision" in metrics["test"]["ARD"]:  # the evaluation's older layout: everything in metrics.json
+        for world in ("test", "world2"):
+            for method in ("ARD", "ARD-", "AbC", "chance", "ARD paper score", "ARD- paper score"):
+                assert 0.0 <= metrics[world][method]["class_rprecision"] <= 1.0, (world, method)
+        fits = metrics["identity_fit"]
+    else:  # headline only: Recall@1/5/10 and box accuracy per method and world, the bars
+        for world in ("test", "world2"):
+            for method in ("ARD", "ARD-", "AbC", "chance"):
+                keys = set(metrics[world][method])
+                assert {"recall@1", "recall@5", "recall@10"} <= keys <= {"recall@1", "recall@5", "recall@10", "box_accuracy"}
+        assert metrics["bars"] and all(isinstance(v, bool) for v in metrics["bars"].values())
+        fits = json.loads(details_path.read_text())["identity_fit"]
     # the identity weight and pooling grid of each detector are fitted on the val split, from the params' grids
     weights = {"0", "1", "2", "5", "10", "20"}
     for name in ("ARD", "ARD-"):
-        fit = metrics["identity_fit"][name]
+        fit = fits[name]
         by_grid = fit["val_recall@10"]
         assert set(by_grid) == {"1x1", "2x2", "3x3", "4x4"} and set(by_grid["1x1"]) == weights
         assert all(set(by_grid[f"{g}x{g}"]) == weights - {"0"} for g in (2, 3, 4))
         assert fit["grid"] in (1, 2, 3, 4) and f"{fit['weight']:g}" in by_grid[f"{fit['grid']}x{fit['grid']}"]
         best = max(r for rs in by_grid.values() for r in rs.values())
         assert by_grid[f"{fit['grid']}x{fit['grid']}"][f"{fit['weight']:g}"] == best
-        if fit["weight"] == 0:  # the paper's score: the two rows are the same ranking
-            assert metrics["test"][name]["recall@10"] == metrics["test"][name + " paper score"]["recall@10"]
+        paper = metrics["test"].get(name + " paper score")
+        if fit["weight"] == 0 and paper:  # the paper's score: the two rows are the same ranking
+            assert metrics["test"][name]["recall@10"] == paper["recall@10"]
     report = (ws / "reports/results.md").read_text()
     assert "class_rprecision" in report and "Identity weight and pooling grid, fitted on" in report
 
 
+def _leaves(d) -> int:
+    return sum(_leaves(v) for v in d.values()) if isinstance(d, dict) else 1
+
+
+@pytest.mark.slow
+def test_metrics_files_hold_headlines_and_details_sit_beside_them(piped):
+    ws, _, _ = piped
+    stats = json.loads((ws / "data/tuples/stats.json").read_text())
+    assert set(stats) == {"tuples", "concepts", "per_split", "concepts_per_split", "negatives"}
+    assert stats["tuples"] == 40 and sum(stats["per_split"].values()) == 40 and stats["negatives"]["min_per_test_query"] >= 1
+    details = json.loads((ws / "data/tuples/details.json").read_text())
+    assert set(details) == {"per_class", "per_medium", "query_box_side", "train_box_side"}
+    assert sum(details["per_class"].values()) == 40 and sum(details["per_medium"].values()) == 40
+    summary = json.loads((ws / "data/validation/summary.json").read_text())
+    assert summary["success"] is True and summary["failed_expectations"] == 0 and summary["failed_families"] == []
+    assert summary["failed_family_count"] == 0 and summary["tuples"] == 40 and summary["expectations"] > 10
+    assert "checks" not in summary and "counts" not in summary
+    checks = json.loads((ws / "data/validation/checks.json").read_text())
+    assert len(checks["checks"]) == summary["expectations"] and checks["counts"]["tuples"] == 40
+    for phase in ("phase1", "phase2"):
+        m = json.loads((ws / f"models/{phase}/metrics.json").read_text())
+        assert set(m) == {"best_epoch", "val_recall@1", "val_recall@5", "val_recall@10", "val_box_accuracy"}, (phase, m)
+        history = json.loads((ws / f"models/{phase}/history.json").read_text())["history"]
+        assert any(k.startswith("train_") for k in history[0])  # the losses stay in the history
+    # `dvc metrics show`: tens of figures per file, not hundreds
+    shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]
+    per_file = {path: _leaves(entry.get("data", {})) for path, entry in files.items()}
+    for path in ("data/tuples/stats.json", "data/validation/summary.json", "models/phase1/metrics.json", "models/phase2/metrics.json"):
+        assert 1 <= per_file[path] <= 30, (path, per_file[path])
+    assert not any(path.endswith(("details.json", "checks.json")) for path in per_file)
+
+
+@pytest.mark.slow
 def test_mlflow_parent_and_children(piped):
     ws, _, _ = piped
     runs = tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}")
@@ -92,6 +273,23 @@ def test_mlflow_parent_and_children(piped):
     second_parent = parents.sort_values("start_time").iloc[1]
     assert (runs["tags.mlflow.parentRunId"] == second_parent["run_id"]).sum() == 0
     assert second_parent["metrics.stages_run"] == 0
+    # both parents carry the effective params, which stages ran / were up to date, and the headline metrics
+    order = stages_in_order(ws)
+    assert first_parent["tags.ard.stages_ran"].split(",") == order
+    assert not first_parent["tags.ard.stages_up_to_date"]
+    assert not second_parent["tags.ard.stages_ran"]
+    assert second_parent["tags.ard.stages_up_to_date"].split(",") == order
+    headline = json.loads((ws / "reports/metrics.json").read_text())
+    for parent in (first_parent, second_parent):
+        assert parent["params.world.n_concepts"] == "20" and parent["params.profile"] == "smoke"
+        assert parent["params.train_phase1.epochs"] == "1" and parent["params.evaluate.figure_queries"] == "1"
+        assert parent["metrics.pipeline_seconds"] > 0
+        for world in ("test", "world2"):
+            for method in ("ARD", "AbC"):
+                for k in ("recall@1", "recall@5", "recall@10"):
+                    assert parent[f"metrics.{world}.{method}.{k.replace('@', '_at_')}"] == headline[world][method][k]
+            assert parent[f"metrics.{world}.ARD.box_accuracy"] == headline[world]["ARD"]["box_accuracy"]
+    assert first_parent["metrics.pipeline_seconds"] > second_parent["metrics.pipeline_seconds"]
 
 
 def _copy_ws(src, dst):
@@ -99,6 +297,7 @@ def _copy_ws(src, dst):
     return dst
 
 
+@pytest.mark.slow
 def test_corrupted_box_fails_validate_and_touches_nothing(piped, tmp_path):
     ws = _copy_ws(piped[0], tmp_path / "repo")
     path = ws / "data/tuples/tuples.parquet"
@@ -117,6 +316,7 @@ def test_corrupted_box_fails_validate_and_touches_nothing(piped, tmp_path):
     assert bad_id in report
 
 
+@pytest.mark.slow
 def test_deleted_image_fails_validate_naming_it(piped, tmp_path):
     ws = _copy_ws(piped[0], tmp_path / "repo")
     t = pd.read_parquet(ws / "data/tuples/tuples.parquet")
@@ -129,6 +329,7 @@ def test_deleted_image_fails_validate_naming_it(piped, tmp_path):
     assert not target.exists()
 
 
+@pytest.mark.slow
 def test_bad_param_stops_before_any_stage(tmp_path):
     # a key the smoke overlay does not set (the overlay wins over params.yaml)
     ws = make_workspace(tmp_path / "repo", overrides={"world.identity_drift": 5.0})
@@ -138,6 +339,7 @@ def test_bad_param_stops_before_any_stage(tmp_path):
     assert not (ws / "data/exemplars").exists()
 
 
+@pytest.mark.slow
 def test_prefect_flow_runs_stages_once_then_nothing(tmp_path):
     ws = make_workspace(tmp_path / "repo")
     env = run_env(ws)
@@ -153,12 +355,22 @@ def test_prefect_flow_runs_stages_once_then_nothing(tmp_path):
     parent = runs[runs["tags.ard.kind"] == "pipeline"]
     assert len(parent) == 1 and parent.iloc[0]["tags.ard.orchestrator"] == "prefect"
     assert (runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]).sum() == len(STAGES)
+    assert parent.iloc[0]["tags.ard.stages_ran"].split(",") == stages_in_order(ws)
+    assert parent.iloc[0]["params.world.n_concepts"] == "20"
+    assert 0.0 <= parent.iloc[0]["metrics.test.ARD.recall_at_10"] <= 1.0
+    # each stage's output goes to the Prefect log a line at a time: a progress bar once, in its final
+    # state, not once per redraw (the world renderer draws one bar per image set)
+    bars = [line for line in log.splitlines() if "img/s]" in line or "img]" in line]
+    assert bars and all("\r" not in line for line in bars)
+    finals = [line for line in bars if "100%|" in line]
+    assert len(bars) == len(finals), bars[:5]
     second = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "Running stage" not in second.stdout + second.stderr  # DVC found everything up to date
     assert "Finished in state Completed" in second.stdout + second.stderr
 
 
+@pytest.mark.slow
 def test_dvc_experiment_with_another_world_seed(piped, tmp_path):
     ws = _copy_ws(piped[0], tmp_path / "repo")
     proc = dvc(ws, "exp", "run", "-S", "world.seed=3", "--name", "seed3")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
@@ -25,15 +26,22 @@ except ImportError:  # pragma: no cover - only while the model package is absent
     pass
 
 
+def _terminal_write(text: str) -> None:
+    """Stage output as it comes, carriage returns kept: a progress bar redraws in place."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     stage: list[str] = typer.Option(None, "--stage", "-s", help="run only up to these stages (default: all, in order)"),
     params: Path = typer.Option(Path("params.yaml"), help="params file (its folder is the repository root)"),
+    retries: int = typer.Option(2, min=0, help="retries of a stage after a transient failure (a held DVC lock)"),
 ) -> None:
     """Run every DVC stage in order (`dvc repro <stage>` each); stale stages run, the rest are skipped."""
     from ardetect import tracking
     from ardetect.config import ConfigError, load_config
-    from ardetect.pipeline import repro_stage, stages_in_order, summarize
+    from ardetect.pipeline import record_parent_run, repro_with_retries, stages_in_order, summarize
 
     root = params.resolve().parent
     try:
@@ -41,53 +49,216 @@ def pipeline_run(
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
-    stages = stage or stages_in_order(root)
+    order = stages_in_order(root)
+    stages = stage or order
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, root)
     start = time.perf_counter()
     outcomes = []
-    with tracking.pipeline_run(cfg.tracking.experiment, uri, run_name=f"pipeline [{cfg.profile}]", tags={"ard.profile": cfg.profile}):
-        tracking.log_params({"profile": cfg.profile, "stages": ",".join(stages)})
+    tags = {"ard.profile": cfg.profile, "ard.orchestrator": "cli", "ard.stages_requested": ",".join(stages)}
+    with tracking.pipeline_run(
+        cfg.tracking.experiment, uri, run_name=f"pipeline [{cfg.profile}]", tags=tags, params=cfg.model_dump(by_alias=True)
+    ):
         for name in stages:
             typer.echo(f"==> dvc repro {name}")
-            outcome = repro_stage(name, root, echo=typer.echo)
+            outcome = repro_with_retries(
+                name, root, retries=retries, write=_terminal_write, notify=lambda m: typer.echo(m, err=True)
+            )
             outcomes.append(outcome)
             if not outcome.ok:
                 break
         summary = summarize(outcomes)
-        ran = sorted({s for o in outcomes for s in o.ran})
-        tracking.log_metrics({"pipeline_seconds": time.perf_counter() - start, "stages_run": len(ran)})
-        tracking.log_dict({"ran": ran, "stages": [o.stage for o in outcomes], "ok": all(o.ok for o in outcomes)}, "pipeline.json")
+        done = record_parent_run(outcomes, root, time.perf_counter() - start, order)
         tracking.log_dict({"summary": summary}, "pipeline_summary.json")
     typer.echo(summary)
+    ran = done["ran"]
     typer.echo(f"pipeline wall time: {time.perf_counter() - start:.1f} s; stages run: {', '.join(ran) or 'none (all up to date)'}")
     if not all(o.ok for o in outcomes):
+        failed = next(o for o in outcomes if not o.ok)
+        typer.echo(f"stage {failed.stage!r} failed: {failed.error or f'exit {failed.returncode}'}", err=True)
         raise typer.Exit(1)
+
+
+def _tracking_target(params: Path) -> tuple[str, str]:
+    from ardetect import tracking
+    from ardetect.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(params)
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    return cfg.tracking.experiment, tracking.tracking_uri(cfg.tracking.tracking_uri, params.resolve().parent)
+
+
+# `ard runs list` columns of pipeline parent runs: (two-line header, metric, format)
+PIPELINE_COLUMNS = (
+    ("ARD\nR@1", "test.ARD.recall_at_1", "{:.3f}"),
+    ("ARD\nR@5", "test.ARD.recall_at_5", "{:.3f}"),
+    ("ARD\nR@10", "test.ARD.recall_at_10", "{:.3f}"),
+    ("AbC\nR@1", "test.AbC.recall_at_1", "{:.3f}"),
+    ("AbC\nR@5", "test.AbC.recall_at_5", "{:.3f}"),
+    ("AbC\nR@10", "test.AbC.recall_at_10", "{:.3f}"),
+    ("ARD\nbox", "test.ARD.box_accuracy", "{:.3f}"),
+    ("secs", "pipeline_seconds", "{:.0f}"),
+)
+PIPELINE_CAPTION = "R@k: Recall@k on the test split; ARD box: its box accuracy (test); secs: pipeline wall time"
+
+
+def _cell(row, column: str, fmt: str = "{}") -> str:
+    import math
+
+    value = row.get(column) if hasattr(row, "get") else None
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _start(value, short: bool = False) -> str:
+    """A run's start in local time; ``short``: ``MM-DD HH:MM`` this year, ``YYYY-MM-DD`` before."""
+    import pandas as pd
+
+    if value is None or pd.isna(value):
+        return "-"
+    ts = pd.Timestamp(value)
+    now = datetime.now().astimezone()
+    if ts.tzinfo is not None:
+        ts = ts.tz_convert(now.tzinfo)
+    if short:
+        return ts.strftime("%m-%d %H:%M" if ts.year == now.year else "%Y-%m-%d")
+    return ts.strftime("%Y-%m-%d %H:%M")
 
 
 @runs_app.command("list")
 def runs_list(
-    stage: str = typer.Option(None, help="only the child runs of this stage"),
-    limit: int = typer.Option(20, min=1),
+    stage: str = typer.Option(None, help="list this stage's child runs instead of the pipeline runs"),
+    limit: int = typer.Option(20, min=1, help="at most this many runs, newest first"),
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
-    """Newest runs first: run name, status, parent, key metrics."""
-    from ardetect import tracking
-    from ardetect.config import load_config
+    """Pipeline runs, newest first, with the figures to compare them by (or one stage's runs with --stage)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
-    cfg = load_config(params)
-    uri = tracking.tracking_uri(cfg.tracking.tracking_uri, params.resolve().parent)
-    flt = f"tags.`ard.stage` = '{stage}'" if stage else ""
-    df = tracking.find_runs(cfg.tracking.experiment, uri, flt, max_results=limit)
+    from ardetect import tracking
+
+    experiment, uri = _tracking_target(params)
+    flt = f"tags.`ard.stage` = '{stage}'" if stage else "tags.`ard.kind` = 'pipeline'"
+    df = tracking.find_runs(experiment, uri, flt, max_results=limit)
+    console = Console()
     if df.empty:
-        typer.echo("no runs yet")
+        typer.echo(f"no {'runs of stage ' + repr(stage) if stage else 'pipeline runs'} yet in experiment {experiment!r}")
         return
-    cols = [c for c in ("run_id", "tags.mlflow.runName", "status", "tags.mlflow.parentRunId", "start_time") if c in df]
-    metric_cols = [c for c in df.columns if c.startswith("metrics.")][:8]
-    with_metrics = df[cols + metric_cols].copy()
-    with_metrics["run_id"] = with_metrics["run_id"].str[:8]
-    if "tags.mlflow.parentRunId" in with_metrics:
-        with_metrics["tags.mlflow.parentRunId"] = with_metrics["tags.mlflow.parentRunId"].fillna("").str[:8]
-    typer.echo(with_metrics.to_string(index=False))
+    # one space between columns, so the pipeline table fits 80 columns (name and start wrap there)
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, show_edge=False)
+    table.add_column("run", no_wrap=True, style="cyan")
+    if stage:
+        for name in ("stage", "status", "start"):
+            table.add_column(name, no_wrap=name != "start")
+        table.add_column("secs", justify="right", no_wrap=True)
+        table.add_column("parent", no_wrap=True)
+        for _, row in df.iterrows():
+            parent = row.get("tags.mlflow.parentRunId")
+            cells = (
+                row["run_id"][:8], _cell(row, "tags.ard.stage"), _cell(row, "status"), _start(row.get("start_time")),
+                _cell(row, "metrics.stage_seconds", "{:.1f}"), parent[:8] if isinstance(parent, str) and parent else "-",
+            )
+            table.add_row(*(Text(c) for c in cells))  # Text: a name like "pipeline [smoke]" is not markup
+    else:
+        rows = []
+        for _, row in df.iterrows():
+            rows.append((
+                row["run_id"][:8], _cell(row, "tags.mlflow.runName"), _start(row.get("start_time"), short=True),
+                _cell(row, "status"), *(_cell(row, f"metrics.{metric}", fmt) for _, metric, fmt in PIPELINE_COLUMNS),
+            ))
+        headers = ["run", "name", "start", "status", *(h for h, _, _ in PIPELINE_COLUMNS)]
+        widths = [max(max(len(part) for part in h.split("\n")), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        # name and start wrap (at spaces) when the terminal is too narrow for one line a run
+        spare = console.width - (len(headers) - 1) - sum(w for i, w in enumerate(widths) if i not in (1, 2))
+        start_w = widths[2] if spare >= widths[1] + widths[2] else min(widths[2], 5)
+        name_w = max(8, min(widths[1], spare - start_w))
+        table.add_column("name", overflow="fold", width=name_w)
+        table.add_column("start", width=start_w)
+        table.add_column("status", no_wrap=True)
+        for header, _, _ in PIPELINE_COLUMNS:
+            table.add_column(header, justify="right", no_wrap=True)
+        table.caption = PIPELINE_CAPTION
+        for cells in rows:
+            table.add_row(*(Text(c) for c in cells))  # Text: a name like "pipeline [smoke]" is not markup
+    console.print(table)
+
+
+def _fmt_value(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def compare_rows(a, b) -> list[tuple[str, str, object, object, bool]]:
+    """(kind, key, value in A, value in B, differ) for every param, metric and ``ard.*`` tag of two runs."""
+    rows = []
+    sections = (
+        ("param", a.data.params, b.data.params),
+        ("metric", a.data.metrics, b.data.metrics),
+        ("tag", {k: v for k, v in a.data.tags.items() if k.startswith("ard.")},
+         {k: v for k, v in b.data.tags.items() if k.startswith("ard.")}),
+    )
+    for kind, left, right in sections:
+        for key in sorted(set(left) | set(right)):
+            va, vb = left.get(key), right.get(key)
+            rows.append((kind, key, va, vb, va != vb))
+    return rows
+
+
+@runs_app.command("compare")
+def runs_compare(
+    run_a: str = typer.Argument(..., help="a run id or a unique prefix of one"),
+    run_b: str = typer.Argument(..., help="another run id or prefix"),
+    show_all: bool = typer.Option(False, "--all", help="every param, metric and tag, not only those that differ"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Two runs' params, metrics and ard.* tags side by side; differing rows are marked '*'."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from ardetect import tracking
+
+    experiment, uri = _tracking_target(params)
+    runs = []
+    for ref in (run_a, run_b):
+        try:
+            runs.append(tracking.get_run(uri, tracking.resolve_run(experiment, uri, ref)))
+        except tracking.RunNotFound as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+    a, b = runs
+    console = Console()
+    for label, run in (("A", a), ("B", b)):
+        start = _start(datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc)) if run.info.start_time else "-"
+        console.print(f"{label}  {run.info.run_id}  {run.info.run_name or '-'}  {start}  {run.info.status}", markup=False, highlight=False)
+    rows = compare_rows(a, b)
+    differing = sum(1 for r in rows if r[4])
+    shown = rows if show_all else [r for r in rows if r[4]]
+    if shown:
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+        table.add_column("", no_wrap=True, width=1)
+        table.add_column("kind", no_wrap=True)
+        table.add_column("key", overflow="fold")
+        table.add_column(f"A {a.info.run_id[:8]}", overflow="fold")
+        table.add_column(f"B {b.info.run_id[:8]}", overflow="fold")
+        for kind, key, va, vb, differ in shown:
+            cells = ("*" if differ else "", kind, key, _fmt_value(va), _fmt_value(vb))
+            table.add_row(*(Text(c) for c in cells), style="bold yellow" if differ else None)
+        console.print(table)
+    hint = "" if show_all else " (--all shows every row)"
+    console.print(f"{differing} of {len(rows)} params, metrics and tags differ{hint}", highlight=False)
 
 
 @config_app.command("show")

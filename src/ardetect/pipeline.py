@@ -1,42 +1,75 @@
 """Run the DVC stages in order, one at a time, and tell which ran and which were up to date.
 
 Used by ``ard pipeline run`` (what ``make run`` calls) and by the Prefect flow, so
-both drive the same ``dvc repro <stage>`` calls and DVC alone decides what is stale.
+both drive the same reproduction of each stage and DVC alone decides what is stale.
+
+Each stage is reproduced by a child Python process that calls DVC's own API
+(``dvc.repo.Repo.reproduce``, what ``dvc repro <stage>`` runs) and records, for every
+stage DVC considered, whether it ran, was up to date or failed; it hands that record
+back as JSON. Its output (DVC's messages and the stage commands' own, progress bars
+included) streams to the caller meanwhile; nothing is read from that text to decide
+what happened.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 import os
-import re
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-_RAN = re.compile(r"Running stage '([^']+)'")
-_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+# Signs, in a failed stage's output, of a failure that may pass on its own (another
+# process holding a lock, a dropped connection): worth retrying, unlike a bad input.
+# DVC's own lock contention is recognised from its exception (``lock_error``).
 TRANSIENT = ("Unable to acquire lock", "database is locked", "Connection reset", "Temporary failure")
+HEADLINE_KEYS = ("recall@1", "recall@5", "recall@10", "box_accuracy")
+HEADLINE_WORLDS = ("test", "world2")
+METRICS_FILE = "reports/metrics.json"
 
 
 @dataclass
 class StageOutcome:
+    """What reproducing one target stage did: DVC's record of each stage it considered."""
+
     stage: str
     returncode: int
     ran: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    up_to_date: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
     output: str = ""
+    error: str | None = None
+    error_type: str | None = None
+    lock_error: bool = False
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
 
     @property
+    def skipped(self) -> list[str]:  # the older name of up_to_date
+        return self.up_to_date
+
+    @property
     def transient(self) -> bool:
         """A failure worth retrying (lock contention, a dropped connection), not a bad input."""
-        return not self.ok and any(t in self.output for t in TRANSIENT)
+        if self.ok:
+            return False
+        return self.lock_error or any(t in self.output for t in TRANSIENT)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "returncode": self.returncode, "ran": self.ran, "up_to_date": self.up_to_date,
+            "failed": self.failed, "error": self.error, "error_type": self.error_type, "lock_error": self.lock_error,
+        }
 
 
 def stages_in_order(root: Path) -> list[str]:
@@ -57,25 +90,233 @@ def dvc_executable() -> str:
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184", "MALLOC_TOP_PAD_": "1073741824"}
 
 
-def repro_stage(stage: str, root: Path, echo: Callable[[str], None] | None = None, force: bool = False) -> StageOutcome:
-    """``dvc repro <stage>`` (its upstream stages too, when stale); stream and parse its output."""
+class OutputRelay:
+    """Passes a stage's output on, as it arrives, to a terminal and/or a line logger.
+
+    ``write`` gets the text unchanged, carriage returns included, so a progress bar
+    redraws in place in a terminal. ``log`` gets one call per line (``\\n``), and a line
+    a program redrew with ``\\r`` (a tqdm bar) arrives once, in its final state: the
+    last non-blank segment before the bar was cleared or the line ended. Blank lines
+    are not logged. ``lines`` keeps every line so logged (blank ones too), in order.
+    """
+
+    def __init__(self, write: Callable[[str], Any] | None = None, log: Callable[[str], Any] | None = None):
+        self._write = write
+        self._log = log
+        self._current = ""  # the segment being drawn since the last \r or \n
+        self._last: str | None = None  # the last complete non-blank segment of this line
+        self.lines: list[str] = []
+
+    def feed(self, text: str) -> None:
+        if not text:
+            return
+        if self._write is not None:
+            self._write(text)
+        pieces = text.split("\n")
+        for i, piece in enumerate(pieces):
+            segments = piece.split("\r")
+            self._current += segments[0]
+            for seg in segments[1:]:
+                self._carriage_return()
+                self._current = seg
+            if i < len(pieces) - 1:
+                self._end_line()
+
+    def close(self) -> None:
+        """Flush a last line that had no newline."""
+        if self._current or self._last is not None:
+            self._end_line()
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def _carriage_return(self) -> None:
+        if self._current.strip():
+            self._last = self._current
+        elif self._last is not None:  # the bar was cleared (tqdm leave=False): its final state
+            self._emit(self._last)
+            self._last = None
+        self._current = ""
+
+    def _end_line(self) -> None:
+        if self._current.strip():
+            self._emit(self._current)
+        elif self._last is not None:
+            self._emit(self._last)
+        else:
+            self._emit("")
+        self._current, self._last = "", None
+
+    def _emit(self, line: str) -> None:
+        line = line.rstrip()
+        self.lines.append(line)
+        if self._log is not None and line.strip():
+            self._log(line)
+
+
+def _stage_env() -> dict[str, str]:
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")  # stage commands use the venv's python
     env.setdefault("GX_ANALYTICS_ENABLED", "False")
+    env.setdefault("PYTHONUNBUFFERED", "1")  # output streams as it is written
     for key, value in MALLOC_ENV.items():
         env.setdefault(key, value)
-    cmd = [dvc_executable(), "repro", stage] + (["--force", "--single-item"] if force else [])
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    lines: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if echo is not None:
-            echo(line.rstrip("\n"))
-    rc = proc.wait()
-    text = "".join(lines)
-    return StageOutcome(stage, rc, ran=_RAN.findall(text), skipped=_SKIPPED.findall(text), output=text)
+    src = str(Path(__file__).resolve().parents[1])  # the child imports this very ardetect
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+_CHILD = "import sys; from ardetect.pipeline import _reproduce_child; sys.exit(_reproduce_child(sys.argv[1:]))"
+
+
+def repro_stage(
+    stage: str,
+    root: Path,
+    echo: Callable[[str], Any] | None = None,
+    force: bool = False,
+    write: Callable[[str], Any] | None = None,
+) -> StageOutcome:
+    """Reproduce ``stage`` (its upstream stages too, when stale) as ``dvc repro <stage>`` does.
+
+    The output streams to ``write`` (raw: carriage returns kept, for a terminal) and
+    to ``echo`` (one call per line, each progress bar once in its final state). Which
+    stages ran, were up to date or failed comes from DVC's API in the child process.
+    """
+    root = Path(root).resolve()
+    fd, result_path = tempfile.mkstemp(prefix=".ard-repro-", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, "-c", _CHILD, str(root), stage, result_path] + (["--force"] if force else [])
+    relay = OutputRelay(write=write, log=echo)
+    try:
+        proc = subprocess.Popen(cmd, cwd=root, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+        assert proc.stdout is not None
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        fileno = proc.stdout.fileno()
+        while True:
+            chunk = os.read(fileno, 65536)
+            if not chunk:
+                break
+            relay.feed(decoder.decode(chunk))
+        relay.feed(decoder.decode(b"", final=True))
+        relay.close()
+        proc.stdout.close()
+        rc = proc.wait()
+        try:
+            record = json.loads(Path(result_path).read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            record = {}
+    finally:
+        Path(result_path).unlink(missing_ok=True)
+    if not record:
+        record = {"error": f"the DVC child process left no result (exit {rc})", "error_type": "NoResult"}
+        rc = rc or 1
+    return StageOutcome(
+        stage,
+        rc,
+        ran=list(record.get("ran", [])),
+        up_to_date=list(record.get("up_to_date", [])),
+        failed=list(record.get("failed", [])),
+        output=relay.text,
+        error=record.get("error"),
+        error_type=record.get("error_type"),
+        lock_error=bool(record.get("lock_error", False)),
+    )
+
+
+def repro_with_retries(
+    stage: str,
+    root: Path,
+    retries: int = 2,
+    delay_s: float = 5.0,
+    notify: Callable[[str], Any] | None = None,
+    **kwargs: Any,
+) -> StageOutcome:
+    """:func:`repro_stage`, tried again (up to ``retries`` times) after a transient failure."""
+    outcome = repro_stage(stage, root, **kwargs)
+    for attempt in range(retries):
+        if not outcome.transient:
+            break
+        if notify is not None:
+            notify(f"stage {stage!r}: transient failure ({outcome.error or 'see output'}); retry {attempt + 1}/{retries} in {delay_s:g} s")
+        time.sleep(delay_s)
+        outcome = repro_stage(stage, root, **kwargs)
+    return outcome
+
+
+def _reproduce_child(argv: list[str]) -> int:
+    """In the child process: ``Repo(root).reproduce(stage)``, recording what DVC did with each stage."""
+    root, stage, result_path = argv[0], argv[1], argv[2]
+    force = "--force" in argv[3:]
+    os.chdir(root)
+    import logging
+
+    import dvc  # noqa: F401 - sets up DVC's logging as the dvc command has it
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+    from dvc.ui import ui
+
+    try:
+        from dvc.repo.reproduce import _reproduce_stage as dvc_reproduce_stage
+    except ImportError:  # pragma: no cover - DVC renamed its helper: do what it does
+        def dvc_reproduce_stage(st, **kwargs):
+            ret = st.reproduce(**kwargs)
+            if ret and not kwargs.get("dry", False):
+                st.dump(update_pipeline=False)
+            return ret
+
+    ui.enable()
+    record: dict[str, Any] = {"stage": stage, "ran": [], "up_to_date": [], "failed": [], "error": None,
+                              "error_type": None, "lock_error": False}
+
+    def recording_repro_fn(st, **kwargs):
+        try:
+            ret = dvc_reproduce_stage(st, **kwargs)
+        except BaseException:
+            record["failed"].append(st.addressing)
+            raise
+        record["ran" if ret else "up_to_date"].append(st.addressing)
+        return ret
+
+    rc = 0
+    try:
+        with Repo(root) as repo:
+            ran = repo.reproduce(stage, force=force, single_item=force, repro_fn=recording_repro_fn)
+        if not ran:
+            ui.write("Data and pipelines are up to date.")
+    except Exception as exc:  # noqa: BLE001 - reported in the record and on stderr, as `dvc repro` does
+        rc = 255
+        chain = []
+        cause: BaseException | None = exc
+        while cause is not None:
+            chain.append(cause)
+            cause = cause.__cause__
+        record["error"] = ": ".join(str(c) for c in chain if str(c))
+        record["error_type"] = type(exc).__name__
+        record["lock_error"] = any(isinstance(c, LockError) for c in chain)
+        logging.getLogger("dvc").exception("")  # "ERROR: failed to reproduce ...", as the dvc command prints it
+    except KeyboardInterrupt:
+        rc = 252
+        record["error"], record["error_type"] = "interrupted", "KeyboardInterrupt"
+    Path(result_path).write_text(json.dumps(record))
+    return rc
+
+
+def collate(outcomes: Iterable[StageOutcome], order: list[str] | None = None) -> dict[str, list[str]]:
+    """Across the steps of one pipeline execution: the stages that ran, were up to date, failed.
+
+    A later step re-checks the stages an earlier one ran (they are up to date by
+    then); a stage counts as ran if any step ran it.
+    """
+    outcomes = list(outcomes)
+    ran = list(dict.fromkeys(s for o in outcomes for s in o.ran))
+    failed = list(dict.fromkeys(s for o in outcomes for s in o.failed))
+    up = list(dict.fromkeys(s for o in outcomes for s in o.up_to_date if s not in ran and s not in failed))
+    if order:
+        rank = {name: i for i, name in enumerate(order)}
+        ran, up, failed = (sorted(x, key=lambda s: rank.get(s, len(rank))) for x in (ran, up, failed))
+    return {"ran": ran, "up_to_date": up, "failed": failed}
 
 
 def summarize(outcomes: list[StageOutcome]) -> str:
@@ -83,5 +324,78 @@ def summarize(outcomes: list[StageOutcome]) -> str:
     rows = ["| stage | result | stages run | up to date |", "|---|---|---|---|"]
     for o in outcomes:
         result = "ok" if o.ok else f"FAILED (exit {o.returncode})"
-        rows.append(f"| {o.stage} | {result} | {', '.join(o.ran) or '-'} | {', '.join(o.skipped) or '-'} |")
+        rows.append(f"| {o.stage} | {result} | {', '.join(o.ran) or '-'} | {', '.join(o.up_to_date) or '-'} |")
     return "\n".join(rows)
+
+
+def metrics_producer(root: Path, path: str = METRICS_FILE) -> str | None:
+    """The stage of ``dvc.yaml`` that declares ``path`` as an output or metric."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())
+    for name, stage in (spec.get("stages") or {}).items():
+        for key in ("outs", "metrics"):
+            for entry in stage.get(key) or []:
+                if (next(iter(entry)) if isinstance(entry, dict) else entry) == path:
+                    return name
+    return None
+
+
+def headline_metrics(metrics: dict) -> dict[str, float]:
+    """The evaluation's headline figures as flat metrics: ``test.ARD.recall@10`` and so on.
+
+    Reads the method dicts of ``test`` and ``world2`` (any layout whose methods map
+    to dicts); only Recall@1/5/10 and box accuracy, nulls and non-numbers skipped.
+    """
+    out: dict[str, float] = {}
+    for world in HEADLINE_WORLDS:
+        methods = metrics.get(world)
+        if not isinstance(methods, dict):
+            continue
+        for method, values in methods.items():
+            if not isinstance(values, dict):
+                continue
+            for key in HEADLINE_KEYS:
+                v = values.get(key)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[f"{world}.{method}.{key}"] = float(v)
+    return out
+
+
+def record_parent_run(outcomes: list[StageOutcome], root: Path, seconds: float, order: list[str] | None = None) -> dict:
+    """Log to the active pipeline parent run what this execution did and what it scores.
+
+    Tags ``ard.stages_ran`` / ``ard.stages_up_to_date`` / ``ard.stages_failed`` (comma
+    lists, pipeline order), metrics ``pipeline_seconds`` and ``stages_run``, and the
+    evaluation's headline metrics from ``reports/metrics.json`` when the stage that
+    writes it was part of this execution and is current (ran or up to date), so every
+    full pipeline run carries them; absent file, nothing logged.
+    """
+    from ardetect import tracking
+
+    root = Path(root)
+    done = collate(outcomes, order)
+    tracking.set_tags(
+        {
+            "ard.stages_ran": ",".join(done["ran"]),
+            "ard.stages_up_to_date": ",".join(done["up_to_date"]),
+            "ard.stages_failed": ",".join(done["failed"]),
+            "ard.status": "ok" if outcomes and all(o.ok for o in outcomes) else "failed",
+        }
+    )
+    tracking.log_metrics({"pipeline_seconds": seconds, "stages_run": len(done["ran"])})
+    headline: dict[str, float] = {}
+    producer = metrics_producer(root)
+    path = root / METRICS_FILE
+    if producer is not None and producer in done["ran"] + done["up_to_date"] and path.is_file():
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            metrics = {}
+        headline = headline_metrics(metrics)
+        tracking.log_metrics(headline)
+        bars = metrics.get("bars")
+        if isinstance(bars, dict) and bars:
+            tracking.set_tags({"ard.bars_met": f"{sum(bool(v) for v in bars.values())}/{len(bars)}"})
+        if headline:
+            tracking.log_dict({"metrics_file": METRICS_FILE, "headline": headline, "bars": bars or {}}, "pipeline/headline.json")
+    tracking.log_dict({**done, "steps": [o.to_dict() for o in outcomes], "seconds": seconds}, "pipeline/outcome.json")
+    return {**done, "headline": headline}

@@ -67,12 +67,24 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @contextmanager
-def pipeline_run(experiment: str, uri: str, run_name: str = "pipeline", tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """Open the parent run of one pipeline execution and export its id to child processes."""
+def pipeline_run(
+    experiment: str,
+    uri: str,
+    run_name: str = "pipeline",
+    tags: dict[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Iterator[Any]:
+    """Open the parent run of one pipeline execution and export its id to child processes.
+
+    ``params`` (the effective configuration, nested) is logged flattened, so parent
+    runs compare param by param (``world.seed``, ``train_phase1.epochs``, ...).
+    """
     mlflow = _mlflow(uri, experiment)
     previous = os.environ.get(PARENT_ENV)
     with mlflow.start_run(run_name=run_name, tags={"ard.kind": "pipeline", **(tags or {})}) as run:
         os.environ[PARENT_ENV] = run.info.run_id
+        if params:
+            log_params(params)
         try:
             yield run
         finally:
@@ -130,6 +142,14 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(clean, step=step)
 
 
+def set_tags(tags: Mapping[str, Any]) -> None:
+    if not is_primary():
+        return
+    import mlflow
+
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     if not is_primary():
         return
@@ -168,3 +188,33 @@ def find_runs(experiment: str, uri: str, filter_string: str = "", max_results: i
     return mlflow.search_runs(
         experiment_names=[experiment], filter_string=filter_string, max_results=max_results, order_by=["start_time DESC"]
     )
+
+
+class RunNotFound(LookupError):
+    """No run, or more than one, matches a run id or prefix; the message says which."""
+
+
+def resolve_run(experiment: str, uri: str, ref: str) -> str:
+    """The full id of the run ``ref`` names: a whole run id, or a prefix unique in the experiment."""
+    mlflow = _mlflow(uri, experiment)
+    ref = ref.strip().lower()
+    if not ref:
+        raise RunNotFound("an empty run id")
+    runs = mlflow.search_runs(experiment_names=[experiment], max_results=100_000, output_format="list")
+    ids = sorted({r.info.run_id for r in runs if r.info.run_id.startswith(ref)})
+    if ref in ids:
+        return ref
+    if len(ids) == 1:
+        return ids[0]
+    if not ids:
+        raise RunNotFound(f"no run with id or id prefix {ref!r} in experiment {experiment!r} at {uri}")
+    shown = ", ".join(i[:12] for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+    raise RunNotFound(f"run id prefix {ref!r} is ambiguous: {len(ids)} runs match ({shown}); give more characters")
+
+
+def get_run(uri: str, run_id: str):
+    """An MLflow ``Run`` (info, params, metrics, tags) by its full id."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri).get_run(run_id)
+

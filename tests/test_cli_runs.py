@@ -1,0 +1,156 @@
+"""`ard runs list` and `ard runs compare` on pipeline parent runs built directly in a temp store."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from ardetect import tracking
+from ardetect.cli import app
+from ardetect.pipeline import StageOutcome, record_parent_run
+
+from workspace import REPO
+
+EXPERIMENT = "ardetect"
+STAGES = ["exemplars", "generate", "tuples", "validate", "world2", "train_phase1", "train_phase2", "train_abc", "evaluate"]
+
+
+def _methods(ard: float, abc: float) -> dict:
+    return {
+        "ARD": {"recall@1": ard / 2, "recall@5": ard - 0.1, "recall@10": ard, "box_accuracy": 0.625},
+        "ARD-": {"recall@1": 0.05, "recall@5": 0.1, "recall@10": 0.2, "box_accuracy": 0.5},
+        "AbC": {"recall@1": abc / 2, "recall@5": abc - 0.05, "recall@10": abc, "box_accuracy": None},
+        "chance": {"recall@1": 0.01, "recall@5": 0.05, "recall@10": 0.1, "box_accuracy": None},
+    }
+
+
+def _pipeline_run(root, uri, seed: int, ard: float, abc: float, ran: list[str]) -> str:
+    """A parent run as `ard pipeline run` leaves it: params, stage tags, headline metrics from metrics.json."""
+    metrics = {"test": _methods(ard, abc), "world2": _methods(ard / 2, abc / 2), "bars": {"ARD Recall@10 >= 0.5": ard >= 0.5}}
+    (root / "reports").mkdir(exist_ok=True)
+    (root / "reports/metrics.json").write_text(json.dumps(metrics))
+    params = {"profile": "smoke", "world": {"seed": seed, "n_concepts": 20}, "evaluate": {"max_queries": None}}
+    with tracking.pipeline_run(EXPERIMENT, uri, run_name="pipeline [smoke]", tags={"ard.profile": "smoke"}, params=params) as run:
+        with tracking.stage_run("tuples", EXPERIMENT, uri):
+            tracking.log_metrics({"tuples": 40, "stage_seconds": 1.5})
+        up = [s for s in STAGES if s not in ran]
+        record_parent_run([StageOutcome("evaluate", 0, ran=ran, up_to_date=up)], root, 100.0 + seed, STAGES)
+    return run.info.run_id
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    a = _pipeline_run(root, uri, seed=1, ard=0.5, abc=0.25, ran=STAGES)
+    b = _pipeline_run(root, uri, seed=7, ard=0.625, abc=0.25, ran=["exemplars", "generate", "evaluate"])
+    return uri, a, b
+
+
+def ard(*args: str, columns: int = 100):
+    result = CliRunner().invoke(app, [*args], env={"COLUMNS": str(columns)}, catch_exceptions=False)
+    return result
+
+
+def _row(output: str, key: str) -> str:
+    rows = [line for line in output.splitlines() if re.search(rf"(^|\s){re.escape(key)}(\s|$)", line)]
+    assert len(rows) == 1, (key, output)
+    return rows[0]
+
+
+def test_parent_run_carries_params_tags_and_headline_metrics(store):
+    uri, a, b = store
+    run = tracking.get_run(uri, b)
+    assert run.data.params["world.seed"] == "7" and run.data.params["evaluate.max_queries"] == "null"
+    assert run.data.tags["ard.stages_ran"] == "exemplars,generate,evaluate"
+    assert run.data.tags["ard.stages_up_to_date"] == "tuples,validate,world2,train_phase1,train_phase2,train_abc"
+    assert run.data.tags["ard.bars_met"] == "1/1"
+    m = run.data.metrics
+    assert m["test.ARD.recall_at_10"] == 0.625 and m["test.AbC.recall_at_1"] == 0.125
+    assert m["world2.ARD-.recall_at_5"] == pytest.approx(0.1)
+    assert "test.AbC.box_accuracy" not in m  # null: skipped
+    assert m["pipeline_seconds"] == 107.0 and m["stages_run"] == 3
+
+
+def test_compare_marks_differences_and_hides_equal_rows(store):
+    _, a, b = store
+    result = ard("runs", "compare", a[:10], b[:10], "--params", str(REPO / "params.yaml"))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    seed = _row(out, "world.seed")
+    assert seed.lstrip().startswith("*") and re.search(r"\b1\b.*\b7\b", seed)
+    ard10 = _row(out, "test.ARD.recall_at_10")
+    assert ard10.lstrip().startswith("*") and "0.5" in ard10 and "0.625" in ard10
+    assert _row(out, "ard.stages_ran").lstrip().startswith("*")
+    for equal in ("world.n_concepts", "test.AbC.recall_at_10", "ard.profile"):
+        assert not re.search(rf"\s{re.escape(equal)}\s", out), equal  # equal rows hidden by default
+    assert a in out and b in out  # both runs named in full above the table
+    assert re.search(r"\d+ of \d+ params, metrics and tags differ", out)
+
+    full = ard("runs", "compare", a, b, "--all", "--params", str(REPO / "params.yaml")).output
+    n_concepts = _row(full, "world.n_concepts")
+    assert not n_concepts.lstrip().startswith("*") and n_concepts.count("20") == 2
+    assert _row(full, "world.seed").lstrip().startswith("*")
+
+
+def test_compare_names_a_missing_or_ambiguous_run(store):
+    _, a, b = store
+    result = CliRunner().invoke(app, ["runs", "compare", a[:8], "feedbeef", "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 2
+    assert "feedbeef" in result.output and "no run" in result.output
+    assert "Traceback" not in result.output
+    # a one-character prefix shared by two runs is ambiguous (16 hex digits: 17 runs always share one)
+    import mlflow
+
+    while True:
+        ids = set(tracking.find_runs(EXPERIMENT, store[0], max_results=1000)["run_id"])
+        shared = next((c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1), None)
+        if shared is not None:
+            break
+        with mlflow.start_run(run_name="filler"):
+            pass
+    amb = CliRunner().invoke(app, ["runs", "compare", shared, b, "--params", str(REPO / "params.yaml")])
+    assert amb.exit_code == 2 and "ambiguous" in amb.output and repr(shared) in amb.output
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_list_shows_the_comparison_columns_only(store, columns):
+    _, a, b = store
+    result = ard("runs", "list", "--params", str(REPO / "params.yaml"), columns=columns)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert max(len(line) for line in out.splitlines()) <= columns
+    lines = out.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.split()[:1] == ["run"])
+    assert re.findall(r"\S+", lines[i - 1]) == ["ARD", "ARD", "ARD", "AbC", "AbC", "AbC", "ARD"]
+    assert re.findall(r"\S+", lines[i]) == ["run", "name", "start", "status", "R@1", "R@5", "R@10",
+                                            "R@1", "R@5", "R@10", "box", "secs"]
+    rows = [line for line in out.splitlines() if line.startswith((a[:8], b[:8]))]
+    assert [r[:8] for r in rows] == [b[:8], a[:8]]  # newest first; the stage child runs are not listed
+    newest = re.findall(r"\S+", rows[0])
+    assert newest[-8:] == ["0.312", "0.525", "0.625", "0.125", "0.200", "0.250", "0.625", "107"]
+    assert "FINISHED" in rows[0]
+    for unrelated in ("stages_run", "world2", "ARD-", "chance", "tuples"):
+        assert unrelated not in out, unrelated
+
+
+def test_list_stage_runs_and_limit(store):
+    _, a, b = store
+    out = ard("runs", "list", "--stage", "tuples", "--params", str(REPO / "params.yaml")).output
+    header = next(line for line in out.splitlines() if "stage" in line and "secs" in line)
+    assert re.findall(r"\S+", header) == ["run", "stage", "status", "start", "secs", "parent"]
+    rows = [line for line in out.splitlines() if " tuples " in line]
+    assert len(rows) == 2 and all("1.5" in r for r in rows)
+    assert {r.split()[-1] for r in rows} == {a[:8], b[:8]}  # each under its parent run
+    one = ard("runs", "list", "--limit", "1", "--params", str(REPO / "params.yaml")).output
+    assert b[:8] in one and a[:8] not in one
+    none = ard("runs", "list", "--stage", "nosuch", "--params", str(REPO / "params.yaml")).output
+    assert "no runs of stage 'nosuch'" in none
