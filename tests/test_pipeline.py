@@ -317,6 +317,26 @@ def test_corrupted_box_fails_validate_and_touches_nothing(piped, tmp_path):
 
 
 @pytest.mark.slow
+def test_failed_stage_marks_the_parent_run(piped, tmp_path):
+    import yaml
+
+    ws = _copy_ws(piped[0], tmp_path / "repo")
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["validate"]["min_negatives"] = 10_000  # more negatives than the smoke world has: validate fails
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = ard(ws, "pipeline", "run", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "stage 'validate' failed" in proc.stderr and "min_negatives" in proc.stdout + proc.stderr
+    runs = tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}")
+    parent = runs[runs["tags.ard.kind"] == "pipeline"].sort_values("start_time").iloc[-1]
+    assert parent["status"] == "FAILED" and parent["tags.ard.status"] == "failed"
+    assert parent["tags.ard.stages_failed"] == "validate" and not parent["tags.ard.stages_ran"]
+    assert parent["tags.ard.stages_up_to_date"].split(",") == ["exemplars", "generate", "tuples"]
+    assert parent["params.validate.min_negatives"] == "10000"
+    assert pd.isna(parent.get("metrics.test.ARD.recall_at_10"))  # evaluate was not reached: no headline
+
+
+@pytest.mark.slow
 def test_deleted_image_fails_validate_naming_it(piped, tmp_path):
     ws = _copy_ws(piped[0], tmp_path / "repo")
     t = pd.read_parquet(ws / "data/tuples/tuples.parquet")

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from ardetect import tracking
 
 
@@ -31,3 +33,37 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
 def test_write_json_atomic_leaves_no_temp(tmp_path):
     p = tracking.write_json_atomic({"a": 1}, tmp_path / "s.json")
     assert p.read_text().strip().startswith("{") and [f.name for f in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_pipeline_run_logs_the_config_as_params_and_tags(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    params = {"profile": "smoke", "world": {"seed": 3, "base_classes": ["cat", "dog"]}, "evaluate": {"max_queries": None}}
+    params.update({f"extra{i}": {"v": i} for i in range(150)})  # more than one MLflow batch of 100
+    with tracking.pipeline_run("exp-p", uri, run_name="pipeline [smoke]", params=params) as parent:
+        tracking.set_tags({"ard.stages_ran": "a,b", "ard.flag": True})
+    run = tracking.get_run(uri, parent.info.run_id)
+    assert run.data.params["world.seed"] == "3" and run.data.params["world.base_classes"] == '["cat", "dog"]'
+    assert run.data.params["evaluate.max_queries"] == "null" and run.data.params["extra149.v"] == "149"
+    assert len(run.data.params) == 4 + 150
+    assert run.data.tags["ard.kind"] == "pipeline" and run.data.tags["ard.stages_ran"] == "a,b"
+    assert run.data.tags["ard.flag"] == "True"
+
+
+def test_resolve_run_by_prefix(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    ids = []
+    while True:  # runs until two share a first character (16 hex digits: at most 17 runs)
+        with tracking.pipeline_run("exp-r", uri) as run:
+            ids.append(run.info.run_id)
+        shared = [c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1]
+        if shared:
+            break
+    for run_id in ids:
+        assert tracking.resolve_run("exp-r", uri, run_id) == run_id
+        assert tracking.resolve_run("exp-r", uri, run_id[:12].upper()) == run_id
+    with pytest.raises(tracking.RunNotFound, match="ambiguous"):
+        tracking.resolve_run("exp-r", uri, shared[0])
+    with pytest.raises(tracking.RunNotFound, match="'zz'"):
+        tracking.resolve_run("exp-r", uri, "zz")

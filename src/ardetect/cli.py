@@ -69,13 +69,13 @@ def pipeline_run(
         summary = summarize(outcomes)
         done = record_parent_run(outcomes, root, time.perf_counter() - start, order)
         tracking.log_dict({"summary": summary}, "pipeline_summary.json")
-    typer.echo(summary)
-    ran = done["ran"]
-    typer.echo(f"pipeline wall time: {time.perf_counter() - start:.1f} s; stages run: {', '.join(ran) or 'none (all up to date)'}")
-    if not all(o.ok for o in outcomes):
-        failed = next(o for o in outcomes if not o.ok)
-        typer.echo(f"stage {failed.stage!r} failed: {failed.error or f'exit {failed.returncode}'}", err=True)
-        raise typer.Exit(1)
+        typer.echo(summary)
+        ran = done["ran"]
+        typer.echo(f"pipeline wall time: {time.perf_counter() - start:.1f} s; stages run: {', '.join(ran) or 'none (all up to date)'}")
+        if not all(o.ok for o in outcomes):
+            failed = next(o for o in outcomes if not o.ok)
+            typer.echo(f"stage {failed.stage!r} failed: {failed.error or f'exit {failed.returncode}'}", err=True)
+            raise typer.Exit(1)  # inside the run: MLflow marks the parent run FAILED
 
 
 def _tracking_target(params: Path) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -292,7 +293,7 @@ def _reproduce_child(argv: list[str]) -> int:
         while cause is not None:
             chain.append(cause)
             cause = cause.__cause__
-        record["error"] = ": ".join(str(c) for c in chain if str(c))
+        record["error"] = re.sub(r"\x1b\[[0-9;]*m", "", ": ".join(str(c) for c in chain if str(c)))  # no colour codes
         record["error_type"] = type(exc).__name__
         record["lock_error"] = any(isinstance(c, LockError) for c in chain)
         logging.getLogger("dvc").exception("")  # "ERROR: failed to reproduce ...", as the dvc command prints it
