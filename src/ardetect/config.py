@@ -180,6 +180,36 @@ class LossConfig(_Section):
     )
 
 
+class ValidationConfig(_Section):
+    """How a training phase picks its checkpoint: ranking on a fixed, seeded val subset after each epoch."""
+
+    queries: int = Field(24, ge=1, description="val queries (seeded subset)")
+    negatives: int = Field(15, ge=1, description="negatives per val query (seeded)")
+    score: Literal["reranked", "paper"] = Field(
+        "reranked", description="'reranked': the best val Recall@5 over identity_weights x identity_grids, the score the model "
+        "is read with (the evaluation fits w and g on val the same way); 'paper': the most probable box's probability only",
+    )
+    identity_weights: list[float] = Field([0.0, 1.0, 2.0, 5.0, 10.0, 20.0], min_length=1)
+    identity_grids: list[int] = Field([1, 2, 4], min_length=1)
+    top_k: int = Field(5, ge=1, description="boxes per candidate the re-ranking chooses among")
+
+    @field_validator("identity_grids")
+    @classmethod
+    def _grids(cls, v: list[int]) -> list[int]:
+        bad = [g for g in v if not 1 <= g <= 8]
+        if bad:
+            raise ValueError(f"identity_grids has {bad}: each pooling grid must be an integer from 1 to 8")
+        return sorted(set(v))
+
+    @field_validator("identity_weights")
+    @classmethod
+    def _weights(cls, v: list[float]) -> list[float]:
+        bad = [w for w in v if not math.isfinite(w) or w < 0]
+        if bad:
+            raise ValueError(f"identity_weights has {bad}: each weight must be a finite number >= 0")
+        return sorted(set(v))
+
+
 class Phase1Config(_Section):
     """Phase 1: positives only, Hungarian matching, focal + L1 + GIoU."""
 
@@ -197,6 +227,7 @@ class Phase1Config(_Section):
     seed: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs; null = the whole split")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes building batches ahead of training; 0 = in the training process (same batches)")
+    validation: ValidationConfig = ValidationConfig()
     loss: LossConfig = LossConfig()
 
 
@@ -213,7 +244,10 @@ class Phase2Config(_Section):
     clip_grad: float = Field(0.1, ge=0)
     checkpoint_every: int = Field(50, ge=1)
     seed: int = Field(0, ge=0)
-    max_steps_per_epoch: int | None = Field(200, ge=1, description="positives per epoch; null = the whole split")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="steps per epoch (a step: groups_per_step positives, each with its k negatives); null = every training positive once an epoch (paper)",
+    )
+    groups_per_step: int = Field(1, ge=1, description="positives per optimiser step, each with its own k negatives and query; 1 = the paper's batch")
     augment: bool = True
     loader_workers: int = Field(0, ge=0, description="DataLoader processes building batches ahead of training; 0 = in the training process (same batches)")
     lambda_rank: float = Field(
@@ -222,6 +256,7 @@ class Phase2Config(_Section):
     rank_grid: int = Field(4, ge=1, le=8, description="pooling grid of the region similarity in the ranking loss's score")
     rank_identity_weight: float = Field(5.0, ge=0, description="identity weight w of the ranking loss's score, prob * exp(w (sim - 1))")
     rank_top_k: int = Field(5, ge=1, description="boxes per image the ranking loss's score chooses among (as evaluate.identity_top_k)")
+    validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")
     def _hard_within_k(self) -> "Phase2Config":
@@ -231,12 +266,19 @@ class Phase2Config(_Section):
 
 
 class AbCSection(_Section):
-    """The AbC baseline's base encoder and heads."""
+    """The AbC baseline's base encoder and heads (both AbC rows: the world encoder and ARD's backbone)."""
 
-    encoder: str = Field("world", description="'world' (SSL-trained on the training split), a timm name or a transformers id")
-    image_size: int = Field(96, ge=32)
-    feature_dim: int = Field(128, ge=8)
+    encoder: str = Field("world", description="'world' (SSL-trained on the training split) or a timm name with local weights")
+    image_size: int | None = Field(None, ge=32, description="resolution AbC reads images at; null = the detector's (world.image_size)")
+    feature_dim: int = Field(128, ge=8, description="the world encoder's feature size")
+    width: int = Field(32, ge=4, description="channels of the world encoder's first stage (doubling each stage)")
     ssl_epochs: int = Field(8, ge=0)
+    ssl_batch_size: int = Field(128, ge=2)
+    jitter: float = Field(0.2, ge=0.0, lt=1.0, description="brightness/contrast range of the SSL views (no hue or greyscale: they carry identity)")
+    pooling: Literal["avg", "max"] = Field(
+        "max", description="global pooling of the base encoders' feature maps (both AbC rows); max keeps an object's features "
+        "from being averaged away by the background and the other objects (chosen on val)",
+    )
     head_epochs: int = Field(40, ge=1)
     lr: float = Field(1e-3, gt=0)
     lambda_reg: float = Field(0.05, ge=0)
@@ -245,12 +287,16 @@ class AbCSection(_Section):
 
 class EvaluateConfig(_Section):
     iou_threshold: float = Field(0.5, gt=0, le=1)
-    max_queries: int | None = Field(104, ge=1, description="evaluate a seeded subset of test queries; null = all")
+    max_queries: int | None = Field(None, ge=1, description="evaluate a seeded subset of test queries; null = all")
     candidate_batch: int = Field(64, ge=1)
     generalisation_world_seed: int = Field(
         1, ge=0, description="seed of a second world with unseen identities (must differ from world.seed)"
     )
-    generalisation_concepts: int = Field(60, ge=3, description="concepts of the second world (all in its test split)")
+    generalisation_concepts: int = Field(208, ge=3, description="concepts of the second world (all in its test split)")
+    generalisation_block: int | None = Field(
+        104, ge=2, description="world2 concepts ranked together: a query's negatives are the other concepts of its seeded block "
+        "(104 = as many candidates as a test query of the default world has); null = all of world2",
+    )
     generalisation_queries_per_concept: int = Field(1, ge=1, le=10)
     figure_queries: int = Field(2, ge=0, description="queries drawn in the top-10 retrieval figure")
     identity_weights: list[float] = Field(

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ardetect.evaluation.abc import (
-    AbC, Calibration, WorldEncoder, fit_calibration, nt_xent, pairs_by_epoch, train_heads, train_world_encoder,
+    AbC, ARDBackboneEncoder, Calibration, WorldEncoder, fit_calibration, identity_views, nt_xent, pairs_by_epoch, train_heads,
+    train_world_encoder,
 )
 
 
@@ -67,3 +68,41 @@ def test_world_encoder_ssl_runs_and_is_seeded():
     e2 = train_world_encoder(imgs, dim=16, epochs=1, batch_size=6, seed=3)
     with torch.no_grad():
         assert torch.allclose(e1(imgs[:2]), e2(imgs[:2]))
+
+
+def test_identity_views_are_per_image_seeded_and_keep_colour():
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.2, 0.2, 0.9], [0.6, 0.5, 0.1]])
+    imgs = colours[:, :, None, None].expand(-1, -1, 40, 40).clone()
+    imgs[:, :, 10:20, 10:30] = 0.5  # a grey patch, so crops differ
+    a = identity_views(imgs, torch.Generator().manual_seed(1))
+    b = identity_views(imgs, torch.Generator().manual_seed(1))
+    c = identity_views(imgs, torch.Generator().manual_seed(2))
+    assert a.shape == imgs.shape and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)  # seeded, and a new draw differs
+    # each image gets its own crop, flip and jitter: four copies of one image give four different views
+    same = identity_views(imgs[:1].expand(4, -1, -1, -1).contiguous(), torch.Generator().manual_seed(1))
+    assert all(not torch.equal(same[i], same[j]) for i in range(4) for j in range(i + 1, 4))
+    # no hue jitter, no greyscale: a plain colour keeps its dominant channel and stays coloured
+    plain = identity_views(colours[:, :, None, None].expand(-1, -1, 40, 40).contiguous(), torch.Generator().manual_seed(3))
+    for i in range(4):
+        assert (plain[i].argmax(0) == colours[i].argmax()).all(), i
+        assert (plain[i].max(0).values - plain[i].min(0).values).min() > 0.2, i
+
+
+def test_ard_backbone_encoder_pools_every_level(tmp_path):
+    from ardetect.model import ModelConfig, build
+
+    det = build(ModelConfig.named("nano", num_queries=16, image_size=(64, 64))).eval()
+    enc = ARDBackboneEncoder(det)  # max pooling by default
+    assert enc.dim == sum(det.backbone.channels)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = det.backbone(x)
+        torch.testing.assert_close(enc(x), torch.cat([f.amax(dim=(2, 3)) for f in feats], 1))
+        torch.testing.assert_close(ARDBackboneEncoder(det, "avg")(x), torch.cat([f.mean(dim=(2, 3)) for f in feats], 1))
+    with pytest.raises(ValueError, match="pooling='sum'"):
+        ARDBackboneEncoder(det, "sum")
+    assert enc.backbone is not det.backbone  # a frozen copy: the detector is left as it was
+    other = build(ModelConfig.named("nano", num_queries=16, image_size=(64, 64), pixel_mean=(0.5, 0.5, 0.5)))
+    with pytest.raises(ValueError, match="mean"):
+        ARDBackboneEncoder(other)

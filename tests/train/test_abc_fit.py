@@ -10,14 +10,15 @@ from ardetect.evaluation import abc
 
 def test_fit_abc_decodes_each_training_image_once(tiny_world, monkeypatch):
     tuples, root = tiny_world
-    cfg = AbCSection(image_size=32, feature_dim=16, ssl_epochs=1, head_epochs=2)
+    cfg = AbCSection(feature_dim=16, width=8, ssl_epochs=1, head_epochs=2)
     calls: list[list[str]] = []
     real = abc.load_images
     monkeypatch.setattr(abc, "load_images", lambda paths, *a, **k: calls.append(list(paths)) or real(paths, *a, **k))
     seen: list[torch.Tensor] = []
     base_features = abc.AbC.base_features
     monkeypatch.setattr(abc.AbC, "base_features", lambda self, images, *a, **k: seen.append(images) or base_features(self, images, *a, **k))
-    abc.fit_abc(cfg, tuples, root)
+    _, _, stats = abc.fit_abc(cfg, tuples, root, 32)
+    assert 0.0 <= stats["val_recall@10"] <= 1.0
     train = tuples[tuples["split"] == "train"]
     pool = set(train["train_image"]) | set(train["query_image"])
     decoded_train = [p for c in calls for p in c if p in pool]

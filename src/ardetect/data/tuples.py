@@ -42,6 +42,20 @@ def assign_splits(exemplars: pd.DataFrame, split: SplitConfig, seed: int) -> pd.
     return pd.Series(labels, index=pd.Index(order, name="concept_id"), name="split")
 
 
+def concept_blocks(concepts: pd.Series, block: int | None, seed: int) -> list[list[str]]:
+    """Deal ``concepts`` into seeded blocks of near-equal size, at most ``block`` each (None = one block).
+
+    The blocks are the candidate sets of a world evaluated whole: a query ranks its own
+    training image against the other concepts of its block.
+    """
+    ids = sorted(pd.unique(concepts.astype(str)))
+    if block is not None and block < 2:
+        raise ValueError(f"block={block}: a block needs at least 2 concepts (a positive and a negative)")
+    n_blocks = 1 if block is None else -(-len(ids) // block)
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    return [sorted(part.tolist()) for part in np.array_split(np.asarray(order, dtype=object), n_blocks)]
+
+
 def build_tuples(exemplars: pd.DataFrame, generated: pd.DataFrame, splits: pd.Series) -> pd.DataFrame:
     """One positive tuple per generated image: (Q, R_Q, p) joined to its exemplar (X, R_X)."""
     ex = exemplars.set_index("concept_id")

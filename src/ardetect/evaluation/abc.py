@@ -8,14 +8,23 @@ Soft influence: p ∝ ReLU(exp((s − s_max)/τ) − λ), with τ and λ fitted 
 descent on the negative log-probability of the true exemplar (ReLU replaced by
 softplus with β = 100 while fitting).
 
-The base encoder is pluggable: a timm model name or a transformers model id when
-weights are available locally, or ``world``: a small CNN trained self-supervised
-(SimCLR-style, two augmented views, NT-Xent) on the training split's images only,
-since no pretrained image weights exist on the machines this project is built on.
+The base encoder is pluggable:
+
+- ``world``: no pretrained image weights exist on the machines this project is built
+  on, so a CNN is trained self-supervised (SimCLR: two augmented views, NT-Xent) on the
+  training split's images only, at the detector's resolution. Its views keep what
+  identifies a concept in this world (colour, palette, texture, marks): random
+  resized crops, flips and mild brightness/contrast changes, but no hue jitter and no
+  greyscale, which would teach the encoder to ignore identity (``identity_views``).
+- ``ard``: the control row, AbC on ARD's backbone: the frozen image backbone of the
+  trained phase-1 detector, its three feature maps average-pooled and concatenated
+  (``ARDBackboneEncoder``), image level.
+- a timm model name, when its weights are available locally.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms import v2
+from torchvision.ops import roi_align
 
 from ardetect.train.losses import orthogonality
 
@@ -35,10 +44,20 @@ def nt_xent(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
+def global_pool(maps: Tensor, how: str) -> Tensor:
+    """[B, C, H, W] -> [B, C]: ``avg`` (the mean over the image) or ``max`` (its strongest response,
+    which keeps an object's features from being averaged away by the background and the other objects)."""
+    if how == "avg":
+        return maps.mean(dim=(2, 3))
+    if how == "max":
+        return maps.amax(dim=(2, 3))
+    raise ValueError(f"pooling={how!r} must be 'avg' or 'max'")
+
+
 class WorldEncoder(nn.Module):
     """A small CNN (conv-BN-ReLU stages, global pooling) for the synthetic world."""
 
-    def __init__(self, dim: int = 128, width: int = 32):
+    def __init__(self, dim: int = 128, width: int = 32, pooling: str = "avg"):
         super().__init__()
         chans = [3, width, width * 2, width * 4, dim]
         layers: list[nn.Module] = []
@@ -46,33 +65,55 @@ class WorldEncoder(nn.Module):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.dim = dim
+        self.pooling = pooling
 
     def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, dim]
-        return self.body(x).mean(dim=(2, 3))
+        return global_pool(self.body(x), self.pooling)
 
 
-def ssl_views(size: int) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop((size, size), scale=(0.35, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-        ]
-    )
+def identity_views(
+    images: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    jitter: float = 0.2,
+) -> Tensor:
+    """One augmented view of each of [N, 3, S, S] images in [0, 1], drawn per image, in one batched call.
+
+    Random resized crop (area share in ``scale``, aspect in ``ratio``; bilinear through
+    ``torchvision.ops.roi_align``), horizontal flip, brightness and contrast each scaled by a
+    factor in [1 - jitter, 1 + jitter]. Hue, saturation and greyscale stay as they are: they
+    carry the concept's identity in this world.
+    """
+    n, _, h, w = images.shape
+    u = torch.rand(n, 6, generator=generator)
+    area = (scale[0] + (scale[1] - scale[0]) * u[:, 0]) * h * w
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    aspect = torch.exp(log_r)
+    cw = torch.sqrt(area * aspect).clamp(max=w)  # [N]
+    ch = torch.sqrt(area / aspect).clamp(max=h)
+    x0 = (w - cw) * u[:, 2]
+    y0 = (h - ch) * u[:, 3]
+    rois = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)  # [N, 5] (index, xyxy)
+    out = roi_align(images, rois.to(images), output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)  # [N, 3, h, w]
+    flip = u[:, 4] < 0.5
+    out = torch.where(flip.view(n, 1, 1, 1).to(out.device), out.flip(-1), out)
+    if jitter > 0:
+        g = torch.rand(n, 2, generator=generator).to(out) * 2 * jitter + (1 - jitter)  # [N, 2] brightness, contrast factors
+        out = out * g[:, 0].view(n, 1, 1, 1)
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = (out - mean) * g[:, 1].view(n, 1, 1, 1) + mean
+    return out.clamp(0.0, 1.0)
 
 
 def train_world_encoder(
     images: Tensor, dim: int = 128, epochs: int = 6, batch_size: int = 128, lr: float = 2e-3, temperature: float = 0.2,
-    seed: int = 0, progress: Callable[[int, float], None] | None = None,
+    seed: int = 0, width: int = 32, jitter: float = 0.2, pooling: str = "avg", progress: Callable[[int, float], None] | None = None,
 ) -> WorldEncoder:
-    """SimCLR on ``images`` ([N, 3, S, S] float in [0, 1], training split only)."""
+    """SimCLR on ``images`` ([N, 3, S, S] float in [0, 1], training split only), views from ``identity_views``;
+    the encoder pools its last map with ``pooling`` (while it trains and when it is read)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    enc = WorldEncoder(dim)
+    enc = WorldEncoder(dim, width, pooling)
     proj = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
     opt = torch.optim.AdamW([*enc.parameters(), *proj.parameters()], lr=lr, weight_decay=1e-4)
-    aug = ssl_views(images.shape[-1])
     enc.train()
     for epoch in range(epochs):
         order = torch.randperm(len(images), generator=g)
@@ -81,10 +122,8 @@ def train_world_encoder(
             x = images[order[i : i + batch_size]]
             if len(x) < 2:
                 continue
-            v1 = torch.stack([aug(im) for im in x])
-            v2_ = torch.stack([aug(im) for im in x])
-            z1 = F.normalize(proj(enc(normalize(v1))), dim=-1)
-            z2 = F.normalize(proj(enc(normalize(v2_))), dim=-1)
+            z1 = F.normalize(proj(enc(normalize(identity_views(x, g, jitter=jitter)))), dim=-1)
+            z2 = F.normalize(proj(enc(normalize(identity_views(x, g, jitter=jitter)))), dim=-1)
             loss = nt_xent(z1, z2, temperature)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"world encoder: non-finite loss at epoch {epoch}")
@@ -225,6 +264,29 @@ def load_images(paths: Sequence[str], root, size: int) -> Tensor:
     return torch.stack(out) if out else torch.zeros(0, 3, size, size)
 
 
+class ARDBackboneEncoder(nn.Module):
+    """ARD's trained image backbone as an image-level encoder (the ``AbC on ARD's backbone`` row).
+
+    Its feature maps (strides 8/16/32) are pooled over the image (``pooling``) and concatenated:
+    [B, 3, H, W] normalised images -> [B, sum of channels]. ``AbC.base_features`` normalises
+    with the ImageNet mean and std, which must be the detector's own (checked here).
+    """
+
+    def __init__(self, detector: nn.Module, pooling: str = "max"):
+        super().__init__()
+        global_pool(torch.zeros(1, 1, 1, 1), pooling)  # checks the name
+        self.pooling = pooling
+        cfg = detector.cfg
+        mean, std = _MEAN.flatten().tolist(), _STD.flatten().tolist()
+        if any(abs(a - b) > 1e-6 for a, b in zip((*cfg.pixel_mean, *cfg.pixel_std), (*mean, *std))):
+            raise ValueError(f"ARDBackboneEncoder: the detector normalises with mean {cfg.pixel_mean} / std {cfg.pixel_std}, not AbC's {mean} / {std}")
+        self.backbone = copy.deepcopy(detector.backbone).eval()
+        self.dim = int(sum(self.backbone.channels))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, dim]
+        return torch.cat([global_pool(f, self.pooling) for f in self.backbone(x)], 1)
+
+
 def build_base_encoder(name: str, dim: int) -> tuple[nn.Module, int]:
     """A pretrained timm model (local weights only) as the frozen base; ``world`` is trained by ``fit_abc``."""
     import timm
@@ -233,8 +295,15 @@ def build_base_encoder(name: str, dim: int) -> tuple[nn.Module, int]:
     return model.eval(), int(model.num_features)
 
 
-def fit_abc(cfg, tuples, data_root, log: Callable[[dict, int], None] | None = None) -> tuple[AbC, Calibration, dict]:
-    """Fit AbC on the training split (encoder and heads) and calibrate τ, λ on the val split."""
+def fit_abc(
+    cfg, tuples, data_root, image_size: int, base: nn.Module | None = None, log: Callable[[dict, int], None] | None = None,
+) -> tuple[AbC, Calibration, dict]:
+    """Fit AbC on the training split (encoder and heads) and calibrate τ, λ on the val split.
+
+    ``base``: a ready frozen base encoder with a ``dim`` attribute (``ARDBackboneEncoder``);
+    None builds the one ``cfg.encoder`` names (``world`` trains it here, self-supervised).
+    Images are read at ``image_size`` (the detector's resolution).
+    """
     torch.manual_seed(cfg.seed)
     train = tuples[tuples["split"] == "train"].reset_index(drop=True)
     if train.empty:
@@ -245,17 +314,21 @@ def fit_abc(cfg, tuples, data_root, log: Callable[[dict, int], None] | None = No
     def images_of(paths: list[str]) -> Tensor:
         if decoded and all(p in decoded for p in paths):
             return torch.stack([decoded[p] for p in paths])
-        return load_images(paths, data_root, cfg.image_size)
+        return load_images(paths, data_root, image_size)
 
-    if cfg.encoder == "world":
+    if base is not None:
+        dim = int(base.dim)
+    elif cfg.encoder == "world":
         pool = sorted(set(train["train_image"]) | set(train["query_image"]))
-        imgs = load_images(pool, data_root, cfg.image_size)
+        imgs = load_images(pool, data_root, image_size)
         decoded.update(zip(pool, imgs))
         base = train_world_encoder(
-            imgs, dim=cfg.feature_dim, epochs=cfg.ssl_epochs, seed=cfg.seed,
-            progress=(lambda e, loss: log({"abc_ssl_loss": loss}, e + 1)) if log else None,
+            imgs, dim=cfg.feature_dim, epochs=cfg.ssl_epochs, batch_size=cfg.ssl_batch_size, seed=cfg.seed, width=cfg.width,
+            jitter=cfg.jitter, pooling=cfg.pooling, progress=(lambda e, loss: log({"abc_ssl_loss": loss}, e + 1)) if log else None,
         )
         dim = cfg.feature_dim
+    elif cfg.encoder == "ard":
+        raise ValueError("abc.encoder='ard': pass the detector's backbone as base=ARDBackboneEncoder(detector)")
     else:
         base, dim = build_base_encoder(cfg.encoder, cfg.feature_dim)
     model = AbC(base, dim)
@@ -271,10 +344,15 @@ def fit_abc(cfg, tuples, data_root, log: Callable[[dict, int], None] | None = No
     if len(val):
         pool = val.drop_duplicates("concept_id").reset_index(drop=True)
         with torch.no_grad():
-            t = model.embed_train(model.base_features(load_images(pool["train_image"].tolist(), data_root, cfg.image_size)))
-            s = model.embed_synth(model.base_features(load_images(val["query_image"].tolist(), data_root, cfg.image_size)))
+            t = model.embed_train(model.base_features(load_images(pool["train_image"].tolist(), data_root, image_size)))
+            s = model.embed_synth(model.base_features(load_images(val["query_image"].tolist(), data_root, image_size)))
         index = {c: i for i, c in enumerate(pool["concept_id"])}
-        cal = fit_calibration(s @ t.t(), torch.tensor([index[c] for c in val["concept_id"]]))
+        sims = s @ t.t()
+        positive = torch.tensor([index[c] for c in val["concept_id"]])
+        cal = fit_calibration(sims, positive)
+        # Recall@10 of the true exemplar among the val split's training images (a diagnostic; ties against it)
+        rank = (sims >= sims.gather(1, positive[:, None])).sum(1)  # the positive itself counts once
+        stats["val_recall@10"] = float((rank <= 10).float().mean())
     else:
         cal = Calibration(tau=1.0, lam=0.0)
     stats["tau"], stats["lambda"] = cal.tau, cal.lam
@@ -310,16 +388,20 @@ class AbCMethod:
         return self.calibration.influence(sims)
 
 
-def save_abc(path, model: AbC, cal: Calibration, cfg) -> None:
+def save_abc(path, model: AbC, cal: Calibration, cfg, image_size: int, stats: dict | None = None) -> None:
     from ardetect.train.engine import save_atomic
 
     save_atomic({"base": model.base, "heads": {"train": model.head_train.state_dict(), "synth": model.head_synth.state_dict()},
-                 "dim": model.head_train.in_features, "tau": cal.tau, "lam": cal.lam, "config": cfg.model_dump()}, path)
+                 "dim": model.head_train.in_features, "tau": cal.tau, "lam": cal.lam, "config": cfg.model_dump(),
+                 "image_size": int(image_size), "stats": dict(stats or {})}, path)
 
 
-def load_abc(path) -> tuple[AbC, Calibration]:
+def load_abc(path) -> tuple[AbC, Calibration, int]:
+    """(model, calibration, the image size it reads images at) from a ``save_abc`` file."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
+    if "image_size" not in ck:
+        raise ValueError(f"{path}: an AbC file without its image size (written by an older version): run the train_abc stage again")
     model = AbC(ck["base"], ck["dim"])
     model.head_train.load_state_dict(ck["heads"]["train"])
     model.head_synth.load_state_dict(ck["heads"]["synth"])
-    return model.eval(), Calibration(ck["tau"], ck["lam"])
+    return model.eval(), Calibration(ck["tau"], ck["lam"]), int(ck["image_size"])

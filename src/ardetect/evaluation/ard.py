@@ -4,6 +4,12 @@ The query side (text, region token) is encoded once per query; each candidate's
 query-independent side (backbone and input projections, ``encode_images``) is computed
 once per image and kept, so the training images every query of a split shares go
 through the backbone once; candidates are scored in batches.
+
+Every query of a split ranks the same set of images (its own training image and all
+the others), in its own order (the positive first). The cached features of a set are
+joined into one block once, in a canonical order; each query is scored on that block
+and its results put back in the query's order, instead of joining the features anew
+for every query.
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ class ARDMethod:
         self.transform = build_transform(train=False, size=image_size)
         self._image = lru_cache(maxsize=max_cached)(self._load)
         self._features: dict[str, object] = {}  # image path -> ImageCache of batch 1
+        self._blocks: dict[tuple[tuple[str, ...], bool], object] = {}  # (sorted paths, region map) -> ImageCache of them, in that order
         self.max_cached = max_cached
+        self.max_blocks = 4
 
     def _load(self, rel: str) -> tuple[torch.Tensor, tuple[int, int]]:
         img = load_rgb(self.root / rel)
@@ -70,13 +78,29 @@ class ARDMethod:
                 self._features[p] = found[p]
         return ImageCache.cat([found[p] for p in paths])
 
+    def block(self, paths: list[str], region_map: bool = False):
+        """(``ImageCache`` of the distinct ``paths`` in sorted order, position of each of ``paths`` in it [C]).
+
+        The block of a set is joined once and kept (the ``max_blocks`` most recent sets)."""
+        key = (tuple(sorted(set(paths))), region_map)
+        found = self._blocks.pop(key, None)
+        if found is None:
+            found = self.image_features(list(key[0]), region_map)
+            if len(self._blocks) >= self.max_blocks:
+                self._blocks.pop(next(iter(self._blocks)))
+        self._blocks[key] = found  # most recent last
+        where = {p: i for i, p in enumerate(key[0])}
+        return found, torch.tensor([where[p] for p in paths], dtype=torch.long, device=self.device)
+
     def _inputs(self, query: pd.Series, candidates: list[str], region_map: bool = False, query_map: bool = False):
+        """(candidate block, query cache, block image sizes [N, 2], position of each candidate in the block [C])."""
         q_img, q_box = transform_with_box(self.transform, load_rgb(self.root / query["query_image"]), query["query_box"])
         cache = self.model.encode_query(
             q_img[None].to(self.device), q_box[None].to(self.device), [query["prompt"]], [query["concept_phrase"]], region_map=query_map
         )
-        sizes = torch.tensor([self._image(c)[1] for c in candidates], device=self.device)  # [C, 2] (h, w) of each original image
-        return self.image_features(candidates, region_map), cache, sizes
+        feats, order = self.block(candidates, region_map)
+        sizes = torch.tensor([self._image(c)[1] for c in sorted(set(candidates))], device=self.device)  # [N, 2] (h, w) of each original image
+        return feats, cache, sizes, order
 
     @staticmethod
     def _scores(boxes: torch.Tensor, scores: torch.Tensor) -> Scores:
@@ -85,10 +109,11 @@ class ARDMethod:
     @torch.no_grad()
     def score(self, query: pd.Series, candidates: list[str]) -> Scores:
         identity = self.identity_weight > 0
-        feats, cache, sizes = self._inputs(query, candidates, identity, identity and self.grid > 1)
-        return self._scores(*self.model.predict_region(
+        feats, cache, sizes, order = self._inputs(query, candidates, identity, identity and self.grid > 1)
+        boxes, scores = self.model.predict_region(
             feats, cache, image_sizes=sizes, chunk_size=self.batch, identity_weight=self.identity_weight, top_k=self.top_k, grid=self.grid
-        ))
+        )
+        return self._scores(boxes[order], scores[order])
 
     @torch.no_grad()
     def candidates_variants(
@@ -97,11 +122,12 @@ class ARDMethod:
         """``RegionCandidates`` of detectors that differ from this one only in their adapters, in one pass."""
         from ardetect.model import predict_region_variants
 
-        feats, cache, sizes = self._inputs(query, candidates, identity, identity and max(grids) > 1)
-        return predict_region_variants(
+        feats, cache, sizes, order = self._inputs(query, candidates, identity, identity and max(grids) > 1)
+        found = predict_region_variants(
             self.model, variants, feats, cache, image_sizes=sizes, chunk_size=self.batch, check=check, top_k=self.top_k,
             identity=identity, grids=grids,
         )
+        return {name: c.select(order) for name, c in found.items()}
 
 
 class SharedTrunkARD:
@@ -172,15 +198,17 @@ class _Variant:
 
 def fit_identity_weights(
     trunk: SharedTrunkARD, variants: Sequence[str], tuples: pd.DataFrame, negatives: pd.DataFrame, grid: Sequence[float],
-    iou_threshold: float = 0.5, progress: bool = False,
+    iou_threshold: float = 0.5, progress: bool = False, metric: str = "recall@10", summaries: dict | None = None,
 ) -> dict[str, tuple[float, int, dict[tuple[int, float], float]]]:
     """For each of ``variants``, the identity weight of ``grid`` and the pooling grid of the
-    trunk's ``grids`` with the best Recall@10 on ``tuples`` (a validation split: never the test
-    tuples); ties go to the coarser pooling grid, then to the smaller weight (w = 0 is the
-    paper's score whatever the pooling grid, so it is tried once, with grid 1).
+    trunk's ``grids`` with the best ``metric`` (a summary key of the harness, Recall@10 by
+    default) on ``tuples`` (a validation split: never the test tuples); ties go to the coarser
+    pooling grid, then to the smaller weight (w = 0 is the paper's score whatever the pooling
+    grid, so it is tried once, with the coarsest grid).
 
     The detector runs once per query for every variant, weight and pooling grid. Returns
-    {variant: (weight, pooling grid, {(pooling grid, weight): recall@10})}.
+    {variant: (weight, pooling grid, {(pooling grid, weight): metric})}; ``summaries``, when
+    given, receives every combination's whole harness summary under (variant, grid, weight).
     """
     from ardetect.evaluation.harness import evaluate_method
 
@@ -191,7 +219,12 @@ def fit_identity_weights(
     methods = {v: [trunk.method(f"{v}@fit{w:g}x{g}", v, w, g) for g, w in combos] for v in variants}  # all made before any runs
     out = {}
     for v, ms in methods.items():
-        recalls = {(m.grid, m.identity_weight): float(evaluate_method(m, tuples, negatives, iou_threshold, progress=progress).summary["recall@10"]) for m in ms}
+        recalls = {}
+        for m in ms:
+            summary = evaluate_method(m, tuples, negatives, iou_threshold, progress=progress).summary
+            recalls[(m.grid, m.identity_weight)] = float(summary[metric])
+            if summaries is not None:
+                summaries[(v, m.grid, m.identity_weight)] = summary
         g, w = max(recalls, key=lambda gw: (recalls[gw], -gw[0], -gw[1]))
         out[v] = (w, g, recalls)
     return out

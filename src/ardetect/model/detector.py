@@ -688,6 +688,11 @@ class RegionCandidates:
         best, j = score.max(-1)
         return self.boxes[torch.arange(len(j), device=j.device), j], best
 
+    def select(self, index: Tensor) -> "RegionCandidates":
+        """The candidates of images ``index`` [C] (long), in that order."""
+        sims = None if self.similarity is None else {g: s[index] for g, s in self.similarity.items()}
+        return RegionCandidates(self.boxes[index], self.prob[index], sims)
+
     @staticmethod
     def cat(parts: Sequence["RegionCandidates"]) -> "RegionCandidates":
         sims = [p.similarity for p in parts]

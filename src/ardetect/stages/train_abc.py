@@ -1,4 +1,4 @@
-"""Stage ``train_abc``: the AbC baseline (base encoder, affine heads, calibration) on the training split."""
+"""Stage ``train_abc``: the AbC baseline (world encoder, affine heads, calibration) on the training split."""
 
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ from ardetect.stages.common import DATA, run_stage
 OUT = Path("models/abc")
 
 
+def abc_image_size(cfg: Config) -> int:
+    """The resolution AbC reads images at: ``abc.image_size``, else the detector's (``world.image_size``)."""
+    return cfg.abc.image_size or cfg.world.image_size
+
+
 def build(cfg: Config) -> dict:
     from ardetect.evaluation.abc import fit_abc, save_abc
 
     tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
-    model, cal, stats = fit_abc(cfg.abc, tuples, DATA, log=lambda m, step: tracking.log_metrics(m, step=step))
-    save_abc(OUT / "abc.pt", model, cal, cfg.abc)
+    size = abc_image_size(cfg)
+    model, cal, stats = fit_abc(cfg.abc, tuples, DATA, size, log=lambda m, step: tracking.log_metrics(m, step=step))
+    save_abc(OUT / "abc.pt", model, cal, cfg.abc, size, stats)
     return stats
 
 

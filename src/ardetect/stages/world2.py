@@ -1,7 +1,10 @@
 """Stage ``world2``: a second synthetic world with unseen identities (another seed), all test.
 
 The trained models never see it; ``evaluate`` reports it beside the main test split
-as a generalisation check. Its negatives are every other concept of that world.
+as a generalisation check. Its concepts are dealt into seeded blocks of
+``evaluate.generalisation_block`` (by default as many as the test split holds, so a
+world2 query ranks as many candidates as a test query does); a query's negatives are
+the other concepts of its block.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import pandas as pd
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.tuples import build_negatives, build_tuples, statistics
+from ardetect.data.tuples import build_negatives, build_tuples, concept_blocks, statistics
 from ardetect.data.schema import write_parquet_atomic
 from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
 
@@ -38,12 +41,16 @@ def build(cfg: Config) -> dict:
         gen["query_id"] = "w2_" + gen["query_id"]
         splits = pd.Series("test", index=pd.Index(ex["concept_id"], name="concept_id"), name="split")
         tuples = build_tuples(ex, gen, splits)
-        negatives = build_negatives(tuples, ex, splits)
+        blocks = concept_blocks(ex["concept_id"], ev.generalisation_block, ev.generalisation_world_seed)
+        negatives = pd.concat(
+            [build_negatives(tuples[tuples["concept_id"].isin(b)], ex[ex["concept_id"].isin(b)], splits.loc[b]) for b in blocks],
+            ignore_index=True,
+        )
         write_parquet_atomic(tuples, tmp / "tuples.parquet")
         write_parquet_atomic(negatives, tmp / "negatives.parquet")
         stats = statistics(tuples, negatives)
         tracking.write_json_atomic(stats, tmp / "stats.json")
-    return {"tuples": stats["tuples"], "concepts": stats["concepts"], "negatives_min": stats["negatives"]["min_per_tuple"]}
+    return {"tuples": stats["tuples"], "concepts": stats["concepts"], "blocks": len(blocks), "negatives_min": stats["negatives"]["min_per_tuple"]}
 
 
 def main() -> None:
