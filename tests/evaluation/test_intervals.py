@@ -54,11 +54,11 @@ def test_judge_absolute_and_paired_bars():
     a = pd.DataFrame({"recall@10": np.r_[np.ones(120), np.zeros(80)], "recall@5": np.r_[np.ones(101), np.zeros(99)]})
     b = pd.DataFrame({"recall@10": np.r_[np.ones(20), np.zeros(180)], "recall@5": np.r_[np.ones(100), np.zeros(100)]})
     bars = [
-        Bar("abs", "A", "recall@10", threshold=0.5),
-        Bar("abs fails", "A", "recall@10", threshold=0.7),
-        Bar("rel", "A", "recall@10", against="B", scale=1.5),
-        Bar("tie", "A", "recall@5", against="B"),  # one query ahead: the interval holds zero
-        Bar("chance", "B", "recall@10", against="expected chance", scale=2.0),
+        Bar("abs", "a", "A", "recall@10", threshold=0.5),
+        Bar("abs fails", "b", "A", "recall@10", threshold=0.7),
+        Bar("rel", "c", "A", "recall@10", against="B", scale=1.5),
+        Bar("tie", "d", "A", "recall@5", against="B"),  # one query ahead: the interval holds zero
+        Bar("chance", "e", "B", "recall@10", against="expected chance", scale=2.0),
     ]
     out = {r["bar"]: r for r in judge(bars, {"A": a, "B": b}, {"expected chance": np.full(n, 0.05)}, seed=0)}
     assert out["abs"]["met"] and not out["abs fails"]["met"]

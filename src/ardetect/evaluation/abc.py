@@ -113,7 +113,7 @@ def train_world_encoder(
     torch.manual_seed(seed)
     enc = WorldEncoder(dim, width, pooling)
     proj = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
-    opt = torch.optim.AdamW([*enc.parameters(), *proj.parameters()], lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW([*enc.parameters(), *proj.parameters()], lr=lr, weight_decay=1e-4, fused=True)
     enc.train()
     for epoch in range(epochs):
         order = torch.randperm(len(images), generator=g)
