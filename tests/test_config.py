@@ -101,3 +101,19 @@ def test_missing_params_file(tmp_path):
     (tmp_path / "params.yaml").write_text("world: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "params.yaml")
+
+
+def test_detector_image_size_is_given_once():
+    import yaml
+    from ardetect.config import ConfigError, config_from_dict
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    cfg = config_from_dict(raw, profiles_dir=REPO / "profiles")
+    assert cfg.detector_image_size == raw["model"]["image_size"] or (raw["model"]["image_size"] is None and cfg.detector_image_size == cfg.world.image_size)
+    raw["model"]["image_size"] = None
+    assert config_from_dict(raw, profiles_dir=REPO / "profiles").detector_image_size == raw["world"]["image_size"]
+    raw["model"]["overrides"] = {"image_size": [96, 96]}
+    assert config_from_dict(raw, profiles_dir=REPO / "profiles").detector_image_size == 96
+    raw["model"]["image_size"] = 128
+    with pytest.raises(ConfigError, match="give the input size once"):
+        config_from_dict(raw, profiles_dir=REPO / "profiles")

@@ -153,10 +153,19 @@ class ModelSection(_Section):
     """The detector: a named size (``ardetect.model.ModelConfig.named``) plus overrides."""
 
     size: Literal["nano", "T-B", "B-B", "B-L"] = "nano"
+    image_size: int | None = Field(
+        None, ge=32, le=2048, description="square input side of the detector, pixels (images are resized to it); null = world.image_size",
+    )
     overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields to override")
     pretrained: str | None = Field(
         None, description="transformers GroundingDINO checkpoint (local path or cached hub id) to start from"
     )
+
+    @model_validator(mode="after")
+    def _one_image_size(self) -> "ModelSection":
+        if self.image_size is not None and "image_size" in self.overrides:
+            raise ValueError(f"image_size={self.image_size} and overrides.image_size={self.overrides['image_size']!r}: give the input size once")
+        return self
 
 
 class LossConfig(_Section):
@@ -269,7 +278,7 @@ class AbCSection(_Section):
     """The AbC baseline's base encoder and heads (both AbC rows: the world encoder and ARD's backbone)."""
 
     encoder: str = Field("world", description="'world' (SSL-trained on the training split) or a timm name with local weights")
-    image_size: int | None = Field(None, ge=32, description="resolution AbC reads images at; null = the detector's (world.image_size)")
+    image_size: int | None = Field(None, ge=32, description="resolution AbC reads images at; null = the detector's (model.image_size, else world.image_size)")
     feature_dim: int = Field(128, ge=8, description="the world encoder's feature size")
     width: int = Field(32, ge=4, description="channels of the world encoder's first stage (doubling each stage)")
     ssl_epochs: int = Field(8, ge=0)
@@ -349,6 +358,19 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+    @property
+    def detector_image_size(self) -> int:
+        """The detector's square input side: ``model.image_size``, else ``model.overrides.image_size``, else the world's."""
+        if self.model.image_size is not None:
+            return self.model.image_size
+        over = self.model.overrides.get("image_size")
+        if over is None:
+            return self.world.image_size
+        h, w = (over, over) if isinstance(over, int) else over
+        if h != w:
+            raise ValueError(f"model.overrides.image_size={over!r}: the training pipeline feeds square images")
+        return int(h)
 
     @model_validator(mode="after")
     def _compatible(self) -> "Config":

@@ -13,8 +13,8 @@ OUT = Path("models/abc")
 
 
 def abc_image_size(cfg: Config) -> int:
-    """The resolution AbC reads images at: ``abc.image_size``, else the detector's (``world.image_size``)."""
-    return cfg.abc.image_size or cfg.world.image_size
+    """The resolution AbC reads images at: ``abc.image_size``, else the detector's."""
+    return cfg.abc.image_size or cfg.detector_image_size
 
 
 def build(cfg: Config) -> dict:

@@ -39,7 +39,8 @@ def build_model(cfg: Config):
     from ardetect.model import ModelConfig, build
 
     overrides = dict(cfg.model.overrides)
-    overrides.setdefault("image_size", (cfg.world.image_size, cfg.world.image_size))
+    side = cfg.detector_image_size
+    overrides["image_size"] = (side, side)
     if cfg.model.pretrained:
         from ardetect.model.convert import load_transformers_checkpoint
 
