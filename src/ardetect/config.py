@@ -288,6 +288,10 @@ class AbCSection(_Section):
         "max", description="global pooling of the base encoders' feature maps (both AbC rows); max keeps an object's features "
         "from being averaged away by the background and the other objects (chosen on val)",
     )
+    ard_features: Literal["region_map", "backbone"] = Field(
+        "region_map", description="the control row's features from ARD's phase-1 detector: its region map (the backbone's "
+        "maps fused by the region projection) or the three backbone maps, pooled over the image (region_map chosen on val)",
+    )
     head_epochs: int = Field(40, ge=1)
     lr: float = Field(1e-3, gt=0)
     lambda_reg: float = Field(0.05, ge=0)

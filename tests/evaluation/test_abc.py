@@ -93,16 +93,42 @@ def test_ard_backbone_encoder_pools_every_level(tmp_path):
     from ardetect.model import ModelConfig, build
 
     det = build(ModelConfig.named("nano", num_queries=16, image_size=(64, 64))).eval()
-    enc = ARDBackboneEncoder(det)  # max pooling by default
+    enc = ARDBackboneEncoder(det, features="backbone")  # max pooling by default
     assert enc.dim == sum(det.backbone.channels)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         feats = det.backbone(x)
         torch.testing.assert_close(enc(x), torch.cat([f.amax(dim=(2, 3)) for f in feats], 1))
-        torch.testing.assert_close(ARDBackboneEncoder(det, "avg")(x), torch.cat([f.mean(dim=(2, 3)) for f in feats], 1))
+        torch.testing.assert_close(ARDBackboneEncoder(det, "avg", "backbone")(x), torch.cat([f.mean(dim=(2, 3)) for f in feats], 1))
+        # the default: the detector's own region map, max-pooled over the image
+        rm = ARDBackboneEncoder(det)
+        assert rm.dim == det.region_proj.out_channels
+        torch.testing.assert_close(rm(x), det.region_map(feats).amax(dim=(2, 3)))
     with pytest.raises(ValueError, match="pooling='sum'"):
         ARDBackboneEncoder(det, "sum")
+    with pytest.raises(ValueError, match="features='pixels'"):
+        ARDBackboneEncoder(det, features="pixels")
     assert enc.backbone is not det.backbone  # a frozen copy: the detector is left as it was
     other = build(ModelConfig.named("nano", num_queries=16, image_size=(64, 64), pixel_mean=(0.5, 0.5, 0.5)))
     with pytest.raises(ValueError, match="mean"):
         ARDBackboneEncoder(other)
+
+
+def test_ard_backbone_encoder_standardises_with_the_statistics_it_is_given():
+    from ardetect.model import ModelConfig, build
+
+    det = build(ModelConfig.named("nano", num_queries=16, image_size=(64, 64))).eval()
+    enc = ARDBackboneEncoder(det)
+    x = torch.rand(6, 3, 64, 64)
+    with torch.no_grad():
+        raw = enc(x)  # before any statistics: the raw pooled features
+        z = enc.fit_standardisation(raw)
+        torch.testing.assert_close(z.mean(0), torch.zeros(enc.dim), atol=1e-5, rtol=0)
+        torch.testing.assert_close(z.std(0), torch.ones(enc.dim), atol=1e-4, rtol=0)
+        torch.testing.assert_close(enc(x), z, atol=1e-5, rtol=1e-5)  # later reads use the same shift and scale
+        # fitting again on standardised features recovers the same statistics (undoes the first)
+        shift = enc.shift.clone()
+        enc.fit_standardisation(enc(x))
+        torch.testing.assert_close(enc.shift, shift, atol=1e-5, rtol=1e-5)
+        y = torch.rand(3, 3, 64, 64)
+        torch.testing.assert_close(enc(y), (enc.pooled(y) - enc.shift) / enc.scale)

@@ -58,11 +58,17 @@ def test_judge_absolute_and_paired_bars():
         Bar("abs fails", "b", "A", "recall@10", threshold=0.7),
         Bar("rel", "c", "A", "recall@10", against="B", scale=1.5),
         Bar("tie", "d", "A", "recall@5", against="B"),  # one query ahead: the interval holds zero
-        Bar("chance", "e", "B", "recall@10", against="expected chance", scale=2.0),
+        Bar("chance", "e", "B", "recall@10", against="expected chance", scale=1.8),
+        Bar("chance fails", "f", "B", "recall@10", against="expected chance", scale=2.5),
     ]
     out = {r["bar"]: r for r in judge(bars, {"A": a, "B": b}, {"expected chance": np.full(n, 0.05)}, seed=0)}
     assert out["abs"]["met"] and not out["abs fails"]["met"]
     assert out["abs"]["estimate"]["value"] == pytest.approx(0.6)
     assert out["rel"]["met"] and out["rel"]["difference"]["value"] == pytest.approx(0.6 - 1.5 * 0.1)
     assert not out["tie"]["met"] and out["tie"]["difference"]["low"] <= 0 < out["tie"]["difference"]["high"]
-    assert not out["chance"]["met"] and out["chance"]["difference"]["value"] == pytest.approx(0.1 - 0.1)
+    # against an analytic reference the bar is absolute: the point estimate (0.1 >= 1.8 x 0.05) decides,
+    # although the interval of the difference holds zero; 0.1 < 2.5 x 0.05 fails
+    assert out["chance"]["met"] and out["chance"]["difference"]["value"] == pytest.approx(0.1 - 0.09)
+    assert out["chance"]["difference"]["low"] < 0 < out["chance"]["difference"]["high"]
+    assert "interval above 0: no" in out["chance"]["rule"]
+    assert not out["chance fails"]["met"] and out["chance fails"]["difference"]["value"] == pytest.approx(0.1 - 0.125)

@@ -16,9 +16,11 @@ The base encoder is pluggable:
   identifies a concept in this world (colour, palette, texture, marks): random
   resized crops, flips and mild brightness/contrast changes, but no hue jitter and no
   greyscale, which would teach the encoder to ignore identity (``identity_views``).
-- ``ard``: the control row, AbC on ARD's backbone: the frozen image backbone of the
-  trained phase-1 detector, its three feature maps average-pooled and concatenated
-  (``ARDBackboneEncoder``), image level.
+- ``ard``: the control row, AbC on ARD's backbone: the frozen image side of the
+  trained phase-1 detector (``ARDBackboneEncoder``), image level: either its region map
+  (the backbone's three maps fused by the region projection, the features ARD compares
+  regions with) or the three backbone maps, pooled over the whole image, standardised
+  with the training split's feature statistics.
 - a timm model name, when its weights are available locally.
 """
 
@@ -265,26 +267,58 @@ def load_images(paths: Sequence[str], root, size: int) -> Tensor:
 
 
 class ARDBackboneEncoder(nn.Module):
-    """ARD's trained image backbone as an image-level encoder (the ``AbC on ARD's backbone`` row).
+    """ARD's trained image side as an image-level encoder (the ``AbC on ARD's backbone`` row).
 
-    Its feature maps (strides 8/16/32) are pooled over the image (``pooling``) and concatenated:
-    [B, 3, H, W] normalised images -> [B, sum of channels]. ``AbC.base_features`` normalises
-    with the ImageNet mean and std, which must be the detector's own (checked here).
+    ``features="region_map"``: the region map (the backbone's strides 8/16/32 fused by the
+    region projection: what ARD pools a region's descriptor from), pooled over the image;
+    ``"backbone"``: the three backbone maps, each pooled over the image, concatenated.
+    [B, 3, H, W] normalised images -> [B, dim], standardised per feature once
+    ``fit_standardisation`` has seen the training split's features (AbC's affine heads
+    train better on standardised inputs: chosen on val). ``AbC.base_features``
+    normalises with the ImageNet mean and std, which must be the detector's own (checked here).
     """
 
-    def __init__(self, detector: nn.Module, pooling: str = "max"):
+    def __init__(self, detector: nn.Module, pooling: str = "max", features: str = "region_map"):
         super().__init__()
         global_pool(torch.zeros(1, 1, 1, 1), pooling)  # checks the name
-        self.pooling = pooling
+        if features not in ("region_map", "backbone"):
+            raise ValueError(f"features={features!r} must be 'region_map' or 'backbone'")
+        self.pooling, self.features = pooling, features
         cfg = detector.cfg
         mean, std = _MEAN.flatten().tolist(), _STD.flatten().tolist()
         if any(abs(a - b) > 1e-6 for a, b in zip((*cfg.pixel_mean, *cfg.pixel_std), (*mean, *std))):
             raise ValueError(f"ARDBackboneEncoder: the detector normalises with mean {cfg.pixel_mean} / std {cfg.pixel_std}, not AbC's {mean} / {std}")
         self.backbone = copy.deepcopy(detector.backbone).eval()
-        self.dim = int(sum(self.backbone.channels))
+        if features == "region_map":
+            if getattr(detector, "region_proj", None) is None:
+                raise ValueError("ARDBackboneEncoder(features='region_map'): the detector has no region projection (cfg.region_tokens=False)")
+            self.region_proj = copy.deepcopy(detector.region_proj).eval()
+            self.dim = int(self.region_proj.out_channels)
+        else:
+            self.region_proj = None
+            self.dim = int(sum(self.backbone.channels))
+        self.register_buffer("shift", torch.zeros(self.dim))
+        self.register_buffer("scale", torch.ones(self.dim))
 
-    def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, dim]
-        return torch.cat([global_pool(f, self.pooling) for f in self.backbone(x)], 1)
+    def pooled(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, dim], not standardised
+        from ardetect.model.detector import fuse_region_map
+
+        feats = self.backbone(x)
+        if self.region_proj is None:
+            return torch.cat([global_pool(f, self.pooling) for f in feats], 1)
+        return global_pool(fuse_region_map(self.region_proj, feats), self.pooling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.pooled(x) - self.shift) / self.scale
+
+    @torch.no_grad()
+    def fit_standardisation(self, feats: Tensor) -> Tensor:
+        """Set the per-feature shift and scale from [N, dim] features of this encoder (training
+        images) and return them standardised."""
+        raw = feats * self.scale + self.shift  # undo any earlier standardisation
+        self.shift.copy_(raw.mean(0))
+        self.scale.copy_(raw.std(0).clamp_min(1e-6))
+        return (raw - self.shift) / self.scale
 
 
 def build_base_encoder(name: str, dim: int) -> tuple[nn.Module, int]:
@@ -334,6 +368,9 @@ def fit_abc(
     model = AbC(base, dim)
     synth = model.base_features(images_of(train["query_image"].tolist()))
     exem = model.base_features(images_of(train["train_image"].tolist()))
+    if hasattr(base, "fit_standardisation"):  # statistics of the training split's features only
+        both = base.fit_standardisation(torch.cat([synth, exem]))
+        synth, exem = both[: len(synth)], both[len(synth):]
     decoded.clear()
     hist = train_heads(model, synth, exem, train["concept_id"].tolist(), epochs=cfg.head_epochs, lr=cfg.lr, lambda_reg=cfg.lambda_reg, seed=cfg.seed)
     if log:

@@ -194,6 +194,12 @@ def check_images(images: Tensor, name: str = "images") -> None:
         raise ValueError(f"{name} is an empty batch")
 
 
+def fuse_region_map(proj: nn.Module, feats: list[Tensor]) -> Tensor:
+    """Backbone maps ``feats`` (strides 8/16/32) -> ``proj`` of all levels at the finest size, concatenated."""
+    size = feats[0].shape[-2:]
+    return proj(torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]], 1))
+
+
 class ARDetector(nn.Module):
     """GroundingDINO-style detector with ARD's region tokens and adapters. Build with ``build(cfg)``."""
 
@@ -350,9 +356,7 @@ class ARDetector(nn.Module):
         """Backbone maps ``feats`` (strides 8/16/32) -> [B, D, H/8, W/8]: all levels at the finest size, 1x1 conv."""
         if self.region_proj is None:
             raise ValueError("region tokens are off (cfg.region_tokens=False): there is no region projection")
-        size = feats[0].shape[-2:]
-        fused = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]], 1)
-        return self.region_proj(fused)
+        return fuse_region_map(self.region_proj, feats)
 
     def pool_regions(self, feats: list[Tensor], boxes: Tensor) -> Tensor:
         """Region tokens of [B, 4] pixel xyxy boxes read from backbone maps ``feats`` (strides 8/16/32) -> [B, 1, D]."""

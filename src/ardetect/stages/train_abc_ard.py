@@ -1,8 +1,9 @@
 """Stage ``train_abc_ard``: the control row, AbC on ARD's backbone.
 
 AbC's heads and calibrated influence on the pooled features of the trained phase-1
-detector's frozen image backbone (image level): it tells how much of ARD's lead comes
-from its features rather than from scoring regions.
+detector's frozen image side (its region map by default, ``abc.ard_features``; image
+level): it tells how much of ARD's lead comes from its features rather than from
+scoring regions.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def build(cfg: Config) -> dict:
     detector = load_model(Path("models/phase1/model.pt"))
     tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
     size = image_size_of(detector)
-    model, cal, stats = fit_abc(cfg.abc, tuples, DATA, size, base=ARDBackboneEncoder(detector, cfg.abc.pooling), log=lambda m, step: tracking.log_metrics(m, step=step))
+    model, cal, stats = fit_abc(cfg.abc, tuples, DATA, size, base=ARDBackboneEncoder(detector, cfg.abc.pooling, cfg.abc.ard_features), log=lambda m, step: tracking.log_metrics(m, step=step))
     save_abc(OUT / "abc.pt", model, cal, cfg.abc, size, stats)
     return stats
 
