@@ -14,13 +14,13 @@ Run: ``PYTHONPATH=src .venv/bin/python bench/bench_deformable_cpu.py [--threads 
 
 from __future__ import annotations
 
-import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ardetect.model.layers import DeformableAttention
+
+from _timing import apply_threads, parser_with_threads, timed  # noqa: E402  (bench/ is the script's folder)
 
 
 def reference_forward(attn: DeformableAttention, query, reference_points, value, shapes):
@@ -48,21 +48,13 @@ def reference_forward(attn: DeformableAttention, query, reference_points, value,
     return attn.output_proj(out)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser = parser_with_threads(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     torch.manual_seed(0)
     dim, heads, levels, points = 64, 4, 4, 4  # the nano detector
     shapes = [(20, 20), (10, 10), (5, 5), (3, 3)]  # 160 x 160 input

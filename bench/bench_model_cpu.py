@@ -17,9 +17,7 @@ Run: ``PYTHONPATH=src .venv/bin/python bench/bench_model_cpu.py [--threads N]``
 
 from __future__ import annotations
 
-import argparse
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,29 +25,22 @@ import torch  # noqa: E402
 
 from ardetect.model import ModelConfig, build  # noqa: E402
 
+from _timing import apply_threads, parser_with_threads, timed  # noqa: E402  (bench/ is the script's folder)
+
 PROMPT = "A charcoal sketch of a V* cat sitting on a rock."
 CONCEPT = "V* cat"
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser = parser_with_threads(__doc__)
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--candidates", type=int, default=32)
     parser.add_argument("--chunk", type=int, default=8, help="candidates per forward pass")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     torch.manual_seed(0)
     cfg = ModelConfig.named("nano")
     model = build(cfg)
