@@ -219,6 +219,33 @@ class ValidationConfig(_Section):
         return sorted(set(v))
 
 
+class PretrainConfig(_Section):
+    """Detection pre-training (GroundingDINO-style) on every object of the training split's images.
+
+    Each image's prompt lists its objects' classes and ``absent_classes`` sampled absent ones,
+    in shuffled order ("mug . cat . car ."); every object is a target on its class's tokens,
+    with phase 1's matcher and losses. Phase 1 starts from the result.
+    """
+
+    epochs: int = Field(2, ge=0, description="0 = no pre-training: phase 1 starts from the built (random or model.pretrained) weights")
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_backbone: float = Field(1e-3, ge=0)
+    lr_linear_proj_mult: float = Field(0.1, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    clip_grad: float = Field(0.1, ge=0)
+    lr_drop_epochs: int = Field(100, ge=1, description="StepLR step size, epochs")
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    absent_classes: int = Field(4, ge=0, description="classes not in the image added to its prompt (negatives for their tokens)")
+    min_area: int = Field(64, ge=1, description="objects with fewer visible pixels are left out (mostly covered distractors)")
+    images: Literal["all", "exemplars", "generated"] = Field("all", description="which training-split images to pre-train on")
+    checkpoint_every: int = Field(100, ge=1)
+    augment: bool = True
+    seed: int = Field(0, ge=0)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="batches an epoch (a fresh shuffle each); null = every image once")
+    loss: LossConfig = Field(LossConfig(), description="matcher costs and loss weights (phase 1's defaults; the region contrast is not used)")
+
+
 class Phase1Config(_Section):
     """Phase 1: positives only, Hungarian matching, focal + L1 + GIoU."""
 
@@ -355,6 +382,7 @@ class Config(_Section):
     tuples: TuplesConfig = TuplesConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     model: ModelSection = ModelSection()
+    pretrain: PretrainConfig = PretrainConfig()
     train_phase1: Phase1Config = Phase1Config()
     train_phase2: Phase2Config = Phase2Config()
     abc: AbCSection = AbCSection()

@@ -54,3 +54,16 @@ def fast_config(**sections) -> Config:
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v}
     return config_from_dict(raw, profiles_dir=REPO / "profiles")
+
+
+def objects_of(tuples: pd.DataFrame) -> pd.DataFrame:
+    """The objects table of a ``draw_world`` world: each image holds its concept's square alone."""
+    from ardetect.data.schema import OBJECT_COLUMNS
+
+    rows = {}
+    for r in tuples.itertuples(index=False):
+        for image, box in ((r.train_image, r.train_box), (r.query_image, r.query_box)):
+            x0, y0, x1, y1 = box
+            rows[image] = dict(image=image, object=1, role="concept", base_class=r.base_class, concept_id=r.concept_id,
+                               box=list(box), mask=image, area=int((x1 - x0) * (y1 - y0)))
+    return pd.DataFrame(list(rows.values()), columns=list(OBJECT_COLUMNS))

@@ -232,11 +232,17 @@ def _run(
     return PhaseResult(history, state.best, state.best_epoch, out_dir)
 
 
-def run_phase1(cfg: Config, tuples: pd.DataFrame, data_root: Path, out_dir: Path, log: Logger | None = None, resume: bool = True, stop_after_steps: int | None = None):
-    """Train the detector on positives. Returns (model, PhaseResult); the model holds the last epoch's weights."""
+def run_phase1(cfg: Config, tuples: pd.DataFrame, data_root: Path, out_dir: Path, log: Logger | None = None, resume: bool = True,
+               stop_after_steps: int | None = None, init: Path | None = None):
+    """Train the detector on positives, from the pre-trained detector file ``init`` (``run_pretrain``)
+    when given. Returns (model, PhaseResult); the model holds the last epoch's weights."""
     torch.manual_seed(cfg.train_phase1.seed)  # the initial weights are part of the run
     model = build_model(cfg)
-    result = _run(cfg, 1, model, tuples, data_root, out_dir, log, resume, stop_after_steps)
+    if init is not None:
+        from ardetect.train.pretrain import load_pretrained_into
+
+        load_pretrained_into(model, init)
+    result = _run(cfg, 1, model, tuples, data_root, out_dir, log, resume, stop_after_steps, start_from=init)
     return model, result
 
 
