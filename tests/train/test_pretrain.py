@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +17,7 @@ from ardetect.train.pretrain import (
     ObjectDataset, PretrainBatches, class_prompt, detection_outputs, load_pretrained_into, run_pretrain, training_images,
 )
 
-from tiny_world import fast_config, objects_of
+from tiny_world import assert_kill_and_resume_match, fast_config, objects_of
 
 SCRIPT = Path(__file__).with_name("pretrain_script.py")
 VOCAB = ["apple", "ball", "bicycle", "cat", "dog", "mug", "umbrella"]
@@ -94,28 +90,9 @@ def test_killed_pretraining_resumes_to_the_same_weights(tiny_world, tmp_path):
     objects_of(tuples).to_parquet(tmp_path / "objects.parquet")
     cfg_path = tmp_path / "cfg.pkl"
     cfg_path.write_bytes(pickle.dumps(pretrain_config()))
-    args = [sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(tmp_path / "objects.parquet"), str(root)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = subprocess.run([*args, str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([*args, str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "latest.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    ck = torch.load(out / "latest.pt", weights_only=False)
-    assert ck["state"]["epoch"] == 0 and 0 < ck["state"]["step"]  # killed mid-epoch
-    resumed = subprocess.run([*args, str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    a = torch.load(tmp_path / "full" / "final.pt", weights_only=False)
-    b = torch.load(out / "final.pt", weights_only=False)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    out = assert_kill_and_resume_match(
+        [sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(tmp_path / "objects.parquet"), str(root)], tmp_path,
+    )
     model_file = torch.load(out / "model.pt", weights_only=False)
     assert [r["epoch"] for r in model_file["history"]] == [1, 2]
 

@@ -391,6 +391,22 @@ def train_one_epoch(
     )
 
 
+class StepProgress:
+    """A training loop's ``progress`` callback: advances the epoch's bar, shows the losses, and
+    interrupts the run after ``stop_after`` steps in all (a test hook: a kill at a known point)."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.stop_after, self.done, self.bar = stop_after, 0, None
+
+    def __call__(self, i: int, total: int, losses: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+        self.done += 1
+        if self.stop_after is not None and self.done >= self.stop_after:
+            raise KeyboardInterrupt(f"stopped after {self.done} steps (test hook)")
+
+
 PROGRESS_LOSSES = ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_align", "loss_rank", "loss_reg")
 
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ardetect.config import Config
 from ardetect.data.datasets import build_transform, load_uint8, transform_with_boxes
 from ardetect.train.engine import (
-    TrainState, epoch_order, load_checkpoint, model_file_state, sample_seed, save_atomic, save_checkpoint, train_steps,
+    StepProgress, TrainState, epoch_order, load_checkpoint, model_file_state, sample_seed, save_atomic, save_checkpoint, train_steps,
 )
 from ardetect.train.losses import SetCriterion
 from ardetect.train.matcher import HungarianMatcher, Target
@@ -282,7 +282,7 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
         n_steps = math.ceil(len(ds) / p.batch_size)
         if p.max_steps_per_epoch is not None:
             n_steps = min(n_steps, p.max_steps_per_epoch)
-        done = 0
+        progress = StepProgress(stop_after_steps)
 
         def checkpoint() -> None:
             save_checkpoint(latest, model, optimizer, scheduler, state, history, meta)
@@ -291,15 +291,7 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
             epoch = state.epoch
             batches = PretrainBatches(ds, model.tokenizer, vocabulary, p.absent_classes, model.cfg.max_text_len,
                                       epoch_order(len(ds), p.seed, epoch), p.seed, epoch, p.batch_size)
-            bar = tqdm(total=n_steps, initial=state.step, desc=f"pretrain epoch {epoch + 1}/{p.epochs}", leave=False)
-
-            def progress(i: int, total: int, losses: dict) -> None:
-                nonlocal done
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
-                done += 1
-                if stop_after_steps is not None and done >= stop_after_steps:
-                    raise KeyboardInterrupt(f"stopped after {done} steps (test hook)")
+            bar = progress.bar = tqdm(total=n_steps, initial=state.step, desc=f"pretrain epoch {epoch + 1}/{p.epochs}", leave=False)
 
             model.train()
             stats = train_steps(
