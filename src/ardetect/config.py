@@ -230,6 +230,13 @@ class PretrainConfig(_Section):
     """
 
     epochs: int = Field(2, ge=0, description="0 = no pre-training: phase 1 starts from the built (random or model.pretrained) weights")
+    classify_epochs: int = Field(
+        5, ge=0, description="before detection: the image backbone classifies the training split's object crops (ours: the "
+        "ImageNet start GroundingDINO's Swin has); 0 = none",
+    )
+    classify_crop: int = Field(64, ge=32, description="object crops' side, pixels")
+    classify_batch_size: int = Field(64, ge=2)
+    classify_lr: float = Field(2e-3, gt=0, description="peak of the one-cycle schedule")
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
     lr_backbone: float = Field(1e-3, ge=0)

@@ -24,7 +24,8 @@ VOCAB = ["apple", "ball", "bicycle", "cat", "dog", "mug", "umbrella"]
 
 
 def pretrain_config(**kw):
-    return fast_config(pretrain={"epochs": 2, "batch_size": 2, "checkpoint_every": 2, "max_steps_per_epoch": 4, "absent_classes": 2, **kw})
+    return fast_config(pretrain={"epochs": 2, "batch_size": 2, "checkpoint_every": 2, "max_steps_per_epoch": 4, "absent_classes": 2,
+                                 "classify_epochs": 1, "classify_crop": 32, "classify_batch_size": 2, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,39 @@ def test_batches_target_every_object_on_its_class_tokens(tiny_world, tokenizer):
     assert [len(t.boxes) for t in targets] == [len(b) for b in batch.boxes]
 
 
+def test_backbone_classification_learns_separable_crops():
+    """Two classes drawn apart (reddish crops, bluish ones): the backbone and its head separate the val crops."""
+    from ardetect.train.classify import classify_backbone
+
+    torch.manual_seed(0)
+    model = build_model(pretrain_config())
+    g = torch.Generator().manual_seed(0)
+    crops = (torch.rand(64, 3, 32, 32, generator=g) * 60).to(torch.uint8)
+    labels = torch.arange(64) % 2
+    crops[labels == 0, 0] += 180  # class 0 red, class 1 blue
+    crops[labels == 1, 2] += 180
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    history = classify_backbone(model, (crops[:48], labels[:48]), (crops[48:], labels[48:]), 2, epochs=3, batch_size=8, lr=2e-3, seed=0)
+    assert [h["classify_epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["val_classify_accuracy"] >= 0.9 and history[-1]["classify_loss"] < history[0]["classify_loss"]
+    assert any(not torch.equal(v, model.backbone.state_dict()[k]) for k, v in before.items())
+
+
+def test_object_crops_cut_each_object_with_its_class(tiny_world):
+    from ardetect.train.classify import object_crops
+
+    tuples, root = tiny_world
+    objects = objects_of(tuples)
+    images = training_images(tuples)
+    vocabulary = sorted(objects["base_class"].unique())
+    crops, labels = object_crops(objects, images, root, vocabulary, 32)
+    rows = objects[objects.image.isin(images)]
+    assert crops.shape == (len(rows), 3, 32, 32) and crops.dtype == torch.uint8
+    assert sorted(vocabulary[k] for k in labels.tolist()) == sorted(rows.base_class)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        object_crops(objects, images, root, vocabulary[:1], 32)
+
+
 @pytest.mark.slow
 def test_killed_pretraining_resumes_to_the_same_weights(tiny_world, tmp_path):
     tuples, root = tiny_world
@@ -94,7 +128,8 @@ def test_killed_pretraining_resumes_to_the_same_weights(tiny_world, tmp_path):
         [sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(tmp_path / "objects.parquet"), str(root)], tmp_path,
     )
     model_file = torch.load(out / "model.pt", weights_only=False)
-    assert [r["epoch"] for r in model_file["history"]] == [1, 2]
+    history = model_file["history"]  # the backbone's classification first, then the detection epochs
+    assert [(r.get("classify_epoch"), r.get("epoch")) for r in history] == [(1, None), (None, 1), (None, 2)]
 
 
 @pytest.mark.slow
@@ -141,9 +176,18 @@ class _StubDetector(torch.nn.Module):
     def encode_text_ids(self, input_ids, attention_mask):
         return input_ids
 
+    def encode_images(self, images):
+        return images
+
     def forward(self, images, cache):
         b = self.batch
         q = 1 + max(len(x) for x in b.boxes)
+        if cache.shape[0] == 1 and not torch.equal(cache[0, : b.input_ids.shape[1]], b.input_ids[0]):  # one class name alone
+            name = self.tokenizer.decode(cache[0, 1:-2]).replace(" ", "")
+            holds = torch.tensor([name in c for c in b.classes], dtype=torch.float32)  # images holding the class
+            sign = 1.0 if self.oracle else -1.0  # the oracle ranks them first, the other one last
+            logits = (sign * 10.0 * (2 * holds - 1))[:, None, None].expand(len(b.keys), q, cache.shape[1])
+            return type("Out", (), {"pred_logits": logits, "pred_boxes": torch.zeros(len(b.keys), q, 4)})()
         logits = torch.full((len(b.keys), q, cache.shape[1]), -10.0)
         boxes = torch.tensor([0.05, 0.05, 0.02, 0.02]).repeat(len(b.keys), q, 1)  # a tiny box in a corner
         for i in range(len(b.keys)):
@@ -171,5 +215,5 @@ def test_grounding_metrics_score_an_oracle_one_and_misplaced_boxes_zero(tiny_wor
 
         monkeypatch.setattr(pt.PretrainBatches, "__getitem__", getitem)
         out = grounding_metrics(stub, ds, VOCAB + ["car", "hat"], 2, seed=0)
-        assert out == {"val_grounding": expected, "val_concept_grounding": expected}
+        assert out == {"val_grounding": expected, "val_concept_grounding": expected, "val_class_rprecision": expected}
         monkeypatch.undo()

@@ -162,6 +162,22 @@ class PretrainBatches(torch.utils.data.Dataset):
         return step, DetectionBatch(images, input_ids, attention, boxes, maps, [s.key for s in samples], [s.classes for s in samples])
 
 
+def class_name_ids(tokenizer, vocabulary: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """Each class name as its own prompt ([CLS] name . [SEP]): (input ids [C, L], attention [C, L], name tokens [C, L] bool)."""
+    dot = tokenizer.convert_tokens_to_ids(".")
+    words = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in vocabulary]
+    n = 3 + max(len(w) for w in words)
+    ids = torch.full((len(words), n), tokenizer.pad_token_id or 0, dtype=torch.long)
+    attention = torch.zeros((len(words), n), dtype=torch.long)
+    name = torch.zeros((len(words), n), dtype=torch.bool)
+    for i, w in enumerate(words):
+        row = [tokenizer.cls_token_id, *w, dot, tokenizer.sep_token_id]
+        ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        name[i, 1 : 1 + len(w)] = True
+    return ids, attention, name
+
+
 def detection_outputs(model, batch: DetectionBatch, aux: bool = True) -> tuple[dict, Tensor, list[Target]]:
     """The detector on a batch of detection prompts (no query region): outputs, token mask, targets."""
     cache = model.encode_text_ids(batch.input_ids, batch.attention_mask)
@@ -174,11 +190,16 @@ def detection_outputs(model, batch: DetectionBatch, aux: bool = True) -> tuple[d
 
 
 @torch.no_grad()
-def grounding_metrics(model, ds: ObjectDataset, vocabulary: Sequence[str], absent: int, seed: int, limit: int = 64) -> dict[str, float]:
-    """How well the detector grounds class names on (val) images: for each class present in an
-    image, the box of the query scoring highest on that class's tokens (max over them) is right
-    when its IoU with an object of the class is at least 0.5. ``val_grounding`` averages over
-    (image, class) pairs; ``val_concept_grounding`` over the images' concept objects' classes."""
+def grounding_metrics(model, ds: ObjectDataset, vocabulary: Sequence[str], absent: int, seed: int, limit: int = 128) -> dict[str, float]:
+    """How well the detector grounds class names on ``limit`` seeded (val) images.
+
+    ``val_grounding``: for each class present in an image (its prompt as in training), is the box
+    scoring highest on that class's tokens within IoU 0.5 of an object of the class? Averaged over
+    (image, class) pairs; ``val_concept_grounding`` over the images' concept objects' classes.
+    ``val_class_rprecision``: across images, as ARD's score ranks candidates: each class alone as the
+    prompt ("cat ."), the images ranked by their best box's probability on it; the R-precision of the
+    images holding the class (R of them), averaged over the classes present.
+    """
     from torchvision.ops import box_iou
 
     if len(ds) == 0:
@@ -187,13 +208,20 @@ def grounding_metrics(model, ds: ObjectDataset, vocabulary: Sequence[str], absen
     picks = np.sort(rng.choice(len(ds), size=min(limit, len(ds)), replace=False))
     was_training = model.training
     model.eval()
-    hits, concept_hits = [], []
+    hits, concept_hits, present, class_scores = [], [], [], []
+    ids, attention, name = class_name_ids(model.tokenizer, vocabulary)
     try:
         batches = PretrainBatches(ds, model.tokenizer, vocabulary, absent, model.cfg.max_text_len, picks.tolist(), seed, 0, 8)
         for step in range(len(batches)):
             _, b = batches[step]
-            out = model(b.images, model.encode_text_ids(b.input_ids, b.attention_mask))
+            cache = model.encode_images(b.images)
+            out = model(cache, model.encode_text_ids(b.input_ids, b.attention_mask))
             probs = out.pred_logits.sigmoid()  # [B, Q, T]
+            present += [set(c) for c in b.classes]
+            class_scores.append(torch.stack([  # [B, C]: each class alone as the prompt, the best box's probability
+                model(cache, model.encode_text_ids(ids[c : c + 1], attention[c : c + 1])).pred_logits.float().sigmoid()[:, :, name[c]].amax((1, 2))
+                for c in range(len(vocabulary))
+            ], 1))
             for i in range(len(b.keys)):
                 gt = box_convert(b.boxes[i], "cxcywh", "xyxy")
                 pred = box_convert(out.pred_boxes[i], "cxcywh", "xyxy")
@@ -205,11 +233,19 @@ def grounding_metrics(model, ds: ObjectDataset, vocabulary: Sequence[str], absen
                     hits.append(ok)
                     if ds.concept_class.get(b.keys[i]) == cls:
                         concept_hits.append(ok)
+        scores, precision = torch.cat(class_scores), []  # [N, C]
+        for c, cls in enumerate(vocabulary):
+            holds = np.array([cls in p for p in present])
+            if holds.any():
+                top = torch.argsort(scores[:, c], descending=True, stable=True)[: int(holds.sum())].numpy()
+                precision.append(float(holds[top].mean()))
     finally:
         model.train(was_training)
     out = {"val_grounding": float(np.mean(hits))} if hits else {}
     if concept_hits:
         out["val_concept_grounding"] = float(np.mean(concept_hits))
+    if precision:
+        out["val_class_rprecision"] = float(np.mean(precision))
     return out
 
 
@@ -272,13 +308,17 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
                                  loss.weight_class, loss.weight_bbox, loss.weight_giou, loss.focal_alpha, loss.focal_gamma)
         latest = out_dir / "latest.pt"
         state = TrainState()
+        resumed = False
         if resume and latest.exists():
             ck = torch.load(latest, map_location="cpu", weights_only=False)
             if ck.get("fingerprint") == fingerprint:
                 state, history, _ = load_checkpoint(latest, model, optimizer, scheduler, ck=ck)
+                resumed = True
                 print(f"[pretrain] resuming from {latest}: epoch {state.epoch}, step {state.step}")
             else:
                 print(f"[pretrain] {latest} is from another run (fingerprint {ck.get('fingerprint')} != {fingerprint}): starting afresh")
+        if p.classify_epochs and not resumed:
+            history = classify_step(model, p, objects, images, tuples, data_root, vocabulary, out_dir / "classify.pt", fingerprint, resume)
         n_steps = math.ceil(len(ds) / p.batch_size)
         if p.max_steps_per_epoch is not None:
             n_steps = min(n_steps, p.max_steps_per_epoch)
@@ -312,6 +352,28 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
             print(f"[pretrain] epoch {epoch + 1}: " + json.dumps({k: round(v, 4) for k, v in record.items() if isinstance(v, float)}))
     save_atomic({**model_file_state(model), **meta, "epochs": p.epochs, "history": history}, out_dir / "model.pt")
     return model, history
+
+
+def classify_step(model, p, objects: pd.DataFrame, images: list[str], tuples: pd.DataFrame, data_root: Path, vocabulary: list[str],
+                  path: Path, fingerprint: str, resume: bool) -> list[dict]:
+    """The backbone's object-crop classification (``ardetect.train.classify``), kept in ``path``
+    (the backbone's state and the history) so that a restart after it does not repeat it."""
+    from ardetect.train.classify import classify_backbone, object_crops
+
+    if resume and path.exists():
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if ck.get("fingerprint") == fingerprint:
+            model.backbone.load_state_dict(ck["backbone"])
+            print(f"[pretrain] backbone classification done before: {path}")
+            return ck["history"]
+    train = object_crops(objects, images, data_root, vocabulary, p.classify_crop, p.min_area)
+    val_images = training_images(tuples, p.images, "val") if (tuples["split"] == "val").any() else []
+    val = object_crops(objects, val_images, data_root, vocabulary, p.classify_crop, p.min_area) if val_images else None
+    print(f"[pretrain] backbone classification: {len(train[0])} object crops of {len(vocabulary)} classes, {p.classify_epochs} epochs")
+    history = classify_backbone(model, train, val, len(vocabulary), p.classify_epochs, p.classify_batch_size, p.classify_lr, p.seed,
+                                p.weight_decay)
+    save_atomic({"backbone": model.backbone.state_dict(), "history": history, "fingerprint": fingerprint}, path)
+    return history
 
 
 def load_pretrained_into(model, path: Path) -> dict:
