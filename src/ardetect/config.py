@@ -12,13 +12,31 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROFILES = ("default", "smoke", "paper")
 
+
+
+def _pooling_grids(v: list[int]) -> list[int]:
+    bad = [g for g in v if not 1 <= g <= 8]
+    if bad:
+        raise ValueError(f"identity_grids has {bad}: each pooling grid must be an integer from 1 to 8")
+    return sorted(set(v))
+
+
+def _identity_weights(v: list[float]) -> list[float]:
+    bad = [w for w in v if not math.isfinite(w) or w < 0]
+    if bad:
+        raise ValueError(f"identity_weights has {bad}: each weight must be a finite number >= 0")
+    return sorted(set(v))
+
+
+IdentityGrids = Annotated[list[int], AfterValidator(_pooling_grids)]  # sorted, unique, each 1..8
+IdentityWeights = Annotated[list[float], AfterValidator(_identity_weights)]  # sorted, unique, finite, >= 0
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
@@ -198,25 +216,43 @@ class ValidationConfig(_Section):
         "reranked", description="'reranked': the best val Recall@5 over identity_weights x identity_grids, the score the model "
         "is read with (the evaluation fits w and g on val the same way); 'paper': the most probable box's probability only",
     )
-    identity_weights: list[float] = Field([0.0, 1.0, 2.0, 5.0, 10.0, 20.0], min_length=1)
-    identity_grids: list[int] = Field([1, 2, 4], min_length=1)
+    identity_weights: IdentityWeights = Field([0.0, 1.0, 2.0, 5.0, 10.0, 20.0], min_length=1)
+    identity_grids: IdentityGrids = Field([1, 2, 4], min_length=1)
     top_k: int = Field(5, ge=1, description="boxes per candidate the re-ranking chooses among")
 
-    @field_validator("identity_grids")
-    @classmethod
-    def _grids(cls, v: list[int]) -> list[int]:
-        bad = [g for g in v if not 1 <= g <= 8]
-        if bad:
-            raise ValueError(f"identity_grids has {bad}: each pooling grid must be an integer from 1 to 8")
-        return sorted(set(v))
 
-    @field_validator("identity_weights")
-    @classmethod
-    def _weights(cls, v: list[float]) -> list[float]:
-        bad = [w for w in v if not math.isfinite(w) or w < 0]
-        if bad:
-            raise ValueError(f"identity_weights has {bad}: each weight must be a finite number >= 0")
-        return sorted(set(v))
+class PretrainConfig(_Section):
+    """Detection pre-training (GroundingDINO-style) on every object of the training split's images.
+
+    Each image's prompt lists its objects' classes and ``absent_classes`` sampled absent ones,
+    in shuffled order ("mug . cat . car ."); every object is a target on its class's tokens,
+    with phase 1's matcher and losses. Phase 1 starts from the result.
+    """
+
+    epochs: int = Field(2, ge=0, description="0 = no pre-training: phase 1 starts from the built (random or model.pretrained) weights")
+    classify_epochs: int = Field(
+        5, ge=0, description="before detection: the image backbone classifies the training split's object crops (ours: the "
+        "ImageNet start GroundingDINO's Swin has); 0 = none",
+    )
+    classify_crop: int = Field(64, ge=32, description="object crops' side, pixels")
+    classify_batch_size: int = Field(64, ge=2)
+    classify_lr: float = Field(2e-3, gt=0, description="peak of the one-cycle schedule")
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_backbone: float = Field(1e-3, ge=0)
+    lr_linear_proj_mult: float = Field(0.1, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    clip_grad: float = Field(0.1, ge=0)
+    lr_drop_epochs: int = Field(100, ge=1, description="StepLR step size, epochs")
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    absent_classes: int = Field(4, ge=0, description="classes not in the image added to its prompt (negatives for their tokens)")
+    min_area: int = Field(64, ge=1, description="objects with fewer visible pixels are left out (mostly covered distractors)")
+    images: Literal["all", "exemplars", "generated"] = Field("all", description="which training-split images to pre-train on")
+    checkpoint_every: int = Field(100, ge=1)
+    augment: bool = True
+    seed: int = Field(0, ge=0)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="batches an epoch (a fresh shuffle each); null = every image once")
+    loss: LossConfig = Field(LossConfig(), description="matcher costs and loss weights (phase 1's defaults; the region contrast is not used)")
 
 
 class Phase1Config(_Section):
@@ -312,32 +348,16 @@ class EvaluateConfig(_Section):
     )
     generalisation_queries_per_concept: int = Field(1, ge=1, le=10)
     figure_queries: int = Field(2, ge=0, description="queries drawn in the top-10 retrieval figure")
-    identity_weights: list[float] = Field(
+    identity_weights: IdentityWeights = Field(
         [0.0, 1.0, 2.0, 5.0, 10.0, 20.0], min_length=1,
         description="grid the identity re-ranking weight is fitted over on the val split (README); 0 = the paper's score",
     )
-    identity_grids: list[int] = Field(
+    identity_grids: IdentityGrids = Field(
         [1, 2, 3, 4], min_length=1,
         description="pooling grids of the re-ranking's region descriptor fitted over with the weight (1 = the region token, 2 = 2x2 cells, ...)",
     )
     identity_top_k: int = Field(5, ge=1, description="boxes per candidate image the identity re-ranking chooses among")
     fit_queries: int | None = Field(64, ge=1, description="val queries the identity weight and grid are fitted on; null = all")
-
-    @field_validator("identity_grids")
-    @classmethod
-    def _grids(cls, v: list[int]) -> list[int]:
-        bad = [g for g in v if not 1 <= g <= 8]
-        if bad:
-            raise ValueError(f"identity_grids has {bad}: each pooling grid must be an integer from 1 to 8")
-        return sorted(set(v))
-
-    @field_validator("identity_weights")
-    @classmethod
-    def _weights(cls, v: list[float]) -> list[float]:
-        bad = [w for w in v if not math.isfinite(w) or w < 0]
-        if bad:
-            raise ValueError(f"identity_weights has {bad}: each weight must be a finite number >= 0")
-        return sorted(set(v))
 
 
 class TrackingConfig(_Section):
@@ -355,6 +375,7 @@ class Config(_Section):
     tuples: TuplesConfig = TuplesConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     model: ModelSection = ModelSection()
+    pretrain: PretrainConfig = PretrainConfig()
     train_phase1: Phase1Config = Phase1Config()
     train_phase2: Phase2Config = Phase2Config()
     abc: AbCSection = AbCSection()

@@ -69,7 +69,7 @@ def test_valid_data_passes_every_family(valid_result, tuple_data, tmp_path):
     assert r.success, r.message()
     assert r.families == {f: True for f in FAMILIES}
     assert r.failures == []
-    assert {c.family for c in r.checks} == set(FAMILIES)
+    assert {c.family for c in r.checks} == set(FAMILIES) - {"objects"}  # no objects table given: that family has no checks
     assert len(r.checks) == len(build_specs(CFG))
     assert r.counts["tuples"] == len(tuple_data.tuples) == 40
     assert r.counts["images"] == 60  # 20 training + 40 query images
@@ -394,3 +394,68 @@ def test_examples_capped_by_max_examples(tuple_data):
     (f,) = r.failures
     assert f.unexpected_count == 40 and len(f.examples) == 3
     assert "... and 37 more" in r.message()
+
+
+# --------------------------------------------------------------------------- the objects table
+
+
+@pytest.fixture(scope="module")
+def world_objects(tmp_path_factory):
+    """A tiny rendered world: its tuples, negatives and objects table, on disk."""
+    from ardetect.config import WorldConfig
+    from ardetect.data.tuples import assign_splits, build_negatives, build_tuples
+    from ardetect.data.world import make_exemplars, make_generated
+
+    root = tmp_path_factory.mktemp("objects_world")
+    cfg = WorldConfig(n_concepts=10, queries_per_concept=2, image_size=96, workers=1)
+    ex, ex_obj = make_exemplars(cfg, root / "exemplars", root)
+    gen, gen_obj = make_generated(cfg, ex, root / "generated", root)
+    splits = assign_splits(ex, SPLIT, 0)
+    tuples = build_tuples(ex, gen, splits)
+    return root, tuples, build_negatives(tuples, ex, splits), pd.concat([ex_obj, gen_obj], ignore_index=True)
+
+
+def run_objects(world_objects, objects=None, root=None) -> ValidationResult:
+    r0, tuples, negatives, obj = world_objects
+    return validate_tuples(tuples, negatives, root or r0, CFG, SPLIT, objects=obj if objects is None else objects)
+
+
+def failed_objects_checks(result: ValidationResult) -> set[str]:
+    return {f.description for f in result.failures if f.family == "objects"}
+
+
+def test_objects_table_of_a_rendered_world_passes(world_objects):
+    r = run_objects(world_objects)
+    n = len(build_specs(CFG, objects=True)) - len(build_specs(CFG))
+    assert n >= 15 and sum(c.family == "objects" for c in r.checks) == n
+    assert r.families["objects"], r.message()
+    assert r.counts["objects"] == len(world_objects[3]) and r.summary()["objects"] == len(world_objects[3])
+
+
+def test_objects_faults_are_caught_and_named(world_objects, tmp_path):
+    obj = world_objects[3]
+    # a box one pixel off its mask; a distractor that names a concept; an unknown role; a second concept object
+    bad = obj.copy(deep=True).astype({"concept_id": object})
+    d = int(np.flatnonzero(bad["role"].to_numpy() == "distractor")[0])
+    boxes = bad["box"].tolist()
+    boxes[0] = [boxes[0][0] + 1.0, *boxes[0][1:]]
+    bad["box"] = boxes
+    bad.loc[d, "concept_id"] = "c00000"
+    bad.loc[d + 1, "role"] = "background"
+    extra = bad[bad["role"] == "concept"].iloc[[3]].assign(object=99)
+    bad = pd.concat([bad, extra], ignore_index=True)
+    failed = failed_objects_checks(run_objects(world_objects, bad))
+    assert "the box bounds the object's visible mask exactly" in failed
+    assert "a concept object names its concept_id, a distractor none" in failed
+    assert "role is one of concept, distractor" in failed
+    assert "every tuple image has exactly one concept object" in failed
+    assert "the concept object's box is the tuple's box (within 1 px)" not in failed  # the first box moved by 1 px only
+    # a deleted label map: its objects' masks do not read
+    root = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(world_objects[0], root)
+    (root / obj["mask"].iloc[0]).unlink()
+    r = run_objects(world_objects, root=root)
+    assert failed_objects_checks(r) == {"the object's label map exists and decodes"}, r.message()
+    assert not r.families["objects"]

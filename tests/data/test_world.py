@@ -29,10 +29,10 @@ def tiny(**kw) -> WorldConfig:
     return WorldConfig(**base)
 
 
-def build(root: Path, cfg: WorldConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    ex = make_exemplars(cfg, root / "exemplars", root)
-    gen = make_generated(cfg, ex, root / "generated", root)
-    return ex, gen
+def build(root: Path, cfg: WorldConfig, objects: bool = False):
+    ex, ex_objects = make_exemplars(cfg, root / "exemplars", root)
+    gen, gen_objects = make_generated(cfg, ex, root / "generated", root)
+    return (ex, gen, ex_objects, gen_objects) if objects else (ex, gen)
 
 
 def _bytes(root: Path, rel: list[str]) -> list[bytes]:
@@ -116,7 +116,7 @@ def test_every_class_renders_with_consistent_box(cls):
     cfg = tiny(base_classes=[cls], image_size=128)
     idn = sample_identity(cfg, 0)
     for k, t in enumerate(templates_for(WORLD_CLASSES[cls], "lvis")[:4]):
-        img, mask, box = render_generated(cfg, idn, t, np.random.default_rng(k))
+        img, mask, box, *_ = render_generated(cfg, idn, t, np.random.default_rng(k))
         assert img.shape == (128, 128, 3) and img.dtype == np.uint8 and mask.shape == (128, 128)
         assert mask.dtype == bool and mask.sum() > 60
         assert np.allclose(_tight(mask), box, atol=1.0)
@@ -128,8 +128,8 @@ def test_distractors_present():
     none = tiny(image_size=128, distractors={"min_count": 0, "max_count": 0})
     idn = sample_identity(cfg, 0)
     t = parse_template("A {} is wandering through a dense forest.", "living_creatures")
-    img, mask, _ = render_generated(cfg, idn, t, np.random.default_rng(3))
-    img0, mask0, _ = render_generated(none, idn, t, np.random.default_rng(3))
+    img, mask, _, *_ = render_generated(cfg, idn, t, np.random.default_rng(3))
+    img0, mask0, _, *_ = render_generated(none, idn, t, np.random.default_rng(3))
     # same rng stream for pose/background, so the difference outside the concept is the distractors
     outside = ~(mask | mask0)
     diff = np.abs(img.astype(int) - img0.astype(int)).sum(-1)
@@ -144,9 +144,9 @@ def test_style_transforms():
     photo = parse_template("A {} is wandering through a dense forest.", "living_creatures")
     sketch = parse_template("A charcoal sketch of a {} sitting on a rock.", "living_creatures")
     ink = parse_template("An ink drawing of a {} in a traditional setting.", "living_creatures")
-    p, _, _ = render_generated(cfg, idn, photo, np.random.default_rng(0))
-    s, _, _ = render_generated(cfg, idn, sketch, np.random.default_rng(0))
-    k, _, _ = render_generated(cfg, idn, ink, np.random.default_rng(0))
+    p, _, _, *_ = render_generated(cfg, idn, photo, np.random.default_rng(0))
+    s, _, _, *_ = render_generated(cfg, idn, sketch, np.random.default_rng(0))
+    k, _, _, *_ = render_generated(cfg, idn, ink, np.random.default_rng(0))
     chroma = lambda a: np.abs(a.astype(int) - a.mean(-1, keepdims=True)).mean()
     assert chroma(p) > 8 and chroma(s) < 1 and chroma(k) < 1
     assert np.isin(k, [15, 245]).all()
@@ -156,10 +156,10 @@ def test_style_transforms():
         "A photorealistic rendering of a {} in a peaceful landscape.",
     ):
         t = parse_template(medium_text, "living_creatures")
-        a, _, _ = render_generated(cfg, idn, t, np.random.default_rng(0))
+        a, _, _, *_ = render_generated(cfg, idn, t, np.random.default_rng(0))
         assert a.shape == p.shape and not np.array_equal(a, p)
     for t in templates_for("living_creatures", "coco"):
-        a, _, _ = render_generated(cfg, idn, t, np.random.default_rng(0))
+        a, _, _, *_ = render_generated(cfg, idn, t, np.random.default_rng(0))
         assert a.shape == p.shape
 
 
@@ -178,11 +178,43 @@ def test_identities_differ():
 def test_exemplar_and_generated_share_identity_but_differ():
     cfg = tiny(image_size=128)
     idn = sample_identity(cfg, 2)
-    ex, em, eb = render_exemplar(cfg, idn, np.random.default_rng(0))
+    ex, em, eb, *_ = render_exemplar(cfg, idn, np.random.default_rng(0))
     t = templates_for(idn["group"], "lvis")[0]
-    g, gm, gb = render_generated(cfg, idn, t, np.random.default_rng(0))
+    g, gm, gb, *_ = render_generated(cfg, idn, t, np.random.default_rng(0))
     assert not np.array_equal(ex, g)
     # the primary colour of the identity is visible in both instances
     pal = np.array(idn["palette"][0])
     near = lambda img, m: (np.abs(img[m].astype(int) - pal).sum(-1) < 120).mean()
     assert near(ex, em) > 0.05
+
+
+def test_objects_table_records_every_visible_object(tmp_path):
+    from ardetect.data.schema import OBJECT_COLUMNS, OBJECT_ROLES
+
+    cfg = tiny(image_size=128, distractors={"min_count": 2, "max_count": 4, "same_class_prob": 0.3})
+    ex, gen, ex_obj, gen_obj = build(tmp_path, cfg, objects=True)
+    for images, objects, in ((ex, ex_obj), (gen, gen_obj)):
+        assert list(objects.columns) == list(OBJECT_COLUMNS)
+        assert set(objects["image"]) == set(images["image"])
+        assert set(objects["role"]) <= set(OBJECT_ROLES) and set(objects["base_class"]) <= set(WORLD_CLASSES)
+        # one concept per image: the image's own concept, box and class
+        concepts = objects[objects["role"] == "concept"].set_index("image")
+        assert concepts.index.is_unique and len(concepts) == len(images)
+        for r in images.itertuples(index=False):
+            c = concepts.loc[r.image]
+            assert c["concept_id"] == r.concept_id and np.allclose(list(c["box"]), list(r.box))
+        assert objects.loc[objects["role"] == "distractor", "concept_id"].isna().all()
+        assert (objects["role"] == "distractor").sum() >= len(images)  # at least 2 drawn per image, a few may be covered
+        # every object's box bounds its visible mask exactly, and its area counts it
+        for image, rows in objects.groupby("image"):
+            labels = np.asarray(Image.open(tmp_path / rows["mask"].iloc[0]))
+            assert labels.shape == (128, 128) and rows["mask"].nunique() == 1
+            assert set(np.unique(labels)) - {0} == set(rows["object"]), image
+            for o in rows.itertuples(index=False):
+                m = labels == o.object
+                assert _tight(m) == tuple(o.box) and int(m.sum()) == o.area > 0
+    # the concept of a generated image is drawn last: nothing covers it
+    g = gen.iloc[0]
+    labels = np.asarray(Image.open(tmp_path / gen_obj[gen_obj["image"] == g.image]["mask"].iloc[0]))
+    top = gen_obj[(gen_obj["image"] == g.image) & (gen_obj["role"] == "concept")].iloc[0]
+    assert top["object"] == labels.max()

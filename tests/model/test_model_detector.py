@@ -435,3 +435,19 @@ def test_identity_reranking_on_a_2x2_pooling_grid(nano, query, candidates):
         plain.descriptor(2)
     with pytest.raises(ValueError, match="grid=0"):
         nano.pool_map(rmap, boxes[:, None], 0)
+
+
+def test_class_names_at_a_phrase_start_keep_their_own_features(nano):
+    """Positions restart in every phrase; at position 0 MiniLM reads any word as [CLS], so a
+    detection prompt's class names would all get the same features (cosine 0.9998 measured)."""
+    from ardetect.model.text import tokenized_from_ids
+
+    tok = nano.tokenizer
+    ids = torch.tensor([tok("cat . dog . umbrella .")["input_ids"]])
+    with torch.no_grad():
+        text = nano.encode_text_ids(ids).text[0]  # [L, D]
+    words = [i for i, t in enumerate(ids[0].tolist()) if t in tok.convert_tokens_to_ids(["cat", "dog", "umbrella"])]
+    feats = torch.nn.functional.normalize(text[words], dim=-1)
+    cos = feats @ feats.T
+    assert len(words) == 3 and float(cos[~torch.eye(3, dtype=torch.bool)].max()) < 0.95
+    assert tokenized_from_ids(ids, torch.ones_like(ids), nano.delimiters).text_position_ids[0, words].tolist() == [0, 0, 0]

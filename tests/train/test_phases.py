@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from ardetect.train.engine import NonFiniteLoss
 from ardetect.train.phases import load_model, run_phase1, run_phase2
 
-from tiny_world import fast_config
+from tiny_world import assert_kill_and_resume_match, fast_config
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("phase1_script.py")
@@ -34,35 +32,9 @@ def batch_concept(model, batch, i: int) -> torch.Tensor:
 def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
     tuples, root = tiny_world
     tuples.to_parquet(tmp_path / "tuples.parquet")
-    cfg = fast_config()
     cfg_path = tmp_path / "cfg.pkl"
-    cfg_path.write_bytes(pickle.dumps(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # uninterrupted
-    full = subprocess.run([sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(root), str(tmp_path / "full")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
-    # killed with SIGKILL as soon as the first mid-epoch checkpoint exists, then resumed
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(root), str(out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "latest.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    ck = torch.load(out / "latest.pt", weights_only=False)
-    assert ck["state"]["epoch"] == 0 and 0 < ck["state"]["step"]  # killed mid-epoch
-    resumed = subprocess.run([sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(root), str(out)],
-                             env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    a = torch.load(tmp_path / "full" / "final.pt", weights_only=False)
-    b = torch.load(out / "final.pt", weights_only=False)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    cfg_path.write_bytes(pickle.dumps(fast_config()))
+    assert_kill_and_resume_match([sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(root)], tmp_path)
 
 
 def test_non_finite_loss_stops_training(tiny_world, tmp_path, monkeypatch):

@@ -54,3 +54,52 @@ def fast_config(**sections) -> Config:
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v}
     return config_from_dict(raw, profiles_dir=REPO / "profiles")
+
+
+def objects_of(tuples: pd.DataFrame) -> pd.DataFrame:
+    """The objects table of a ``draw_world`` world: each image holds its concept's square alone."""
+    from ardetect.data.schema import OBJECT_COLUMNS
+
+    rows = {}
+    for r in tuples.itertuples(index=False):
+        for image, box in ((r.train_image, r.train_box), (r.query_image, r.query_box)):
+            x0, y0, x1, y1 = box
+            rows[image] = dict(image=image, object=1, role="concept", base_class=r.base_class, concept_id=r.concept_id,
+                               box=list(box), mask=image, area=int((x1 - x0) * (y1 - y0)))
+    return pd.DataFrame(list(rows.values()), columns=list(OBJECT_COLUMNS))
+
+
+def assert_kill_and_resume_match(cmd: list[str], tmp_path: Path) -> Path:
+    """Run ``cmd + [out]`` (a training script that writes ``out/latest.pt`` and ``out/final.pt``)
+    once uninterrupted, once killed with SIGKILL as soon as its first mid-epoch checkpoint exists
+    and then started again; assert it resumed and that both final weights are equal. Returns the
+    resumed run's folder."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run([*cmd, str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "latest.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ck = torch.load(out / "latest.pt", weights_only=False)
+    assert ck["state"]["epoch"] == 0 and 0 < ck["state"]["step"]  # killed mid-epoch
+    resumed = subprocess.run([*cmd, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    a = torch.load(tmp_path / "full" / "final.pt", weights_only=False)
+    b = torch.load(out / "final.pt", weights_only=False)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return out

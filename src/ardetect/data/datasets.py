@@ -45,17 +45,23 @@ def load_uint8(path: Path) -> tv_tensors.Image:
     return tv_tensors.Image(torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).contiguous())
 
 
-def transform_with_box(transform: v2.Compose, image, box_xyxy) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply ``transform`` to an image (PIL or [3, H, W] tensor) and its pixel xyxy box.
+def transform_with_boxes(transform: v2.Compose, image, boxes_xyxy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``transform`` to an image (PIL or [3, H, W] tensor) and its [n, 4] pixel xyxy boxes.
 
-    Returns ([3, S, S] float in [0, 1], [4] pixel xyxy in the transformed image).
+    Returns ([3, S, S] float in [0, 1], [n, 4] pixel xyxy in the transformed image, clamped to it).
     """
     h, w = (image.height, image.width) if isinstance(image, Image.Image) else tuple(image.shape[-2:])
     boxes = tv_tensors.BoundingBoxes(
-        torch.as_tensor([list(box_xyxy)], dtype=torch.float32), format="XYXY", canvas_size=(h, w)
+        torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)), format="XYXY", canvas_size=(h, w)
     )
     img, out = transform(image, boxes)
-    return img, out.as_subclass(torch.Tensor)[0]
+    return img, out.as_subclass(torch.Tensor)
+
+
+def transform_with_box(transform: v2.Compose, image, box_xyxy) -> tuple[torch.Tensor, torch.Tensor]:
+    """``transform_with_boxes`` of one box: ([3, S, S] float in [0, 1], [4] pixel xyxy)."""
+    img, out = transform_with_boxes(transform, image, [list(box_xyxy)])
+    return img, out[0]
 
 
 @dataclass

@@ -20,12 +20,16 @@ expectation suite and one validation definition, in an ephemeral context):
 ``neg_per_tuple``   one row per tuple id of either table: negatives' counts
 ``classes``         one row per base class: tuples and imbalance ratio
 ``splits``          one row per split: concept share and its deviation
+``objects_columns`` the objects table's column names (when it is given)
+``objects``         one row per drawn object: box parts, image size, mask checks
+``object_images``   one row per tuple image: its concept objects, their box
 ==================  ==============================================================
 
 Expectation families (stable names, see :data:`FAMILIES`): ``schema``,
 ``box_finite``, ``box_ordered``, ``box_inside_image``, ``box_min_size``,
 ``image_files``, ``prompt_concept``, ``ids_unique``, ``split_leakage``,
-``negatives_own_image``, ``min_negatives``, ``class_balance``, ``split_balance``.
+``negatives_own_image``, ``min_negatives``, ``class_balance``, ``split_balance``,
+``objects`` (the ``objects`` table: every object drawn in an image, see ``schema.OBJECT_COLUMNS``).
 
 Every expectation first runs with ``result_format="BOOLEAN_ONLY"``; only the failed
 ones run again with ``COMPLETE`` to collect their unexpected rows (named through a
@@ -54,7 +58,7 @@ import numpy as np
 import pandas as pd
 
 from ardetect.config import SplitConfig, ValidateConfig
-from ardetect.data.schema import BOX_PARTS, NEGATIVE_COLUMNS, SPLITS, TUPLE_COLUMNS
+from ardetect.data.schema import BOX_PARTS, NEGATIVE_COLUMNS, OBJECT_COLUMNS, OBJECT_ROLES, SPLITS, TUPLE_COLUMNS
 
 __all__ = [
     "FAMILIES",
@@ -82,6 +86,7 @@ FAMILIES: tuple[str, ...] = (
     "min_negatives",
     "class_balance",
     "split_balance",
+    "objects",
 )
 
 BOX_COLUMNS = ("query_box", "train_box")
@@ -165,6 +170,7 @@ class ValidationResult:
                 "tuples": self.counts.get("tuples", 0),
                 "negatives": self.counts.get("negatives", 0),
                 "images": self.counts.get("images", 0),
+                **({"objects": self.counts["objects"]} if "objects" in self.counts else {}),
                 "expectations": len(self.checks),
                 "failed_expectations": len(self.failures),
                 "families": dict(self.families),
@@ -633,6 +639,93 @@ def _splits_table(t: pd.DataFrame, split_cfg: SplitConfig) -> pd.DataFrame:
     return out
 
 
+def _label_boxes(path: Path) -> dict[int, tuple[tuple[float, float, float, float], int]] | None:
+    """{label: (xyxy box, pixels)} of every non-zero value in a label-map PNG; None if it does not read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            labels = np.asarray(im)
+    except Exception:  # noqa: BLE001 - missing or undecodable: reported as such
+        return None
+    out = {}
+    for k in np.unique(labels):
+        if k == 0:
+            continue
+        ys, xs = np.nonzero(labels == k)
+        out[int(k)] = ((float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)), int(len(xs)))
+    return out
+
+
+def _objects_tables(objects: pd.DataFrame, t: pd.DataFrame, data_root: Path, workers: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per object, one row per tuple image): the objects table checked against its label maps
+    (every box bounds its visible mask, its area counts it) and against the tuples (one concept object
+    per image, with the tuple's box and concept)."""
+    o = objects.reset_index(drop=True)
+    out = pd.DataFrame({_ROW: np.arange(len(o))})
+    for name in ("image", "role", "base_class", "concept_id", "mask"):
+        out[name] = [_str_or_none(v) for v in _col(o, name)]
+    out["object"] = _num(o, "object")
+    out["area"] = _num(o, "area")
+    arr, raw = _box_array(_col(o, "box"))
+    out["box"] = raw
+    for i, part in enumerate(BOX_PARTS):
+        out[f"box_{part}"] = arr[:, i]
+    sizes: dict[str, tuple[float, float]] = {}
+    for role, (wcol, hcol) in IMAGE_ROLES.items():
+        for img, w, h in zip(t[role], t[wcol], t[hcol]):
+            sizes.setdefault(img, (w, h))
+    out["width"] = [sizes.get(i, (np.nan, np.nan))[0] for i in out["image"]]
+    out["height"] = [sizes.get(i, (np.nan, np.nan))[1] for i in out["image"]]
+    out["in_tuples"] = pd.Series([i in sizes for i in out["image"]], dtype=object)
+    roles, concept_ids = [_str_or_none(v) for v in _col(o, "role")], [_str_or_none(v) for v in _col(o, "concept_id")]
+    out["role_matches_concept_id"] = pd.Series(  # from the lists: a column of str and None reads back None as NaN
+        [None if r not in OBJECT_ROLES else (r == "concept") == (c is not None) for r, c in zip(roles, concept_ids)],
+        dtype=object,
+    )
+    masks = [m for m in pd.unique(out["mask"].dropna())]
+    root = Path(data_root)
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
+        read = dict(zip(masks, pool.map(lambda m: _label_boxes(root / m), masks)))
+    exists, bounds, area_ok = [], [], []
+    for m, k, box, area in zip(out["mask"], out["object"], arr, out["area"]):
+        labels = read.get(m)
+        exists.append(labels is not None)
+        got = labels.get(int(k)) if labels is not None and np.isfinite(k) else None
+        bounds.append(None if labels is None else got is not None and np.allclose(got[0], box))
+        area_ok.append(None if labels is None else got is not None and got[1] == area)
+    out["mask_reads"] = pd.Series(exists, dtype=object)
+    out["box_bounds_mask"] = pd.Series(bounds, dtype=object)
+    out["area_counts_mask"] = pd.Series(area_ok, dtype=object)
+
+    concept = out[out["role"] == "concept"]
+    n_concepts = concept.groupby("image").size()
+    first = concept.drop_duplicates("image").set_index("image")
+    rows = []
+    for role in IMAGE_ROLES:
+        box_col = role.replace("_image", "_box")
+        parts = zip(*(t[f"{box_col}_{p}"] for p in BOX_PARTS))
+        for tid, img, cid, raw, box in zip(t["tuple_id"], t[role], t["concept_id"], t[box_col], parts):
+            rows.append((role, img, tid, cid, raw, box))
+    imgs = pd.DataFrame(rows, columns=["role", "image", "tuple_id", "concept_id", "box", "parts"]).drop_duplicates(["role", "image"])
+    imgs = imgs.reset_index(drop=True)
+    imgs["n_concept_objects"] = [int(n_concepts.get(i, 0)) for i in imgs["image"]]
+    tb = np.array(imgs.pop("parts").tolist(), dtype=float).reshape(-1, 4)
+    matches, ids = [], []
+    for i, img in enumerate(imgs["image"]):
+        if img not in first.index:
+            matches.append(None)
+            ids.append(None)
+            continue
+        ob = np.array([first.at[img, f"box_{p}"] for p in BOX_PARTS], dtype=float)
+        matches.append(bool(np.allclose(ob, tb[i], atol=1.0)))
+        ids.append(first.at[img, "concept_id"] == imgs.at[i, "concept_id"])
+    imgs["concept_box_matches"] = pd.Series(matches, dtype=object)
+    imgs["concept_id_matches"] = pd.Series(ids, dtype=object)
+    imgs.insert(0, _ROW, np.arange(len(imgs)))
+    return out, imgs
+
+
 def build_tables(
     tuples: pd.DataFrame,
     negatives: pd.DataFrame,
@@ -640,11 +733,16 @@ def build_tables(
     split_cfg: SplitConfig,
     placeholder: str | None = None,
     workers: int | None = None,
+    objects: pd.DataFrame | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """The derived tables GE validates (pure pandas/PIL; no GE import)."""
+    """The derived tables GE validates (pure pandas/PIL; no GE import); ``objects`` adds the objects tables."""
     t = _tuples_table(tuples, placeholder)
     concepts, train_images = _membership_tables(t)
-    return {
+    extra = {}
+    if objects is not None:
+        extra["objects_columns"] = pd.DataFrame({c: pd.Series(dtype=object) for c in objects.columns})
+        extra["objects"], extra["object_images"] = _objects_tables(objects, t, Path(data_root), workers)
+    return {**extra,
         "tuples_columns": pd.DataFrame({c: pd.Series(dtype=object) for c in tuples.columns}),
         "neg_columns": pd.DataFrame({c: pd.Series(dtype=object) for c in negatives.columns}),
         "tuples": t,
@@ -691,8 +789,63 @@ class _Spec:
 _T_ID = ("tuple_id",)
 
 
-def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, placeholder: str | None = None) -> list[_Spec]:
-    """Every expectation, grouped by family (GE-free description of the suites)."""
+def _object_specs(add) -> None:
+    """The ``objects`` family: the objects table against its record, its label maps and the tuples."""
+    octx = ("image", "object", "role", "box")
+    add(_Spec("objects", "objects_columns", "ExpectTableColumnsToMatchSet",
+              {"column_set": list(OBJECT_COLUMNS), "exact_match": True}, "objects table has exactly the record's columns",
+              key="columns"))
+    for c in ("image", "role", "base_class", "mask"):
+        add(_Spec("objects", "objects", "ExpectColumnValuesToNotBeNull", {"column": c}, f"{c} is present", octx,
+                  key=f"{c}_not_null"))
+    add(_Spec("objects", "objects", "ExpectColumnValuesToBeInSet", {"column": "role", "value_set": list(OBJECT_ROLES)},
+              f"role is one of {', '.join(OBJECT_ROLES)}", octx))
+    add(_Spec("objects", "objects", "ExpectColumnValuesToBeInSet", {"column": "role_matches_concept_id", "value_set": [True]},
+              "a concept object names its concept_id, a distractor none", (*octx, "concept_id")))
+    add(_Spec("objects", "objects", "ExpectColumnValuesToBeBetween", {"column": "object", "min_value": 1},
+              "object is a label value >= 1", octx))
+    add(_Spec("objects", "objects", "ExpectColumnValuesToBeBetween", {"column": "area", "min_value": 1},
+              "a recorded object is visible (area >= 1 pixel)", (*octx, "area")))
+    for p in BOX_PARTS:
+        add(_Spec("objects", "objects", "ExpectColumnValuesToNotBeNull", {"column": f"box_{p}"},
+                  f"box_{p} is a finite number", octx))
+    add(_Spec("objects", "objects", "ExpectColumnPairValuesAToBeGreaterThanB",
+              {"column_A": "box_x1", "column_B": "box_x0", "or_equal": False, "ignore_row_if": "either_value_is_missing"},
+              "object box: x1 > x0", octx))
+    add(_Spec("objects", "objects", "ExpectColumnPairValuesAToBeGreaterThanB",
+              {"column_A": "box_y1", "column_B": "box_y0", "or_equal": False, "ignore_row_if": "either_value_is_missing"},
+              "object box: y1 > y0", octx))
+    for p in ("x0", "y0"):
+        add(_Spec("objects", "objects", "ExpectColumnValuesToBeBetween", {"column": f"box_{p}", "min_value": 0},
+                  f"object box: {p} >= 0", octx))
+    add(_Spec("objects", "objects", "ExpectColumnPairValuesAToBeGreaterThanB",
+              {"column_A": "width", "column_B": "box_x1", "or_equal": True, "ignore_row_if": "either_value_is_missing"},
+              "object box: x1 <= the image's width", (*octx, "width")))
+    add(_Spec("objects", "objects", "ExpectColumnPairValuesAToBeGreaterThanB",
+              {"column_A": "height", "column_B": "box_y1", "or_equal": True, "ignore_row_if": "either_value_is_missing"},
+              "object box: y1 <= the image's height", (*octx, "height")))
+    add(_Spec("objects", "objects", "ExpectColumnValuesToBeInSet", {"column": "in_tuples", "value_set": [True]},
+              "an object's image is an image of the tuples", octx))
+    add(_Spec("objects", "objects", "ExpectColumnValuesToBeInSet", {"column": "mask_reads", "value_set": [True]},
+              "the object's label map exists and decodes", (*octx, "mask")))
+    add(_Spec("objects", "objects", "ExpectColumnValuesToBeInSet", {"column": "box_bounds_mask", "value_set": [True]},
+              "the box bounds the object's visible mask exactly", (*octx, "mask")))
+    add(_Spec("objects", "objects", "ExpectColumnValuesToBeInSet", {"column": "area_counts_mask", "value_set": [True]},
+              "area is the object's visible pixel count", (*octx, "area", "mask")))
+    ictx = ("role", "image", "tuple_id", "box")
+    add(_Spec("objects", "object_images", "ExpectColumnValuesToBeBetween",
+              {"column": "n_concept_objects", "min_value": 1, "max_value": 1},
+              "every tuple image has exactly one concept object", (*ictx, "n_concept_objects")))
+    add(_Spec("objects", "object_images", "ExpectColumnValuesToBeInSet", {"column": "concept_box_matches", "value_set": [True]},
+              "the concept object's box is the tuple's box (within 1 px)", ictx))
+    add(_Spec("objects", "object_images", "ExpectColumnValuesToBeInSet", {"column": "concept_id_matches", "value_set": [True]},
+              "the concept object's concept_id is the tuple's", (*ictx, "concept_id")))
+
+
+def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, placeholder: str | None = None,
+                objects: bool = False) -> list[_Spec]:
+    """Every expectation, grouped by family (GE-free description of the suites); ``objects``
+    adds the ``objects`` family (it needs the tables ``build_tables(..., objects=...)`` adds)."""
     S: list[_Spec] = []
     add = S.append
     # schema
@@ -815,6 +968,8 @@ def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, pla
               {"column": "deviation", "max_value": float(cfg.split_tolerance)},
               f"|concept share - configured fraction| <= {cfg.split_tolerance:g}",
               ("split", "n_concepts", "share", "expected")))
+    if objects:
+        _object_specs(add)
     return S
 
 
@@ -956,8 +1111,10 @@ def validate_tuples(
     *,
     placeholder: str | None = None,
     workers: int | None = None,
+    objects: pd.DataFrame | None = None,
 ) -> ValidationResult:
-    """Run every expectation family on the tuple and negatives tables.
+    """Run every expectation family on the tuple and negatives tables (and the ``objects`` table
+    of their images, when given; without it the ``objects`` family has no checks and passes).
 
     ``data_root`` is the folder the image paths are relative to. ``placeholder`` (e.g.
     ``"V* {}"``) additionally requires every concept_phrase to be that template filled
@@ -966,8 +1123,8 @@ def validate_tuples(
     :func:`assert_valid`).
     """
     t0 = time.perf_counter()
-    tables = build_tables(tuples, negatives, data_root, split_cfg, placeholder=placeholder, workers=workers)
-    specs = build_specs(cfg, placeholder=placeholder)
+    tables = build_tables(tuples, negatives, data_root, split_cfg, placeholder=placeholder, workers=workers, objects=objects)
+    specs = build_specs(cfg, placeholder=placeholder, objects=objects is not None)
     checks, version, context = _run_ge(tables, specs, cfg.max_examples)
     order = {s.name: i for i, s in enumerate(specs)}
     checks.sort(key=lambda c: order.get(c.name, len(order)))  # spec (family) order, not table order
@@ -978,6 +1135,7 @@ def validate_tuples(
         "tuples": int(len(tuples)),
         "negatives": int(len(negatives)),
         "images": int(tables["images"]["image"].nunique()),
+        **({"objects": int(len(objects))} if objects is not None else {}),
         "concepts": int(t["concept_id"].nunique()),
         "per_split": {str(k): int(v) for k, v in t["split"].value_counts(dropna=False).sort_index().items()},
         "concepts_per_split": {

@@ -45,6 +45,19 @@ GENERATED_COLUMNS: dict[str, str] = {
     "seed": "int",
 }
 
+OBJECT_COLUMNS: dict[str, str] = {
+    # every object drawn in an exemplar or generated image (objects.parquet beside each image table)
+    "image": "str",  # path relative to the data root, as in the image's own table
+    "object": "int",  # the object's value in its label map, 1..n in drawing order
+    "role": "str",  # "concept" (the image's concept instance) or "distractor"
+    "base_class": "str",
+    "concept_id": "str",  # the concept's id when role is "concept", else null
+    "box": "box",  # box of its visible mask, xyxy pixels
+    "mask": "str",  # path of the image's label map PNG (L mode): the object's mask is where it equals ``object``
+    "area": "int",  # visible pixels
+}
+OBJECT_ROLES = ("concept", "distractor")
+
 TUPLE_COLUMNS: dict[str, str] = {
     "tuple_id": "str",
     "split": "str",  # train / val / test, by concept

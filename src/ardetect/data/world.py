@@ -16,6 +16,7 @@ import os
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from ardetect.config import WorldConfig
-from ardetect.data.schema import EXEMPLAR_COLUMNS, GENERATED_COLUMNS
+from ardetect.data.schema import EXEMPLAR_COLUMNS, GENERATED_COLUMNS, OBJECT_COLUMNS
 from ardetect.data.templates import SCENES, Template, fill, templates_for
 from ardetect.data.world_scenes import background, stylize
 from ardetect.data.world_shapes import MARK_REGION, SHAPES
@@ -270,8 +271,30 @@ def _draw_object(canvas: np.ndarray, identity: dict, pose: _Pose) -> np.ndarray:
     return mask
 
 
+class Rendered(NamedTuple):
+    """A rendered scene: the image, the concept's mask and box, and every object drawn.
+
+    ``labels`` [H, W] uint8: 0 background, k the k-th object drawn (distractors first, the
+    concept last), as visible in the image (later objects cover earlier ones). ``objects``:
+    one dict per object still visible, in drawing order: ``object`` (its label value),
+    ``role`` ("concept" or "distractor"), ``base_class``, ``box`` (xyxy pixels of its
+    visible mask) and ``area`` (visible pixels).
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    box: tuple[float, float, float, float]
+    labels: np.ndarray
+    objects: list[dict]
+
+
+def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    ys, xs = np.nonzero(mask)
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
 def _render_scene(cfg: WorldConfig, identity: dict, scene: str, medium: str, rng: np.random.Generator,
-                  angle: float, flip: bool) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]:
+                  angle: float, flip: bool) -> Rendered:
     size = cfg.image_size
     classes = _classes(cfg)
     lo, hi = cfg.object_scale
@@ -281,6 +304,8 @@ def _render_scene(cfg: WorldConfig, identity: dict, scene: str, medium: str, rng
     _place(parts, pose, size, rng)
     cbox = _pixel_box(parts, pose)
     canvas = np.asarray(background(scene, size, rng), np.float32).copy()
+    labels = np.zeros((size, size), np.uint8)
+    drawn: list[tuple[str, str]] = []  # (role, base class) of each object drawn, label k = index + 1
     # distractors: other objects, some of the same base class, that barely overlap the concept
     dc = cfg.distractors
     n = int(rng.integers(dc.min_count, dc.max_count + 1))
@@ -299,23 +324,30 @@ def _render_scene(cfg: WorldConfig, identity: dict, scene: str, medium: str, rng
             ih = max(0.0, min(db[3], cbox[3]) - max(db[1], cbox[1]))
             darea = (db[2] - db[0]) * (db[3] - db[1])
             if iw * ih <= 0.1 * darea:
-                _draw_object(canvas, did, dpose)
+                dmask = _draw_object(canvas, did, dpose)
+                drawn.append(("distractor", bc))
+                labels[dmask] = len(drawn)
                 break
     mask = _draw_object(canvas, identity, pose)
+    drawn.append(("concept", identity["base_class"]))
+    labels[mask] = len(drawn)
     img = stylize(Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)), medium, rng)
-    ys, xs = np.nonzero(mask)
-    box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-    return np.asarray(img, np.uint8), mask, box
+    objects = []
+    for k, (role, base_class) in enumerate(drawn, start=1):
+        visible = labels == k
+        if visible.any():  # a distractor the concept covers whole is not in the image
+            objects.append({"object": k, "role": role, "base_class": base_class, "box": _mask_box(visible), "area": int(visible.sum())})
+    return Rendered(np.asarray(img, np.uint8), mask, _mask_box(mask), labels, objects)
 
 
-def render_exemplar(cfg: WorldConfig, identity: dict, rng: np.random.Generator):
-    """An exemplar: photo medium, the identity undrifted in a random scene. Returns (image, mask, box)."""
+def render_exemplar(cfg: WorldConfig, identity: dict, rng: np.random.Generator) -> Rendered:
+    """An exemplar: photo medium, the identity undrifted in a random scene."""
     scene = str(rng.choice(SCENES))
     return _render_scene(cfg, identity, scene, "photo", rng, float(rng.uniform(-0.1, 0.1)), bool(rng.random() < 0.5))
 
 
-def render_generated(cfg: WorldConfig, identity: dict, template: Template, rng: np.random.Generator):
-    """A simulated customization output for ``template``. Returns (image, mask, box)."""
+def render_generated(cfg: WorldConfig, identity: dict, template: Template, rng: np.random.Generator) -> Rendered:
+    """A simulated customization output for ``template``."""
     drifted = drift_identity(identity, cfg.identity_drift, rng)
     angle = float(rng.uniform(-cfg.pose_jitter, cfg.pose_jitter))
     return _render_scene(cfg, drifted, template.scene, template.medium, rng, angle, bool(rng.random() < 0.5))
@@ -332,23 +364,35 @@ def _rel(path: Path, root: Path) -> str:
     return os.path.relpath(Path(path).resolve(), Path(root).resolve()).replace(os.sep, "/")
 
 
-def _exemplar_job(i: int, cfg: WorldConfig, out_dir: Path, data_root: Path) -> dict:
+def _object_rows(r: Rendered, image: str, labels: str, concept_id: str) -> list[dict]:
+    """The ``objects`` rows of one rendered image (its label map saved at ``labels``)."""
+    return [
+        {"image": image, "object": o["object"], "role": o["role"], "base_class": o["base_class"],
+         "concept_id": concept_id if o["role"] == "concept" else None, "box": [float(b) for b in o["box"]],
+         "mask": labels, "area": o["area"]}
+        for o in r.objects
+    ]
+
+
+def _exemplar_job(i: int, cfg: WorldConfig, out_dir: Path, data_root: Path) -> tuple[dict, list[dict]]:
     identity = sample_identity(cfg, i)
     seed = _seed(cfg.seed, _STREAM_EXEMPLAR, i)
-    img, mask, box = render_exemplar(cfg, identity, np.random.default_rng(seed))
+    r = render_exemplar(cfg, identity, np.random.default_rng(seed))
     cid = f"c{i:05d}"
-    ip, mp = out_dir / "images" / f"{cid}.png", out_dir / "masks" / f"{cid}.png"
-    _save_png(img, ip)
-    _save_png(mask.astype(np.uint8) * 255, mp, "L")
-    return {
+    ip, mp, lp = out_dir / "images" / f"{cid}.png", out_dir / "masks" / f"{cid}.png", out_dir / "labels" / f"{cid}.png"
+    _save_png(r.image, ip)
+    _save_png(r.mask.astype(np.uint8) * 255, mp, "L")
+    _save_png(r.labels, lp, "L")
+    row = {
         "concept_id": cid, "base_class": identity["base_class"], "group": identity["group"],
         "image": _rel(ip, data_root), "mask": _rel(mp, data_root),
-        "width": int(img.shape[1]), "height": int(img.shape[0]), "box": [float(b) for b in box],
+        "width": int(r.image.shape[1]), "height": int(r.image.shape[0]), "box": [float(b) for b in r.box],
         "identity": json.dumps(identity, sort_keys=True), "source": "synthetic", "seed": int(seed),
     }
+    return row, _object_rows(r, row["image"], _rel(lp, data_root), cid)
 
 
-def _generated_job(item: tuple[int, str, str], cfg: WorldConfig, out_dir: Path, data_root: Path) -> list[dict]:
+def _generated_job(item: tuple[int, str, str], cfg: WorldConfig, out_dir: Path, data_root: Path) -> tuple[list[dict], list[dict]]:
     i, cid, identity_json = item
     identity = json.loads(identity_json)
     temps = templates_for(identity["group"], cfg.template_set)
@@ -357,22 +401,24 @@ def _generated_job(item: tuple[int, str, str], cfg: WorldConfig, out_dir: Path, 
     order = list(trng.permutation(len(temps)))
     while len(order) < q:
         order += list(trng.permutation(len(temps)))
-    rows = []
+    rows, objects = [], []
     for j in range(q):
         t = temps[order[j]]
         seed = _seed(cfg.seed, _STREAM_GENERATED, i, j)
-        img, _mask, box = render_generated(cfg, identity, t, np.random.default_rng(seed))
+        r = render_generated(cfg, identity, t, np.random.default_rng(seed))
         qid = f"q{i:05d}_{j:02d}"
-        ip = out_dir / "images" / f"{qid}.png"
-        _save_png(img, ip)
+        ip, lp = out_dir / "images" / f"{qid}.png", out_dir / "labels" / f"{qid}.png"
+        _save_png(r.image, ip)
+        _save_png(r.labels, lp, "L")
         prompt, phrase = fill(t.text, identity["base_class"], cfg.placeholder)
         rows.append({
             "query_id": qid, "concept_id": cid, "prompt": prompt, "concept_phrase": phrase, "template": t.text,
             "medium": t.medium, "scene": t.scene, "image": _rel(ip, data_root),
-            "width": int(img.shape[1]), "height": int(img.shape[0]), "box": [float(b) for b in box],
+            "width": int(r.image.shape[1]), "height": int(r.image.shape[0]), "box": [float(b) for b in r.box],
             "backend": "synthetic", "seed": int(seed),
         })
-    return rows
+        objects += _object_rows(r, rows[-1]["image"], _rel(lp, data_root), cid)
+    return rows, objects
 
 
 def _run(fn, items: list, workers: int, desc: str) -> list:
@@ -384,22 +430,24 @@ def _run(fn, items: list, workers: int, desc: str) -> list:
         return list(tqdm(pool.imap(fn, items, chunksize=chunk), total=len(items), desc=desc, unit="img"))
 
 
-def make_exemplars(cfg: WorldConfig, out_dir: Path, data_root: Path) -> pd.DataFrame:
-    """Render ``cfg.n_concepts`` exemplars into ``out_dir``; return the exemplar table."""
+def make_exemplars(cfg: WorldConfig, out_dir: Path, data_root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Render ``cfg.n_concepts`` exemplars into ``out_dir``; return the exemplar and objects tables."""
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "masks", "labels"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
     _classes(cfg)
-    rows = _run(partial(_exemplar_job, cfg=cfg, out_dir=out_dir, data_root=Path(data_root)),
-                list(range(cfg.n_concepts)), cfg.workers, "exemplars")
-    return pd.DataFrame(rows, columns=list(EXEMPLAR_COLUMNS))
+    per = _run(partial(_exemplar_job, cfg=cfg, out_dir=out_dir, data_root=Path(data_root)),
+               list(range(cfg.n_concepts)), cfg.workers, "exemplars")
+    return (pd.DataFrame([row for row, _ in per], columns=list(EXEMPLAR_COLUMNS)),
+            pd.DataFrame([o for _, objs in per for o in objs], columns=list(OBJECT_COLUMNS)))
 
 
-def make_generated(cfg: WorldConfig, exemplars: pd.DataFrame, out_dir: Path, data_root: Path) -> pd.DataFrame:
-    """Render ``cfg.queries_per_concept`` generated images per exemplar; return the generated table."""
+def make_generated(cfg: WorldConfig, exemplars: pd.DataFrame, out_dir: Path, data_root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Render ``cfg.queries_per_concept`` generated images per exemplar; return the generated and objects tables."""
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "labels"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
     items = [(int(str(r.concept_id)[1:]), str(r.concept_id), str(r.identity)) for r in exemplars.itertuples(index=False)]
     per = _run(partial(_generated_job, cfg=cfg, out_dir=out_dir, data_root=Path(data_root)), items, cfg.workers, "generated")
-    rows = [r for rs in per for r in rs]
-    return pd.DataFrame(rows, columns=list(GENERATED_COLUMNS))
+    return (pd.DataFrame([r for rows, _ in per for r in rows], columns=list(GENERATED_COLUMNS)),
+            pd.DataFrame([o for _, objs in per for o in objs], columns=list(OBJECT_COLUMNS)))

@@ -82,6 +82,11 @@ class ModelConfig(BaseModel):
     )
     tokenizer: str | None = Field(None, description="tokenizer path or hub id; None = the text encoder's, else the bundled bert-base-uncased vocabulary")
     max_text_len: int = Field(256, ge=8, description="prompt tokens + region tokens, [CLS] and [SEP] included")
+    phrase_position_start: int = Field(
+        0, ge=0, le=1, description="text-encoder position id of each phrase's first token (positions restart in every phrase): "
+        "0 = GroundingDINO's (its BERT is trained that way); 1 for an encoder pre-trained on whole sentences only, where "
+        "position 0 is always [CLS] (MiniLM: a class name at position 0 reads as [CLS], every name's features alike)",
+    )
 
     # transformer
     hidden_dim: int = Field(256, ge=32)
@@ -126,6 +131,7 @@ class ModelConfig(BaseModel):
                 image_backbone="cnn", cnn_name="regnetx_002", text_backbone="minilm-l6", text_pretrained=BUNDLED_MINILM,
                 max_text_len=64, hidden_dim=64, num_heads=4, encoder_layers=2, decoder_layers=2, ffn_dim=256,
                 num_queries=64, image_size=(160, 160), fusion_droppath=0.0, logit_scale=64**-0.5, logit_bias=-math.log(99.0),
+                phrase_position_start=1,
             )
         else:
             swin = "swin-t" if size == "T-B" else "swin-b"

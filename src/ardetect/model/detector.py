@@ -333,12 +333,16 @@ class ARDetector(nn.Module):
 
     def _run_text_backbone(self, tok: TokenizedPrompts) -> Tensor:
         frozen = self._frozen(self.text_backbone)
+        positions = tok.text_position_ids
+        if self.cfg.phrase_position_start:
+            positions = positions + self.cfg.phrase_position_start
+            positions[:, 0] = 0  # [CLS]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             out = self.text_backbone(
                 input_ids=tok.input_ids,
                 attention_mask=tok.text_self_mask[:, None],  # [B, 1, L, L] phrase blocks
                 token_type_ids=torch.zeros_like(tok.input_ids),
-                position_ids=tok.text_position_ids,
+                position_ids=positions,
             )
         return self.text_projection(out.last_hidden_state)  # [B, L, D]
 

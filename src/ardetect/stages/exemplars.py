@@ -1,4 +1,4 @@
-"""Stage ``exemplars``: the training images X with their concept boxes R_X and masks."""
+"""Stage ``exemplars``: the training images X with their concept boxes R_X and masks, and every object in them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections import Counter
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import EXEMPLAR_COLUMNS, check_columns, write_parquet_atomic
+from ardetect.data.schema import EXEMPLAR_COLUMNS, OBJECT_COLUMNS, check_columns, write_parquet_atomic
 from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
 
 OUT = DATA / "exemplars"
@@ -20,13 +20,16 @@ def build(cfg: Config) -> dict:
     from ardetect.data.world import make_exemplars
 
     with atomic_dir(OUT) as tmp:
-        table = make_exemplars(cfg.world, tmp, DATA)
+        table, objects = make_exemplars(cfg.world, tmp, DATA)
         check_columns(table, EXEMPLAR_COLUMNS, "exemplars")
-        table["image"] = rebase_paths(table["image"], tmp, OUT, DATA)
-        table["mask"] = rebase_paths(table["mask"], tmp, OUT, DATA)
+        check_columns(objects, OBJECT_COLUMNS, "exemplar objects")
+        for t in (table, objects):
+            t["image"] = rebase_paths(t["image"], tmp, OUT, DATA)
+            t["mask"] = rebase_paths(t["mask"], tmp, OUT, DATA)
         write_parquet_atomic(table, tmp / "exemplars.parquet")
+        write_parquet_atomic(objects, tmp / "objects.parquet")
     tracking.log_dict({"per_class": dict(Counter(table["base_class"]))}, "exemplars_per_class.json")
-    return {"exemplars": len(table), "base_classes": table["base_class"].nunique()}
+    return {"exemplars": len(table), "base_classes": table["base_class"].nunique(), "objects": len(objects)}
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from collections import Counter
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import EXEMPLAR_COLUMNS, GENERATED_COLUMNS, check_columns, read_table, write_parquet_atomic
+from ardetect.data.schema import EXEMPLAR_COLUMNS, GENERATED_COLUMNS, OBJECT_COLUMNS, check_columns, read_table, write_parquet_atomic
 from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
 
 OUT = DATA / "generated"
@@ -21,14 +21,18 @@ def build(cfg: Config) -> dict:
     from ardetect.data.world import make_generated
 
     with atomic_dir(OUT) as tmp:
-        table = make_generated(cfg.world, exemplars, tmp, DATA)
+        table, objects = make_generated(cfg.world, exemplars, tmp, DATA)
         check_columns(table, GENERATED_COLUMNS, "generated")
+        check_columns(objects, OBJECT_COLUMNS, "generated objects")
         table["image"] = rebase_paths(table["image"], tmp, OUT, DATA)
+        objects["image"] = rebase_paths(objects["image"], tmp, OUT, DATA)
+        objects["mask"] = rebase_paths(objects["mask"], tmp, OUT, DATA)
         write_parquet_atomic(table, tmp / "generated.parquet")
+        write_parquet_atomic(objects, tmp / "objects.parquet")
     tracking.log_dict(
         {"per_medium": dict(Counter(table["medium"])), "per_scene": dict(Counter(table["scene"]))}, "generated_counts.json"
     )
-    return {"generated": len(table), "media": table["medium"].nunique(), "scenes": table["scene"].nunique()}
+    return {"generated": len(table), "media": table["medium"].nunique(), "scenes": table["scene"].nunique(), "objects": len(objects)}
 
 
 def main() -> None:

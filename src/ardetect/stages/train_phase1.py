@@ -1,4 +1,5 @@
-"""Stage ``train_phase1``: the detector on positives (ARD−). Resumes from models/phase1/latest.pt."""
+"""Stage ``train_phase1``: the detector on positives (ARD−), from the pre-trained detector
+(models/pretrain/model.pt). Resumes from models/phase1/latest.pt."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ardetect.stages.common import DATA, run_stage, write_history
 from ardetect.train.engine import init_distributed
 
 OUT = Path("models/phase1")
+PRETRAINED = Path("models/pretrain/model.pt")  # the pretrain stage's detector: phase 1 starts from it
 
 
 def build(cfg: Config) -> dict:
@@ -20,7 +22,7 @@ def build(cfg: Config) -> dict:
     rank, world = init_distributed()
     tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
     OUT.mkdir(parents=True, exist_ok=True)
-    _, result = run_phase1(cfg, tuples, DATA, OUT, log=lambda m, step: tracking.log_metrics(m, step=step))
+    _, result = run_phase1(cfg, tuples, DATA, OUT, log=lambda m, step: tracking.log_metrics(m, step=step), init=PRETRAINED)
     if rank == 0:
         shutil.copy2(OUT / "best.pt", OUT / ".model.pt.tmp")
         (OUT / ".model.pt.tmp").replace(OUT / "model.pt")

@@ -1,4 +1,4 @@
-"""Stage ``validate``: Great Expectations checks of the tuple annotations.
+"""Stage ``validate``: Great Expectations checks of the tuple annotations and of the objects table.
 
 Writes to ``data/validation/`` whether the checks pass or not: ``report.md`` (the
 readable report), ``summary.json`` (the headline, a DVC metric: success, counts,
@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import sys
 
+import pandas as pd
+
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, read_table
+from ardetect.data.schema import NEGATIVE_COLUMNS, OBJECT_COLUMNS, TUPLE_COLUMNS, read_table
 from ardetect.stages.common import DATA, StageError, atomic_dir, run_stage
 
 OUT = DATA / "validation"
-HEADLINE = ("success", "tuples", "negatives", "images", "expectations", "failed_expectations", "failed_families")
+HEADLINE = ("success", "tuples", "negatives", "images", "objects", "expectations", "failed_expectations", "failed_families")
 
 
 def headline(summary: dict) -> dict:
@@ -33,8 +35,10 @@ def build(cfg: Config) -> dict:
 
     tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
     negatives = read_table(DATA / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
+    objects = pd.concat([read_table(DATA / sub / "objects.parquet", OBJECT_COLUMNS, f"{sub} objects")
+                         for sub in ("exemplars", "generated")], ignore_index=True)
     placeholder = cfg.world.placeholder if cfg.exemplars.source == "synthetic" else None
-    result = validate_tuples(tuples, negatives, DATA, cfg.validate_, cfg.tuples.split, placeholder=placeholder)
+    result = validate_tuples(tuples, negatives, DATA, cfg.validate_, cfg.tuples.split, placeholder=placeholder, objects=objects)
     summary = result.summary()
     with atomic_dir(OUT) as tmp:
         result.write_report(tmp)  # report.md, and summary.json in full: that becomes checks.json

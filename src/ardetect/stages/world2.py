@@ -16,7 +16,7 @@ import pandas as pd
 from ardetect import tracking
 from ardetect.config import Config
 from ardetect.data.tuples import build_negatives, build_tuples, concept_blocks, statistics
-from ardetect.data.schema import write_parquet_atomic
+from ardetect.data.schema import OBJECT_COLUMNS, check_columns, write_parquet_atomic
 from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
 
 OUT = DATA / "world2"
@@ -31,13 +31,17 @@ def build(cfg: Config) -> dict:
                 "queries_per_concept": ev.generalisation_queries_per_concept}
     )
     with atomic_dir(OUT) as tmp:
-        ex = make_exemplars(wcfg, tmp / "exemplars", DATA)
-        ex["image"] = rebase_paths(ex["image"], tmp, OUT, DATA)
-        ex["mask"] = rebase_paths(ex["mask"], tmp, OUT, DATA)
-        gen = make_generated(wcfg, ex, tmp / "generated", DATA)
-        gen["image"] = rebase_paths(gen["image"], tmp, OUT, DATA)
+        ex, ex_objects = make_exemplars(wcfg, tmp / "exemplars", DATA)
+        gen, gen_objects = make_generated(wcfg, ex, tmp / "generated", DATA)
+        objects = pd.concat([ex_objects, gen_objects], ignore_index=True)
+        for table, columns in ((ex, ("image", "mask")), (gen, ("image",)), (objects, ("image", "mask"))):
+            for column in columns:
+                table[column] = rebase_paths(table[column], tmp, OUT, DATA)
         for table in (ex, gen):  # ids unique across both worlds
             table["concept_id"] = "w2_" + table["concept_id"]
+        objects["concept_id"] = objects["concept_id"].map(lambda c: None if c is None else f"w2_{c}")
+        check_columns(objects, OBJECT_COLUMNS, "world2 objects")
+        write_parquet_atomic(objects, tmp / "objects.parquet")
         gen["query_id"] = "w2_" + gen["query_id"]
         splits = pd.Series("test", index=pd.Index(ex["concept_id"], name="concept_id"), name="split")
         tuples = build_tuples(ex, gen, splits)

@@ -379,13 +379,50 @@ def train_one_epoch(
     ``workers``: DataLoader processes building the batches ahead (``iter_batches``)."""
     rank, world = distributed()
     ddp_model.train()
+    n_steps = steps_per_epoch(len(ds), batch_size, world, max_steps)
+    batches = iter_batches(ds, seed, epoch, batch_size, rank, world, negatives, start=state.step, max_steps=max_steps, workers=workers)
+
+    def forward(batch: Batch):
+        return _forward(model, ddp_model, batch, aux=aux, align=criterion.uses_align, align_negatives=criterion.align_negatives, rank=criterion.rank_inputs)
+
+    return train_steps(
+        criterion, optimizer, batches, forward, n_steps, state, epoch=epoch, clip_grad=clip_grad, regulariser=regulariser,
+        lambda_reg=lambda_reg, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every, log=log, progress=progress,
+    )
+
+
+class StepProgress:
+    """A training loop's ``progress`` callback: advances the epoch's bar, shows the losses, and
+    interrupts the run after ``stop_after`` steps in all (a test hook: a kill at a known point)."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.stop_after, self.done, self.bar = stop_after, 0, None
+
+    def __call__(self, i: int, total: int, losses: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+        self.done += 1
+        if self.stop_after is not None and self.done >= self.stop_after:
+            raise KeyboardInterrupt(f"stopped after {self.done} steps (test hook)")
+
+
+PROGRESS_LOSSES = ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_align", "loss_rank", "loss_reg")
+
+
+def train_steps(
+    criterion: SetCriterion, optimizer, batches, forward: Callable, n_steps: int, state: TrainState, *, epoch: int,
+    clip_grad: float, regulariser: Callable[[], Tensor] | None = None, lambda_reg: float = 0.0,
+    on_checkpoint: Callable[[], None] | None = None, checkpoint_every: int = 50,
+    log: Callable[[dict], None] | None = None, progress: Callable[[int, int, dict], None] | None = None,
+) -> dict[str, float]:
+    """The optimisation steps of one epoch: ``batches`` yields (step, batch) from ``state.step``,
+    ``forward(batch)`` gives (outputs, token_mask, targets) for ``criterion``. Returns mean losses."""
+    rank, _ = distributed()
     totals: dict[str, float] = {}
     count = 0
-    n_steps = steps_per_epoch(len(ds), batch_size, world, max_steps)
-    for step, batch in iter_batches(ds, seed, epoch, batch_size, rank, world, negatives, start=state.step, max_steps=max_steps, workers=workers):
-        outputs, token_mask, targets = _forward(
-            model, ddp_model, batch, aux=aux, align=criterion.uses_align, align_negatives=criterion.align_negatives, rank=criterion.rank_inputs,
-        )
+    for step, batch in batches:
+        outputs, token_mask, targets = forward(batch)
         losses = criterion(outputs, targets, token_mask)
         if regulariser is not None and lambda_reg > 0:
             losses["loss_reg"] = regulariser()
@@ -404,7 +441,7 @@ def train_one_epoch(
         if log is not None and rank == 0:
             log({"train_step_loss": float(losses["loss"]), "step": state.global_step})
         if progress is not None and rank == 0:
-            progress(step + 1, n_steps, {k: float(v.detach()) for k, v in losses.items() if k in ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_align", "loss_rank", "loss_reg")})
+            progress(step + 1, n_steps, {k: float(v.detach()) for k, v in losses.items() if k in PROGRESS_LOSSES})
         if on_checkpoint is not None and state.step % checkpoint_every == 0 and state.step < n_steps:
             on_checkpoint()
     return {k: v / max(count, 1) for k, v in totals.items()}

@@ -25,7 +25,7 @@ from ardetect.data.datasets import NegativeSampler, TupleDataset
 from ardetect.evaluation.ard import ARDMethod
 from ardetect.evaluation.harness import evaluate_method
 from ardetect.train.engine import (
-    TrainState, distributed, load_checkpoint, load_model_file_state, model_file_state, save_atomic, save_checkpoint,
+    StepProgress, TrainState, distributed, load_checkpoint, load_model_file_state, model_file_state, save_atomic, save_checkpoint,
     steps_per_epoch, train_one_epoch, wrap_ddp,
 )
 from ardetect.train.losses import SetCriterion, adapter_regulariser
@@ -191,19 +191,11 @@ def _run(
         if rank == 0:
             save_checkpoint(latest, model, optimizer, scheduler, state, history, meta)
 
-    steps_done = 0
+    progress = StepProgress(stop_after_steps)
 
     while state.epoch < p.epochs:
         epoch = state.epoch
-        bar = tqdm(total=n_steps, initial=state.step, desc=f"phase {phase} epoch {epoch + 1}/{p.epochs}", disable=rank != 0, leave=False)
-
-        def progress(i: int, total: int, losses: dict) -> None:
-            nonlocal steps_done
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
-            steps_done += 1
-            if stop_after_steps is not None and steps_done >= stop_after_steps:
-                raise KeyboardInterrupt(f"stopped after {steps_done} steps (test hook)")
+        bar = progress.bar = tqdm(total=n_steps, initial=state.step, desc=f"phase {phase} epoch {epoch + 1}/{p.epochs}", disable=rank != 0, leave=False)
 
         train_stats = train_one_epoch(
             model, ddp_model, criterion, optimizer, train_ds, epoch, state, seed=p.seed, batch_size=batch_size,
@@ -232,11 +224,17 @@ def _run(
     return PhaseResult(history, state.best, state.best_epoch, out_dir)
 
 
-def run_phase1(cfg: Config, tuples: pd.DataFrame, data_root: Path, out_dir: Path, log: Logger | None = None, resume: bool = True, stop_after_steps: int | None = None):
-    """Train the detector on positives. Returns (model, PhaseResult); the model holds the last epoch's weights."""
+def run_phase1(cfg: Config, tuples: pd.DataFrame, data_root: Path, out_dir: Path, log: Logger | None = None, resume: bool = True,
+               stop_after_steps: int | None = None, init: Path | None = None):
+    """Train the detector on positives, from the pre-trained detector file ``init`` (``run_pretrain``)
+    when given. Returns (model, PhaseResult); the model holds the last epoch's weights."""
     torch.manual_seed(cfg.train_phase1.seed)  # the initial weights are part of the run
     model = build_model(cfg)
-    result = _run(cfg, 1, model, tuples, data_root, out_dir, log, resume, stop_after_steps)
+    if init is not None:
+        from ardetect.train.pretrain import load_pretrained_into
+
+        load_pretrained_into(model, init)
+    result = _run(cfg, 1, model, tuples, data_root, out_dir, log, resume, stop_after_steps, start_from=init)
     return model, result
 
 

@@ -1,0 +1,45 @@
+"""Stage ``pretrain``: GroundingDINO-style detection pre-training on every object of the training split.
+
+Reads the ``objects`` tables of the exemplars and generated images and the tuples
+(for the split); writes ``models/pretrain/model.pt``, the detector phase 1 starts
+from. Resumes from ``models/pretrain/latest.pt``. With ``model.pretrained`` (a
+transformers GroundingDINO checkpoint) the detector already grounds: the stage
+writes those weights unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ardetect import tracking
+from ardetect.config import Config
+from ardetect.data.schema import OBJECT_COLUMNS, TUPLE_COLUMNS, read_table
+from ardetect.stages.common import DATA, run_stage
+
+OUT = Path("models/pretrain")
+
+
+def build(cfg: Config) -> dict:
+    from ardetect.train.pretrain import run_pretrain
+
+    if cfg.model.pretrained and cfg.pretrain.epochs:
+        print(f"[pretrain] model.pretrained={cfg.model.pretrained!r}: the detector already grounds; its weights pass through unchanged")
+        cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"epochs": 0})})
+    tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
+    objects = pd.concat([read_table(DATA / sub / "objects.parquet", OBJECT_COLUMNS, f"{sub} objects") for sub in ("exemplars", "generated")],
+                        ignore_index=True)
+    _, history = run_pretrain(cfg, objects, tuples, DATA, OUT, log=lambda m, step: tracking.log_metrics(m, step=step))
+    tracking.write_json_atomic({"history": history}, OUT / "history.json")
+    tracking.log_artifact(OUT / "history.json", artifact_path="pretrain")
+    last = history[-1] if history else {}
+    return {"epochs": cfg.pretrain.epochs, **{f"final_{k}": v for k, v in last.items() if isinstance(v, float)}}
+
+
+def main() -> None:
+    run_stage("pretrain", build, lambda c: {"model": c.model.model_dump(), "pretrain": c.pretrain.model_dump()}, system_metrics=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Detection pre-training: prompts and targets, resume after a kill, phase 1 starting from it."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ardetect.train.engine import epoch_order
+from ardetect.train.phases import build_model, run_phase1
+from ardetect.train.pretrain import (
+    ObjectDataset, PretrainBatches, class_prompt, detection_outputs, load_pretrained_into, run_pretrain, training_images,
+)
+
+from tiny_world import assert_kill_and_resume_match, fast_config, objects_of
+
+SCRIPT = Path(__file__).with_name("pretrain_script.py")
+VOCAB = ["apple", "ball", "bicycle", "cat", "dog", "mug", "umbrella"]
+
+
+def pretrain_config(**kw):
+    return fast_config(pretrain={"epochs": 2, "batch_size": 2, "checkpoint_every": 2, "max_steps_per_epoch": 4, "absent_classes": 2,
+                                 "classify_epochs": 1, "classify_crop": 32, "classify_batch_size": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_model(fast_config()).tokenizer
+
+
+def test_class_prompt_lists_present_and_absent_classes_with_their_spans(tokenizer):
+    ids, spans = class_prompt(tokenizer, ["cat", "mug", "cat"], VOCAB, 3, np.random.default_rng(0), 64)
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert {"cat", "mug"} <= set(spans) and len(spans) == 5  # two present (once each), three absent
+    text = tokenizer.decode(ids[1:-1])
+    for c, (a, b) in spans.items():
+        assert tokenizer.decode(ids[a:b]) == c
+        assert ids[b] == tokenizer.convert_tokens_to_ids(".")  # each class closed by "."
+    assert text.replace(" ", "").count(".") == 5
+    firsts = set()
+    for seed in range(8):
+        spans = class_prompt(tokenizer, ["cat", "mug"], VOCAB, 3, np.random.default_rng(seed), 64)[1]
+        firsts.add(min(spans, key=lambda c: spans[c][0]))
+    assert len(firsts) > 2  # shuffled: the present classes are not always first
+    # absent classes go first when the prompt is too long; present ones that do not fit are an error
+    ids, spans = class_prompt(tokenizer, ["cat", "mug"], VOCAB, 5, np.random.default_rng(0), 6)
+    assert set(spans) == {"cat", "mug"} and len(ids) == 6  # [CLS] cat . mug . [SEP]
+    ids, spans = class_prompt(tokenizer, ["cat", "mug"], VOCAB, 5, np.random.default_rng(0), 8)
+    assert {"cat", "mug"} < set(spans) and len(ids) <= 8
+    with pytest.raises(ValueError, match="max_text_len=4"):
+        class_prompt(tokenizer, ["cat", "mug"], VOCAB, 0, np.random.default_rng(0), 4)
+
+
+def test_batches_target_every_object_on_its_class_tokens(tiny_world, tokenizer):
+    tuples, root = tiny_world
+    objects = objects_of(tuples)
+    two = objects.iloc[[0]].assign(object=2, base_class="ball", box=[[2.0, 2.0, 20.0, 20.0]], area=324, role="distractor", concept_id=None)
+    objects = pd.concat([objects, two], ignore_index=True)
+    images = training_images(tuples)
+    assert set(images) == set(tuples.loc[tuples.split == "train", "train_image"]) | set(tuples.loc[tuples.split == "train", "query_image"])
+    ds = ObjectDataset(objects, images, root, 64, train=False)
+    batches = PretrainBatches(ds, tokenizer, VOCAB + ["car", "hat"], 2, 64, epoch_order(len(ds), 0, 0), 0, 0, 3)
+    _, batch = batches[0]
+    assert batch.images.shape == (3, 3, 64, 64) and batch.input_ids.shape[0] == 3
+    for i, key in enumerate(batch.keys):
+        rows = objects[objects.image == key]
+        assert len(batch.boxes[i]) == len(rows) == batch.token_maps[i].shape[0]
+        assert (batch.boxes[i] > 0).all() and (batch.boxes[i] <= 1).all()  # normalised cxcywh
+        for j, cls in enumerate(rows.base_class):  # no augmentation: the table's order
+            on = batch.token_maps[i][j].bool()
+            assert tokenizer.decode(batch.input_ids[i][on]) == cls
+    # the same step of the same epoch is the same batch; another epoch shuffles
+    _, again = batches[0]
+    assert torch.equal(again.input_ids, batch.input_ids) and again.keys == batch.keys
+    cfg = pretrain_config()
+    model = build_model(cfg)
+    outputs, token_mask, targets = detection_outputs(model, batch)
+    assert outputs["pred_logits"].shape[:2] == (3, 16) and token_mask.shape[1] >= batch.input_ids.shape[1]
+    assert [len(t.boxes) for t in targets] == [len(b) for b in batch.boxes]
+
+
+def test_backbone_classification_learns_separable_crops():
+    """Two classes drawn apart (reddish crops, bluish ones): the backbone and its head separate the val crops."""
+    from ardetect.train.classify import classify_backbone
+
+    torch.manual_seed(0)
+    model = build_model(pretrain_config())
+    g = torch.Generator().manual_seed(0)
+    crops = (torch.rand(64, 3, 32, 32, generator=g) * 60).to(torch.uint8)
+    labels = torch.arange(64) % 2
+    crops[labels == 0, 0] += 180  # class 0 red, class 1 blue
+    crops[labels == 1, 2] += 180
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    history = classify_backbone(model, (crops[:48], labels[:48]), (crops[48:], labels[48:]), 2, epochs=3, batch_size=8, lr=2e-3, seed=0)
+    assert [h["classify_epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["val_classify_accuracy"] >= 0.9 and history[-1]["classify_loss"] < history[0]["classify_loss"]
+    assert any(not torch.equal(v, model.backbone.state_dict()[k]) for k, v in before.items())
+
+
+def test_object_crops_cut_each_object_with_its_class(tiny_world):
+    from ardetect.train.classify import object_crops
+
+    tuples, root = tiny_world
+    objects = objects_of(tuples)
+    images = training_images(tuples)
+    vocabulary = sorted(objects["base_class"].unique())
+    crops, labels = object_crops(objects, images, root, vocabulary, 32)
+    rows = objects[objects.image.isin(images)]
+    assert crops.shape == (len(rows), 3, 32, 32) and crops.dtype == torch.uint8
+    assert sorted(vocabulary[k] for k in labels.tolist()) == sorted(rows.base_class)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        object_crops(objects, images, root, vocabulary[:1], 32)
+
+
+@pytest.mark.slow
+def test_killed_pretraining_resumes_to_the_same_weights(tiny_world, tmp_path):
+    tuples, root = tiny_world
+    tuples.to_parquet(tmp_path / "tuples.parquet")
+    objects_of(tuples).to_parquet(tmp_path / "objects.parquet")
+    cfg_path = tmp_path / "cfg.pkl"
+    cfg_path.write_bytes(pickle.dumps(pretrain_config()))
+    out = assert_kill_and_resume_match(
+        [sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(tmp_path / "objects.parquet"), str(root)], tmp_path,
+    )
+    model_file = torch.load(out / "model.pt", weights_only=False)
+    history = model_file["history"]  # the backbone's classification first, then the detection epochs
+    assert [(r.get("classify_epoch"), r.get("epoch")) for r in history] == [(1, None), (None, 1), (None, 2)]
+
+
+@pytest.mark.slow
+def test_phase1_starts_from_the_pretrained_detector_and_refuses_another(tiny_world, tmp_path, monkeypatch):
+    tuples, root = tiny_world
+    cfg = pretrain_config(epochs=1, max_steps_per_epoch=2)
+    pre, _ = run_pretrain(cfg, objects_of(tuples), tuples, root, tmp_path / "pre")
+    start = build_model(cfg)
+    load_pretrained_into(start, tmp_path / "pre" / "model.pt")
+    for k, v in pre.state_dict().items():
+        assert torch.equal(start.state_dict()[k], v), k
+    fresh = build_model(cfg).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in pre.state_dict().items())  # pre-training changed the weights
+    # phase 1 trains from it: the model its loop receives holds the pre-trained weights
+    import ardetect.train.phases as phases
+
+    seen = {}
+
+    def loop(cfg_, phase, model, *args, start_from=None, **kw):
+        seen.update(state={k: v.clone() for k, v in model.state_dict().items()}, start_from=start_from)
+        return "ran"
+
+    monkeypatch.setattr(phases, "_run", loop)
+    assert run_phase1(cfg, tuples, root, tmp_path / "p1", init=tmp_path / "pre" / "model.pt")[1] == "ran"
+    assert seen["start_from"] == tmp_path / "pre" / "model.pt"  # part of phase 1's resume fingerprint
+    for k, v in pre.state_dict().items():
+        assert torch.equal(seen["state"][k], v), k
+    monkeypatch.undo()
+    other = fast_config(model={"overrides": {"num_queries": 16, "hidden_dim": 32}})
+    with pytest.raises(ValueError, match=r"pre-trained for another detector \(hidden_dim: file 64 vs model 32"):
+        run_phase1(other, tuples, root, tmp_path / "p1b", init=tmp_path / "pre" / "model.pt")
+    with pytest.raises(FileNotFoundError, match="run the pretrain stage first"):
+        run_phase1(cfg, tuples, root, tmp_path / "p1c", init=tmp_path / "missing.pt")
+
+
+class _StubDetector(torch.nn.Module):
+    """Answers each batch with its own ground truth (``oracle``) or with boxes away from it."""
+
+    def __init__(self, tokenizer, oracle: bool):
+        super().__init__()
+        self.tokenizer, self.oracle, self.batch = tokenizer, oracle, None
+        self.cfg = type("Cfg", (), {"max_text_len": 64})()
+
+    def encode_text_ids(self, input_ids, attention_mask):
+        return input_ids
+
+    def encode_images(self, images):
+        return images
+
+    def forward(self, images, cache):
+        b = self.batch
+        q = 1 + max(len(x) for x in b.boxes)
+        if cache.shape[0] == 1 and not torch.equal(cache[0, : b.input_ids.shape[1]], b.input_ids[0]):  # one class name alone
+            name = self.tokenizer.decode(cache[0, 1:-2]).replace(" ", "")
+            holds = torch.tensor([name in c for c in b.classes], dtype=torch.float32)  # images holding the class
+            sign = 1.0 if self.oracle else -1.0  # the oracle ranks them first, the other one last
+            logits = (sign * 10.0 * (2 * holds - 1))[:, None, None].expand(len(b.keys), q, cache.shape[1])
+            return type("Out", (), {"pred_logits": logits, "pred_boxes": torch.zeros(len(b.keys), q, 4)})()
+        logits = torch.full((len(b.keys), q, cache.shape[1]), -10.0)
+        boxes = torch.tensor([0.05, 0.05, 0.02, 0.02]).repeat(len(b.keys), q, 1)  # a tiny box in a corner
+        for i in range(len(b.keys)):
+            for j in range(len(b.boxes[i])):
+                logits[i, j][b.token_maps[i][j].bool()] = 10.0
+                if self.oracle:
+                    boxes[i, j] = b.boxes[i][j]
+        return type("Out", (), {"pred_logits": logits, "pred_boxes": boxes})()
+
+
+def test_grounding_metrics_score_an_oracle_one_and_misplaced_boxes_zero(tiny_world, tokenizer, monkeypatch):
+    import ardetect.train.pretrain as pt
+    from ardetect.train.pretrain import grounding_metrics
+
+    tuples, root = tiny_world
+    ds = ObjectDataset(objects_of(tuples), training_images(tuples, split="val"), root, 64, train=False)
+    assert len(ds) == len(set(tuples.loc[tuples.split == "val", "train_image"]) | set(tuples.loc[tuples.split == "val", "query_image"]))
+    for oracle, expected in ((True, 1.0), (False, 0.0)):
+        stub = _StubDetector(tokenizer, oracle)
+        original = pt.PretrainBatches.__getitem__
+
+        def getitem(self, step, stub=stub, original=original):
+            step, stub.batch = original(self, step)
+            return step, stub.batch
+
+        monkeypatch.setattr(pt.PretrainBatches, "__getitem__", getitem)
+        out = grounding_metrics(stub, ds, VOCAB + ["car", "hat"], 2, seed=0)
+        assert out == {"val_grounding": expected, "val_concept_grounding": expected, "val_class_rprecision": expected}
+        monkeypatch.undo()
