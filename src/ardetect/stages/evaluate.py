@@ -256,6 +256,13 @@ def build(cfg: Config) -> dict:
             Bar("ARD Recall@5 >= ARD- Recall@5", "ARD R@5 >= ARD- R@5", "ARD", "recall@5", against="ARD-"),
             Bar(f"better AbC row ({better_abc}) Recall@10 >= 2 x chance", "AbC R@10 >= 2 x chance", better_abc, "recall@10",
                 against="expected chance", scale=2.0),
+            # a detector that grounds: the paper's own score at the paper's COCO-type figure, and ARD as shipped
+            Bar("ARD paper score Recall@10 >= 0.73", "ARD paper R@10 >= 0.73", "ARD paper score", "recall@10", threshold=0.73),
+            Bar("ARD paper score class R-precision >= 0.8", "ARD paper class R-prec >= 0.8", "ARD paper score", "class_rprecision",
+                threshold=0.8),
+            Bar("ARD paper score box accuracy >= 0.9", "ARD paper box acc >= 0.9", "ARD paper score", "box_correct", threshold=0.9),
+            Bar("ARD Recall@1 >= 0.3", "ARD R@1 >= 0.3", "ARD", "recall@1", threshold=0.3),
+            Bar("ARD Recall@10 >= 0.85", "ARD R@10 >= 0.85", "ARD", "recall@10", threshold=0.85),
         ]
         judged = judge(bars, test_pq, chance_ref, seed)
         details["bars"] = judged
