@@ -212,6 +212,7 @@ def grounding_metrics(model, ds: ObjectDataset, vocabulary: Sequence[str], absen
     ids, attention, name = class_name_ids(model.tokenizer, vocabulary)
     try:
         batches = PretrainBatches(ds, model.tokenizer, vocabulary, absent, model.cfg.max_text_len, picks.tolist(), seed, 0, 8)
+        names = [model.encode_text_ids(ids[c : c + 1], attention[c : c + 1]) for c in range(len(vocabulary))]
         for step in range(len(batches)):
             _, b = batches[step]
             cache = model.encode_images(b.images)
@@ -219,7 +220,7 @@ def grounding_metrics(model, ds: ObjectDataset, vocabulary: Sequence[str], absen
             probs = out.pred_logits.sigmoid()  # [B, Q, T]
             present += [set(c) for c in b.classes]
             class_scores.append(torch.stack([  # [B, C]: each class alone as the prompt, the best box's probability
-                model(cache, model.encode_text_ids(ids[c : c + 1], attention[c : c + 1])).pred_logits.float().sigmoid()[:, :, name[c]].amax((1, 2))
+                model(cache, names[c]).pred_logits.float().sigmoid()[:, :, name[c]].amax((1, 2))
                 for c in range(len(vocabulary))
             ], 1))
             for i in range(len(b.keys)):
