@@ -216,6 +216,18 @@ def test_pipeline_outputs_and_up_to_date(piped):
             assert metrics["test"][name]["recall@10"] == paper["recall@10"]
     report = (ws / "reports/results.md").read_text()
     assert "class_rprecision" in report and "Identity weight and pooling grid, fitted on" in report
+    # the export: three graphs, manifest, parity within bounds, one registered version (the second run re-ran nothing)
+    for name in ("image_encoder.onnx", "query_encoder.onnx", "scorer.onnx", "manifest.json", "tokenizer/tokenizer.json"):
+        assert (ws / "models/export" / name).is_file(), name
+    parity = json.loads((ws / "models/export/parity.json").read_text())
+    assert parity["passed"] and parity["fp32"]["score_max_abs_diff"] <= 1e-4 and parity["fp32"]["recalls_equal"]
+    manifest = json.loads((ws / "models/export/manifest.json").read_text())
+    assert manifest["score"]["identity_weight"] == fits["ARD"]["weight"] and manifest["score"]["grid"] == fits["ARD"]["grid"]
+    assert manifest["metrics"]["test_recall_at_10"] == metrics["test"]["ARD"]["recall@10"]
+    from ardetect.export.registry import list_versions
+
+    versions = list_versions(f"sqlite:///{ws / 'mlflow.db'}")
+    assert list(versions["version"]) == [1] and versions.iloc[0]["aliases"] == "champion"
 
 
 def _leaves(d) -> int:

@@ -274,6 +274,109 @@ def config_show(params: Path = typer.Option(Path("params.yaml"))) -> None:
     typer.echo(json.dumps(cfg.model_dump(by_alias=True), indent=2))
 
 
+models_app = typer.Typer(help="The registered detector: versions, aliases, promotion.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(
+    params: Path = typer.Option(Path("params.yaml"), help="params file (tracking store and model name)"),
+    name: str = typer.Option(None, help="registered model name (default: export.model_name)"),
+) -> None:
+    """Every registered version: its aliases (champion, challenger) and the metrics it earned."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ardetect.export.registry import RegistryError, list_versions
+
+    _, uri = _tracking_target(params)
+    name = name or _model_name(params)
+    try:
+        rows = list_versions(uri, name)
+    except RegistryError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    table = Table(title=f"{name} ({uri})")
+    for col in ("version", "aliases", "test R@10", "test R@10 (paper score)", "run", "created"):
+        table.add_column(col)
+    for r in rows.itertuples(index=False):
+        table.add_row(str(r.version), r.aliases, r.test_recall_at_10, r.paper_recall_at_10, r.run_id[:12], r.created)
+    Console(width=160).print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    version: str = typer.Argument(..., help="the version to make champion"),
+    params: Path = typer.Option(Path("params.yaml")),
+    name: str = typer.Option(None, help="registered model name (default: export.model_name)"),
+) -> None:
+    """Move the alias ``champion`` to VERSION by hand."""
+    from ardetect.export.registry import RegistryError, promote
+
+    _, uri = _tracking_target(params)
+    name = name or _model_name(params)
+    try:
+        reason = promote(uri, version, name)
+    except RegistryError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{name} version {version} is champion: {reason}")
+
+
+def _model_name(params: Path) -> str:
+    from ardetect.config import ConfigError, load_config
+
+    try:
+        return load_config(params).export.model_name
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("export")
+def export_cmd(
+    phase2: Path = typer.Option(..., "--phase2", help="the phase-2 (ARD) checkpoint: a model.pt written by train_phase2"),
+    out: Path = typer.Option(..., "--out", help="folder to write the graphs, tokenizer and manifest to"),
+    phase1: Path = typer.Option(None, "--phase1", help="its phase-1 checkpoint: checked to be the same training, digest recorded"),
+    identity_weight: float = typer.Option(None, "--identity-weight", min=0.0, help="re-ranking weight (default: reports/details.json's fit for ARD)"),
+    grid: int = typer.Option(None, "--grid", min=1, help="re-ranking pooling grid (default: as the weight)"),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="boxes per candidate the re-ranking chooses among"),
+    details: Path = typer.Option(Path("reports/details.json"), help="evaluate's details, for the fitted weight and grid"),
+    parity: bool = typer.Option(True, help="check parity on the pipeline's first test tuples (needs data/tuples)"),
+    queries: int = typer.Option(32, min=1, help="test tuples the parity check scores"),
+    fp16: bool = typer.Option(True, help="also write the fp16 scorer"),
+    int8: bool = typer.Option(True, help="also write the int8 scorer"),
+    data: Path = typer.Option(Path("data"), help="data root of the tuples' image paths"),
+) -> None:
+    """Export any phase-2 checkpoint to ONNX (the export stage's code), optionally with its parity check."""
+    from ardetect.export.build import ExportOptions, build_export, identity_of
+    from ardetect.export.onnx_export import ExportError
+
+    try:
+        if identity_weight is None or grid is None:
+            w, g = identity_of(details)
+            identity_weight = w if identity_weight is None else identity_weight
+            grid = g if grid is None else grid
+        tuples = negatives = None
+        if parity:
+            from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, read_table
+
+            tuples = read_table(data / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
+            negatives = read_table(data / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
+        opts = ExportOptions(identity_weight, grid, top_k, fp16=fp16, int8=int8, parity_queries=queries)
+        done = build_export(phase2, out, opts, phase1=phase1, tuples=tuples, negatives=negatives, data_root=data, progress=True)
+    except (ExportError, ValueError, FileNotFoundError) as err:
+        typer.echo(f"export failed: {err}", err=True)
+        raise typer.Exit(1) from None
+    m = done["manifest"]
+    typer.echo(f"wrote {out}: {', '.join(sorted(m['sha256']))} ({m['model_config']['size']}, {m['image_size']} px; "
+               f"identity weight {identity_weight:g}, grid {grid})")
+    if done["parity"] is not None:
+        f = done["parity"]["fp32"]
+        typer.echo(f"parity on {done['parity']['queries']} test tuples: score diff {f['score_max_abs_diff']:.2e}, "
+                   f"box diff {f['box_max_abs_diff_px']:.2e} px, recalls equal: {f['recalls_equal']}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

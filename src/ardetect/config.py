@@ -229,7 +229,7 @@ class PretrainConfig(_Section):
     with phase 1's matcher and losses. Phase 1 starts from the result.
     """
 
-    epochs: int = Field(2, ge=0, description="0 = no pre-training: phase 1 starts from the built (random or model.pretrained) weights")
+    epochs: int = Field(3, ge=0, description="0 = no pre-training: phase 1 starts from the built (random or model.pretrained) weights")
     classify_epochs: int = Field(
         5, ge=0, description="before detection: the image backbone classifies the training split's object crops (ours: the "
         "ImageNet start GroundingDINO's Swin has); 0 = none",
@@ -243,7 +243,7 @@ class PretrainConfig(_Section):
     lr_linear_proj_mult: float = Field(0.1, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     clip_grad: float = Field(0.1, ge=0)
-    lr_drop_epochs: int = Field(100, ge=1, description="StepLR step size, epochs")
+    lr_drop_epochs: int = Field(2, ge=1, description="StepLR step size, epochs")
     lr_gamma: float = Field(0.1, gt=0, le=1)
     absent_classes: int = Field(4, ge=0, description="classes not in the image added to its prompt (negatives for their tokens)")
     min_area: int = Field(64, ge=1, description="objects with fewer visible pixels are left out (mostly covered distractors)")
@@ -360,6 +360,17 @@ class EvaluateConfig(_Section):
     fit_queries: int | None = Field(64, ge=1, description="val queries the identity weight and grid are fitted on; null = all")
 
 
+class ExportConfig(_Section):
+    opset: int = Field(17, ge=17, le=23, description="ONNX opset of the graphs")
+    parity_queries: int = Field(32, ge=1, description="the first test tuples parity is measured on (every candidate of each)")
+    score_tolerance: float = Field(1e-4, gt=0, description="largest |ONNX - PyTorch| score the fp32 export may show")
+    box_tolerance_px: float = Field(0.5, gt=0, description="largest |ONNX - PyTorch| box coordinate, pixels")
+    fp16: bool = Field(True, description="also write an fp16 scorer (for a GPU); its parity is reported, not gated")
+    int8: bool = Field(True, description="also write an int8 dynamically quantized scorer (CPU); parity and Recall@10 reported")
+    registry: bool = Field(True, description="log the export as an MLflow model and register it (alias champion / challenger)")
+    model_name: str = Field("ardetect-detector", min_length=1, description="registered model name")
+
+
 class TrackingConfig(_Section):
     experiment: str = "ardetect"
     tracking_uri: str | None = Field(
@@ -380,6 +391,7 @@ class Config(_Section):
     train_phase2: Phase2Config = Phase2Config()
     abc: AbCSection = AbCSection()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())

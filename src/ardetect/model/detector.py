@@ -542,7 +542,7 @@ class ARDetector(nn.Module):
             pixel_mask: optional [N, H, W] bool, True on real pixels (for padded batches).
         """
         cache = images if isinstance(images, ImageCache) else self.encode_images(images, pixel_mask)
-        n = len(cache)
+        n = cache.features.shape[0]  # (not len(): a traced export keeps N dynamic)
         query = query.expand(n)
         cfg = self.cfg
         flat, mask_flat, pos_flat, shapes, valid_ratios = cache.features, cache.mask, cache.pos, cache.shapes, cache.valid_ratios
@@ -600,9 +600,9 @@ class ARDetector(nn.Module):
                 raise ValueError("identity re-ranking needs the candidates' region maps: encode_images(..., region_map=True)")
             if query is None or not bool(query.region_mask.any()):
                 raise ValueError("identity re-ranking needs a query with region tokens (cfg.region_tokens)")
-            query.expand(len(images))  # checks the batch
+            query.expand(images.features.shape[0])  # checks the batch
             h, w = images.image_size
-            inside = box_ops.cxcywh_norm_to_xyxy_pixels(boxes, torch.tensor([[h, w]], device=boxes.device).expand(len(boxes), 2))
+            inside = box_ops.cxcywh_norm_to_xyxy_pixels(boxes, torch.tensor([[h, w]], device=boxes.device).expand(boxes.shape[0], 2))
             similarity = {}
             for g in dict.fromkeys(grids):
                 pooled = ARDetector.pool_map(images.region_map, inside, g).float()  # [N, K, D g^2]
@@ -694,7 +694,7 @@ class RegionCandidates:
             raise ValueError(f"grid={grid!r}: these candidates carry region similarities of grids {sorted(self.similarity)} only")
         score = self.prob * torch.exp(identity_weight * (self.similarity[grid] - 1.0))
         best, j = score.max(-1)
-        return self.boxes[torch.arange(len(j), device=j.device), j], best
+        return self.boxes.gather(1, j[:, None, None].expand(-1, 1, 4))[:, 0], best  # (gather: exports with a dynamic N)
 
     def select(self, index: Tensor) -> "RegionCandidates":
         """The candidates of images ``index`` [C] (long), in that order."""

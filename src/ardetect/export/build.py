@@ -1,0 +1,159 @@
+"""The export stage's library code: export, parity gate, registration, then the swap into place.
+
+Everything is written to a temp folder beside the target first; only an export whose
+fp32 parity holds (and, when asked, whose registration succeeded) replaces the files of
+the previous one, so a failed export leaves ``out`` as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ardetect.export.onnx_export import GRAPHS, ExportError, export_detector
+
+PARITY_FILE = "parity.json"
+
+
+@dataclass
+class ExportOptions:
+    identity_weight: float
+    grid: int
+    top_k: int
+    opset: int = 17
+    fp16: bool = True
+    int8: bool = True
+    parity_queries: int = 32
+    score_tolerance: float = 1e-4
+    box_tolerance_px: float = 0.5
+    iou_threshold: float = 0.5
+
+
+def identity_of(details_path: Path, row: str = "ARD") -> tuple[float, int]:
+    """The identity weight and pooling grid ``evaluate`` fitted for ``row`` (``reports/details.json``)."""
+    details_path = Path(details_path)
+    if not details_path.is_file():
+        raise FileNotFoundError(f"{details_path} not found: run the evaluate stage first, or give --identity-weight and --grid")
+    fit = json.loads(details_path.read_text()).get("identity_fit", {}).get(row)
+    if not fit:
+        raise ExportError(f"{details_path} holds no identity fit for the row {row!r}")
+    return float(fit["weight"]), int(fit["grid"])
+
+
+def load_pair(phase2: Path, phase1: Path | None = None):
+    """The phase-2 detector; with ``phase1``, also checks that the two share every weight but the adapters."""
+    from ardetect.model.detector import check_variants
+    from ardetect.train.phases import load_model
+
+    for name, p in (("--phase2", phase2), ("--phase1", phase1)):
+        if p is not None and not Path(p).is_file():
+            raise FileNotFoundError(f"{name} {p}: no such checkpoint")
+    model = load_model(Path(phase2)).eval()
+    if phase1 is not None:
+        first = load_model(Path(phase1)).eval()
+        if first.cfg != model.cfg:
+            raise ExportError(f"--phase1 {phase1} is a {first.cfg.size!r} detector, --phase2 {phase2} a {model.cfg.size!r} one: not a pair")
+        try:
+            check_variants(model, {"phase1": first})
+        except ValueError as err:
+            raise ExportError(f"--phase1 {phase1} and --phase2 {phase2} are not one training's pair: {err}") from None
+    return model
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the new export's files over the old ones (graphs and folders first, manifest and parity last)."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in tmp.iterdir())
+    last = [n for n in ("manifest.json", PARITY_FILE) if n in names]
+    for name in [n for n in names if n not in last] + last:
+        src, dst = tmp / name, out / name
+        if src.is_dir():
+            old = out / f".{name}.old-{os.getpid()}"
+            if dst.exists():
+                os.replace(dst, old)
+            os.replace(src, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(src, dst)
+
+
+def build_export(
+    phase2: Path, out: Path, opts: ExportOptions, phase1: Path | None = None, tuples: pd.DataFrame | None = None,
+    negatives: pd.DataFrame | None = None, data_root: Path | None = None, metrics: dict | None = None,
+    register: bool = False, uri: str | None = None, model_name: str = "ardetect-detector", progress: bool = False,
+) -> dict:
+    """Export ``phase2`` to ``out``; with ``tuples``, gate on parity first (``ardetect.export.parity``);
+    with ``register``, log and register the export in the active MLflow run.
+
+    Returns {"manifest", "parity" (or None), "registration" (or None)}. Raises ``ExportError``
+    when parity fails, before anything in ``out`` is touched.
+    """
+    from ardetect.export.parity import run_parity
+
+    out = Path(out)
+    model = load_pair(phase2, phase1)
+    sources = {"phase2": Path(phase2), **({"phase1": Path(phase1)} if phase1 is not None else {})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        manifest = export_detector(model, tmp, opts.identity_weight, opts.grid, opts.top_k, opset=opts.opset, sources=sources,
+                                   metrics=metrics, fp16=opts.fp16, int8=opts.int8)
+        parity = None
+        if tuples is not None:
+            precisions = tuple(p for p, on in (("fp16", opts.fp16), ("int8", opts.int8)) if on)
+            parity = run_parity(model, tmp, tuples, negatives, data_root, opts.identity_weight, opts.grid, opts.top_k,
+                                queries=opts.parity_queries, score_tol=opts.score_tolerance, box_tol=opts.box_tolerance_px,
+                                iou_threshold=opts.iou_threshold, precisions=precisions, progress=progress)
+            (tmp / PARITY_FILE).write_text(json.dumps(parity, indent=2, sort_keys=True) + "\n")
+            if not parity["passed"]:
+                f = parity["fp32"]
+                raise ExportError(
+                    f"parity failed on {parity['queries']} test tuples: score max diff {f['score_max_abs_diff']:.3g} "
+                    f"(bound {opts.score_tolerance:g}), box max diff {f['box_max_abs_diff_px']:.3g} px (bound {opts.box_tolerance_px:g}), "
+                    f"recalls ONNX {[f[k] for k in ('recall@1', 'recall@5', 'recall@10')]} vs PyTorch "
+                    f"{[parity['pytorch'][k] for k in ('recall@1', 'recall@5', 'recall@10')]}; {out} is left as it was"
+                )
+        registration = None
+        if register:
+            from ardetect.export.registry import log_and_register
+
+            if uri is None:
+                raise ValueError("register=True needs the tracking uri")
+            example = input_example(tuples, negatives, data_root) if tuples is not None else None
+            registration = log_and_register(tmp, uri, _version_metrics(metrics or {}, parity), model_name, example)
+        _install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    missing = [f"{g}.onnx" for g in GRAPHS if not (out / f"{g}.onnx").is_file()]
+    if missing:  # pragma: no cover - a failed rename raises before this
+        raise ExportError(f"{out} lacks {missing} after the install")
+    return {"manifest": manifest, "parity": parity, "registration": registration}
+
+
+def _version_metrics(metrics: dict, parity: dict | None) -> dict[str, float]:
+    flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if parity is not None:
+        flat["parity_score_max_abs_diff"] = parity["fp32"]["score_max_abs_diff"]
+        flat["parity_box_max_abs_diff_px"] = parity["fp32"]["box_max_abs_diff_px"]
+    return flat
+
+
+def input_example(tuples: pd.DataFrame, negatives: pd.DataFrame, data_root: Path) -> pd.DataFrame:
+    """The first test tuple as the registered model's input: its query and two candidates (its own image first)."""
+    from ardetect.export.parity import parity_queries
+
+    t, negs = parity_queries(tuples, negatives, 1)
+    q = t.iloc[0]
+    root = Path(data_root).resolve()
+    others = sorted(negs["neg_image"].astype(str))[:1]
+    x0, y0, x1, y1 = (float(v) for v in q["query_box"])
+    return pd.DataFrame([{
+        "query_image": str(root / q["query_image"]), "x0": x0, "y0": y0, "x1": x1, "y1": y1, "prompt": str(q["prompt"]),
+        "concept_phrase": str(q["concept_phrase"]), "candidates": [str(root / q["train_image"]), *(str(root / o) for o in others)],
+    }])

@@ -1,0 +1,107 @@
+"""Parity of an export with the PyTorch detector it came from, on real tuples.
+
+Both sides score the same queries over every candidate through the evaluation harness
+(``evaluate_method``): PyTorch with ``ARDMethod`` (the evaluation's scorer, with the
+fitted identity weight and grid), the export with ``OnnxARDMethod``. Reported: the
+largest score and box differences, and Recall@1/5/10 of each side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RECALLS = ("recall@1", "recall@5", "recall@10")
+
+
+@dataclass
+class Recording:
+    """A harness method that keeps every ``Scores`` it returns, by tuple id."""
+
+    method: object
+    seen: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def region_level(self) -> bool:
+        return self.method.region_level
+
+    def score(self, query, candidates):
+        out = self.method.score(query, candidates)
+        self.seen[str(query["tuple_id"])] = out
+        return out
+
+
+def parity_queries(tuples: pd.DataFrame, negatives: pd.DataFrame, n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The first ``n`` test tuples (in the table's order) and their negatives."""
+    test = tuples[tuples["split"] == "test"].head(n).reset_index(drop=True)
+    if test.empty:
+        raise ValueError("parity: the tuples have no test split to check the export on")
+    return test, negatives[negatives["tuple_id"].astype(str).isin(set(test["tuple_id"].astype(str)))]
+
+
+def compare(reference: Recording, other: Recording, box_tol: float = 0.5) -> dict:
+    """Largest |score| and |box| (pixels) differences between two recordings of the same queries, and the
+    share of candidates whose chosen box differs by more than ``box_tol`` (another of the top-k boxes won)."""
+    ds, db, moved, total = 0.0, 0.0, 0, 0
+    for tid, want in reference.seen.items():
+        got = other.seen[tid]
+        ds = max(ds, float(np.max(np.abs(np.asarray(got.scores) - np.asarray(want.scores)))))
+        diff = np.abs(np.asarray(got.boxes) - np.asarray(want.boxes)).max(-1)
+        db = max(db, float(diff.max()))
+        moved, total = moved + int((diff > box_tol).sum()), total + len(diff)
+    return {"score_max_abs_diff": ds, "box_max_abs_diff_px": db, "box_changed_share": moved / max(total, 1)}
+
+
+def run_parity(
+    model, folder: Path, tuples: pd.DataFrame, negatives: pd.DataFrame, data_root: Path, identity_weight: float, grid: int, top_k: int,
+    queries: int = 32, score_tol: float = 1e-4, box_tol: float = 0.5, iou_threshold: float = 0.5, precisions: tuple[str, ...] = (),
+    batch: int = 64, progress: bool = False,
+) -> dict:
+    """Parity of the fp32 export in ``folder`` (the gate) and of each extra scorer variant in
+    ``precisions`` (reported, not gating) against PyTorch on ``queries`` test tuples.
+
+    Returns {"queries", "candidates", "fp32": {diffs, recalls, "passed"}, <precision>: {...}, "passed"}.
+    A variant onnxruntime cannot run here (fp16 on a CPU without fp16 kernels) reports why instead of figures.
+    """
+    from ardetect.evaluation.ard import ARDMethod
+    from ardetect.evaluation.harness import evaluate_method
+    from ardetect.export.runtime import OnnxARDMethod, OnnxDetector
+    from ardetect.train.phases import image_size_of
+
+    t, negs = parity_queries(tuples, negatives, queries)
+    size = image_size_of(model)
+    torch_side = Recording(ARDMethod(model, data_root, size, name="PyTorch", batch=batch, identity_weight=identity_weight, top_k=top_k, grid=grid))
+    want = evaluate_method(torch_side, t, negs, iou_threshold, progress=progress).summary
+    n_cand = 1 + negs.groupby("tuple_id", observed=True).size()
+    report: dict = {"queries": len(t), "candidates": int(n_cand.max()) if len(n_cand) else 1,
+                    "pytorch": {k: float(want[k]) for k in RECALLS}}
+    shared: dict = {}  # the image encoder is the same graph for every scorer variant: encode each image once
+    for precision in ("fp32", *[p for p in precisions if p != "fp32"]):
+        try:
+            detector = OnnxDetector(folder, precision=precision)
+            side = Recording(OnnxARDMethod(detector, data_root, name=f"ONNX {precision}", batch=batch, features=shared))
+            got = evaluate_method(side, t, negs, iou_threshold, progress=progress).summary
+        except Exception as err:
+            if precision == "fp32":
+                raise
+            report[precision] = {"run": False, "reason": f"{type(err).__name__}: {str(err).strip()[:300]}"}
+            continue
+        row = {"run": True, "providers": sorted(set(detector.providers_used.values())), **compare(torch_side, side, box_tol),
+               **{k: float(got[k]) for k in RECALLS}}
+        if precision == "fp32":
+            fp32_side = side
+        else:  # a variant's own parity against the fp32 export
+            row["vs_fp32"] = compare(fp32_side, side, box_tol)
+        row["recalls_equal"] = all(row[k] == report["pytorch"][k] for k in RECALLS)
+        row["within_bounds"] = bool(row["score_max_abs_diff"] <= score_tol and row["box_max_abs_diff_px"] <= box_tol and row["recalls_equal"])
+        report[precision] = row
+    report["bounds"] = {"score_max_abs_diff": score_tol, "box_max_abs_diff_px": box_tol, "recalls": "equal"}
+    report["passed"] = report["fp32"]["within_bounds"]
+    return report

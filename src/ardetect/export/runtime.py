@@ -1,0 +1,213 @@
+"""Run an exported detector with onnxruntime: load, check, preprocess, tokenize, score.
+
+``OnnxDetector`` reads a folder written by ``export_detector``: it checks the manifest and
+every graph's SHA-256 (a corrupt, truncated or swapped file is refused with its name),
+opens one onnxruntime session per graph with the providers available (CUDA, then CPU,
+unless told otherwise) and reports the ones actually used. Images go through the same
+resize as evaluation (``prepare_image``) and prompts through the training's tokenizer
+function (``ardetect.model.text.tokenize_prompts``).
+
+``OnnxARDMethod`` puts it behind the evaluation harness's method interface, so ONNX scores
+are ranked and judged by the same code as PyTorch's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ardetect.export.onnx_export import FORMAT_VERSION, GRAPHS, ExportError, sha256
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def load_manifest(folder: Path) -> dict:
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise ExportError(f"{path} not found: {folder} is not an export folder (run the export stage or `ard export`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: format_version {manifest.get('format_version')!r}, this ardetect reads {FORMAT_VERSION}")
+    return manifest
+
+
+def prepare_image(image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image (path or PIL) -> ([3, size, size] float32 in [0, 1], (height, width) of the original): evaluation's resize."""
+    return prepare_image_and_box(image, size, None)[::2]
+
+
+def prepare_image_and_box(image, size: int, box) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """``prepare_image`` and a pixel xyxy box of the original mapped into the resized image."""
+    from PIL import Image
+
+    from ardetect.data.datasets import load_rgb, transform_with_box
+
+    img = load_rgb(Path(image)) if not isinstance(image, Image.Image) else image.convert("RGB")
+    tensor, out = transform_with_box(_transform(size), img, [0, 0, 1, 1] if box is None else list(box))
+    return tensor.numpy(), (None if box is None else out.numpy()), (img.height, img.width)
+
+
+@lru_cache(maxsize=8)
+def _transform(size: int):
+    from ardetect.data.datasets import build_transform
+
+    return build_transform(train=False, size=size)
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """The providers to ask onnxruntime for: ``requested`` (those available), else the preferred available ones."""
+    import onnxruntime as ort
+
+    available = [p for p in ort.get_available_providers() if p == "CPUExecutionProvider" or _usable(p)]
+    wanted = list(requested) if requested else list(PREFERRED_PROVIDERS)
+    chosen = [p for p in wanted if p in available]
+    if requested and not chosen:
+        raise ExportError(f"providers={list(requested)}: none is available here (onnxruntime has {available})")
+    return chosen or ["CPUExecutionProvider"]
+
+
+def _usable(provider: str) -> bool:
+    """Whether a GPU provider onnxruntime was built with can run here: onnxruntime-gpu lists CUDA and
+    TensorRT on any machine and only fails (loudly) when a session asks for them without a GPU."""
+    import ctypes.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    if provider == "TensorrtExecutionProvider":
+        return ctypes.util.find_library("nvinfer") is not None
+    return True
+
+
+class OnnxDetector:
+    """An exported detector on onnxruntime.
+
+    ``precision``: the scorer to run, "fp32" (default), or a variant the export wrote ("fp16",
+    "int8"). ``providers``: onnxruntime execution providers in order of preference (default:
+    TensorRT, CUDA, CPU, those available); ``providers_used`` says which each session got.
+    """
+
+    def __init__(self, folder: str | Path, precision: str = "fp32", providers: Sequence[str] | None = None, threads: int | None = None,
+                 verify: bool = True):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.folder = Path(folder)
+        self.manifest = m = load_manifest(self.folder)
+        files = {n: m["graphs"][n]["file"] for n in GRAPHS}
+        if precision != "fp32":
+            if precision not in m.get("variants", {}):
+                raise ExportError(f"precision={precision!r}: {self.folder} has the scorer variants {['fp32', *m.get('variants', {})]}")
+            files["scorer"] = m["variants"][precision]["file"]
+        self.precision = precision
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.log_severity_level = 3
+        providers = choose_providers(providers)
+        self.sessions = {}
+        for name, file in files.items():
+            path = self.folder / file
+            if not path.is_file():
+                raise ExportError(f"{path} not found: the export in {self.folder} is incomplete")
+            if verify and sha256(path) != m["sha256"].get(file):
+                raise ExportError(f"{path}: SHA-256 differs from manifest.json: the file is corrupt or from another export")
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
+            except Exception as err:  # onnxruntime raises its own exception types
+                raise ExportError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {str(err).strip()[:300]})") from None
+        self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+        self.providers_used = {n: s.get_providers()[0] for n, s in self.sessions.items()}
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder / m["tokenizer"]["path"]))
+        self.size = int(m["image_size"])
+
+    # --- the three graphs -------------------------------------------------------------
+    def encode_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """[N, 3, S, S] float32 in [0, 1] -> {"features", "region_map"} (what an index keeps per image)."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[1:] != (3, self.size, self.size):
+            raise ValueError(f"images must be [N, 3, {self.size}, {self.size}], got {list(images.shape)}")
+        feats, rmap = self.sessions["image_encoder"].run(None, {"images": images})
+        return {"features": feats, "region_map": rmap}
+
+    def tokenize(self, prompt: str, concept_phrase: str) -> dict[str, np.ndarray]:
+        """The prompt's arrays (``TokenizedPrompts``) from the training's tokenizer function."""
+        from ardetect.model.text import tokenize_prompts
+
+        tok = tokenize_prompts(self.tokenizer, [prompt], [concept_phrase], 1, self.manifest["tokenizer"]["max_text_len"])
+        return {k: v.numpy() for k, v in tok.__dict__.items() if hasattr(v, "numpy")}
+
+    def encode_query(self, image, box, prompt: str, concept_phrase: str) -> dict[str, np.ndarray]:
+        """A query (image path or PIL, pixel xyxy box in it, prompt, concept phrase) -> the query cache the scorer reads."""
+        img, qbox, _ = prepare_image_and_box(image, self.size, box)
+        return self.encode_prepared_query(img, qbox, prompt, concept_phrase)
+
+    def encode_prepared_query(self, image: np.ndarray, box: np.ndarray, prompt: str, concept_phrase: str) -> dict[str, np.ndarray]:
+        """``encode_query`` of an image already resized (``prepare_image``) and its box in that image."""
+        from ardetect.model.box_ops import check_boxes_in_image
+
+        import torch
+
+        box = np.asarray(box, dtype=np.float32).reshape(1, 4)
+        check_boxes_in_image(torch.from_numpy(box), self.size, self.size, "query_box")
+        tok = self.tokenize(prompt, concept_phrase)
+        feeds = {"query_image": np.ascontiguousarray(image[None], dtype=np.float32), "query_box": box, **tok}
+        text, qmap = self.sessions["query_encoder"].run(None, {k: feeds[k] for k in self.inputs["query_encoder"]})
+        return {"text": text, "query_region_map": qmap, "query_box": box, **tok}
+
+    def score(self, images: dict[str, np.ndarray], query: dict[str, np.ndarray], image_sizes: np.ndarray, chunk: int = 64) -> dict[str, np.ndarray]:
+        """Candidates' ``encode_images`` output, the ``encode_query`` output and the candidates' original
+        (h, w) [N, 2] -> {"boxes" [N, 4] pixel xyxy, "scores" [N], "top_boxes", "top_probs", "top_similarity"}."""
+        n = len(images["features"])
+        sizes = np.asarray(image_sizes, dtype=np.int64).reshape(n, 2)
+        names = self.inputs["scorer"]
+        parts = []
+        for s in range(0, n, chunk):
+            feeds = {"features": images["features"][s : s + chunk], "region_map": images["region_map"][s : s + chunk],
+                     "image_sizes": sizes[s : s + chunk], **query}
+            parts.append(self.sessions["scorer"].run(None, {k: feeds[k] for k in names}))
+        keys = [o.name for o in self.sessions["scorer"].get_outputs()]
+        return {k: np.concatenate([p[i] for p in parts]) for i, k in enumerate(keys)}
+
+
+class OnnxARDMethod:
+    """An ``OnnxDetector`` as a method of the evaluation harness (``ardetect.evaluation.harness``):
+    the same candidates, preprocessing and ranking as ``ARDMethod``, scored by the exported graphs."""
+
+    region_level = True
+
+    def __init__(self, detector: OnnxDetector, data_root: Path, name: str = "ARD (ONNX)", batch: int = 64, features: dict | None = None):
+        self.detector, self.root, self.name, self.batch = detector, Path(data_root), name, batch
+        # image path -> (features, region map, original size); ``features`` shares one cache between
+        # detectors with the same image encoder (scorer variants of one export)
+        self._features: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {} if features is None else features
+
+    def image_features(self, paths: list[str]) -> dict[str, np.ndarray]:
+        missing = list(dict.fromkeys(p for p in paths if p not in self._features))
+        for s in range(0, len(missing), self.batch):
+            part = missing[s : s + self.batch]
+            prepared = [prepare_image(self.root / p, self.detector.size) for p in part]
+            enc = self.detector.encode_images(np.stack([a for a, _ in prepared]))
+            for i, p in enumerate(part):
+                self._features[p] = (enc["features"][i], enc["region_map"][i], prepared[i][1])
+        rows = [self._features[p] for p in paths]
+        return {"features": np.stack([r[0] for r in rows]), "region_map": np.stack([r[1] for r in rows]),
+                "sizes": np.array([r[2] for r in rows], dtype=np.int64)}
+
+    def score(self, query, candidates: list[str]):
+        from ardetect.evaluation.harness import Scores
+
+        q = self.detector.encode_query(self.root / query["query_image"], query["query_box"], query["prompt"], query["concept_phrase"])
+        feats = self.image_features(list(candidates))
+        out = self.detector.score(feats, q, feats["sizes"], chunk=self.batch)
+        return Scores(out["scores"].astype(np.float64), out["boxes"].astype(np.float64))

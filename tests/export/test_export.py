@@ -1,0 +1,182 @@
+"""The export: ONNX graphs that match PyTorch, a parity gate that fails, files that are checked, a registry alias that moves only on improvement."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ardetect.export.build import ExportOptions, build_export
+from ardetect.export.onnx_export import ExportError, check_graph
+from ardetect.export.parity import run_parity
+from ardetect.export.runtime import OnnxDetector, prepare_image, prepare_image_and_box
+
+pytestmark = pytest.mark.slow
+
+OPTS = ExportOptions(identity_weight=5.0, grid=2, top_k=3, parity_queries=6)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    tuples, negatives, root, p1, p2 = trained
+    out = tmp_path_factory.mktemp("export") / "export"
+    done = build_export(p2, out, OPTS, phase1=p1, tuples=tuples, negatives=negatives, data_root=root)
+    return out, done
+
+
+def test_export_round_trip_matches_pytorch(trained, exported):
+    from ardetect.train.phases import load_model
+
+    tuples, negatives, root, p1, p2 = trained
+    out, done = exported
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity == json.loads(json.dumps(done["parity"]))
+    assert parity["passed"] and parity["queries"] == 6 and parity["candidates"] == 6
+    f = parity["fp32"]
+    assert f["score_max_abs_diff"] <= 1e-4 and f["box_max_abs_diff_px"] <= 0.5 and f["recalls_equal"]
+    assert f["providers"] == ["CPUExecutionProvider"]
+    assert parity["int8"]["run"] and 0.0 <= parity["int8"]["recall@10"] <= 1.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["opset"] >= 17 and manifest["score"]["identity_weight"] == 5.0 and manifest["score"]["grid"] == 2
+    assert manifest["graphs"]["image_encoder"]["inputs"][0]["shape"][0] == "n"  # dynamic batch axis
+    assert manifest["sources"]["phase2"]["sha256"] and manifest["sources"]["phase1"]["sha256"]
+    for name in ("image_encoder", "query_encoder", "scorer"):
+        check_graph(out / f"{name}.onnx")
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    # any batch of candidates, by hand, against the PyTorch detector
+    model = load_model(p2).eval()
+    det = OnnxDetector(out)
+    q = tuples[tuples["split"] == "test"].iloc[0]
+    images = [root / x for x in sorted(set(tuples["train_image"]))[:5]]
+    prepared = [prepare_image(p, det.size) for p in images]
+    for n in (1, 5):
+        feats = det.encode_images(np.stack([a for a, _ in prepared[:n]]))
+        query = det.encode_query(root / q["query_image"], q["query_box"], q["prompt"], q["concept_phrase"])
+        got = det.score(feats, query, np.array([s for _, s in prepared[:n]]))
+        assert got["boxes"].shape == (n, 4) and got["scores"].shape == (n,) and got["top_boxes"].shape == (n, 3, 4)
+        qimg, qbox, _ = prepare_image_and_box(root / q["query_image"], det.size, q["query_box"])
+        cache = model.encode_query(torch.from_numpy(qimg)[None], torch.from_numpy(qbox)[None], [q["prompt"]], [q["concept_phrase"]],
+                                   region_map=True)
+        with torch.no_grad():
+            enc = model.encode_images(torch.from_numpy(np.stack([a for a, _ in prepared[:n]])), region_map=True)
+            boxes, scores = model.predict_region(enc, cache, image_sizes=torch.tensor([s for _, s in prepared[:n]]),
+                                                 identity_weight=5.0, top_k=3, grid=2)
+        np.testing.assert_allclose(got["scores"], scores.numpy(), atol=1e-4)
+        np.testing.assert_allclose(got["boxes"], boxes.numpy(), atol=0.5)
+
+
+def test_parity_fails_when_a_weight_is_perturbed(trained, exported):
+    from ardetect.train.phases import load_model
+
+    tuples, negatives, root, _, p2 = trained
+    out, _ = exported
+    model = load_model(p2).eval()
+    with torch.no_grad():
+        model.bbox_heads[-1].layers[-1].bias.add_(0.2)  # every box moves
+        model.adapter_text.weight.mul_(1.05)  # every score moves
+    report = run_parity(model, out, tuples, negatives, root, 5.0, 2, 3, queries=6)
+    assert not report["passed"] and not report["fp32"]["within_bounds"]
+    assert report["fp32"]["score_max_abs_diff"] > 1e-4 and report["fp32"]["box_max_abs_diff_px"] > 0.5
+
+
+def test_failed_parity_leaves_the_previous_export_untouched(trained, exported, tmp_path, monkeypatch):
+    import ardetect.export.build as build
+
+    tuples, negatives, root, p1, p2 = trained
+    src, _ = exported
+    out = tmp_path / "export"
+    shutil.copytree(src, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = build.export_detector
+
+    def export_then_drift(model, *args, **kwargs):  # the graphs written no longer match the model parity reads
+        manifest = real(model, *args, **kwargs)
+        with torch.no_grad():
+            model.adapter_text.weight.mul_(1.05)
+        return manifest
+
+    monkeypatch.setattr(build, "export_detector", export_then_drift)
+    with pytest.raises(ExportError, match="parity failed.*left as it was"):
+        build_export(p2, out, OPTS, tuples=tuples, negatives=negatives, data_root=root)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".export.tmp-")]  # no temp folder left
+
+
+def test_corrupt_or_mismatched_graph_is_refused_by_name(exported, tmp_path):
+    src, _ = exported
+    out = tmp_path / "export"
+    shutil.copytree(src, out)
+    scorer = out / "scorer.onnx"
+    data = scorer.read_bytes()
+    scorer.write_bytes(data[: len(data) // 3])  # truncated
+    with pytest.raises(ExportError, match=r"scorer\.onnx: SHA-256 differs"):
+        OnnxDetector(out)
+    with pytest.raises(ExportError, match=r"scorer\.onnx: onnxruntime cannot load it"):
+        OnnxDetector(out, verify=False)
+    with pytest.raises(ExportError, match=r"scorer\.onnx: not a valid ONNX graph"):
+        check_graph(scorer)
+    shutil.copy(src / "image_encoder.onnx", scorer)  # another graph under the scorer's name
+    with pytest.raises(ExportError, match=r"scorer\.onnx: SHA-256 differs"):
+        OnnxDetector(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(ExportError, match=r"manifest\.json: not valid JSON"):
+        OnnxDetector(out)
+    with pytest.raises(ExportError, match="not an export folder"):
+        OnnxDetector(tmp_path / "nowhere")
+    with pytest.raises(ExportError, match="precision='bf16'"):
+        OnnxDetector(src, precision="bf16")
+
+
+def test_export_refuses_a_checkpoint_pair_of_two_trainings(trained, tmp_path):
+    from ardetect.model import ModelConfig, build as build_model
+    from ardetect.train.engine import model_file_state, save_atomic
+
+    tuples, negatives, root, p1, p2 = trained
+    other = build_model(ModelConfig.named("nano", num_queries=16, image_size=(64, 64)))
+    path = save_atomic({**model_file_state(other), "model_config": other.cfg.model_dump(mode="json")}, tmp_path / "other.pt")
+    with pytest.raises(ExportError, match="not one training's pair"):
+        build_export(p2, tmp_path / "out", OPTS, phase1=path)
+    with pytest.raises(FileNotFoundError, match="--phase2"):
+        build_export(tmp_path / "missing.pt", tmp_path / "out", OPTS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ard_export_on_a_checkpoint_of_another_model_size(trained, tmp_path):
+    """`ard export` on a detector of the T-B family (Swin image backbone, BERT-style text encoder), shrunk to test size."""
+    from typer.testing import CliRunner
+
+    from ardetect.cli import app
+    from trained_pair import train_pair
+    from tiny_world import fast_config
+
+    tuples, negatives, root, _, _ = trained
+    overrides = dict(swin_embed_dim=16, swin_depths=[1, 1, 1, 1], swin_num_heads=[1, 1, 1, 1], swin_window_size=4,
+                     swin_pretrain_image_size=64, text_backbone="custom", text_custom=[32, 1, 2, 64], text_pretrained=None,
+                     hidden_dim=32, num_heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=64, num_queries=16, max_text_len=64)
+    cfg = fast_config(model={"size": "T-B", "overrides": overrides}, train_phase1={"epochs": 1, "max_steps_per_epoch": 2},
+                      train_phase2={"max_steps_per_epoch": 1})
+    p1, p2 = train_pair(cfg, tuples, root, tmp_path / "tb")
+    data = tmp_path / "data"  # the layout `ard export` reads parity tuples from: <data>/tuples/*.parquet, image paths under <data>
+    (data / "tuples").mkdir(parents=True)
+    tuples.to_parquet(data / "tuples" / "tuples.parquet")
+    negatives.to_parquet(data / "tuples" / "negatives.parquet")
+    (data / "img").symlink_to(root / "img")
+    out = tmp_path / "export"
+    result = CliRunner().invoke(app, ["export", "--phase2", str(p2), "--phase1", str(p1), "--out", str(out), "--identity-weight", "2",
+                                      "--grid", "1", "--data", str(data), "--queries", "4", "--no-fp16"])
+    assert result.exit_code == 0, result.output
+    assert "parity on 4 test tuples" in result.output and "recalls equal: True" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model_config"]["size"] == "T-B" and manifest["model_config"]["image_backbone"] == "swin"
+    assert manifest["score"] == {**manifest["score"], "identity_weight": 2.0, "grid": 1}
+    assert json.loads((out / "parity.json").read_text())["passed"]
+    # a pair of two sizes is refused with the reason
+    nano_p1 = trained[3]
+    bad = CliRunner().invoke(app, ["export", "--phase2", str(p2), "--phase1", str(nano_p1), "--out", str(tmp_path / "bad"),
+                                   "--identity-weight", "2", "--grid", "1", "--no-parity"])
+    assert bad.exit_code == 1 and "is a 'nano' detector" in bad.output
