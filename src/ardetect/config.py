@@ -229,7 +229,7 @@ class PretrainConfig(_Section):
     with phase 1's matcher and losses. Phase 1 starts from the result.
     """
 
-    epochs: int = Field(3, ge=0, description="0 = no pre-training: phase 1 starts from the built (random or model.pretrained) weights")
+    epochs: int = Field(2, ge=0, description="0 = no pre-training: phase 1 starts from the built (random or model.pretrained) weights")
     classify_epochs: int = Field(
         5, ge=0, description="before detection: the image backbone classifies the training split's object crops (ours: the "
         "ImageNet start GroundingDINO's Swin has); 0 = none",
@@ -243,7 +243,7 @@ class PretrainConfig(_Section):
     lr_linear_proj_mult: float = Field(0.1, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     clip_grad: float = Field(0.1, ge=0)
-    lr_drop_epochs: int = Field(2, ge=1, description="StepLR step size, epochs")
+    lr_drop_epochs: int = Field(100, ge=1, description="StepLR step size, epochs")
     lr_gamma: float = Field(0.1, gt=0, le=1)
     absent_classes: int = Field(4, ge=0, description="classes not in the image added to its prompt (negatives for their tokens)")
     min_area: int = Field(64, ge=1, description="objects with fewer visible pixels are left out (mostly covered distractors)")
@@ -265,7 +265,7 @@ class Phase1Config(_Section):
     lr_linear_proj_mult: float = Field(0.1, gt=0, description="lr multiplier of sampling offsets and reference points")
     weight_decay: float = Field(1e-4, ge=0)
     clip_grad: float = Field(0.1, ge=0, description="max grad norm; 0 = off")
-    lr_drop_epochs: int = Field(2, ge=1, description="StepLR step size, epochs")
+    lr_drop_epochs: int = Field(100, ge=1, description="StepLR step size, epochs")
     lr_gamma: float = Field(0.1, gt=0, le=1)
     checkpoint_every: int = Field(100, ge=1, description="save the latest checkpoint every N steps (resume point)")
     augment: bool = True
