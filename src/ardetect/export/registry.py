@@ -42,7 +42,7 @@ class AttributionModel(_PythonModel):
 
         self.detector = OnnxDetector(context.artifacts["export"])
 
-    def predict(self, context, model_input, params=None):  # (no type hints: the signature comes from the input example)
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import numpy as np
 
         from ardetect.export.runtime import prepare_image
