@@ -27,3 +27,20 @@ def parser_with_threads(doc: str) -> argparse.ArgumentParser:
 def apply_threads(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def timed_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each ``fns[name]()`` over ``repeats`` rounds, each round calling every function
+    once in turn, so that a slow spell of a shared machine hits all of them alike."""
+    import statistics
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

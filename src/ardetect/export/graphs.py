@@ -96,7 +96,7 @@ class ScorerGraph(nn.Module):
         n = features.shape[0]
         images = ImageCache(
             features, torch.ones(features.shape[:2], dtype=torch.bool, device=features.device), self.pos.expand(n, -1, -1),
-            self.shapes, self.valid_ratios.expand(n, -1, -1), self.image_size, region_map,
+            self.shapes, self.valid_ratios, self.image_size, region_map,  # [1, L, 2] broadcasts: reference points fold to constants
         )
         query = QueryCache(text, token_mask, self_attn_mask, position_ids, concept_mask, region_mask, None, query_region_map, query_box)
         query = query.expand(n)

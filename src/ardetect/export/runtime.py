@@ -14,7 +14,9 @@ are ranked and judged by the same code as PyTorch's.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -94,7 +96,14 @@ class OnnxDetector:
     ``precision``: the scorer to run, "fp32" (default), or a variant the export wrote ("fp16",
     "int8"). ``providers``: onnxruntime execution providers in order of preference (default:
     TensorRT, CUDA, CPU, those available); ``providers_used`` says which each session got.
+    ``threads``: CPU threads (default: every core). The encoders use them inside each call; the
+    scorer on the CPU runs single-threaded calls on chunks of candidates side by side, one per
+    thread, which keeps both cores busy where splitting each small operation between threads
+    does not (``bench/bench_onnx_cpu.py`` measures both).
     """
+
+    CPU_CHUNK = 4  # candidates per scorer call on the CPU: each call's tensors stay in the core's cache
+    GPU_CHUNK = 64
 
     def __init__(self, folder: str | Path, precision: str = "fp32", providers: Sequence[str] | None = None, threads: int | None = None,
                  verify: bool = True):
@@ -109,14 +118,16 @@ class OnnxDetector:
                 raise ExportError(f"precision={precision!r}: {self.folder} has the scorer variants {['fp32', *m.get('variants', {})]}")
             files["scorer"] = m["variants"][precision]["file"]
         self.precision = precision
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.log_severity_level = 3
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads!r}")
+        self.threads = int(threads or os.cpu_count() or 1)
         providers = choose_providers(providers)
         self.sessions = {}
         for name, file in files.items():
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.intra_op_num_threads = 1 if name == "scorer" else self.threads
+            opts.log_severity_level = 3
             path = self.folder / file
             if not path.is_file():
                 raise ExportError(f"{path} not found: the export in {self.folder} is incomplete")
@@ -128,6 +139,13 @@ class OnnxDetector:
                 raise ExportError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {str(err).strip()[:300]})") from None
         self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
         self.providers_used = {n: s.get_providers()[0] for n, s in self.sessions.items()}
+        if self.providers_used["scorer"] == "CPUExecutionProvider" and self.threads > 1:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ardetect-scorer")
+            self.chunk = self.CPU_CHUNK
+        else:  # a GPU scorer runs its (internally parallel) calls one after another on bigger chunks
+            self._pool, self.chunk = None, self.GPU_CHUNK
+            if self.providers_used["scorer"] == "CPUExecutionProvider":
+                self.chunk = self.CPU_CHUNK
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder / m["tokenizer"]["path"]))
         self.size = int(m["image_size"])
 
@@ -165,17 +183,25 @@ class OnnxDetector:
         text, qmap = self.sessions["query_encoder"].run(None, {k: feeds[k] for k in self.inputs["query_encoder"]})
         return {"text": text, "query_region_map": qmap, "query_box": box, **tok}
 
-    def score(self, images: dict[str, np.ndarray], query: dict[str, np.ndarray], image_sizes: np.ndarray, chunk: int = 64) -> dict[str, np.ndarray]:
+    def score(self, images: dict[str, np.ndarray], query: dict[str, np.ndarray], image_sizes: np.ndarray,
+              chunk: int | None = None) -> dict[str, np.ndarray]:
         """Candidates' ``encode_images`` output, the ``encode_query`` output and the candidates' original
-        (h, w) [N, 2] -> {"boxes" [N, 4] pixel xyxy, "scores" [N], "top_boxes", "top_probs", "top_similarity"}."""
+        (h, w) [N, 2] -> {"boxes" [N, 4] pixel xyxy, "scores" [N], "top_boxes", "top_probs", "top_similarity"}.
+        ``chunk``: candidates per scorer call (default: ``self.chunk``, by provider)."""
         n = len(images["features"])
         sizes = np.asarray(image_sizes, dtype=np.int64).reshape(n, 2)
         names = self.inputs["scorer"]
-        parts = []
-        for s in range(0, n, chunk):
+        chunk = int(chunk or self.chunk)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+
+        def run(s: int) -> list[np.ndarray]:
             feeds = {"features": images["features"][s : s + chunk], "region_map": images["region_map"][s : s + chunk],
                      "image_sizes": sizes[s : s + chunk], **query}
-            parts.append(self.sessions["scorer"].run(None, {k: feeds[k] for k in names}))
+            return self.sessions["scorer"].run(None, {k: feeds[k] for k in names})
+
+        starts = range(0, n, chunk)
+        parts = list(self._pool.map(run, starts)) if self._pool is not None and n > chunk else [run(s) for s in starts]
         keys = [o.name for o in self.sessions["scorer"].get_outputs()]
         return {k: np.concatenate([p[i] for p in parts]) for i, k in enumerate(keys)}
 
@@ -209,5 +235,5 @@ class OnnxARDMethod:
 
         q = self.detector.encode_query(self.root / query["query_image"], query["query_box"], query["prompt"], query["concept_phrase"])
         feats = self.image_features(list(candidates))
-        out = self.detector.score(feats, q, feats["sizes"], chunk=self.batch)
+        out = self.detector.score(feats, q, feats["sizes"])
         return Scores(out["scores"].astype(np.float64), out["boxes"].astype(np.float64))
