@@ -375,6 +375,7 @@ def export_cmd(
         f = done["parity"]["fp32"]
         typer.echo(f"parity on {done['parity']['queries']} test tuples: score diff {f['score_max_abs_diff']:.2e}, "
                    f"box diff {f['box_max_abs_diff_px']:.2e} px, recalls equal: {f['recalls_equal']}")
+    typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in done["seconds"].items()))
 
 
 def main() -> None:  # pragma: no cover

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def build_export(
     """Export ``phase2`` to ``out``; with ``tuples``, gate on parity first (``ardetect.export.parity``);
     with ``register``, log and register the export in the active MLflow run.
 
-    Returns {"manifest", "parity" (or None), "registration" (or None)}. Raises ``ExportError``
+    Returns {"manifest", "parity" (or None), "registration" (or None), "seconds" (wall time of
+    "graphs", each parity side, "registration")}. Raises ``ExportError``
     when parity fails, before anything in ``out`` is touched.
     """
     from ardetect.export.parity import run_parity
@@ -101,15 +103,18 @@ def build_export(
     sources = {"phase2": Path(phase2), **({"phase1": Path(phase1)} if phase1 is not None else {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
     try:
         manifest = export_detector(model, tmp, opts.identity_weight, opts.grid, opts.top_k, opset=opts.opset, sources=sources,
                                    metrics=metrics, fp16=opts.fp16, int8=opts.int8)
+        seconds["graphs"] = time.perf_counter() - start
         parity = None
         if tuples is not None:
             precisions = tuple(p for p, on in (("fp16", opts.fp16), ("int8", opts.int8)) if on)
             parity = run_parity(model, tmp, tuples, negatives, data_root, opts.identity_weight, opts.grid, opts.top_k,
                                 queries=opts.parity_queries, score_tol=opts.score_tolerance, box_tol=opts.box_tolerance_px,
-                                iou_threshold=opts.iou_threshold, precisions=precisions, progress=progress)
+                                iou_threshold=opts.iou_threshold, precisions=precisions, progress=progress, seconds=seconds)
             (tmp / PARITY_FILE).write_text(json.dumps(parity, indent=2, sort_keys=True) + "\n")
             if not parity["passed"]:
                 f = parity["fp32"]
@@ -125,15 +130,17 @@ def build_export(
 
             if uri is None:
                 raise ValueError("register=True needs the tracking uri")
+            start = time.perf_counter()
             example = input_example(tuples, negatives, data_root) if tuples is not None else None
             registration = log_and_register(tmp, uri, _version_metrics(metrics or {}, parity), model_name, example)
+            seconds["registration"] = time.perf_counter() - start
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     missing = [f"{g}.onnx" for g in GRAPHS if not (out / f"{g}.onnx").is_file()]
     if missing:  # pragma: no cover - a failed rename raises before this
         raise ExportError(f"{out} lacks {missing} after the install")
-    return {"manifest": manifest, "parity": parity, "registration": registration}
+    return {"manifest": manifest, "parity": parity, "registration": registration, "seconds": seconds}
 
 
 def _version_metrics(metrics: dict, parity: dict | None) -> dict[str, float]:

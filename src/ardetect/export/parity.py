@@ -8,6 +8,8 @@ largest score and box differences, and Recall@1/5/10 of each side.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,13 +64,15 @@ def compare(reference: Recording, other: Recording, box_tol: float = 0.5) -> dic
 def run_parity(
     model, folder: Path, tuples: pd.DataFrame, negatives: pd.DataFrame, data_root: Path, identity_weight: float, grid: int, top_k: int,
     queries: int = 32, score_tol: float = 1e-4, box_tol: float = 0.5, iou_threshold: float = 0.5, precisions: tuple[str, ...] = (),
-    batch: int = 64, progress: bool = False,
+    batch: int = 64, progress: bool = False, seconds: dict | None = None,
 ) -> dict:
     """Parity of the fp32 export in ``folder`` (the gate) and of each extra scorer variant in
     ``precisions`` (reported, not gating) against PyTorch on ``queries`` test tuples.
 
     Returns {"queries", "candidates", "fp32": {diffs, recalls, "passed"}, <precision>: {...}, "passed"}.
     A variant onnxruntime cannot run here (fp16 on a CPU without fp16 kernels) reports why instead of figures.
+    ``seconds``, when given, receives each side's wall time ("pytorch", "fp32", ...): kept out of the
+    report, which is a DVC metric that should not change when nothing else did.
     """
     from ardetect.evaluation.ard import ARDMethod
     from ardetect.evaluation.harness import evaluate_method
@@ -78,16 +82,22 @@ def run_parity(
     t, negs = parity_queries(tuples, negatives, queries)
     size = image_size_of(model)
     torch_side = Recording(ARDMethod(model, data_root, size, name="PyTorch", batch=batch, identity_weight=identity_weight, top_k=top_k, grid=grid))
+    seconds = {} if seconds is None else seconds
+    start = time.perf_counter()
     want = evaluate_method(torch_side, t, negs, iou_threshold, progress=progress).summary
+    seconds["pytorch"] = time.perf_counter() - start
     n_cand = 1 + negs.groupby("tuple_id", observed=True).size()
     report: dict = {"queries": len(t), "candidates": int(n_cand.max()) if len(n_cand) else 1,
                     "pytorch": {k: float(want[k]) for k in RECALLS}}
-    shared: dict = {}  # the image encoder is the same graph for every scorer variant: encode each image once
+    # the encoders are the same graphs for every scorer variant: one session each, each image and query encoded once
+    shared, queries, fp32 = {}, {}, OnnxDetector(folder)
     for precision in ("fp32", *[p for p in precisions if p != "fp32"]):
+        start = time.perf_counter()
         try:
-            detector = OnnxDetector(folder, precision=precision)
-            side = Recording(OnnxARDMethod(detector, data_root, name=f"ONNX {precision}", batch=batch, features=shared))
+            detector = fp32 if precision == "fp32" else fp32.with_precision(precision)
+            side = Recording(OnnxARDMethod(detector, data_root, name=f"ONNX {precision}", batch=batch, features=shared, queries=queries))
             got = evaluate_method(side, t, negs, iou_threshold, progress=progress).summary
+            seconds[precision] = time.perf_counter() - start
         except Exception as err:
             if precision == "fp32":
                 raise

@@ -13,6 +13,7 @@ are ranked and judged by the same code as PyTorch's.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -107,47 +108,61 @@ class OnnxDetector:
 
     def __init__(self, folder: str | Path, precision: str = "fp32", providers: Sequence[str] | None = None, threads: int | None = None,
                  verify: bool = True):
-        import onnxruntime as ort
         from transformers import AutoTokenizer
 
         self.folder = Path(folder)
         self.manifest = m = load_manifest(self.folder)
-        files = {n: m["graphs"][n]["file"] for n in GRAPHS}
-        if precision != "fp32":
-            if precision not in m.get("variants", {}):
-                raise ExportError(f"precision={precision!r}: {self.folder} has the scorer variants {['fp32', *m.get('variants', {})]}")
-            files["scorer"] = m["variants"][precision]["file"]
-        self.precision = precision
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
         self.threads = int(threads or os.cpu_count() or 1)
-        providers = choose_providers(providers)
-        self.sessions = {}
-        for name, file in files.items():
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.intra_op_num_threads = 1 if name == "scorer" else self.threads
-            opts.log_severity_level = 3
-            path = self.folder / file
-            if not path.is_file():
-                raise ExportError(f"{path} not found: the export in {self.folder} is incomplete")
-            if verify and sha256(path) != m["sha256"].get(file):
-                raise ExportError(f"{path}: SHA-256 differs from manifest.json: the file is corrupt or from another export")
-            try:
-                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
-            except Exception as err:  # onnxruntime raises its own exception types
-                raise ExportError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {str(err).strip()[:300]})") from None
-        self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
-        self.providers_used = {n: s.get_providers()[0] for n, s in self.sessions.items()}
-        if self.providers_used["scorer"] == "CPUExecutionProvider" and self.threads > 1:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ardetect-scorer")
-            self.chunk = self.CPU_CHUNK
-        else:  # a GPU scorer runs its (internally parallel) calls one after another on bigger chunks
-            self._pool, self.chunk = None, self.GPU_CHUNK
-            if self.providers_used["scorer"] == "CPUExecutionProvider":
-                self.chunk = self.CPU_CHUNK
+        self.verify = verify
+        self._providers = choose_providers(providers)
+        self.sessions = {name: self._open(name, m["graphs"][name]["file"]) for name in GRAPHS if name != "scorer"}
+        self._set_scorer(precision)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder / m["tokenizer"]["path"]))
         self.size = int(m["image_size"])
+
+    def with_precision(self, precision: str) -> "OnnxDetector":
+        """This detector with another scorer variant, sharing the encoders' sessions and the tokenizer."""
+        other = copy.copy(self)
+        other.sessions = dict(self.sessions)
+        other._set_scorer(precision)
+        return other
+
+    def _set_scorer(self, precision: str) -> None:
+        m = self.manifest
+        if precision == "fp32":
+            file = m["graphs"]["scorer"]["file"]
+        elif precision in m.get("variants", {}):
+            file = m["variants"][precision]["file"]
+        else:
+            raise ExportError(f"precision={precision!r}: {self.folder} has the scorer variants {['fp32', *m.get('variants', {})]}")
+        self.precision = precision
+        self.sessions["scorer"] = self._open("scorer", file)
+        self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+        self.providers_used = {n: s.get_providers()[0] for n, s in self.sessions.items()}
+        on_cpu = self.providers_used["scorer"] == "CPUExecutionProvider"
+        # a GPU scorer runs its (internally parallel) calls one after another on bigger chunks
+        self.chunk = self.CPU_CHUNK if on_cpu else self.GPU_CHUNK
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ardetect-scorer") if on_cpu and self.threads > 1 else None
+
+    def _open(self, name: str, file: str):
+        """An onnxruntime session of ``file`` after its SHA-256 check; the scorer's runs are single-threaded (see the class)."""
+        import onnxruntime as ort
+
+        path = self.folder / file
+        if not path.is_file():
+            raise ExportError(f"{path} not found: the export in {self.folder} is incomplete")
+        if self.verify and sha256(path) != self.manifest["sha256"].get(file):
+            raise ExportError(f"{path}: SHA-256 differs from manifest.json: the file is corrupt or from another export")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = 1 if name == "scorer" else self.threads
+        opts.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(path), opts, providers=self._providers)
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise ExportError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {str(err).strip()[:300]})") from None
 
     # --- the three graphs -------------------------------------------------------------
     def encode_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -212,11 +227,13 @@ class OnnxARDMethod:
 
     region_level = True
 
-    def __init__(self, detector: OnnxDetector, data_root: Path, name: str = "ARD (ONNX)", batch: int = 64, features: dict | None = None):
+    def __init__(self, detector: OnnxDetector, data_root: Path, name: str = "ARD (ONNX)", batch: int = 64, features: dict | None = None,
+                 queries: dict | None = None):
         self.detector, self.root, self.name, self.batch = detector, Path(data_root), name, batch
-        # image path -> (features, region map, original size); ``features`` shares one cache between
-        # detectors with the same image encoder (scorer variants of one export)
+        # image path -> (features, region map, original size), and query -> its encoding: ``features`` and
+        # ``queries`` share them between detectors with the same encoders (scorer variants of one export)
         self._features: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {} if features is None else features
+        self._queries: dict[tuple, dict[str, np.ndarray]] = {} if queries is None else queries
 
     def image_features(self, paths: list[str]) -> dict[str, np.ndarray]:
         missing = list(dict.fromkeys(p for p in paths if p not in self._features))
@@ -233,7 +250,10 @@ class OnnxARDMethod:
     def score(self, query, candidates: list[str]):
         from ardetect.evaluation.harness import Scores
 
-        q = self.detector.encode_query(self.root / query["query_image"], query["query_box"], query["prompt"], query["concept_phrase"])
+        key = (str(query["query_image"]), tuple(float(v) for v in query["query_box"]), query["prompt"], query["concept_phrase"])
+        if key not in self._queries:
+            self._queries[key] = self.detector.encode_query(self.root / key[0], key[1], key[2], key[3])
+        q = self._queries[key]
         feats = self.image_features(list(candidates))
         out = self.detector.score(feats, q, feats["sizes"])
         return Scores(out["scores"].astype(np.float64), out["boxes"].astype(np.float64))

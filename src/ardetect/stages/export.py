@@ -71,8 +71,10 @@ def build(cfg: Config) -> dict:
                                                      if r["run"] else f"not run here ({r['reason']})"))
     if reg is not None:
         lines.append(f"[export] registered {reg.name} version {reg.version}: alias {reg.alias} ({reg.reason})")
+    secs = done["seconds"]
+    lines.append("[export] seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
     print("\n".join(lines))
-    return {**flat, "export.identity_weight": weight, "export.grid": grid}
+    return {**flat, **{f"export.seconds.{k}": round(v, 2) for k, v in secs.items()}, "export.identity_weight": weight, "export.grid": grid}
 
 
 def main() -> None:
