@@ -67,7 +67,28 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
         warnings.simplefilter("ignore")  # the tracer warns on every shape-dependent Python branch it freezes
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=inputs, output_names=outputs,
                           dynamic_axes=axes, do_constant_folding=True)
+        results = module(*args)
+    shapes = {n: tuple(t.shape) for n, t in zip([*inputs, *outputs], [*args, *(results if isinstance(results, tuple) else (results,))])}
+    _pin_static_dims(path, shapes, axes)
     check_graph(path)
+
+
+def _pin_static_dims(path: Path, shapes: dict[str, tuple], axes: dict) -> None:
+    """Give every input and output axis that is not dynamic its size: the tracer leaves some as
+    made-up names (a concatenation's), which would reach the manifest as if they varied."""
+    import onnx
+
+    model = onnx.load(str(path))
+    changed = False
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name not in shapes:
+            continue
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if i not in axes.get(value.name, {}) and dim.dim_param and i < len(shapes[value.name]):
+                dim.dim_value = int(shapes[value.name][i])  # (setting the value clears the name)
+                changed = True
+    if changed:
+        onnx.save(model, str(path))
 
 
 def export_detector(
