@@ -344,12 +344,13 @@ def export_cmd(
     details: Path = typer.Option(Path("reports/details.json"), help="evaluate's details, for the fitted weight and grid"),
     parity: bool = typer.Option(True, help="check parity on the pipeline's first test tuples (needs data/tuples)"),
     queries: int = typer.Option(32, min=1, help="test tuples the parity check scores"),
+    variant_queries: int = typer.Option(8, "--variant-queries", min=1, help="the first of those the fp16/int8 scorers are compared on"),
     fp16: bool = typer.Option(True, help="also write the fp16 scorer"),
     int8: bool = typer.Option(True, help="also write the int8 scorer"),
     data: Path = typer.Option(Path("data"), help="data root of the tuples' image paths"),
 ) -> None:
     """Export any phase-2 checkpoint to ONNX (the export stage's code), optionally with its parity check."""
-    from ardetect.export.build import ExportOptions, build_export, identity_of
+    from ardetect.export.build import ExportOptions, build_export, identity_of, variant_line
     from ardetect.export.onnx_export import ExportError
 
     try:
@@ -363,7 +364,7 @@ def export_cmd(
 
             tuples = read_table(data / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
             negatives = read_table(data / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
-        opts = ExportOptions(identity_weight, grid, top_k, fp16=fp16, int8=int8, parity_queries=queries)
+        opts = ExportOptions(identity_weight, grid, top_k, fp16=fp16, int8=int8, parity_queries=queries, variant_queries=variant_queries)
         done = build_export(phase2, out, opts, phase1=phase1, tuples=tuples, negatives=negatives, data_root=data, progress=True)
     except (ExportError, ValueError, FileNotFoundError) as err:
         typer.echo(f"export failed: {err}", err=True)
@@ -375,6 +376,10 @@ def export_cmd(
         f = done["parity"]["fp32"]
         typer.echo(f"parity on {done['parity']['queries']} test tuples: score diff {f['score_max_abs_diff']:.2e}, "
                    f"box diff {f['box_max_abs_diff_px']:.2e} px, recalls equal: {f['recalls_equal']}")
+        for p in ("fp16", "int8"):
+            r = done["parity"].get(p)
+            if r:
+                typer.echo(f"{p} scorer: " + (variant_line(r) if r["run"] else f"not run here ({r['reason']})"))
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in done["seconds"].items()))
 
 

@@ -363,6 +363,7 @@ class EvaluateConfig(_Section):
 class ExportConfig(_Section):
     opset: int = Field(17, ge=17, le=23, description="ONNX opset of the graphs")
     parity_queries: int = Field(32, ge=1, description="the first test tuples parity is measured on (every candidate of each)")
+    variant_queries: int = Field(8, ge=1, description="the first of those the fp16/int8 scorers' parity (reported, not gated) runs on")
     score_tolerance: float = Field(1e-4, gt=0, description="largest |ONNX - PyTorch| score the fp32 export may show")
     box_tolerance_px: float = Field(0.5, gt=0, description="largest |ONNX - PyTorch| box coordinate, pixels")
     fp16: bool = Field(True, description="also write an fp16 scorer (for a GPU); its parity is reported, not gated")

@@ -17,7 +17,7 @@ from ardetect.export.runtime import OnnxDetector, prepare_image, prepare_image_a
 
 pytestmark = pytest.mark.slow
 
-OPTS = ExportOptions(identity_weight=5.0, grid=2, top_k=3, parity_queries=6)
+OPTS = ExportOptions(identity_weight=5.0, grid=2, top_k=3, parity_queries=6, variant_queries=4)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,11 @@ def test_export_round_trip_matches_pytorch(trained, exported):
     f = parity["fp32"]
     assert f["score_max_abs_diff"] <= 1e-4 and f["box_max_abs_diff_px"] <= 0.5 and f["recalls_equal"]
     assert f["providers"] == ["CPUExecutionProvider"]
-    assert parity["int8"]["run"] and 0.0 <= parity["int8"]["recall@10"] <= 1.0
+    i8 = parity["int8"]
+    assert i8["run"] and i8["queries"] == 4 and 0.0 <= i8["recall@10"] <= 1.0  # the variants on the first 4 of the 6
+    assert set(i8["pytorch_same_queries"]) == {"recall@1", "recall@5", "recall@10"} and i8["vs_fp32"]["score_max_abs_diff"] >= 0.0
+    assert i8["recalls_equal"] == all(i8[k] == i8["pytorch_same_queries"][k] for k in ("recall@1", "recall@5", "recall@10"))
+    assert set(done["seconds"]) >= {"graphs", "pytorch", "fp32", "int8"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["opset"] >= 17 and manifest["score"]["identity_weight"] == 5.0 and manifest["score"]["grid"] == 2
     assert manifest["graphs"]["image_encoder"]["inputs"][0]["shape"][0] == "n"  # dynamic batch axis
@@ -67,6 +71,10 @@ def test_export_round_trip_matches_pytorch(trained, exported):
                                                  identity_weight=5.0, top_k=3, grid=2)
         np.testing.assert_allclose(got["scores"], scores.numpy(), atol=1e-4)
         np.testing.assert_allclose(got["boxes"], boxes.numpy(), atol=0.5)
+        # chunks scored side by side on threads (5 candidates: chunks of 4 and 1) give what one thread gives
+        alone = OnnxDetector(out, threads=1).score(feats, query, np.array([s for _, s in prepared[:n]]))
+        for k, v in got.items():
+            np.testing.assert_array_equal(v, alone[k])
 
 
 def test_parity_fails_when_a_weight_is_perturbed(trained, exported):

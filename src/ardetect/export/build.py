@@ -31,6 +31,7 @@ class ExportOptions:
     fp16: bool = True
     int8: bool = True
     parity_queries: int = 32
+    variant_queries: int = 8
     score_tolerance: float = 1e-4
     box_tolerance_px: float = 0.5
     iou_threshold: float = 0.5
@@ -113,7 +114,7 @@ def build_export(
         if tuples is not None:
             precisions = tuple(p for p, on in (("fp16", opts.fp16), ("int8", opts.int8)) if on)
             parity = run_parity(model, tmp, tuples, negatives, data_root, opts.identity_weight, opts.grid, opts.top_k,
-                                queries=opts.parity_queries, score_tol=opts.score_tolerance, box_tol=opts.box_tolerance_px,
+                                queries=opts.parity_queries, variant_queries=opts.variant_queries, score_tol=opts.score_tolerance, box_tol=opts.box_tolerance_px,
                                 iou_threshold=opts.iou_threshold, precisions=precisions, progress=progress, seconds=seconds)
             (tmp / PARITY_FILE).write_text(json.dumps(parity, indent=2, sort_keys=True) + "\n")
             if not parity["passed"]:
@@ -164,3 +165,15 @@ def input_example(tuples: pd.DataFrame, negatives: pd.DataFrame, data_root: Path
         "query_image": str(root / q["query_image"]), "x0": x0, "y0": y0, "x1": x1, "y1": y1, "prompt": str(q["prompt"]),
         "concept_phrase": str(q["concept_phrase"]), "candidates": [str(root / q["train_image"]), *(str(root / o) for o in others)],
     }])
+
+
+def variant_line(row: dict) -> str:
+    """One line on a scorer variant's parity row (``run_parity``): its drift from fp32 and its recalls."""
+    ref = row.get("pytorch_same_queries")
+    vs = row["vs_fp32"]
+    line = (f"on {row['queries']} test tuples, score diff {vs['score_max_abs_diff']:.2e} from fp32, "
+            f"{100 * vs['box_changed_share']:.1f} % of chosen boxes changed; Recall@1/5/10 "
+            f"{[round(row[k], 4) for k in ('recall@1', 'recall@5', 'recall@10')]}")
+    if ref is not None:
+        line += f" (PyTorch on those tuples {[round(ref[k], 4) for k in ('recall@1', 'recall@5', 'recall@10')]})"
+    return line

@@ -40,12 +40,12 @@ def earned_metrics(metrics_path: Path) -> dict[str, float]:
 
 
 def build(cfg: Config) -> dict:
-    from ardetect.export.build import ExportOptions, build_export, identity_of
+    from ardetect.export.build import ExportOptions, build_export, identity_of, variant_line
 
     ex = cfg.export
     weight, grid = identity_of(REPORTS / "details.json")
     opts = ExportOptions(weight, grid, cfg.evaluate.identity_top_k, ex.opset, ex.fp16, ex.int8, ex.parity_queries,
-                         ex.score_tolerance, ex.box_tolerance_px, cfg.evaluate.iou_threshold)
+                         ex.variant_queries, ex.score_tolerance, ex.box_tolerance_px, cfg.evaluate.iou_threshold)
     metrics = earned_metrics(REPORTS / "metrics.json")
     tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
     negatives = read_table(DATA / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
@@ -67,8 +67,7 @@ def build(cfg: Config) -> dict:
     for p in ("fp16", "int8"):
         if p in parity:
             r = parity[p]
-            lines.append(f"[export] {p} scorer: " + (f"score diff {r['score_max_abs_diff']:.2e}, Recall@10 {r['recall@10']:.4f}"
-                                                     if r["run"] else f"not run here ({r['reason']})"))
+            lines.append(f"[export] {p} scorer: " + (variant_line(r) if r["run"] else f"not run here ({r['reason']})"))
     if reg is not None:
         lines.append(f"[export] registered {reg.name} version {reg.version}: alias {reg.alias} ({reg.reason})")
     secs = done["seconds"]
