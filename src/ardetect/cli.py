@@ -478,6 +478,7 @@ def attribute_cmd(
     shortlist: int = typer.Option(None, "--shortlist", min=1, help="images the embedding search passes to the scorer (default: serve.shortlist)"),
     candidates: str = typer.Option(None, "--candidates", help="comma-separated image ids to score instead of the index's shortlist"),
     grid: Path = typer.Option(None, "--grid", help="write the query and its results as a PNG grid here"),
+    truth: str = typer.Option(None, "--truth", help="id of the query's true training image, when known: marked in the output"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     model: str = typer.Option(None, "--model", help="export folder or models:/name@alias (default: serve.model)"),
     index: Path = typer.Option(None, "--index", help="index folder (default: serve.index)"),
@@ -516,12 +517,12 @@ def attribute_cmd(
         scope = f"shortlist of {result.shortlist}" if result.shortlist else f"{result.scored} candidates"
         typer.echo(f"{scope} scored in {result.timing_ms['total']:.0f} ms")
         for r in result.results:
-            gt = f"  ground truth {r['ground_truth']}" if r.get("ground_truth") else ""
-            typer.echo(f"{r['rank']:>3}  {r['id']:<24} score {r['score']:.4f}  box {r['box']}{gt}")
+            mark = "  <- the true training image" if truth is not None and r["id"] == truth else ""
+            typer.echo(f"{r['rank']:>3}  {r['id']:<24} score {r['score']:.4f}  box {r['box']}{mark}")
     if grid is not None:
         from ardetect.serve.figures import result_grid
 
-        result_grid(img, q_box, result.results, attributor.index, grid)
+        result_grid(img, q_box, result.results, attributor.index, grid, truth=truth)
         typer.echo(f"wrote {grid}")
 
 

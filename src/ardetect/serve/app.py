@@ -241,7 +241,7 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
 
     @app.get("/images/{image_id:path}", summary="a training image of the index, optionally with boxes drawn",
              responses={200: {"content": {"image/png": {}}}})
-    def get_image(image_id: str, box: str | None = None, ground_truth: bool = False):
+    def get_image(image_id: str, box: str | None = None, concept: bool = False):
         try:
             path = index.path_of(image_id)
         except KeyError:
@@ -249,10 +249,10 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
         boxes = []
         if box is not None:
             boxes.append((parse_box(box), "#e4003a"))
-        if ground_truth:
-            gt = index.info(index.position[image_id])["ground_truth"]
-            if gt is not None:
-                boxes.append((gt, "#00b050"))
+        if concept:
+            known = index.info(index.position[image_id])["concept_box"]
+            if known is not None:
+                boxes.append((known, "#00b050"))
         if not boxes:
             return FileResponse(path)
         return Response(png_bytes(draw_boxes(open_image(path), boxes)), media_type="image/png")
@@ -271,10 +271,12 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
         ex = index.examples
         if ex is None or not 0 <= n < len(ex):
             raise RequestError("n", f"{n} is not an example of this index", 404)
-        root = index.root.resolve()
-        path = (root / ex["query_image"].iloc[n]).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            raise RequestError("n", f"example {n}'s image is not under the index root", 404)
+        try:
+            path = index.file_under_root(ex["query_image"].iloc[n], str(n))
+        except KeyError:
+            raise RequestError("n", f"example {n}'s image is not under the index root", 404) from None
+        if not path.is_file():
+            raise RequestError("n", f"example {n}'s image is missing from {index.root}", 404)
         return FileResponse(path)
 
     @app.get("/", include_in_schema=False)

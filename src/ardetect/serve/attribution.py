@@ -23,7 +23,7 @@ from ardetect.serve.requests import RequestError, check_box_in_image
 
 @dataclass
 class Attribution:
-    results: list[dict]  # ranked: {rank, id, score, box, width, height, concept_id, ground_truth}
+    results: list[dict]  # ranked: {rank, id, score, box, width, height, concept_id, concept_box}
     scored: int  # candidates the scorer ran on
     shortlist: int | None  # N of the shortlist; None when every image or an explicit list was scored
     timing_ms: dict[str, float] = field(default_factory=dict)

@@ -1,5 +1,5 @@
-"""A query and its ranked training images as one PNG: the query's box, each result's predicted region (red)
-and, when the index knows it, the ground truth (green)."""
+"""A query and its ranked training images as one PNG: the query's box (blue), each result's predicted
+region (red) and, for the query's true training image when it is known, that image's concept box (green)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ def _tile(img: Image.Image, boxes, caption: str) -> Image.Image:
     return tile
 
 
-def result_grid(query: Image.Image, box, results: list[dict], index, out: Path, columns: int = 6) -> Path:
+def result_grid(query: Image.Image, box, results: list[dict], index, out: Path, columns: int = 6, truth: str | None = None) -> Path:
+    """``truth``: the id of the query's true training image (the pipeline's tuples know it), marked in green."""
     tiles = [_tile(query, [(box, "#1f6feb")], "query")]
     for r in results:
         boxes = [(r["box"], "#e4003a")]
-        if r.get("ground_truth"):
-            boxes.append((r["ground_truth"], "#00b050"))
+        if truth is not None and r["id"] == truth and r.get("concept_box"):
+            boxes.append((r["concept_box"], "#00b050"))
         tiles.append(_tile(open_image(index.path_of(r["id"])), boxes, f"#{r['rank']} {r['id'][:14]} {r['score']:.3f}"))
     cols = min(columns, len(tiles))
     rows = (len(tiles) + cols - 1) // cols

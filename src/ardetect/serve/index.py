@@ -54,14 +54,14 @@ class ImageEntry:
     id: str
     path: str  # relative to the image root, posix
     concept_id: str | None = None
-    gt_box: list[float] | None = None
+    gt_box: list[float] | None = None  # the box of the image's own concept, when the pipeline's data says it
 
 
 # --- what to index --------------------------------------------------------------------------
 
 def pipeline_entries(data_root: Path, split: str = "all") -> tuple[list[ImageEntry], pd.DataFrame]:
     """The pipeline's training images (``<data>/tuples/tuples.parquet``) of ``split`` (train, val, test or all),
-    each with its concept's box as ground truth, and the split's queries as examples."""
+    each with its concept's id and box, and the split's queries (with their true training image) as examples."""
     from ardetect.data.schema import TUPLE_COLUMNS, read_table
 
     data_root = Path(data_root)
@@ -90,12 +90,9 @@ def folder_entries(folder: Path) -> list[ImageEntry]:
     folder = Path(folder)
     if not folder.is_dir():
         raise IndexUnusable(f"--images {folder}: no such folder")
-    root = folder.resolve()
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     entries, seen = [], set()
     for p in files:
-        if not p.resolve().is_relative_to(root):  # a link leading out of the folder is not indexed
-            continue
         rel = p.relative_to(folder).as_posix()
         i = base = _id_of(rel)
         n = 1
@@ -107,6 +104,12 @@ def folder_entries(folder: Path) -> list[ImageEntry]:
     if not entries:
         raise IndexUnusable(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
     return entries
+
+
+def inside(rel: str) -> bool:
+    """Whether a stored relative path stays under its root (no absolute path, no '..' out of it)."""
+    norm = os.path.normpath(rel)
+    return not os.path.isabs(norm) and norm != ".." and not norm.startswith("../") and "\0" not in rel
 
 
 def _id_of(rel: str) -> str:
@@ -170,7 +173,7 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
     from ardetect.export.runtime import prepare_image
 
     det = model.detector
-    root, out = Path(root).resolve(), Path(out)
+    root, out = Path(root).absolute(), Path(out)
     fingerprint = model.fingerprint
     work = out.parent / f".{out.name}.building"
     key = _plan_key(fingerprint, root, entries, chunk)
@@ -201,10 +204,9 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
         part = entries[c * chunk : (c + 1) * chunk]
         prepared = []
         for e in part:
-            path = root / e.path
-            if not path.resolve().is_relative_to(root):
+            if not inside(e.path):
                 raise IndexUnusable(f"{e.path}: leads outside the image root {root}")
-            prepared.append(prepare_image(open_image(path, max_pixels), det.size))
+            prepared.append(prepare_image(open_image(root / e.path, max_pixels), det.size))
         enc = det.encode_images(np.stack([a for a, _ in prepared]))
         sizes = np.array([s for _, s in prepared], dtype=np.int64)  # (h, w)
         _save_atomic_npz(work / f"chunk-{c:05d}.npz", features=enc["features"], region_map=enc["region_map"], sizes=sizes)
@@ -337,15 +339,17 @@ class CandidateIndex:
         k = self.position.get(image_id)
         if k is None:
             raise KeyError(image_id)
-        root = self.root.resolve()
-        path = (root / self.table["path"].iloc[k]).resolve()
-        if not path.is_relative_to(root):
-            raise KeyError(image_id)
-        return path
+        return self.file_under_root(self.table["path"].iloc[k], image_id)
+
+    def file_under_root(self, rel: str, what: str) -> Path:
+        """``rel`` under the index's root; a path that would leave it is refused (``KeyError``)."""
+        if not inside(str(rel)):
+            raise KeyError(what)
+        return self.root / os.path.normpath(str(rel))
 
     def info(self, k: int) -> dict:
         row = self.table.iloc[k]
-        gt = row["gt_box"]
+        box = row["gt_box"]
         return {"id": self.ids[k], "width": int(row["width"]), "height": int(row["height"]),
                 "concept_id": None if row["concept_id"] is None or pd.isna(row["concept_id"]) else str(row["concept_id"]),
-                "ground_truth": None if gt is None else [float(v) for v in gt]}
+                "concept_box": None if box is None else [float(v) for v in box]}
