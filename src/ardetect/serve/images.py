@@ -45,7 +45,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageRejected(f"refused as a decompression bomb ({err})", 413) from None
+        raise ImageRejected(f"refused from its header as a decompression bomb ({err})", 413) from None
     except UnidentifiedImageError:
         raise ImageRejected(f"not an image file that PIL can read ({len(data):,} bytes, starting {data[:8]!r})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
