@@ -175,6 +175,12 @@ def test_missing_image_and_oversized_body(client, query):
     big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)  # ~480 kB as PNG: over 200 kB
     r = post(client, query, image=png(Image.fromarray(big)))
     assert r.status_code == 413 and r.json()["field"] == "body" and "upload limit of 200,000 bytes" in r.json()["detail"]
+    # not multipart at all, and a broken multipart body
+    r = client.post("/attribute", json={"box": query["box"], "prompt": query["prompt"]})
+    assert r.status_code == 422 and r.json()["field"] == "image"
+    r = client.post("/attribute", content=b"--xx\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a",
+                    headers={"content-type": "multipart/form-data; boundary=xx"})
+    assert 400 <= r.status_code < 500, r.text
     assert client.get("/health").status_code == 200
 
 
