@@ -5,10 +5,13 @@ the image encoder's outputs (``features.npy``, ``region_map.npy``: what the scor
 and an image-level embedding (``embeddings.npy``) for the shortlist:
 
 - image embedding: the region map max-pooled over the whole image (the control row of
-  the evaluation, "AbC (ARD backbone)", pools the same map), standardised with the
-  index's own mean and spread, L2-normalised;
+  the evaluation, "AbC (ARD backbone)", pools the same map), L2-normalised;
 - query embedding: the query image's region map max-pooled over the cells the query
-  box covers, standardised the same way.
+  box covers, L2-normalised.
+
+This pooling was chosen on the val split (the share of queries whose training image is
+in a shortlist of 10, 25 and 50 of 104: 0.44 / 0.64 / 0.87), against standardising the
+pooled vectors (0.33 / 0.54 / 0.76), mean-pooling, and 2x2 to 8x8 cells searched per cell.
 
 A query takes the top-N images by inner product (faiss, exact) and the scorer re-ranks
 them; N >= the index size scores every image. ``index.json`` records the model the
@@ -37,7 +40,7 @@ import pandas as pd
 from ardetect.serve.images import IMAGE_SUFFIXES, open_image
 from ardetect.serve.loader import model_fingerprint
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 ARRAYS = ("features", "region_map", "embeddings")
 
 
@@ -134,9 +137,9 @@ def pooled_box(region_map: np.ndarray, box: np.ndarray, image_size: int) -> np.n
     return region_map[:, :, r0 : max(r1, r0 + 1), c0 : max(c1, c0 + 1)].reshape(region_map.shape[0], region_map.shape[1], -1).max(-1)
 
 
-def normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    z = (x - mean) / std
-    return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (inner product = cosine)."""
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 # --- building ----------------------------------------------------------------------------------
@@ -237,9 +240,7 @@ def _assemble(work: Path, out: Path, entries, n_chunks: int, root: Path, fingerp
             s += m
         if s != n:
             raise IndexUnusable(f"{work}: the chunks hold {s} images, the plan {n}")
-        pooled = pooled_map(np.asarray(arrays["region_map"]))
-        mean, std = pooled.mean(0), pooled.std(0) + 1e-6
-        np.save(tmp / "embeddings.npy", normalise(pooled, mean, std))
+        np.save(tmp / "embeddings.npy", normalise(pooled_map(np.asarray(arrays["region_map"]))))
         for a in arrays.values():
             a.flush()
         del arrays
@@ -252,7 +253,7 @@ def _assemble(work: Path, out: Path, entries, n_chunks: int, root: Path, fingerp
             examples.to_parquet(tmp / "examples.parquet", index=False)
         meta = {
             "format_version": INDEX_FORMAT, "model_fingerprint": fingerprint, "image_size": det.size, "count": n, "root": str(root),
-            "source": source, "embedding": {"kind": "region_map max-pool, standardised, L2", "mean": mean.tolist(), "std": std.tolist()},
+            "source": source, "embedding": "region_map max-pooled, L2-normalised",
             "feature_shape": list(np.load(tmp / "features.npy", mmap_mode="r").shape[1:]),
             "region_map_shape": list(np.load(tmp / "region_map.npy", mmap_mode="r").shape[1:]),
             "encode_seconds": round(encode_s, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -303,8 +304,6 @@ class CandidateIndex:
         self.ids = self.table["id"].astype(str).tolist()
         self.position = {i: k for k, i in enumerate(self.ids)}
         self.sizes = self.table[["height", "width"]].to_numpy(np.int64)
-        emb = self.meta["embedding"]
-        self.mean, self.std = np.asarray(emb["mean"], np.float32), np.asarray(emb["std"], np.float32)
         self.search_index = faiss.IndexFlatIP(self.embeddings.shape[1])
         self.search_index.add(np.ascontiguousarray(self.embeddings, dtype=np.float32))
         ex = self.folder / "examples.parquet"
@@ -314,7 +313,7 @@ class CandidateIndex:
         return len(self.ids)
 
     def query_embedding(self, query_region_map: np.ndarray, box: np.ndarray, image_size: int) -> np.ndarray:
-        return normalise(pooled_box(query_region_map, box, image_size), self.mean, self.std)
+        return normalise(pooled_box(query_region_map, box, image_size))
 
     def shortlist(self, query_embedding: np.ndarray, n: int) -> np.ndarray:
         """Positions of the ``n`` images nearest the query embedding (all of them when ``n`` >= the index size), ascending."""
