@@ -1,8 +1,10 @@
 """A bounded loopback load test of `ard serve`: N concurrent clients for S seconds, then a second phase with a
 share of malformed requests; the service is started here on 127.0.0.1 and stopped at the end.
 
-Reports per phase: requests/s, p50/p99 latency of the answered (200) requests, the count of 5xx (goal 0)
-and of 503s (the bounded queue's refusals), and each malformed kind's status codes (each must be a 4xx);
+Reports per phase: requests/s, p50/p99 latency of the answered (200) requests, the count of 5xx other than
+503 (goal 0) and of 503s (the bounded queue's refusals: a client waits Retry-After, then sends its next
+request), and each malformed kind's status codes (each must be a 4xx, or a 503 when the queue is full:
+a malformed image that only decoding reveals, a truncated PNG, is checked behind the queue);
 and the service's resident memory at start, after a warm-up, and after each phase (goal: growth under 10%
 from the warm-up to the end).
 
@@ -90,12 +92,18 @@ def run_phase(url: str, goods: list[dict], bad: dict, clients: int, seconds: flo
                     files = {"image": ("q.png", g["image"], "image/png")}
                     data = {k: g[k] for k in ("box", "prompt", "phrase")}
                 t = time.perf_counter()
+                retry = 0.0
                 try:
-                    status = c.post("/attribute", files=files, data=data).status_code
+                    r = c.post("/attribute", files=files, data=data)
+                    status = r.status_code
+                    if status == 503:
+                        retry = float(r.headers.get("Retry-After", "1"))
                 except httpx.HTTPError:
                     status = -1  # no answer at all
                 with lock:
                     records.append((kind, status, time.perf_counter() - t))
+                if retry:  # a well-behaved client waits as told
+                    time.sleep(max(0.0, min(retry, deadline - time.perf_counter())))
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -113,9 +121,10 @@ def run_phase(url: str, goods: list[dict], bad: dict, clients: int, seconds: flo
     return {
         "requests": len(records), "seconds": round(wall, 1), "requests_per_s": round(len(records) / wall, 2),
         "answered_200": len(ok), "p50_ms": round(q[49] * 1e3, 1), "p99_ms": round(q[98] * 1e3, 1),
-        "status_5xx": sum(1 for _, s, _ in records if s >= 500), "status_503": sum(1 for _, s, _ in records if s == 503),
+        "status_5xx": sum(1 for _, s, _ in records if s >= 500 and s != 503), "status_503": sum(1 for _, s, _ in records if s == 503),
         "no_answer": sum(1 for _, s, _ in records if s < 0),
-        "malformed_not_4xx": sum(1 for kind, s, _ in records if kind != "valid" and not 400 <= s < 500),
+        "malformed_not_4xx": sum(1 for kind, s, _ in records if kind != "valid" and not 400 <= s < 500 and s != 503),
+        "malformed_503": sum(1 for kind, s, _ in records if kind != "valid" and s == 503),
         "by_kind": by_kind,
     }
 
@@ -182,10 +191,13 @@ def main() -> None:
             server.kill()
         log.close()
     growth = (rss["after_mixed"] - rss["after_warmup"]) / rss["after_warmup"]
-    print("\n| phase | requests | req/s | 200 | p50 ms | p99 ms | 5xx | 503 | malformed not 4xx |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| phase | requests | req/s | 200 | p50 ms | p99 ms | 5xx other than 503 | 503 | malformed: 4xx / 503 / other |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for name, p in (("valid only", valid), (f"{args.malformed_share:.0%} malformed", mixed)):
+        bad_n = sum(n for kind, codes in p["by_kind"].items() if kind != "valid" for n in codes.values())
         print(f"| {name} | {p['requests']} | {p['requests_per_s']} | {p['answered_200']} | {p['p50_ms']} | {p['p99_ms']} | "
-              f"{p['status_5xx']} | {p['status_503']} | {p['malformed_not_4xx']} |")
+              f"{p['status_5xx']} | {p['status_503']} | {bad_n - p['malformed_503'] - p['malformed_not_4xx']} / {p['malformed_503']} / "
+              f"{p['malformed_not_4xx']} |")
     mib = {k: round(v / 2**20, 1) for k, v in rss.items()}
     print(f"\nresident memory (MiB): {mib}; growth from warm-up to the end {growth:+.1%} (goal < 10%); /health after: {healthy}")
     print("malformed kinds -> status codes:", json.dumps({k: v for k, v in mixed["by_kind"].items() if k != "valid"}))

@@ -198,6 +198,14 @@ def test_unusual_images_are_converted(client, query):
     for name, data in (("greyscale+alpha", grey_alpha), ("CMYK JPEG", cmyk), ("16-bit PNG", deep), ("palette", palette)):
         r = post(client, query, image=data)
         assert r.status_code == 200 and len(r.json()["results"]) == 5, (name, r.text)
+    # a photo whose EXIF says "rotate 90": the box is read in the turned image, as a browser shows it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    wide = rgb.resize((64, 32))
+    turned = png(wide, "JPEG", exif=exif.tobytes())
+    assert decode_image(turned, CFG.max_pixels).size == (32, 64)
+    r = post(client, query, image=turned, box="2,40,30,62")  # inside 32x64, outside the stored 64x32
+    assert r.status_code == 200, r.text
     # a 16-bit image is scaled to 8 bits, not clipped to white
     sixteen = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
     assert np.asarray(to_rgb(sixteen))[0, :, 0].tolist() == [0, 128, 255]

@@ -8,9 +8,10 @@ the web page at ``/`` and the OpenAPI docs at ``/docs``.
 
 Limits: the request body is cut at ``max_upload_bytes`` (413) as it arrives; an image's
 pixel count is read from its header before it is decoded (413); ``top_k`` and the
-candidate list are bounded; a request runs on one of ``workers`` threads, at most
-``queue_size`` more wait, and any beyond get 503 with ``Retry-After`` at once; one not
-answered within ``request_timeout_s`` gets 504. Every refused field gets a 4xx whose
+candidate list are bounded. Every field, the image's header and the box against its
+size are checked before the request queues; decoding and scoring run on one of
+``workers`` threads, at most ``queue_size`` more wait, and any beyond get 503 with
+``Retry-After`` at once; one not answered within ``request_timeout_s`` gets 504. Every refused field gets a 4xx whose
 ``detail`` names the field and the problem.
 
 Security defaults: the CLI binds 127.0.0.1; when the environment variable named by
@@ -39,8 +40,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ardetect.serve.attribution import Attributor
-from ardetect.serve.images import ImageRejected, decode_image, draw_boxes, open_image, png_bytes
-from ardetect.serve.requests import Limits, RequestError, check_prompt, check_shortlist, check_top_k, parse_box, parse_candidates
+from ardetect.serve.images import ImageRejected, draw_boxes, load_image, open_image, oriented_size, png_bytes, probe_image
+from ardetect.serve.requests import (Limits, RequestError, check_box_in_image, check_prompt, check_shortlist, check_top_k, parse_box,
+                                     parse_candidates)
 
 TOKEN_COOKIE = "ard_token"
 PUBLIC_PATHS = ("/health",)
@@ -215,11 +217,18 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
         k = check_top_k(top_k, limits)
         n = check_shortlist(shortlist)
         ids = parse_candidates(candidates, limits)
+        if ids is not None:
+            index.positions_of(ids)  # unknown ids are refused here, before the queue
         data = await image.read()
+        try:  # the header only: what is not an image, or too many pixels, is refused before the queue
+            probed = probe_image(data, limits.max_pixels)
+        except ImageRejected as err:
+            raise RequestError("image", str(err), err.status) from None
+        check_box_in_image(q_box, *oriented_size(probed))
 
-        def job():
+        def job():  # decoding and scoring: behind the queue
             try:
-                img = decode_image(data, limits.max_pixels)
+                img = load_image(probed)
             except ImageRejected as err:
                 raise RequestError("image", str(err), err.status) from None
             return attributor.attribute(img, q_box, q_prompt, q_phrase, top_k=k, shortlist=n, candidates=ids)

@@ -32,27 +32,56 @@ class ImageRejected(ValueError):
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Bytes of an image file -> an 8-bit RGB PIL image; ``ImageRejected`` says why not."""
+    return load_image(probe_image(data, max_pixels))
+
+
+def probe_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open an image file's header only (nothing decoded): refuse an empty upload, what is not an image,
+    and an image over ``max_pixels`` or flagged by PIL as a decompression bomb."""
     if not data:
         raise ImageRejected("the upload is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageRejected(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (serve.max_pixels)", 413)
-            img.load()
-    except ImageRejected:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageRejected(f"refused from its header as a decompression bomb ({err})", 413) from None
     except UnidentifiedImageError:
         raise ImageRejected(f"not an image file that PIL can read ({len(data):,} bytes, starting {data[:8]!r})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageRejected(f"the image header is corrupt ({type(err).__name__}: {err})") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageRejected(f"the image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageRejected(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (serve.max_pixels)", 413)
+    return img
+
+
+def load_image(img: Image.Image) -> Image.Image:
+    """Decode a ``probe_image`` result -> 8-bit RGB; a truncated or corrupt file is refused."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageRejected(f"refused as a decompression bomb ({err})", 413) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageRejected(f"the image is truncated or corrupt ({type(err).__name__}: {err})") from None
-    if img.width < 1 or img.height < 1:
-        raise ImageRejected(f"the image has no pixels ({img.width}x{img.height})")
     return to_rgb(img)
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as ``to_rgb`` will return it: EXIF orientations 5 to 8 swap the sides. Reads only
+    EXIF found in the header (a PNG's getexif would decode the image to look for it after the pixels)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: exif_transpose will leave the image as it is
+        orientation = 1
+    w, h = img.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def open_image(path: Path, max_pixels: int | None = None) -> Image.Image:
