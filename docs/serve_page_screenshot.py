@@ -26,7 +26,7 @@ def main() -> None:
         page.goto(args.url + "/")
         page.wait_for_function("document.querySelectorAll('#example option').length > 1")
         if args.example:
-            value = page.eval_on_selector("#example", "(s, t) => [...s.options].find(o => o.textContent.startsWith(t + ':')).value",
+            value = page.eval_on_selector("#example", "(s, t) => [...s.options].find(o => o.textContent.startsWith(t + ' ')).value",
                                           args.example)
             page.select_option("#example", value)
         else:

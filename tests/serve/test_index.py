@@ -76,6 +76,7 @@ def test_index_records_the_pipeline_data(served, attributor):
     assert info["concept_id"] == first["concept_id"] and info["concept_box"] == [float(v) for v in first["train_box"]]
     assert (info["width"], info["height"]) == (64, 64)
     assert index.examples is not None and len(index.examples) == len(served.tuples)
+    assert list(index.examples["split"].iloc[:12]) == ["test"] * 12  # held-out queries first
     test_only, _ = pipeline_entries(served.data, "test")
     test_images = set(served.tuples.loc[served.tuples["split"] == "test", "train_image"])
     assert len(test_only) == len(test_images) == 6 and {e.path for e in test_only} == test_images

@@ -105,7 +105,9 @@ def test_page_upload_box_submit_results(live_server, served, tmp_path):
             rect = cards.nth(i).locator("rect.pred")
             assert rect.count() == 1 and float(rect.get_attribute("width")) > 0 and float(rect.get_attribute("height")) > 0
             assert len(cards.nth(i).get_attribute("data-box").split(",")) == 4
-        assert "10 results from 16 candidates" in page.text_content("#status")
+        status = page.text_content("#status")
+        assert "10 results from 16 candidates" in status
+        assert "true training image" in status  # the upload is one of the pipeline's query images: its truth is known
         page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
         # a pipeline example: image, box, prompt and phrase filled in, the true training image marked
         page.select_option("#example", index=1)

@@ -272,8 +272,9 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
         if ex is None:
             return []
         rows = ex.head(max(0, min(int(limit), 500)))
-        return [{"n": i, "tuple_id": r.tuple_id, "prompt": r.prompt, "concept_phrase": r.concept_phrase,
-                 "query_box": [float(v) for v in r.query_box], "train_id": r.train_id} for i, r in enumerate(rows.itertuples())]
+        return [{"n": i, "tuple_id": r.tuple_id, "split": r.split, "file": r.query_image.rsplit("/", 1)[-1], "prompt": r.prompt,
+                 "concept_phrase": r.concept_phrase, "query_box": [float(v) for v in r.query_box], "train_id": r.train_id}
+                for i, r in enumerate(rows.itertuples())]
 
     @app.get("/examples/{n}/image", summary="an example's generated image", responses={200: {"content": {"image/png": {}}}})
     def example_image(n: int):

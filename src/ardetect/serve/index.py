@@ -79,9 +79,10 @@ def pipeline_entries(data_root: Path, split: str = "all") -> tuple[list[ImageEnt
     entries = [ImageEntry(i, str(p), str(c), [float(v) for v in b])
                for i, p, c, b in zip(ids, first["train_image"], first["concept_id"], first["train_box"])]
     by_image = dict(zip(first["train_image"], ids))
-    ex = tuples.sort_values("tuple_id")
+    order = {"test": 0, "val": 1, "train": 2}  # held-out queries first: the page offers the first ones
+    ex = tuples.assign(_o=tuples["split"].map(order).fillna(3)).sort_values(["_o", "tuple_id"])
     examples = pd.DataFrame({
-        "tuple_id": ex["tuple_id"].astype(str), "query_image": ex["query_image"].astype(str),
+        "tuple_id": ex["tuple_id"].astype(str), "split": ex["split"].astype(str), "query_image": ex["query_image"].astype(str),
         "query_box": [[float(v) for v in b] for b in ex["query_box"]], "prompt": ex["prompt"].astype(str),
         "concept_phrase": ex["concept_phrase"].astype(str), "train_id": [by_image[p] for p in ex["train_image"]],
     })

@@ -87,8 +87,10 @@ $("file").addEventListener("change", async () => {
   const f = $("file").files[0];
   if (!f) return;
   showError("");
-  state.truth = null;
   $("example").value = "";
+  // an upload of one of the pipeline's generated images (by file name): its true training image is known
+  const known = examples.find((ex) => ex.file === f.name);
+  state.truth = known ? known.train_id : null;
   try {
     await useImage(f, f.name);
   } catch (e) {
@@ -194,7 +196,7 @@ $("form").addEventListener("submit", async (ev) => {
     for (const ex of examples) {
       const o = document.createElement("option");
       o.value = String(examples.indexOf(ex));
-      o.textContent = `${ex.tuple_id}: ${ex.prompt}`;
+      o.textContent = `${ex.tuple_id} (${ex.split}): ${ex.prompt}`;
       $("example").appendChild(o);
     }
     if (!examples.length) $("example").disabled = true;
