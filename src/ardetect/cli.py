@@ -488,7 +488,7 @@ def attribute_cmd(
     from ardetect.export.onnx_export import ExportError
     from ardetect.serve import IndexUnusable, ModelNotFound, open_attributor
     from ardetect.serve.images import ImageRejected, decode_image
-    from ardetect.serve.requests import Limits, RequestError, check_prompt, check_top_k, parse_box, parse_candidates
+    from ardetect.serve.requests import Limits, RequestError, check_prompt, check_shortlist, check_top_k, parse_box, parse_candidates
 
     cfg, uri, root = _serve_settings(params)
     limits = Limits.of(cfg)
@@ -502,6 +502,7 @@ def attribute_cmd(
         q_box = parse_box(box)
         q_prompt, q_phrase = check_prompt(prompt, phrase, limits.max_prompt_chars)
         k = check_top_k(top_k or cfg.top_k, limits)
+        check_shortlist(shortlist, limits)
         ids = parse_candidates(candidates, limits)
         attributor = open_attributor(cfg, _under(root, model or cfg.model), _under(root, index or cfg.index), tracking_uri=uri)
         result = attributor.attribute(img, q_box, q_prompt, q_phrase, top_k=k, shortlist=shortlist, candidates=ids)

@@ -385,6 +385,7 @@ class ServeConfig(_Section):
     top_k: int = Field(10, ge=1, description="results returned when a request does not say")
     max_top_k: int = Field(100, ge=1, description="largest top_k a request may ask for")
     max_candidates: int = Field(1000, ge=1, description="largest explicit candidate list a request may send")
+    max_shortlist: int = Field(1000, ge=1, description="largest shortlist a request may ask for (each image in it is scored)")
     max_upload_bytes: int = Field(10_000_000, ge=1024, description="largest request body, bytes")
     max_pixels: int = Field(16_777_216, ge=1, description="largest uploaded image, width x height; checked from the header before decoding")
     max_prompt_chars: int = Field(500, ge=1, description="longest prompt, characters")
@@ -400,6 +401,8 @@ class ServeConfig(_Section):
     def _limits(self) -> "ServeConfig":
         if self.top_k > self.max_top_k:
             raise ValueError(f"top_k={self.top_k} exceeds max_top_k={self.max_top_k}")
+        if self.shortlist > self.max_shortlist:
+            raise ValueError(f"shortlist={self.shortlist} exceeds max_shortlist={self.max_shortlist}")
         return self
 
 

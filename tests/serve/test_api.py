@@ -152,7 +152,8 @@ MALFORMED = [
     ("top_k zero", None, {"top_k": "0"}, 422, "top_k", "outside 1..20"),
     ("top_k too large", None, {"top_k": "21"}, 422, "top_k", "outside 1..20"),
     ("top_k not a number", None, {"top_k": "ten"}, 422, "top_k", "integer"),
-    ("shortlist zero", None, {"shortlist": "0"}, 422, "shortlist", ">= 1"),
+    ("shortlist zero", None, {"shortlist": "0"}, 422, "shortlist", "outside 1..1000"),
+    ("shortlist too large", None, {"shortlist": "1001"}, 422, "shortlist", "outside 1..1000"),
 ]
 
 

@@ -215,7 +215,7 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
         q_box = parse_box(box) if box is not None else _missing("box")
         q_prompt, q_phrase = check_prompt(prompt, phrase, limits.max_prompt_chars)
         k = check_top_k(top_k, limits)
-        n = check_shortlist(shortlist)
+        n = check_shortlist(shortlist, limits)
         ids = parse_candidates(candidates, limits)
         if ids is not None:
             index.positions_of(ids)  # unknown ids are refused here, before the queue

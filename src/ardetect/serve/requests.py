@@ -30,10 +30,12 @@ class Limits:
     max_candidates: int = 1000
     max_prompt_chars: int = 500
     max_pixels: int = 16_777_216
+    max_shortlist: int = 1000
 
     @classmethod
     def of(cls, serve_cfg) -> "Limits":
-        return cls(serve_cfg.max_top_k, serve_cfg.max_candidates, serve_cfg.max_prompt_chars, serve_cfg.max_pixels)
+        return cls(serve_cfg.max_top_k, serve_cfg.max_candidates, serve_cfg.max_prompt_chars, serve_cfg.max_pixels,
+                   serve_cfg.max_shortlist)
 
 
 def check_text(field: str, text: str | None, max_chars: int) -> str:
@@ -95,9 +97,9 @@ def check_top_k(top_k: int, limits: Limits) -> int:
     return int(top_k)
 
 
-def check_shortlist(shortlist: int | None) -> int | None:
-    if shortlist is not None and int(shortlist) < 1:
-        raise RequestError("shortlist", f"{shortlist} must be >= 1")
+def check_shortlist(shortlist: int | None, limits: Limits) -> int | None:
+    if shortlist is not None and not 1 <= int(shortlist) <= limits.max_shortlist:
+        raise RequestError("shortlist", f"{shortlist} is outside 1..{limits.max_shortlist} (serve.max_shortlist)")
     return shortlist
 
 
