@@ -154,7 +154,8 @@ def main() -> None:
     params = tmp / "params.yaml"
     params.write_text(yaml.safe_dump({"serve": {"workers": args.workers, "queue_size": args.queue_size, "shortlist": args.shortlist}}))
     env = {**os.environ, "ARD_SERVE_TOKEN": ""}
-    cmd = [sys.executable, "-m", "ardetect.cli", "serve", "--model", str(args.model), "--index", str(args.index), "--port", str(port),
+    model = args.model if str(args.model).startswith("models:/") else str(Path(args.model).absolute())
+    cmd = [sys.executable, "-m", "ardetect.cli", "serve", "--model", model, "--index", str(args.index.absolute()), "--port", str(port),
            "--params", str(params)]
     log = open(tmp / "serve.log", "w")
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -395,9 +395,12 @@ def _serve_settings(params: Path):
     return cfg.serve, tracking.tracking_uri(cfg.tracking.tracking_uri, root), root
 
 
-def _under(root: Path, value: str | Path) -> str:
-    """A folder setting relative to the repository root; registry URIs and absolute paths as they are."""
-    text = str(value)
+def _serve_path(root: Path, given, configured: str) -> str:
+    """A path given on the command line as it is (relative to the working directory); else the configured
+    one, relative to the repository root (the params file's folder). Registry URIs are left as they are."""
+    if given is not None:
+        return str(given)
+    text = str(configured)
     if text.startswith("models:/") or Path(text).is_absolute():
         return text
     return str(root / text)
@@ -421,9 +424,9 @@ def index_build(
     from ardetect.serve.index import folder_entries, pipeline_entries
 
     cfg, uri, root = _serve_settings(params)
-    out = Path(_under(root, out or cfg.index))
+    out = Path(_serve_path(root, out, cfg.index))
     try:
-        m = load_model(_under(root, model or cfg.model), providers=cfg.providers, threads=cfg.threads, tracking_uri=uri)
+        m = load_model(_serve_path(root, model, cfg.model), providers=cfg.providers, threads=cfg.threads, tracking_uri=uri)
         if images is not None:
             entries, examples, image_root, source = folder_entries(images), None, images, "folder"
         else:
@@ -455,7 +458,7 @@ def serve_cmd(
 
     cfg, uri, root = _serve_settings(params)
     try:
-        attributor = open_attributor(cfg, _under(root, model or cfg.model), _under(root, index or cfg.index), tracking_uri=uri)
+        attributor = open_attributor(cfg, _serve_path(root, model, cfg.model), _serve_path(root, index, cfg.index), tracking_uri=uri)
     except (ModelNotFound, IndexUnusable, ExportError) as err:
         typer.echo(f"serve failed: {err}", err=True)
         raise typer.Exit(1) from None
@@ -504,7 +507,7 @@ def attribute_cmd(
         k = check_top_k(top_k or cfg.top_k, limits)
         check_shortlist(shortlist, limits)
         ids = parse_candidates(candidates, limits)
-        attributor = open_attributor(cfg, _under(root, model or cfg.model), _under(root, index or cfg.index), tracking_uri=uri)
+        attributor = open_attributor(cfg, _serve_path(root, model, cfg.model), _serve_path(root, index, cfg.index), tracking_uri=uri)
         result = attributor.attribute(img, q_box, q_prompt, q_phrase, top_k=k, shortlist=shortlist, candidates=ids)
     except RequestError as err:
         typer.echo(f"attribute: {err}", err=True)
