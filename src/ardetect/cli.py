@@ -454,7 +454,7 @@ def serve_cmd(
 
     from ardetect.export.onnx_export import ExportError
     from ardetect.serve import IndexUnusable, ModelNotFound, open_attributor
-    from ardetect.serve.app import create_app, token_from_env
+    from ardetect.serve.app import create_app, token_from_env, uvicorn_log_config
 
     cfg, uri, root = _serve_settings(params)
     try:
@@ -468,7 +468,8 @@ def serve_cmd(
     typer.echo(f"serving {d['source']} ({d['name'] or 'folder'}{' v' + d['version'] if d['version'] else ''}) on "
                f"{sorted(set(d['providers'].values()))}, index of {d['index_size']} images, at http://{host}:{port}/ "
                f"({'bearer token required: $' + cfg.token_env if token else 'no token'})")
-    uvicorn.run(create_app(attributor, cfg, token), host=host, port=port, log_level="info", timeout_keep_alive=5)
+    uvicorn.run(create_app(attributor, cfg, token), host=host, port=port, log_level="info", timeout_keep_alive=5,
+                log_config=uvicorn_log_config())
 
 
 @app.command("attribute")

@@ -280,6 +280,17 @@ def test_bearer_token_guards_every_route_but_health(attributor, query):
         assert c.get("/", params={"token": "guess"}, follow_redirects=False).status_code == 401
 
 
+def test_the_page_token_is_not_logged():
+    import logging
+
+    from ardetect.serve.app import RedactToken, uvicorn_log_config
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", "/?token=s3cret-token&x=1", "1.1", 303), None)
+    assert RedactToken().filter(record) and "s3cret" not in record.getMessage() and "token=***&x=1" in record.getMessage()
+    assert uvicorn_log_config()["handlers"]["access"]["filters"] == ["redact_token"]
+
+
 def test_no_cors_unless_configured(attributor):
     origin = {"Origin": "http://elsewhere.example"}
     with TestClient(create_app(attributor, CFG)) as c:

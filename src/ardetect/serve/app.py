@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import os
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -295,6 +297,29 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     return app
+
+
+class RedactToken(logging.Filter):
+    """Access-log filter: a ``token=`` query parameter (the page's one-time login) is logged as ``token=***``."""
+
+    pattern = re.compile(r"(token=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.pattern.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def uvicorn_log_config() -> dict:
+    """uvicorn's logging configuration with ``RedactToken`` on the access log."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_token"] = {"()": RedactToken}
+    config["handlers"]["access"]["filters"] = ["redact_token"]
+    return config
 
 
 def _missing(field: str):
