@@ -6,12 +6,14 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from ardetect.cli import app
 
 
+@pytest.mark.slow
 def test_index_a_folder_then_attribute(served, tmp_path):
     folder = tmp_path / "images"
     (folder / "sub dir").mkdir(parents=True)
