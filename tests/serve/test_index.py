@@ -196,3 +196,32 @@ def test_model_from_the_registry(served, tmp_path):
         load_model("models:/ardetect-detector@staging", tracking_uri=uri)
     with pytest.raises(ModelNotFound, match="no such folder"):
         load_model(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_service_ranks_as_the_evaluation_ranks(served):
+    """Each test query against an index of the test split's training images, every image scored: the score of
+    its own training image and its rank are the evaluation harness's (``OnnxARDMethod`` through
+    ``evaluate_method``, the code behind the ``ARD`` row's figures)."""
+    from ardetect.evaluation.harness import evaluate_method
+    from ardetect.evaluation.metrics import rank_of_positive
+    from ardetect.export.runtime import OnnxARDMethod
+    from ardetect.serve import Attributor
+
+    from trained_pair import negatives_of
+
+    tuples = served.tuples
+    test = tuples[tuples["split"] == "test"]
+    entries, _ = pipeline_entries(served.data, "test")
+    folder = served.index.parent / "index_test"
+    build_index(served.model, served.data, entries, folder, chunk=4, progress=False)
+    att = Attributor(served.model, CandidateIndex(folder, served.model.fingerprint), shortlist=len(entries))
+    ev = evaluate_method(OnnxARDMethod(served.model.detector, served.data), test, negatives_of(tuples), progress=False).per_query
+    ev = ev.set_index("tuple_id")
+    for _, q in test.iterrows():
+        got = att.attribute(open_image(served.data / q["query_image"]), [float(v) for v in q["query_box"]], q["prompt"],
+                            q["concept_phrase"], top_k=len(entries))
+        scores = {r["id"]: r["score"] for r in got.results}
+        own = scores.pop(Path(q["train_image"]).stem)
+        assert abs(own - ev.loc[q["tuple_id"], "score"]) < 1e-5
+        assert rank_of_positive(own, list(scores.values())) == ev.loc[q["tuple_id"], "rank"]
