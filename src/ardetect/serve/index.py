@@ -9,9 +9,10 @@ and an image-level embedding (``embeddings.npy``) for the shortlist:
 - query embedding: the query image's region map max-pooled over the cells the query
   box covers, L2-normalised.
 
-This pooling was chosen on the val split (the share of queries whose training image is
-in a shortlist of 10, 25 and 50 of 104: 0.44 / 0.64 / 0.87), against standardising the
-pooled vectors (0.33 / 0.54 / 0.76), mean-pooling, and 2x2 to 8x8 cells searched per cell.
+This pooling was chosen on the val split (``docs/shortlist_pooling.py``: the share of
+queries whose training image is in a shortlist of 10, 25 and 50 of 104 was 0.44 / 0.64 /
+0.87, the best at 10 and 50 of sixteen poolings: max or mean, whole map or 2x2 to 8x8
+cells, raw or standardised).
 
 A query takes the top-N images by inner product (faiss, exact) and the scorer re-ranks
 them; N >= the index size scores every image. ``index.json`` records the model the
