@@ -383,6 +383,160 @@ def export_cmd(
     typer.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in done["seconds"].items()))
 
 
+index_app = typer.Typer(help="The candidate index the service searches.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+def _serve_settings(params: Path):
+    """(serve section, tracking URI, repository root) from ``params``; the defaults when the file is absent."""
+    from ardetect import tracking
+    from ardetect.config import Config, ConfigError, load_config
+
+    root = params.resolve().parent
+    try:
+        cfg = load_config(params) if params.is_file() else Config()
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    return cfg.serve, tracking.tracking_uri(cfg.tracking.tracking_uri, root), root
+
+
+def _serve_path(root: Path, given, configured: str) -> str:
+    """A path given on the command line as it is (relative to the working directory); else the configured
+    one, relative to the repository root (the params file's folder). Registry URIs are left as they are."""
+    if given is not None:
+        return str(given)
+    text = str(configured)
+    if text.startswith("models:/") or Path(text).is_absolute():
+        return text
+    return str(root / text)
+
+
+@index_app.command("build")
+def index_build(
+    out: Path = typer.Option(None, "--out", help="index folder (default: serve.index)"),
+    model: str = typer.Option(None, "--model", help="export folder or models:/name@alias (default: serve.model)"),
+    data: Path = typer.Option(Path("data"), help="the pipeline's data root: its training images are indexed"),
+    split: str = typer.Option("all", help="the tuples' split whose training images to index: train, val, test or all"),
+    images: Path = typer.Option(None, "--images", help="index every image under this folder instead of the pipeline's"),
+    fresh: bool = typer.Option(False, "--fresh", help="discard a partial build instead of resuming it"),
+    batch: int = typer.Option(None, min=1, help="images encoded a batch (a resume point each; default: serve.batch)"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Encode training images once into an on-disk index (resumes after a kill; refuses another model's partial build)."""
+    from ardetect.export.onnx_export import ExportError
+    from ardetect.serve import IndexUnusable, ModelNotFound, build_index, load_model
+    from ardetect.serve.images import ImageRejected
+    from ardetect.serve.index import folder_entries, pipeline_entries
+
+    cfg, uri, root = _serve_settings(params)
+    out = Path(_serve_path(root, out, cfg.index))
+    try:
+        m = load_model(_serve_path(root, model, cfg.model), providers=cfg.providers, threads=cfg.threads, tracking_uri=uri)
+        if images is not None:
+            entries, examples, image_root, source = folder_entries(images), None, images, "folder"
+        else:
+            entries, examples = pipeline_entries(data, split)
+            image_root, source = data, f"pipeline:{split}"
+        typer.echo(f"model {m.source} ({m.name or 'folder'}{' v' + m.version if m.version else ''}; providers "
+                   f"{sorted(set(m.providers.values()))}); {len(entries)} images from {image_root} -> {out}")
+        meta = build_index(m, image_root, entries, out, examples=examples, chunk=batch or cfg.batch, source=source, fresh=fresh)
+    except (ModelNotFound, IndexUnusable, ExportError, ImageRejected, FileNotFoundError, ValueError) as err:
+        typer.echo(f"index build failed: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {out}: {meta['count']} images, features {meta['feature_shape']}, encoded in {meta['encode_seconds']:.1f} s")
+
+
+@app.command("serve")
+def serve_cmd(
+    host: str = typer.Option(None, help="address to bind (default: serve.host, 127.0.0.1)"),
+    port: int = typer.Option(None, min=1, max=65535, help="port (default: serve.port)"),
+    model: str = typer.Option(None, "--model", help="export folder or models:/name@alias (default: serve.model)"),
+    index: Path = typer.Option(None, "--index", help="index folder (default: serve.index)"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Start the HTTP service (POST /attribute, the web page at /, docs at /docs)."""
+    import uvicorn
+
+    from ardetect.export.onnx_export import ExportError
+    from ardetect.serve import IndexUnusable, ModelNotFound, open_attributor
+    from ardetect.serve.app import create_app, token_from_env, uvicorn_log_config
+
+    cfg, uri, root = _serve_settings(params)
+    try:
+        attributor = open_attributor(cfg, _serve_path(root, model, cfg.model), _serve_path(root, index, cfg.index), tracking_uri=uri)
+    except (ModelNotFound, IndexUnusable, ExportError) as err:
+        typer.echo(f"serve failed: {err}", err=True)
+        raise typer.Exit(1) from None
+    token = token_from_env(cfg)
+    d = attributor.describe()
+    host, port = host or cfg.host, port or cfg.port
+    typer.echo(f"serving {d['source']} ({d['name'] or 'folder'}{' v' + d['version'] if d['version'] else ''}) on "
+               f"{sorted(set(d['providers'].values()))}, index of {d['index_size']} images, at http://{host}:{port}/ "
+               f"({'bearer token required: $' + cfg.token_env if token else 'no token'})")
+    uvicorn.run(create_app(attributor, cfg, token), host=host, port=port, log_level="info", timeout_keep_alive=5,
+                log_config=uvicorn_log_config())
+
+
+@app.command("attribute")
+def attribute_cmd(
+    image: Path = typer.Argument(..., help="the generated image"),
+    box: str = typer.Option(..., "--box", help="the object's box in the image, pixels: x0,y0,x1,y1"),
+    prompt: str = typer.Option(..., "--prompt", help="the prompt the image was generated from"),
+    phrase: str = typer.Option(..., "--phrase", help="the concept phrase, as it occurs in the prompt"),
+    top_k: int = typer.Option(None, "--top-k", min=1, help="results (default: serve.top_k)"),
+    shortlist: int = typer.Option(None, "--shortlist", min=1, help="images the embedding search passes to the scorer (default: serve.shortlist)"),
+    candidates: str = typer.Option(None, "--candidates", help="comma-separated image ids to score instead of the index's shortlist"),
+    grid: Path = typer.Option(None, "--grid", help="write the query and its results as a PNG grid here"),
+    truth: str = typer.Option(None, "--truth", help="id of the query's true training image, when known: marked in the output"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    model: str = typer.Option(None, "--model", help="export folder or models:/name@alias (default: serve.model)"),
+    index: Path = typer.Option(None, "--index", help="index folder (default: serve.index)"),
+    params: Path = typer.Option(Path("params.yaml")),
+) -> None:
+    """Attribute an object of a generated image in-process, as POST /attribute does."""
+    from ardetect.export.onnx_export import ExportError
+    from ardetect.serve import IndexUnusable, ModelNotFound, open_attributor
+    from ardetect.serve.images import ImageRejected, decode_image
+    from ardetect.serve.requests import Limits, RequestError, check_prompt, check_shortlist, check_top_k, parse_box, parse_candidates
+
+    cfg, uri, root = _serve_settings(params)
+    limits = Limits.of(cfg)
+    try:
+        if not image.is_file():
+            raise RequestError("image", f"{image}: no such file")
+        try:
+            img = decode_image(image.read_bytes(), limits.max_pixels)
+        except ImageRejected as err:
+            raise RequestError("image", f"{image}: {err}") from None
+        q_box = parse_box(box)
+        q_prompt, q_phrase = check_prompt(prompt, phrase, limits.max_prompt_chars)
+        k = check_top_k(top_k or cfg.top_k, limits)
+        check_shortlist(shortlist, limits)
+        ids = parse_candidates(candidates, limits)
+        attributor = open_attributor(cfg, _serve_path(root, model, cfg.model), _serve_path(root, index, cfg.index), tracking_uri=uri)
+        result = attributor.attribute(img, q_box, q_prompt, q_phrase, top_k=k, shortlist=shortlist, candidates=ids)
+    except RequestError as err:
+        typer.echo(f"attribute: {err}", err=True)
+        raise typer.Exit(2) from None
+    except (ModelNotFound, IndexUnusable, ExportError) as err:
+        typer.echo(f"attribute failed: {err}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        scope = f"shortlist of {result.shortlist}" if result.shortlist else f"{result.scored} candidates"
+        typer.echo(f"{scope} scored in {result.timing_ms['total']:.0f} ms")
+        for r in result.results:
+            mark = "  <- the true training image" if truth is not None and r["id"] == truth else ""
+            typer.echo(f"{r['rank']:>3}  {r['id']:<24} score {r['score']:.4f}  box {r['box']}{mark}")
+    if grid is not None:
+        from ardetect.serve.figures import result_grid
+
+        result_grid(img, q_box, result.results, attributor.index, grid, truth=truth)
+        typer.echo(f"wrote {grid}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

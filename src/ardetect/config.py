@@ -372,6 +372,41 @@ class ExportConfig(_Section):
     model_name: str = Field("ardetect-detector", min_length=1, description="registered model name")
 
 
+class ServeConfig(_Section):
+    """``ard serve`` and ``ard index build``: where the model and the index are, and the limits of a request."""
+
+    model: str = Field("models:/ardetect-detector@champion", min_length=1,
+                       description="a registry URI (models:/name@alias or models:/name/version) or an export folder")
+    index: str = Field("models/index", min_length=1, description="the candidate index folder (`ard index build` writes it)")
+    host: str = Field("127.0.0.1", min_length=1, description="address to bind; 0.0.0.0 exposes the service to the network")
+    port: int = Field(8000, ge=1, le=65535)
+    providers: list[str] | None = Field(None, description="onnxruntime providers in order; null = TensorRT, CUDA, CPU, those usable")
+    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads a session; null = onnxruntime's default")
+    shortlist: int = Field(50, ge=1, description="images the embedding search passes to the scorer; >= the index size scores every image")
+    top_k: int = Field(10, ge=1, description="results returned when a request does not say")
+    max_top_k: int = Field(100, ge=1, description="largest top_k a request may ask for")
+    max_candidates: int = Field(1000, ge=1, description="largest explicit candidate list a request may send")
+    max_shortlist: int = Field(1000, ge=1, description="largest shortlist a request may ask for (each image in it is scored)")
+    max_upload_bytes: int = Field(10_000_000, ge=1024, description="largest request body, bytes")
+    max_pixels: int = Field(16_777_216, ge=1, description="largest uploaded image, width x height; checked from the header before decoding")
+    max_prompt_chars: int = Field(500, ge=1, description="longest prompt, characters")
+    workers: int = Field(1, ge=1, le=64, description="requests scored at once (threads running onnxruntime)")
+    queue_size: int = Field(8, ge=0, description="requests waiting beyond the workers; more get 503 with Retry-After")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request still unanswered after this gets 504")
+    token_env: str = Field("ARD_SERVE_TOKEN", min_length=1,
+                           description="environment variable holding a bearer token; when set, every route but /health needs it")
+    cors_origins: list[str] = Field([], description="origins allowed by CORS; empty = no CORS headers at all")
+    batch: int = Field(64, ge=1, description="images a batch when the index is built and candidates scored")
+
+    @model_validator(mode="after")
+    def _limits(self) -> "ServeConfig":
+        if self.top_k > self.max_top_k:
+            raise ValueError(f"top_k={self.top_k} exceeds max_top_k={self.max_top_k}")
+        if self.shortlist > self.max_shortlist:
+            raise ValueError(f"shortlist={self.shortlist} exceeds max_shortlist={self.max_shortlist}")
+        return self
+
+
 class TrackingConfig(_Section):
     experiment: str = "ardetect"
     tracking_uri: str | None = Field(
@@ -393,6 +428,7 @@ class Config(_Section):
     abc: AbCSection = AbCSection()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())

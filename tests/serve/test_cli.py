@@ -1,0 +1,69 @@
+"""`ard index build` over a folder of images, `ard attribute` in-process (JSON and a PNG grid), `ard serve`'s defaults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ardetect.cli import app
+
+
+@pytest.mark.slow
+def test_index_a_folder_then_attribute(served, tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub dir").mkdir(parents=True)
+    train = sorted(set(served.tuples["train_image"]))
+    for i, rel in enumerate(train[:5]):
+        shutil.copy(served.data / rel, (folder / "sub dir" if i % 2 else folder) / f"im {i}.png")
+    grey = np.asarray(Image.open(served.data / train[5]).convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey).save(folder / "deep.png")  # a 16-bit PNG is indexed like any other
+    (folder / "notes.txt").write_text("not an image")
+    params = tmp_path / "params.yaml"  # absent: the serve section's defaults
+    runner = CliRunner()
+    built = runner.invoke(app, ["index", "build", "--images", str(folder), "--model", str(served.export), "--out", str(tmp_path / "idx"),
+                                "--batch", "4", "--params", str(params)])
+    assert built.exit_code == 0, built.output
+    assert "6 images" in built.output and "wrote" in built.output
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["count"] == 6 and meta["source"] == "folder"
+    t = served.tuples[served.tuples["split"] == "test"].iloc[0]
+    query = [str(served.data / t["query_image"]), "--box", ",".join(f"{v:g}" for v in t["query_box"]), "--prompt", t["prompt"],
+             "--phrase", t["concept_phrase"], "--model", str(served.export), "--index", str(tmp_path / "idx"), "--params", str(params)]
+    out = runner.invoke(app, ["attribute", *query, "--json", "--top-k", "4"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    ids = [r["id"] for r in result["results"]]
+    assert len(ids) == 4 and set(ids) <= {"im_0", "sub_dir/im_1", "im_2", "sub_dir/im_3", "im_4", "deep"}  # ids: paths made safe
+    scores = [r["score"] for r in result["results"]]
+    assert scores == sorted(scores, reverse=True) and result["scored"] == 6
+    grid = tmp_path / "grid.png"
+    drawn = runner.invoke(app, ["attribute", *query, "--grid", str(grid), "--truth", ids[0]])
+    assert drawn.exit_code == 0 and "<- the true training image" in drawn.output, drawn.output
+    assert Image.open(grid).size[0] > 5 * 192
+    bad = runner.invoke(app, ["attribute", *query[:5], "--phrase", "V* dragon", *query[7:]])
+    assert bad.exit_code == 2 and "phrase: 'V* dragon' does not occur in the prompt" in bad.output
+    outside = runner.invoke(app, ["attribute", query[0], "--box", "0,0,500,20", *query[3:]])
+    assert outside.exit_code == 2 and "box: [0.0, 0.0, 500.0, 20.0] lies outside the 64x64" in outside.output
+
+
+def test_serve_binds_loopback_unless_told(served, tmp_path, monkeypatch):
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.delenv("ARD_SERVE_TOKEN", raising=False)
+    runner = CliRunner()
+    base = ["serve", "--model", str(served.export), "--index", str(served.index), "--params", str(tmp_path / "params.yaml")]
+    first = runner.invoke(app, base)
+    assert first.exit_code == 0, first.output
+    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000 and "no token" in first.output
+    monkeypatch.setenv("ARD_SERVE_TOKEN", "t0ken")
+    second = runner.invoke(app, [*base, "--host", "0.0.0.0", "--port", "9123"])
+    assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == 9123 and "bearer token required" in second.output
+    wrong = runner.invoke(app, ["serve", "--model", str(tmp_path / "missing"), "--index", str(served.index), "--params", str(tmp_path / "p.yaml")])
+    assert wrong.exit_code == 1 and "no such folder" in wrong.output

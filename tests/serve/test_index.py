@@ -1,0 +1,227 @@
+"""The candidate index: the shortlist of every image is the brute-force ranking, the build resumes after a
+kill and refuses another model, and the served model comes from a folder or the registry, on the CPU here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ardetect.serve import CandidateIndex, IndexMismatch, build_index
+from ardetect.serve.images import open_image
+from ardetect.serve.index import folder_entries, pipeline_entries
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def query_of(served, n: int = 0):
+    t = served.tuples[served.tuples["split"] == "test"].iloc[n]
+    return open_image(served.data / t["query_image"]), [float(v) for v in t["query_box"]], t["prompt"], t["concept_phrase"], t
+
+
+def test_shortlist_of_every_image_is_the_brute_force_ranking(served, attributor):
+    from ardetect.export.runtime import prepare_image
+
+    index = attributor.index
+    img, box, prompt, phrase, t = query_of(served)
+    got = attributor.attribute(img, box, prompt, phrase, top_k=len(index), shortlist=len(index))
+    assert got.shortlist is None and got.scored == len(index) == 16
+    # brute force, independently of the index: every training image decoded, encoded and scored at once
+    det = served.model.detector
+    paths = [served.data / p for p in index.table["path"]]
+    prepared = [prepare_image(p, det.size) for p in paths]
+    query = det.encode_query(served.data / t["query_image"], box, prompt, phrase)
+    out = det.score(det.encode_images(np.stack([a for a, _ in prepared])), query, np.array([s for _, s in prepared]), chunk=8)
+    order = np.argsort(-out["scores"], kind="stable")
+    assert [r["id"] for r in got.results] == [index.ids[i] for i in order]
+    np.testing.assert_allclose([r["score"] for r in got.results], out["scores"][order], rtol=0, atol=1e-6)
+    np.testing.assert_allclose([r["box"] for r in got.results], out["boxes"][order], atol=1e-3)
+    # a larger N than the index is the same; an explicit candidate list ranks exactly those, in the same order
+    again = attributor.attribute(img, box, prompt, phrase, top_k=5, shortlist=10_000)
+    assert [r["id"] for r in again.results] == [r["id"] for r in got.results[:5]]
+    subset = [index.ids[i] for i in (3, 0, 7)]
+    part = attributor.attribute(img, box, prompt, phrase, top_k=10, candidates=subset)
+    assert part.scored == 3 and sorted(r["id"] for r in part.results) == sorted(subset)
+    assert [r["id"] for r in part.results] == [r["id"] for r in got.results if r["id"] in subset]
+
+
+def test_shortlist_takes_the_nearest_embeddings(served, attributor):
+    index = attributor.index
+    img, box, prompt, phrase, _ = query_of(served, 1)
+    _, emb = attributor.encode(img, box, prompt, phrase)
+    sims = index.embeddings @ emb[0]
+    nearest = set(np.argsort(-sims, kind="stable")[:4].tolist())
+    assert set(index.shortlist(emb, 4).tolist()) == nearest
+    got = attributor.attribute(img, box, prompt, phrase, top_k=10, shortlist=4)
+    assert got.shortlist == 4 and got.scored == 4 and len(got.results) == 4
+    assert {index.position[r["id"]] for r in got.results} == nearest
+    np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_index_records_the_pipeline_data(served, attributor):
+    index = attributor.index
+    meta = json.loads((served.index / "index.json").read_text())
+    assert meta["count"] == 16 and meta["source"] == "pipeline:all" and meta["model_fingerprint"] == served.model.fingerprint
+    first = served.tuples.drop_duplicates("train_image").sort_values("train_image").iloc[0]
+    k = index.position[Path(first["train_image"]).stem]
+    info = index.info(k)
+    assert info["concept_id"] == first["concept_id"] and info["concept_box"] == [float(v) for v in first["train_box"]]
+    assert (info["width"], info["height"]) == (64, 64)
+    assert index.examples is not None and len(index.examples) == len(served.tuples)
+    assert list(index.examples["split"].iloc[:12]) == ["test"] * 12  # held-out queries first
+    test_only, _ = pipeline_entries(served.data, "test")
+    test_images = set(served.tuples.loc[served.tuples["split"] == "test", "train_image"])
+    assert len(test_only) == len(test_images) == 6 and {e.path for e in test_only} == test_images
+    with pytest.raises(ValueError, match="split='tset'"):
+        pipeline_entries(served.data, "tset")
+
+
+def test_index_refuses_another_model(served, tmp_path):
+    with pytest.raises(IndexMismatch, match="built with another model"):
+        CandidateIndex(served.index, fingerprint="0" * 64 + ":64")
+    # a partial build of one model is not resumed with another
+    entries = folder_entries(served.data / "img")[:6]
+    real = served.model.detector.encode_images
+    calls = []
+
+    def stop_after_one(images):
+        calls.append(len(images))
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # as a kill would, between two chunks
+        return real(images)
+
+    det = SimpleNamespace(encode_images=stop_after_one, size=served.model.detector.size)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(SimpleNamespace(detector=det, fingerprint=served.model.fingerprint), served.data / "img", entries, tmp_path / "idx",
+                    chunk=2, progress=False)
+    other = SimpleNamespace(detector=served.model.detector, fingerprint="f" * 64 + ":64")
+    with pytest.raises(IndexMismatch, match="partial index build of another model"):
+        build_index(other, served.data / "img", entries, tmp_path / "idx", chunk=2, progress=False)
+    assert not (tmp_path / "idx").exists()
+    done = build_index(other, served.data / "img", entries, tmp_path / "idx", chunk=2, progress=False, fresh=True)
+    assert done["count"] == 6 and not (tmp_path / ".idx.building").exists()
+
+
+@pytest.mark.slow
+def test_index_build_resumes_after_a_kill(served, tmp_path):
+    """A build killed with SIGKILL mid-way resumes from its chunks and ends with the arrays of an uninterrupted build."""
+    script = tmp_path / "slow_build.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(REPO / 'src')!r})
+from ardetect.serve import load_model
+from ardetect.serve.index import build_index, pipeline_entries
+model = load_model({str(served.export)!r})
+real = model.detector.encode_images
+def slow(images):
+    time.sleep(0.4)
+    return real(images)
+model.detector.encode_images = slow
+entries, examples = pipeline_entries({str(served.data)!r}, "all")
+build_index(model, {str(served.data)!r}, entries, {str(tmp_path / 'idx')!r}, examples=examples, chunk=1, progress=False)
+""")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    work = tmp_path / ".idx.building"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("chunk-*.npz"))) < 4:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    chunks = sorted(work.glob("chunk-*.npz"))
+    assert 4 <= len(chunks) < 16 and not (tmp_path / "idx").exists(), proc.stdout.read().decode()[-2000:]
+    for c in chunks:  # every chunk on disk is whole (temp file, then rename)
+        assert np.load(c)["features"].shape[0] == 1
+    # resume: only the missing chunks are encoded
+    from ardetect.serve import load_model
+
+    model = load_model(served.export)
+    real = model.detector.encode_images
+    encoded = []
+    model.detector.encode_images = lambda images: encoded.append(len(images)) or real(images)
+    entries, examples = pipeline_entries(served.data, "all")
+    build_index(model, served.data, entries, tmp_path / "idx", examples=examples, chunk=1, progress=False)
+    assert len(encoded) == 16 - len(chunks)
+    resumed, whole = CandidateIndex(tmp_path / "idx"), CandidateIndex(served.index)
+    assert resumed.ids == whole.ids
+    for name in ("features", "region_map", "embeddings"):
+        np.testing.assert_allclose(np.asarray(getattr(resumed, name)), np.asarray(getattr(whole, name)), atol=1e-5)
+
+
+def test_providers_fall_back_to_the_cpu(served, monkeypatch):
+    import onnxruntime as ort
+    import torch
+
+    from ardetect.export.onnx_export import ExportError
+    from ardetect.export.runtime import choose_providers
+    from ardetect.serve import load_model
+
+    listed = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)  # onnxruntime-gpu lists them on any machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(ExportError, match="none is available"):
+        choose_providers(["CUDAExecutionProvider"])
+    model = load_model(served.export)  # default preference: TensorRT, CUDA, CPU, the first usable
+    assert set(model.providers.values()) == {"CPUExecutionProvider"}
+    assert set(model.providers) == {"image_encoder", "query_encoder", "scorer"}
+
+
+@pytest.mark.slow
+def test_model_from_the_registry(served, tmp_path):
+    import mlflow
+
+    from ardetect.export.registry import log_and_register
+    from ardetect.serve import ModelNotFound, load_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("serve-test")
+    with mlflow.start_run():
+        reg = log_and_register(served.export, uri, {"test_recall_at_10": 0.5})
+    model = load_model("models:/ardetect-detector@champion", tracking_uri=uri)
+    assert (model.name, model.version, model.alias) == ("ardetect-detector", reg.version, "champion")
+    assert model.fingerprint == served.model.fingerprint  # the same graphs: the index built from the folder fits
+    CandidateIndex(served.index, fingerprint=model.fingerprint)
+    assert load_model(f"models:/ardetect-detector/{reg.version}", tracking_uri=uri).version == reg.version
+    with pytest.raises(ModelNotFound, match="no alias 'staging'"):
+        load_model("models:/ardetect-detector@staging", tracking_uri=uri)
+    with pytest.raises(ModelNotFound, match="no such folder"):
+        load_model(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_service_ranks_as_the_evaluation_ranks(served):
+    """Each test query against an index of the test split's training images, every image scored: the score of
+    its own training image and its rank are the evaluation harness's (``OnnxARDMethod`` through
+    ``evaluate_method``, the code behind the ``ARD`` row's figures)."""
+    from ardetect.evaluation.harness import evaluate_method
+    from ardetect.evaluation.metrics import rank_of_positive
+    from ardetect.export.runtime import OnnxARDMethod
+    from ardetect.serve import Attributor
+
+    from trained_pair import negatives_of
+
+    tuples = served.tuples
+    test = tuples[tuples["split"] == "test"]
+    entries, _ = pipeline_entries(served.data, "test")
+    folder = served.index.parent / "index_test"
+    build_index(served.model, served.data, entries, folder, chunk=4, progress=False)
+    att = Attributor(served.model, CandidateIndex(folder, served.model.fingerprint), shortlist=len(entries))
+    ev = evaluate_method(OnnxARDMethod(served.model.detector, served.data), test, negatives_of(tuples), progress=False).per_query
+    ev = ev.set_index("tuple_id")
+    for _, q in test.iterrows():
+        got = att.attribute(open_image(served.data / q["query_image"]), [float(v) for v in q["query_box"]], q["prompt"],
+                            q["concept_phrase"], top_k=len(entries))
+        scores = {r["id"]: r["score"] for r in got.results}
+        own = scores.pop(Path(q["train_image"]).stem)
+        assert abs(own - ev.loc[q["tuple_id"], "score"]) < 1e-5
+        assert rank_of_positive(own, list(scores.values())) == ev.loc[q["tuple_id"], "rank"]

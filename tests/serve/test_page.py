@@ -1,0 +1,133 @@
+"""The web page in a real browser: headless Chromium (Debian's package) driven by playwright through
+upload -> box drawn with the mouse -> submit -> ten results with their regions, and through a pipeline example.
+
+Where Chromium or playwright is missing the test fails when CI (or ARD_REQUIRE_BROWSER) is set, and skips
+with the reason otherwise; `.ci/run` installs both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ardetect.config import ServeConfig
+from ardetect.serve import Attributor
+from ardetect.serve.app import create_app
+
+pytestmark = pytest.mark.slow
+
+
+def chromium_path() -> str | None:
+    for p in (os.environ.get("ARD_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium", shutil.which("chromium-browser")):
+        if p and Path(p).is_file():
+            return p
+    return None
+
+
+def browser_or_fail():
+    required = bool(os.environ.get("CI") or os.environ.get("ARD_REQUIRE_BROWSER"))
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package (pip install playwright)")
+    path = chromium_path()
+    if path is None:
+        missing.append("Chromium (apt-get install -y chromium)")
+    if missing:
+        msg = f"the browser test needs {' and '.join(missing)}"
+        if required:
+            pytest.fail(msg + " (CI is set: this test must run; .ci/run installs them)")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture()
+def live_server(served, attributor):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(Attributor(served.model, attributor.index, shortlist=16, batch=8), ServeConfig())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_page_upload_box_submit_results(live_server, served, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    chromium = browser_or_fail()
+    t = served.tuples[served.tuples["split"] == "test"].iloc[0]
+    upload = served.data / t["query_image"]
+    x0, y0, x1, y1 = (float(v) for v in t["query_box"])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(live_server + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('index of 16')")
+        page.set_input_files("#file", str(upload))
+        page.wait_for_function("document.getElementById('hint').textContent.includes('64 x 64')")
+        # draw the box with the mouse: the canvas shows the 64-pixel image at 480 px
+        c = page.locator("#canvas").bounding_box()
+        sx, sy = c["width"] / 64, c["height"] / 64
+        page.mouse.move(c["x"] + x0 * sx, c["y"] + y0 * sy)
+        page.mouse.down()
+        page.mouse.move(c["x"] + (x0 + x1) / 2 * sx, c["y"] + (y0 + y1) / 2 * sy, steps=4)
+        page.mouse.move(c["x"] + x1 * sx, c["y"] + y1 * sy, steps=4)
+        page.mouse.up()
+        drawn = [float(v) for v in page.input_value("#box").split(",")]
+        assert all(abs(a - b) <= 1.0 for a, b in zip(drawn, (x0, y0, x1, y1))), drawn
+        page.fill("#prompt", t["prompt"])
+        page.fill("#phrase", t["concept_phrase"])
+        page.click("#submit")
+        page.wait_for_selector("#results .result", timeout=30_000)
+        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+        cards = page.locator("#results .result")
+        assert cards.count() == 10
+        for i in range(10):
+            rect = cards.nth(i).locator("rect.pred")
+            assert rect.count() == 1 and float(rect.get_attribute("width")) > 0 and float(rect.get_attribute("height")) > 0
+            assert len(cards.nth(i).get_attribute("data-box").split(",")) == 4
+        status = page.text_content("#status")
+        assert "10 results from 16 candidates" in status
+        assert "true training image" in status  # the upload is one of the pipeline's query images: its truth is known
+        page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
+        # a pipeline example: image, box, prompt and phrase filled in, the true training image marked
+        page.select_option("#example", index=1)
+        page.wait_for_function("document.getElementById('box').value !== ''")
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('status').textContent.includes('true training image')")
+        status = page.text_content("#status")
+        truth = page.locator("#results .result.is-truth")
+        assert ("is not in the top 10" in status) == (truth.count() == 0)
+        if truth.count():
+            assert truth.locator("rect.truth").count() == 1 and "ground truth" in truth.text_content()
+        # a bad request shows the service's message
+        page.fill("#phrase", "V* dragon")
+        page.click("#submit")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "phrase" in page.text_content("#error") and "does not occur" in page.text_content("#error")
+        shots = Path(os.environ.get("ARD_SCREENSHOT_DIR") or tmp_path)  # CI keeps it by setting ARD_SCREENSHOT_DIR
+        shots.mkdir(parents=True, exist_ok=True)
+        shot = shots / "serve_page_test.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert not errors, errors
+    assert shot.stat().st_size > 10_000
