@@ -105,13 +105,19 @@ class RealSourceConfig(_Section):
 
     annotations: str | None = Field(None, description="COCO/LVIS instances JSON (validation split)")
     images: str | None = Field(None, description="folder of the annotation file's images")
-    classes: list[str] | None = None
-    max_exemplars: int | None = Field(None, ge=1)
+    classes: list[str] | None = Field(None, description="category names of the annotation file to draw from; null = all")
+    max_exemplars: int | None = Field(None, ge=1, description="stop after this many accepted exemplars; null = all")
+    seed: int = Field(0, ge=0, description="order of classes and images, and each exemplar's generation seed")
     grounding_dino: str = Field("IDEA-Research/grounding-dino-base", description="local path or hub id")
     sam_checkpoint: str | None = Field(None, description="segment-anything checkpoint (.pth), local path")
-    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b", "vit_tiny"] = Field(
+        "vit_h", description="vit_tiny is the test-size architecture of ardetect.generation.tiny"
+    )
     box_threshold: float = Field(0.35, ge=0.0, le=1.0)
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    min_box_side: float = Field(4.0, ge=0.0, description="pixels; a smaller concept mask box skips the exemplar")
+    min_box_area: float = Field(64.0, ge=0.0, description="square pixels; a smaller concept mask box skips the exemplar")
+    device: str | None = Field(None, description="torch device for GroundingDINO and SAM; null = cuda when present, else cpu")
 
 
 class ExemplarsConfig(_Section):
