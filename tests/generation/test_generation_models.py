@@ -58,8 +58,8 @@ def test_tiny_tokenizer_spells_every_prompt(tiny_models):
     ids = tok(text).input_ids
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == text.replace(" ", "")
-    assert tok.unk_token_id not in ids
-    assert len(tok) < 5000
+    assert tok.unk_token_id not in ids[1:-1]  # CLIP's unknown token is its end token
+    assert len(tok) < 6000
 
 
 def test_weights_errors_name_param_and_path(tmp_path, tiny_models):
