@@ -129,18 +129,31 @@ class CustomizationConfig(_Section):
     """Break-a-Scene customization of Stable Diffusion (the real path)."""
 
     base_model: str = Field("stabilityai/stable-diffusion-2-1-base", description="local path or hub id")
-    resolution: int = Field(512, ge=64)
+    resolution: int = Field(512, ge=16, multiple_of=8, description="square side of training and generated images, pixels")
     ti_steps: int = Field(400, ge=0)
     ti_lr: float = Field(5e-4, gt=0)
     joint_steps: int = Field(400, ge=0)
     joint_lr: float = Field(2e-6, gt=0)
     inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
+    token: str = Field("<asset0>", description="the new token; the record's placeholder 'V*' is sampled as it")
+    attn_res: int = Field(16, ge=1, description="grid of the cross-attention maps the attention loss reads (16 at 512 px)")
+    attn_loss_weight: float = Field(0.01, ge=0.0, description="cross-attention loss weight; 0 = off")
+    attn_loss_in_ti: bool = Field(False, description="also apply the cross-attention loss in the textual-inversion phase")
+    prior_preservation: bool = Field(True, description="train on base-model images of the plain class beside the instance")
+    prior_images: int = Field(10, ge=1, description="plain-class images sampled from the base model per exemplar")
+    prior_weight: float = Field(1.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("bf16", description="autocast on CUDA; the CPU runs fp32")
+    device: str | None = Field(None, description="torch device; null = cuda when present, else cpu")
 
 
 class GenerateConfig(_Section):
     backend: Literal["synthetic", "break_a_scene"] = "synthetic"
     customization: CustomizationConfig = CustomizationConfig()
+    box_threshold: float = Field(0.35, ge=0.0, le=1.0, description="GroundingDINO box threshold on generated images")
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    max_instances: int = Field(1, ge=1, description="a generated image with more concept detections is dropped")
 
 
 class SplitConfig(_Section):
