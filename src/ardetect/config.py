@@ -154,6 +154,9 @@ class GenerateConfig(_Section):
     box_threshold: float = Field(0.35, ge=0.0, le=1.0, description="GroundingDINO box threshold on generated images")
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
     max_instances: int = Field(1, ge=1, description="a generated image with more concept detections is dropped")
+    workers: int = Field(1, ge=1, description="Dask workers of a local cluster (one GPU each); 1 = in this process")
+    scheduler: str | None = Field(None, description="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    batch_size: int = Field(8, ge=1, description="exemplars per MLflow child run of the fan-out")
 
 
 class SplitConfig(_Section):

@@ -12,12 +12,32 @@ from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
 OUT = DATA / "generated"
 
 
+def build_real(cfg: Config, exemplars) -> dict:
+    """Break-a-Scene customization per exemplar, generated images boxed by GroundingDINO and SAM, in the same record."""
+    from ardetect.generation.real import generate_real
+
+    with atomic_dir(OUT) as tmp:
+        res = generate_real(cfg, exemplars, tmp, DATA)
+        table, objects = res.table, res.objects
+        check_columns(table, GENERATED_COLUMNS, "generated")
+        check_columns(objects, OBJECT_COLUMNS, "generated objects")
+        table["image"] = rebase_paths(table["image"], tmp, OUT, DATA)
+        objects["image"] = rebase_paths(objects["image"], tmp, OUT, DATA)
+        objects["mask"] = rebase_paths(objects["mask"], tmp, OUT, DATA)
+        write_parquet_atomic(table, tmp / "generated.parquet")
+        write_parquet_atomic(objects, tmp / "objects.parquet")
+        tracking.write_json_atomic({"drops": res.drops, "counts": res.drop_counts}, tmp / "drops.json")
+    tracking.log_dict({"per_medium": dict(Counter(table["medium"])), "drops": res.drop_counts}, "generated_counts.json")
+    tracking.log_dict({"drops": res.drops, "exemplars": res.summaries}, "generated_exemplars.json")
+    return {"generated": len(table), "media": table["medium"].nunique(), "scenes": table["scene"].nunique(),
+            "objects": len(objects), "dropped": len(res.drops), **{f"dropped_{k}": v for k, v in res.drop_counts.items()},
+            "exemplars_resumed": sum(bool(s.get("resumed")) for s in res.summaries)}
+
+
 def build(cfg: Config) -> dict:
     exemplars = read_table(DATA / "exemplars" / "exemplars.parquet", EXEMPLAR_COLUMNS, "exemplars")
     if cfg.generate.backend != "synthetic":
-        from ardetect.generation.real import generate_real  # the real path
-
-        generate_real(cfg, exemplars)
+        return build_real(cfg, exemplars)
     from ardetect.data.world import make_generated
 
     with atomic_dir(OUT) as tmp:

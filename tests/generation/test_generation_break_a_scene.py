@@ -1,0 +1,132 @@
+"""Generated images per real exemplar: the record, drop reasons, resuming, and a killed run rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ardetect.config import config_from_dict
+from ardetect.data.schema import GENERATED_COLUMNS, OBJECT_COLUMNS
+from ardetect.generation.break_a_scene import DONE, jobs_from_table, work_root
+from ardetect.generation.exemplars import make_real_exemplars
+from ardetect.generation.real import generate_real
+
+
+def gen_config(tiny_models, sample_coco, **generate):
+    c = {"base_model": str(tiny_models["stable_diffusion"]), "resolution": 32, "ti_steps": 2, "joint_steps": 2,
+         "inference_steps": 2, "prior_images": 1, "device": "cpu"}
+    g = {"backend": "break_a_scene", "box_threshold": 0.3, "text_threshold": 0.0, "max_instances": 20, "customization": c}
+    g.update(generate)
+    return config_from_dict({
+        "world": {"queries_per_concept": 2},
+        "exemplars": {"source": "coco", "real": {
+            "annotations": str(sample_coco["annotations"]), "images": str(sample_coco["images"]),
+            "grounding_dino": str(tiny_models["grounding_dino"]), "sam_checkpoint": str(tiny_models["sam"]),
+            "sam_model_type": "vit_tiny", "box_threshold": 0.3, "text_threshold": 0.0, "max_exemplars": 2, "device": "cpu"}},
+        "generate": g,
+    })
+
+
+@pytest.fixture(scope="module")
+def exemplar_root(tiny_models, sample_coco, tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    table = make_real_exemplars(gen_config(tiny_models, sample_coco), root / "exemplars", root).table
+    return root, table
+
+
+def test_generated_record_and_resume(tiny_models, sample_coco, exemplar_root):
+    root, ex = exemplar_root
+    cfg = gen_config(tiny_models, sample_coco)
+    res = generate_real(cfg, ex, root / "generated", root)
+    t, o = res.table, res.objects
+    assert list(t.columns) == list(GENERATED_COLUMNS) and list(o.columns) == list(OBJECT_COLUMNS)
+    assert len(t) + len(res.drops) == 4 and len(t) >= 1
+    assert set(t["backend"]) == {"break_a_scene"} and t["seed"].is_unique and t["query_id"].is_unique
+    for r in t.itertuples(index=False):
+        base = ex.set_index("concept_id").at[r.concept_id, "base_class"]
+        assert f"V* {base}" in r.prompt and r.concept_phrase == f"V* {base}" and r.template.replace("{}", "") in r.prompt.replace(f"V* {base}", "")
+        with Image.open(root / r.image) as im:
+            assert im.size == (r.width, r.height) == (32, 32)
+        concept = o[(o["image"] == r.image) & (o["role"] == "concept")]
+        assert len(concept) == 1 and list(concept.iloc[0]["box"]) == list(r.box)
+        labels = np.asarray(Image.open(root / concept.iloc[0]["mask"]))
+        ys, xs = np.nonzero(labels == 1)
+        assert list(r.box) == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert all(not s["resumed"] for s in res.summaries)
+    assert {"load", "prior", "customize_ti", "customize_joint", "sample", "detect"} <= set(res.summaries[0]["seconds"])
+    again = generate_real(cfg, ex, root / "generated-again", root)  # finished exemplars are not redone
+    assert all(s["resumed"] for s in again.summaries)
+    pd.testing.assert_frame_equal(t.drop(columns="image"), again.table.drop(columns="image"))
+
+
+def test_multi_instance_and_missing_detections_are_dropped(tiny_models, sample_coco, exemplar_root):
+    root, ex = exemplar_root
+    cfg = gen_config(tiny_models, sample_coco, max_instances=1, customization={
+        "base_model": str(tiny_models["stable_diffusion"]), "resolution": 32, "ti_steps": 0, "joint_steps": 0,
+        "inference_steps": 1, "prior_preservation": False, "device": "cpu"})
+    with pytest.raises(ValueError, match=r"no generated image kept from 2 exemplars \(drops: \{'multi_instance': 4\}\)"):
+        generate_real(cfg, ex.iloc[:2], root / "g-multi", root)
+    drops = json.loads((work_root(cfg, root) / "c00000" / DONE).read_text())["drops"]
+    assert {d["reason"] for d in drops} == {"multi_instance"} and all("seed" in d and "V*" in d["prompt"] for d in drops)
+    cfg = gen_config(tiny_models, sample_coco, box_threshold=1.0, customization={
+        "base_model": str(tiny_models["stable_diffusion"]), "resolution": 32, "ti_steps": 0, "joint_steps": 0,
+        "inference_steps": 1, "prior_preservation": False, "device": "cpu"})
+    with pytest.raises(ValueError, match=r"'no_detection': 2"):
+        generate_real(cfg, ex.iloc[:1], root / "g-none", root)
+
+
+KILL_SCRIPT = """
+import json, sys
+from pathlib import Path
+import pandas as pd
+from ardetect.config import config_from_dict
+from ardetect.generation.real import generate_real
+cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
+root = Path(sys.argv[2])
+generate_real(cfg, pd.read_parquet(root / "exemplars.parquet"), root / "generated", root)
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_no_partial_exemplar_and_resumes(tiny_models, sample_coco, exemplar_root, tmp_path):
+    """Exemplar 0 finishes; the process is killed (SIGKILL) while exemplar 1 is under way; a rerun redoes only exemplar 1."""
+    src_root, ex = exemplar_root
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "exemplars").symlink_to(src_root / "exemplars")
+    ex.to_parquet(root / "exemplars.parquet")
+    cfg = gen_config(tiny_models, sample_coco, customization={
+        "base_model": str(tiny_models["stable_diffusion"]), "resolution": 32, "ti_steps": 2, "joint_steps": 60,
+        "inference_steps": 2, "prior_images": 1, "device": "cpu"})
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.model_dump(mode="json", by_alias=True)))
+    wr = work_root(cfg, root)
+    first, second = (j.concept_id for j in jobs_from_table(ex, root))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "cfg.json"), str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not list(wr.glob(f".{second}.tmp-*")):  # exemplar 0 is finished and exemplar 1 under way
+            assert proc.poll() is None, "the generating process ended before starting its second exemplar"
+            assert time.time() < deadline, "the second exemplar did not start in time"
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (wr / first / DONE).is_file()
+    assert not (wr / second).exists()  # nothing of the unfinished exemplar under its final name
+    assert not (root / "generated").exists()  # nor any stage output
+    res = generate_real(cfg, ex, root / "generated", root)
+    assert [s["resumed"] for s in res.summaries] == [True, False]
+    assert not list(wr.glob(".*.tmp-*"))  # the killed run's temp folder is gone
+    assert (wr / second / DONE).is_file() and set(res.table["concept_id"]) <= {first, second}
