@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PROFILES = ("default", "smoke", "paper")
+PROFILES = ("default", "smoke", "paper", "tiny_real")
 
 
 
@@ -118,6 +118,10 @@ class RealSourceConfig(_Section):
     min_box_side: float = Field(4.0, ge=0.0, description="pixels; a smaller concept mask box skips the exemplar")
     min_box_area: float = Field(64.0, ge=0.0, description="square pixels; a smaller concept mask box skips the exemplar")
     device: str | None = Field(None, description="torch device for GroundingDINO and SAM; null = cuda when present, else cpu")
+    fixtures: str | None = Field(
+        None, description="tests only: a folder the exemplars stage fills first (when absent) with tiny random models and "
+        "a COCO file over scikit-image's sample photographs (ardetect.generation.fixtures)",
+    )
 
 
 class ExemplarsConfig(_Section):
@@ -401,7 +405,7 @@ class TrackingConfig(_Section):
 
 
 class Config(_Section):
-    profile: Literal["default", "smoke", "paper"] = "default"
+    profile: Literal["default", "smoke", "paper", "tiny_real"] = "default"
     world: WorldConfig = WorldConfig()
     exemplars: ExemplarsConfig = ExemplarsConfig()
     generate: GenerateConfig = GenerateConfig()

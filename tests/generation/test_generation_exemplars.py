@@ -17,14 +17,14 @@ from ardetect.generation.exemplars import make_real_exemplars
 
 def test_candidates_and_balanced_selection(sample_coco):
     cands = read_candidates(sample_coco["annotations"])
-    assert len(cands) == 6 and {c.category for c in cands} == {"cat", "cup", "motorcycle", "person"}
+    assert len(cands) == 8 and {c.category for c in cands} == {"cat", "cup", "horse", "motorcycle", "person", "rocket"}
     for c in cands:
         x0, y0, x1, y1 = c.annotation_box
         assert 0 <= x0 < x1 <= c.width and 0 <= y0 < y1 <= c.height
     order = list(select_candidates(cands, None, seed=0))
     assert sorted(c.image_id for c in order) == sorted(c.image_id for c in cands)  # each image once
-    first_round = [c.category for c in order[:4]]
-    assert sorted(first_round) == ["cat", "cup", "motorcycle", "person"]  # classes in turn
+    first_round = [c.category for c in order[:6]]
+    assert sorted(first_round) == ["cat", "cup", "horse", "motorcycle", "person", "rocket"]  # classes in turn
     assert [c.image_id for c in select_candidates(cands, None, seed=0)] == [c.image_id for c in order]
     only = list(select_candidates(cands, ["person"], seed=1))
     assert [c.category for c in only] == ["person", "person"]
@@ -81,8 +81,9 @@ def _check_record(res, root):
 def test_real_exemplars_record(real_config, tmp_path):
     out = tmp_path / "exemplars"
     res = make_real_exemplars(real_config(), out, tmp_path)
-    assert len(res.table) == 6 and res.skipped == []
+    assert len(res.table) == 8 and res.skipped == []
     assert set(res.table["group"]) == {"living_creatures", "food_drink", "transportation", "misc_objects"}
+    assert res.table.set_index("base_class").loc["horse", "group"] == "living_creatures"
     _check_record(res, tmp_path)
     again = make_real_exemplars(real_config(), tmp_path / "again", tmp_path)
     pd.testing.assert_frame_equal(res.table.drop(columns=["image", "mask"]), again.table.drop(columns=["image", "mask"]))
@@ -92,11 +93,13 @@ def test_skipped_exemplars_are_counted_with_reasons(real_config, sample_coco, tm
     images = tmp_path / "images"
     shutil.copytree(sample_coco["images"], images)
     (images / "coffee.png").unlink()
-    res = make_real_exemplars(real_config(images=str(images), max_exemplars=4), tmp_path / "ex", tmp_path)
-    assert len(res.table) == 4 and res.skip_counts == {"image_missing": 1}
+    res = make_real_exemplars(real_config(images=str(images)), tmp_path / "ex", tmp_path)
+    assert len(res.table) == 7 and res.skip_counts == {"image_missing": 1}
     assert res.skipped[0]["file_name"] == "coffee.png" and "coffee.png" in res.skipped[0]["detail"]
     assert "cup" not in set(res.table["base_class"])
-    with pytest.raises(ValueError, match=r"no exemplar accepted .*6 candidates skipped: \{'no_detection': 6\}"):
+    few = make_real_exemplars(real_config(max_exemplars=3), tmp_path / "few", tmp_path)
+    assert len(few.table) == 3 and list(few.table["concept_id"]) == ["c00000", "c00001", "c00002"]
+    with pytest.raises(ValueError, match=r"no exemplar accepted .*8 candidates skipped: \{'no_detection': 8\}"):
         make_real_exemplars(real_config(box_threshold=1.0), tmp_path / "none", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"exemplars\.real\.images=.*nowhere"):
         make_real_exemplars(real_config(images=str(tmp_path / "nowhere")), tmp_path / "x", tmp_path)

@@ -21,6 +21,8 @@ SAMPLE_PHOTOS: tuple[tuple[str, str, tuple[float, float, float, float]], ...] = 
     ("camera.png", "person", (120.0, 30.0, 400.0, 512.0)),
     ("motorcycle_left.png", "motorcycle", (60.0, 40.0, 700.0, 470.0)),
     ("motorcycle_right.png", "motorcycle", (40.0, 40.0, 680.0, 470.0)),
+    ("rocket.jpg", "rocket", (230.0, 0.0, 400.0, 427.0)),
+    ("horse.png", "horse", (20.0, 30.0, 380.0, 310.0)),
 )
 
 
@@ -74,3 +76,23 @@ def write_sample_coco(out: str | Path, max_side: int = 128, photos=SAMPLE_PHOTOS
         json.dump(doc, f, indent=1)
     os.replace(tmp, ann)
     return {"annotations": ann, "images": img_dir}
+
+
+def ensure_fixtures(root: str | Path) -> dict[str, Path]:
+    """Fill ``root`` with the sample COCO set and the tiny models unless a finished copy is there; return their paths.
+
+    ``root/coco/{annotations.json,images/}``, ``root/tiny-sd``, ``root/tiny-grounding-dino``, ``root/tiny-sam.pth``;
+    ``root/READY`` is written last and marks a finished copy.
+    """
+    from ardetect.generation.tiny import write_tiny_models
+
+    root = Path(root)
+    paths = {"annotations": root / "coco" / "annotations.json", "images": root / "coco" / "images",
+             "stable_diffusion": root / "tiny-sd", "grounding_dino": root / "tiny-grounding-dino", "sam": root / "tiny-sam.pth"}
+    if (root / "READY").is_file():
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    write_sample_coco(root / "coco")
+    write_tiny_models(root)
+    (root / "READY").write_text("sample photographs and tiny random models\n")
+    return paths

@@ -16,6 +16,10 @@ def build_real(cfg: Config) -> dict:
     """COCO/LVIS exemplars with GroundingDINO boxes and SAM masks, in the same record."""
     from ardetect.generation.exemplars import make_real_exemplars
 
+    if cfg.exemplars.real.fixtures:
+        from ardetect.generation.fixtures import ensure_fixtures
+
+        ensure_fixtures(cfg.exemplars.real.fixtures)
     with atomic_dir(OUT) as tmp:
         res = make_real_exemplars(cfg, tmp, DATA)
         table, objects = res.table, res.objects
