@@ -39,3 +39,14 @@ def real_config(tiny_models, sample_coco):
         })
 
     return make
+
+
+@pytest.fixture(scope="session")
+def exemplar_root(tiny_models, sample_coco, tmp_path_factory):
+    """Two real exemplars made with the tiny models (data root, exemplars table); shared, treat as read-only."""
+    from ardetect.generation.exemplars import make_real_exemplars
+    from real_helpers import gen_config
+
+    root = tmp_path_factory.mktemp("data")
+    table = make_real_exemplars(gen_config(tiny_models, sample_coco), root / "exemplars", root).table
+    return root, table

@@ -15,33 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ardetect.config import config_from_dict
 from ardetect.data.schema import GENERATED_COLUMNS, OBJECT_COLUMNS
 from ardetect.generation.break_a_scene import DONE, jobs_from_table, work_root
-from ardetect.generation.exemplars import make_real_exemplars
 from ardetect.generation.real import generate_real
-
-
-def gen_config(tiny_models, sample_coco, **generate):
-    c = {"base_model": str(tiny_models["stable_diffusion"]), "resolution": 32, "ti_steps": 2, "joint_steps": 2,
-         "inference_steps": 2, "prior_images": 1, "device": "cpu"}
-    g = {"backend": "break_a_scene", "box_threshold": 0.3, "text_threshold": 0.0, "max_instances": 20, "customization": c}
-    g.update(generate)
-    return config_from_dict({
-        "world": {"queries_per_concept": 2},
-        "exemplars": {"source": "coco", "real": {
-            "annotations": str(sample_coco["annotations"]), "images": str(sample_coco["images"]),
-            "grounding_dino": str(tiny_models["grounding_dino"]), "sam_checkpoint": str(tiny_models["sam"]),
-            "sam_model_type": "vit_tiny", "box_threshold": 0.3, "text_threshold": 0.0, "max_exemplars": 2, "device": "cpu"}},
-        "generate": g,
-    })
-
-
-@pytest.fixture(scope="module")
-def exemplar_root(tiny_models, sample_coco, tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    table = make_real_exemplars(gen_config(tiny_models, sample_coco), root / "exemplars", root).table
-    return root, table
+from real_helpers import gen_config
 
 
 def test_generated_record_and_resume(tiny_models, sample_coco, exemplar_root):

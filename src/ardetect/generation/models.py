@@ -13,6 +13,7 @@ parameter and the value that led to it.
 from __future__ import annotations
 
 import pickle
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,10 @@ from typing import Any
 import torch
 
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "vit_tiny")
+
+# transformers and diffusers build models under process-wide init contexts (meta device, skipped init):
+# two threads loading at once (thread workers of a Dask cluster) break each other, so loads take turns
+_LOAD_LOCK = threading.RLock()
 
 
 class WeightsError(FileNotFoundError):
@@ -51,7 +56,8 @@ def _resolve(value: str | None, field: str) -> tuple[str, bool]:
 def _from_pretrained(loader, value: str, field: str, **kw):
     name, local = _resolve(value, field)
     try:
-        return loader(name, local_files_only=True, **kw)
+        with _LOAD_LOCK:
+            return loader(name, local_files_only=True, **kw)
     except (OSError, ValueError) as err:
         where = "local folder" if local else "hub id (looked up in the local Hugging Face cache only; nothing is downloaded)"
         raise WeightsError(f"{field}={value!r}: cannot load it as a {where}: {err}") from None
@@ -124,7 +130,8 @@ def load_sam(checkpoint: str | None, model_type: str, device: str | None = None,
     if not path.is_file():
         raise WeightsError(f"{field}={checkpoint!r} does not exist on this machine (a segment-anything .pth file is needed)")
     try:
-        sam = build_sam(model_type, str(path))
+        with _LOAD_LOCK:
+            sam = build_sam(model_type, str(path))
     except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise WeightsError(
             f"{field}={checkpoint!r} is not a SAM {model_type!r} checkpoint (exemplars.real.sam_model_type={model_type!r}): "
