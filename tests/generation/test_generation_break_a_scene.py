@@ -107,3 +107,27 @@ def test_killed_run_leaves_no_partial_exemplar_and_resumes(tiny_models, sample_c
     assert [s["resumed"] for s in res.summaries] == [True, False]
     assert not list(wr.glob(".*.tmp-*"))  # the killed run's temp folder is gone
     assert (wr / second / DONE).is_file() and set(res.table["concept_id"]) <= {first, second}
+
+
+@pytest.mark.slow
+def test_mlflow_child_run_per_batch(tiny_models, sample_coco, exemplar_root, tmp_path):
+    import mlflow
+
+    from ardetect.stages.generate import log_batches
+
+    root, ex = exemplar_root
+    res = generate_real(gen_config(tiny_models, sample_coco), ex, root / "g-mlflow", root)  # finished: resumed
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("gen")
+    with mlflow.start_run(run_name="generate") as parent:
+        assert log_batches(res.summaries, res.table, root, batch_size=1) == 2
+    runs = mlflow.search_runs(filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", output_format="list")
+    assert len(runs) == 2 and {r.data.tags["ard.kind"] for r in runs} == {"generate_batch"}
+    for r in runs:
+        m = r.data.metrics
+        assert m["exemplars"] == 1 and m["kept"] + m.get("dropped", 0) == 2 and m["seconds_per_exemplar"] > 0
+        assert {"seconds_customize_ti", "seconds_sample", "seconds_detect"} <= set(m)
+        arts = [a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)]
+        assert "batch.json" in arts
+        if m["kept"]:
+            assert [a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id, "samples")]

@@ -12,13 +12,49 @@ from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
 OUT = DATA / "generated"
 
 
+def log_batches(summaries: list[dict], table, data_root, batch_size: int) -> int:
+    """One MLflow child run per ``batch_size`` exemplars: timings, kept and dropped counts by reason, a sample image
+    of each exemplar. Needs an active run (the stage's); returns how many child runs were logged."""
+    import mlflow
+    from PIL import Image
+
+    if not tracking.is_primary() or mlflow.active_run() is None:
+        return 0
+    first = table.drop_duplicates("concept_id").set_index("concept_id")["image"] if len(table) else {}
+    n = 0
+    for b in range(0, len(summaries), batch_size):
+        batch = summaries[b : b + batch_size]
+        ids = [s["job"]["concept_id"] for s in batch]
+        reasons = Counter(d["reason"] for s in batch for d in s["drops"])
+        seconds: Counter = Counter()
+        for s in batch:
+            seconds.update(s["seconds"])
+        with mlflow.start_run(run_name=f"generate {ids[0]}-{ids[-1]}", nested=True,
+                              tags={"ard.kind": "generate_batch", "ard.exemplars": ",".join(ids)}):
+            tracking.log_metrics({
+                "exemplars": len(batch), "resumed": sum(bool(s.get("resumed")) for s in batch),
+                "kept": sum(s["kept"] for s in batch), "dropped": sum(reasons.values()),
+                **{f"dropped_{k}": v for k, v in reasons.items()},
+                **{f"seconds_{k}": v for k, v in seconds.items()},
+                "seconds_per_exemplar": sum(seconds.values()) / len(batch),
+            })
+            tracking.log_dict({"exemplars": batch}, "batch.json")
+            for cid in ids:
+                if cid in first:
+                    with Image.open(data_root / first[cid]) as im:
+                        mlflow.log_image(im.copy(), artifact_file=f"samples/{cid}.png")
+        n += 1
+    return n
+
+
 def build_real(cfg: Config, exemplars) -> dict:
     """Break-a-Scene customization per exemplar, generated images boxed by GroundingDINO and SAM, in the same record."""
     from ardetect.generation.real import generate_real
 
     with atomic_dir(OUT) as tmp:
         res = generate_real(cfg, exemplars, tmp, DATA)
-        table, objects = res.table, res.objects
+        batches = log_batches(res.summaries, res.table, DATA, cfg.generate.batch_size)  # images still under tmp
+        table, objects = res.table.copy(), res.objects.copy()
         check_columns(table, GENERATED_COLUMNS, "generated")
         check_columns(objects, OBJECT_COLUMNS, "generated objects")
         table["image"] = rebase_paths(table["image"], tmp, OUT, DATA)
@@ -31,7 +67,7 @@ def build_real(cfg: Config, exemplars) -> dict:
     tracking.log_dict({"drops": res.drops, "exemplars": res.summaries}, "generated_exemplars.json")
     return {"generated": len(table), "media": table["medium"].nunique(), "scenes": table["scene"].nunique(),
             "objects": len(objects), "dropped": len(res.drops), **{f"dropped_{k}": v for k, v in res.drop_counts.items()},
-            "exemplars_resumed": sum(bool(s.get("resumed")) for s in res.summaries)}
+            "exemplars_resumed": sum(bool(s.get("resumed")) for s in res.summaries), "batch_runs": batches}
 
 
 def build(cfg: Config) -> dict:
