@@ -140,6 +140,12 @@ class CustomizationConfig(_Section):
     joint_lr: float = Field(2e-6, gt=0)
     inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
+    method: Literal["break_a_scene", "lora"] = Field(
+        "break_a_scene", description="joint phase: the whole UNet + text encoder (Break-a-Scene) or LoRA adapters on the "
+        "UNet's attention (cheaper, DreamBooth-LoRA style through peft); both start with the textual-inversion phase",
+    )
+    lora_rank: int = Field(4, ge=1, description="LoRA rank (method lora)")
+    lora_lr: float = Field(1e-4, gt=0, description="LoRA learning rate in the joint phase (method lora)")
     token: str = Field("<asset0>", description="the new token; the record's placeholder 'V*' is sampled as it")
     attn_res: int = Field(16, ge=1, description="grid of the cross-attention maps the attention loss reads (16 at 512 px)")
     attn_loss_weight: float = Field(0.01, ge=0.0, description="cross-attention loss weight; 0 = off")

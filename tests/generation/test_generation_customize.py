@@ -82,3 +82,19 @@ def test_sampling_is_seeded(pipe):
     cfg = _cfg()
     a, b, c = (np.asarray(sample(pipe, "A photo of a cat standing in a forest.", s, cfg)) for s in (7, 7, 8))
     assert a.shape == (32, 32, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_lora_method_trains_only_adapters(pipe, exemplar):
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    te = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items() if "token_embedding" not in k}
+    _, rep = customize(pipe, *exemplar, "cat", _cfg(method="lora", lora_lr=1e-2, prior_preservation=False), seed=0)
+    assert rep.joint_steps == 2 and "joint_attention" in rep.losses
+    now = pipe.unet.state_dict()
+    lora = [k for k in now if "lora_" in k]
+    assert lora and any(not torch.equal(now[k], torch.zeros_like(now[k])) for k in lora)
+    for k, v in base.items():  # every base weight as it was (peft renames wrapped layers' weights to base_layer)
+        k2 = k if k in now else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(v, now[k2]), k
+    assert all(torch.equal(v, pipe.text_encoder.state_dict()[k]) for k, v in te.items())
+    img = sample(pipe, "A photo of a <asset0> cat standing in a forest.", 1, _cfg())
+    assert np.asarray(img).shape == (32, 32, 3)

@@ -4,7 +4,8 @@ The recipe (Avrahami et al., SIGGRAPH Asia 2023, as used by ARD Sec. 4.1):
 
 1. a new token is added to the tokenizer, its embedding initialised from the class word;
 2. textual-inversion phase: only the new token's embedding row trains (high lr), UNet frozen;
-3. joint phase: UNet and text encoder train together (low lr), gradients clipped;
+3. joint phase: UNet and text encoder train together (low lr), gradients clipped; or, as the
+   cheaper ``method: lora``, only LoRA adapters (peft) on the UNet's attention projections;
 4. the diffusion loss is taken inside the exemplar's mask only (mask at latent size);
 5. a cross-attention loss pulls the new token's cross-attention maps (at ``attn_res``
    x ``attn_res``, averaged over heads and layers, normalised to a maximum of 1) to the mask;
@@ -222,11 +223,20 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
         report.losses.update({f"ti_{k}": v for k, v in parts.items()})
     report.seconds["ti"] = time.perf_counter() - start
 
-    # phase 2: UNet and text encoder together
-    unet.requires_grad_(True)
-    text_encoder.requires_grad_(True)
-    params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.joint_lr, weight_decay=1e-2)
+    # phase 2: UNet and text encoder together (break_a_scene), or LoRA adapters on the UNet's attention (lora)
+    emb.requires_grad_(False)
+    if cfg.method == "lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        params = [p for p in unet.parameters() if p.requires_grad]  # the adapters only
+        opt = torch.optim.AdamW(params, lr=cfg.lora_lr, weight_decay=1e-2)
+    else:
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(True)
+        params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.joint_lr, weight_decay=1e-2)
     start = time.perf_counter()
     unet.train()
     for _ in range(cfg.joint_steps):
