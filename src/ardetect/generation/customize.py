@@ -128,6 +128,14 @@ def _ids(pipe, prompts: list[str]) -> torch.Tensor:
                           return_tensors="pt").input_ids
 
 
+def _finite(losses: dict[str, torch.Tensor], phase: str) -> dict[str, float]:
+    out = {k: float(v) for k, v in losses.items()}
+    bad = {k: v for k, v in out.items() if not np.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"customization: non-finite loss in the {phase} phase: {bad}")
+    return out
+
+
 def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: CustomizationConfig, seed: int,
               prior_images: list[Image.Image] | None = None) -> tuple[str, CustomizeReport]:
     """Customize ``pipe`` in place on the masked exemplar; return the prompt phrase of the concept and a report.
@@ -160,7 +168,7 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
     if cfg.prior_preservation and not prior_dists:
         raise ValueError("generate.customization.prior_preservation is on but no prior images were given")
 
-    def step_loss(use_attn: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_loss(use_attn: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         latents = inst_dist.mean + inst_dist.std * torch.randn(inst_dist.mean.shape, generator=g).to(device)
         latents = latents * scale
         ids = inst_ids
@@ -182,11 +190,11 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
         else:
             target = noise
         loss = F.mse_loss(pred[:1] * m_lat, target[:1] * m_lat)
-        parts = {"masked": float(loss.detach())}
+        parts = {"masked": loss.detach()}
         if prior_dists:
             prior_loss = F.mse_loss(pred[1:], target[1:])
             loss = loss + cfg.prior_weight * prior_loss
-            parts["prior"] = float(prior_loss.detach())
+            parts["prior"] = prior_loss.detach()
         if use_attn:
             if not store.maps:
                 raise ValueError(f"generate.customization.attn_res={cfg.attn_res}: no cross-attention layer of the UNet "
@@ -195,7 +203,7 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
             att = att / att.amax(dim=1, keepdim=True).clamp_min(1e-8)
             attn_loss = F.mse_loss(att, m_att)
             loss = loss + cfg.attn_loss_weight * attn_loss
-            parts["attention"] = float(attn_loss.detach())
+            parts["attention"] = attn_loss.detach()
         store.active = False
         return loss, parts
 
@@ -212,15 +220,15 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
     text_encoder.train()
     for _ in range(cfg.ti_steps):
         loss, parts = step_loss(use_attn=cfg.attn_loss_in_ti)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"customization: non-finite loss {float(loss)} in the textual-inversion phase")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             emb[keep] = frozen_rows[keep]
         report.ti_steps += 1
-        report.losses.update({f"ti_{k}": v for k, v in parts.items()})
+        last = {f"ti_{k}": v for k, v in parts.items()}
+    if cfg.ti_steps:
+        report.losses.update(_finite(last, "textual-inversion"))  # read once per phase: no sync per step
     report.seconds["ti"] = time.perf_counter() - start
 
     # phase 2: UNet and text encoder together (break_a_scene), or LoRA adapters on the UNet's attention (lora)
@@ -241,14 +249,14 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
     unet.train()
     for _ in range(cfg.joint_steps):
         loss, parts = step_loss(use_attn=cfg.attn_loss_weight > 0)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"customization: non-finite loss {float(loss)} in the joint phase")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         report.joint_steps += 1
-        report.losses.update({f"joint_{k}": v for k, v in parts.items()})
+        last = {f"joint_{k}": v for k, v in parts.items()}
+    if cfg.joint_steps:
+        report.losses.update(_finite(last, "joint"))
     report.seconds["joint"] = time.perf_counter() - start
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
