@@ -83,7 +83,7 @@ def test_killed_run_leaves_no_partial_exemplar_and_resumes(tiny_models, sample_c
     (root / "exemplars").symlink_to(src_root / "exemplars")
     ex.to_parquet(root / "exemplars.parquet")
     cfg = gen_config(tiny_models, sample_coco, customization={
-        "base_model": str(tiny_models["stable_diffusion"]), "resolution": 32, "ti_steps": 2, "joint_steps": 60,
+        "base_model": str(tiny_models["stable_diffusion"]), "resolution": 32, "ti_steps": 2, "joint_steps": 20,
         "inference_steps": 2, "prior_images": 1, "device": "cpu"})
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.model_dump(mode="json", by_alias=True)))
     wr = work_root(cfg, root)
@@ -95,9 +95,8 @@ def test_killed_run_leaves_no_partial_exemplar_and_resumes(tiny_models, sample_c
         while not list(wr.glob(f".{second}.tmp-*")):  # exemplar 0 is finished and exemplar 1 under way
             assert proc.poll() is None, "the generating process ended before starting its second exemplar"
             assert time.time() < deadline, "the second exemplar did not start in time"
-            time.sleep(0.05)
-        time.sleep(0.5)
-    finally:
+            time.sleep(0.02)
+    finally:  # killed as soon as exemplar 1's temp folder exists: its load, prior and 22 steps are still ahead
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert (wr / first / DONE).is_file()
