@@ -25,3 +25,10 @@ def test_tiny_real_profile_passes_validate(tmp_path):
     assert len(ex) + len(skipped["skipped"]) == 8 and len(gen) + len(drops["drops"]) == 3 * len(ex)
     report = (ws / "data/validation/report.md").read_text()
     assert "FAILED" not in report.upper().split("\n", 3)[0] and "objects" in report
+    import mlflow  # the generate stage's run holds one child run per batch of exemplars
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ardetect"], filter_string="tags.`ard.kind` = 'generate_batch'",
+                              output_format="list")
+    assert len(runs) == 1 and runs[0].data.metrics["exemplars"] == 8
+    assert runs[0].data.metrics["kept"] == len(gen) and runs[0].data.metrics["seconds_customize_joint"] > 0
