@@ -40,6 +40,9 @@ def test_generated_record_and_resume(tiny_models, sample_coco, exemplar_root):
         ys, xs = np.nonzero(labels == 1)
         assert list(r.box) == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert all(not s["resumed"] for s in res.summaries)
+    for base in ex["base_class"]:  # prior images: sampled once per class, kept for the class's other exemplars
+        pri = work_root(cfg, root) / "priors" / base.replace(" ", "_")
+        assert (pri / DONE).is_file() and len(list(pri.glob("*.png"))) == 1
     assert {"load", "prior", "customize_ti", "customize_joint", "sample", "detect"} <= set(res.summaries[0]["seconds"])
     again = generate_real(cfg, ex, root / "generated-again", root)  # finished exemplars are not redone
     assert all(s["resumed"] for s in again.summaries)
@@ -130,3 +133,24 @@ def test_mlflow_child_run_per_batch(tiny_models, sample_coco, exemplar_root, tmp
         assert "batch.json" in arts
         if m["kept"]:
             assert [a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id, "samples")]
+
+
+def test_prior_images_are_shared_by_a_class(tiny_models, tmp_path):
+    from ardetect.config import CustomizationConfig
+    from ardetect.generation.break_a_scene import class_priors
+    from ardetect.generation.customize import prior_class_images
+    from ardetect.generation.models import load_stable_diffusion
+
+    pipe = load_stable_diffusion(str(tiny_models["stable_diffusion"]), device="cpu")
+    c = CustomizationConfig(resolution=32, inference_steps=1, prior_images=2, device="cpu")
+    calls = []
+
+    def counting(*a, **kw):
+        calls.append(a[1])
+        return prior_class_images(*a, **kw)
+
+    first = class_priors(pipe, "pickup truck", c, tmp_path, counting)
+    again = class_priors(pipe, "pickup truck", c, tmp_path, counting)
+    assert calls == ["pickup truck"] and len(first) == len(again) == 2
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
+    assert (tmp_path / "priors" / "pickup_truck" / DONE).is_file()

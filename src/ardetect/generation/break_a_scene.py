@@ -6,7 +6,8 @@ that shapes it (the ``generate`` section, the detection and segmentation setting
 template set, placeholder and queries per concept). It is built in a temp folder and
 renamed into place whole when finished, so a killed run leaves no partial exemplar,
 and a rerun skips the exemplars whose folder exists. The stage then assembles the
-finished folders into ``data/generated``.
+finished folders into ``data/generated``. Prior-preservation images are sampled once per
+base class and kept beside them (``priors/<class>/``) for every exemplar of that class.
 """
 
 from __future__ import annotations
@@ -93,6 +94,34 @@ def _detectors(grounding_dino: str, sam_checkpoint: str | None, sam_model_type: 
     return load_grounding_dino(grounding_dino, device=device), load_sam(sam_checkpoint, sam_model_type, device=device)
 
 
+def class_priors(pipe, base_class: str, c, root: Path, prior_class_images) -> list[Image.Image]:
+    """The plain-class images of prior preservation, sampled once per class from the base model and kept under
+    ``root/priors/<class>/`` (built in a temp folder, renamed into place) for every exemplar of that class."""
+    folder = Path(root) / "priors" / base_class.replace("/", "_").replace(" ", "_")
+    if not (folder / DONE).is_file():
+        seed = int(np.random.SeedSequence([37, *base_class.encode()]).generate_state(1)[0] >> 1)
+        images = prior_class_images(pipe, base_class, c.prior_images, seed, c)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            for i, im in enumerate(images):
+                im.save(tmp / f"{i:03d}.png", format="PNG")
+            (tmp / DONE).write_text(json.dumps({"class": base_class, "seed": seed, "images": len(images)}))
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another worker finished the same class first
+                if not (folder / DONE).is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    out = []
+    for f in sorted(folder.glob("*.png"))[: c.prior_images]:
+        with Image.open(f) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
 def finished(job: ExemplarJob, root: Path) -> bool:
     return (Path(root) / job.concept_id / DONE).is_file()
 
@@ -129,7 +158,7 @@ def _build(job: ExemplarJob, cfg: Config, out: Path, customize, prior_class_imag
         image = im.convert("RGB")
     mask = np.asarray(Image.open(job.mask)) > 0
     t0 = time.perf_counter()
-    prior = prior_class_images(pipe, job.base_class, c.prior_images, job.seed, c) if c.prior_preservation else None
+    prior = class_priors(pipe, job.base_class, c, out.parent, prior_class_images) if c.prior_preservation else None
     timings["prior"] = time.perf_counter() - t0
     phrase, report = customize(pipe, image, mask, job.base_class, c, job.seed, prior_images=prior)
     timings.update({f"customize_{k}": v for k, v in report.seconds.items()})
@@ -215,7 +244,7 @@ def clear_stale(root: Path) -> int:
     """Remove temp folders a killed run left in the work root; return how many."""
     n = 0
     if Path(root).is_dir():
-        for p in Path(root).glob(".c*.tmp-*"):
+        for p in [*Path(root).glob(".c*.tmp-*"), *Path(root).glob("priors/.*.tmp-*")]:
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n
