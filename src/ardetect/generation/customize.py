@@ -216,13 +216,16 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
     keep = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
     keep[token_id] = False
     opt = torch.optim.AdamW([emb], lr=cfg.ti_lr, weight_decay=0.0)
+    # fp16 autocast needs loss scaling against gradient underflow; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.mixed_precision == "fp16")
     start = time.perf_counter()
     text_encoder.train()
     for _ in range(cfg.ti_steps):
         loss, parts = step_loss(use_attn=cfg.attn_loss_in_ti)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         with torch.no_grad():
             emb[keep] = frozen_rows[keep]
         report.ti_steps += 1
@@ -250,9 +253,11 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
     for _ in range(cfg.joint_steps):
         loss, parts = step_loss(use_attn=cfg.attn_loss_weight > 0)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         report.joint_steps += 1
         last = {f"joint_{k}": v for k, v in parts.items()}
     if cfg.joint_steps:
