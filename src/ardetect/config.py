@@ -151,7 +151,7 @@ class CustomizationConfig(_Section):
     attn_loss_weight: float = Field(0.01, ge=0.0, description="cross-attention loss weight; 0 = off")
     attn_loss_in_ti: bool = Field(False, description="also apply the cross-attention loss in the textual-inversion phase")
     prior_preservation: bool = Field(True, description="train on base-model images of the plain class beside the instance")
-    prior_images: int = Field(10, ge=1, description="plain-class images sampled from the base model per exemplar")
+    prior_images: int = Field(10, ge=1, description="plain-class images sampled from the base model, once per base class")
     prior_weight: float = Field(1.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("bf16", description="autocast on CUDA; the CPU runs fp32")

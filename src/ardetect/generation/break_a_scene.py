@@ -151,7 +151,7 @@ def _build(job: ExemplarJob, cfg: Config, out: Path, customize, prior_class_imag
     c, real, g = cfg.generate.customization, cfg.exemplars.real, cfg.generate
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    gd, sam = _detectors(real.grounding_dino, real.sam_checkpoint, real.sam_model_type, c.device)
+    gd, sam = _detectors(real.grounding_dino, real.sam_checkpoint, real.sam_model_type, real.device or c.device)
     pipe = load_stable_diffusion(c.base_model, device=c.device)
     timings["load"] = time.perf_counter() - t0
     with Image.open(job.image) as im:
