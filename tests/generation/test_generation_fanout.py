@@ -24,5 +24,11 @@ def test_two_worker_local_dask_cluster(tiny_models, sample_coco, exemplar_root, 
     assert all(s["worker"] is not None and not s["resumed"] for s in summaries)  # ran as tasks on Dask workers
     assert len({s["worker"] for s in summaries}) == 2  # one exemplar on each worker
     assert all((work_root(cfg, root) / j.concept_id / "done.json").is_file() for j in jobs)
-    again = run_fanout(jobs, cfg, work_root(cfg, root), processes=False)
-    assert all(s["resumed"] for s in again)
+    from distributed import LocalCluster  # an existing cluster, reached by its scheduler address
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        on_cluster = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"scheduler": cluster.scheduler_address})})
+        again = run_fanout(jobs, on_cluster, work_root(cfg, root))
+        seen = set(cluster.scheduler.workers)
+    assert all(s["resumed"] for s in again)  # finished exemplars are skipped on a rerun
+    assert len(seen) == 1 and all(s["worker"] is not None for s in again)
