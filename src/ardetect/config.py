@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PROFILES = ("default", "smoke", "paper")
+PROFILES = ("default", "smoke", "paper", "tiny_real")
 
 
 
@@ -105,13 +105,23 @@ class RealSourceConfig(_Section):
 
     annotations: str | None = Field(None, description="COCO/LVIS instances JSON (validation split)")
     images: str | None = Field(None, description="folder of the annotation file's images")
-    classes: list[str] | None = None
-    max_exemplars: int | None = Field(None, ge=1)
+    classes: list[str] | None = Field(None, description="category names of the annotation file to draw from; null = all")
+    max_exemplars: int | None = Field(None, ge=1, description="stop after this many accepted exemplars; null = all")
+    seed: int = Field(0, ge=0, description="order of classes and images, and each exemplar's generation seed")
     grounding_dino: str = Field("IDEA-Research/grounding-dino-base", description="local path or hub id")
     sam_checkpoint: str | None = Field(None, description="segment-anything checkpoint (.pth), local path")
-    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b", "vit_tiny"] = Field(
+        "vit_h", description="vit_tiny is the test-size architecture of ardetect.generation.tiny"
+    )
     box_threshold: float = Field(0.35, ge=0.0, le=1.0)
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    min_box_side: float = Field(4.0, ge=0.0, description="pixels; a smaller concept mask box skips the exemplar")
+    min_box_area: float = Field(64.0, ge=0.0, description="square pixels; a smaller concept mask box skips the exemplar")
+    device: str | None = Field(None, description="torch device for GroundingDINO and SAM; null = cuda when present, else cpu")
+    fixtures: str | None = Field(
+        None, description="tests only: a folder the exemplars stage fills first (when absent) with tiny random models and "
+        "a COCO file over scikit-image's sample photographs (ardetect.generation.fixtures)",
+    )
 
 
 class ExemplarsConfig(_Section):
@@ -123,18 +133,40 @@ class CustomizationConfig(_Section):
     """Break-a-Scene customization of Stable Diffusion (the real path)."""
 
     base_model: str = Field("stabilityai/stable-diffusion-2-1-base", description="local path or hub id")
-    resolution: int = Field(512, ge=64)
+    resolution: int = Field(512, ge=16, multiple_of=8, description="square side of training and generated images, pixels")
     ti_steps: int = Field(400, ge=0)
     ti_lr: float = Field(5e-4, gt=0)
     joint_steps: int = Field(400, ge=0)
     joint_lr: float = Field(2e-6, gt=0)
     inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0)
+    method: Literal["break_a_scene", "lora"] = Field(
+        "break_a_scene", description="joint phase: the whole UNet + text encoder (Break-a-Scene) or LoRA adapters on the "
+        "UNet's attention (cheaper, DreamBooth-LoRA style through peft); both start with the textual-inversion phase",
+    )
+    lora_rank: int = Field(4, ge=1, description="LoRA rank (method lora)")
+    lora_lr: float = Field(1e-4, gt=0, description="LoRA learning rate in the joint phase (method lora)")
+    token: str = Field("<asset0>", description="the new token; the record's placeholder 'V*' is sampled as it")
+    attn_res: int = Field(16, ge=1, description="grid of the cross-attention maps the attention loss reads (16 at 512 px)")
+    attn_loss_weight: float = Field(0.01, ge=0.0, description="cross-attention loss weight; 0 = off")
+    attn_loss_in_ti: bool = Field(False, description="also apply the cross-attention loss in the textual-inversion phase")
+    prior_preservation: bool = Field(True, description="train on base-model images of the plain class beside the instance")
+    prior_images: int = Field(10, ge=1, description="plain-class images sampled from the base model, once per base class")
+    prior_weight: float = Field(1.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("bf16", description="autocast on CUDA; the CPU runs fp32")
+    device: str | None = Field(None, description="torch device; null = cuda when present, else cpu")
 
 
 class GenerateConfig(_Section):
     backend: Literal["synthetic", "break_a_scene"] = "synthetic"
     customization: CustomizationConfig = CustomizationConfig()
+    box_threshold: float = Field(0.35, ge=0.0, le=1.0, description="GroundingDINO box threshold on generated images")
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    max_instances: int = Field(1, ge=1, description="a generated image with more concept detections is dropped")
+    workers: int = Field(1, ge=1, description="Dask workers of a local cluster (one GPU each); 1 = in this process")
+    scheduler: str | None = Field(None, description="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    batch_size: int = Field(8, ge=1, description="exemplars per MLflow child run of the fan-out")
 
 
 class SplitConfig(_Section):
@@ -415,7 +447,7 @@ class TrackingConfig(_Section):
 
 
 class Config(_Section):
-    profile: Literal["default", "smoke", "paper"] = "default"
+    profile: Literal["default", "smoke", "paper", "tiny_real"] = "default"
     world: WorldConfig = WorldConfig()
     exemplars: ExemplarsConfig = ExemplarsConfig()
     generate: GenerateConfig = GenerateConfig()

@@ -1,41 +1,58 @@
-"""The real path (COCO/LVIS exemplars, GroundingDINO, SAM, Break-a-Scene on Stable Diffusion).
+"""The real path's generate step: every exemplar's generated images, sequentially or fanned out.
 
-PLACEHOLDER: the stages below check their inputs and then raise NotImplementedError;
-the real generation path is built by a later issue. The synthetic world goes
-through the same stages, record and downstream code.
+Real exemplars are made by :mod:`ardetect.generation.exemplars`; the per-exemplar work of
+:mod:`ardetect.generation.break_a_scene` runs here in this process (``generate.workers``
+1 and no ``generate.scheduler``), or as Prefect tasks on Dask (:mod:`ardetect.generation.fanout`).
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ardetect.config import Config
+from ardetect.generation.break_a_scene import assemble, clear_stale, jobs_from_table, run_exemplar, work_root
+
+log = logging.getLogger("ardetect.generation")
 
 
-def _check_path(field: str, value: str | None) -> None:
-    if value is None:
-        raise ValueError(f"exemplars.real.{field} is null; the {field} path is required for a real exemplar source")
-    if not Path(value).exists():
-        raise FileNotFoundError(f"exemplars.real.{field}={value!r} does not exist on this machine")
+@dataclass
+class GeneratedResult:
+    table: pd.DataFrame
+    objects: pd.DataFrame
+    drops: list[dict]
+    summaries: list[dict]
+
+    @property
+    def drop_counts(self) -> dict[str, int]:
+        return dict(Counter(d["reason"] for d in self.drops))
 
 
-def make_real_exemplars(cfg: Config) -> pd.DataFrame:
-    """Exemplars from COCO/LVIS annotations with GroundingDINO boxes and SAM masks (not built yet)."""
-    real = cfg.exemplars.real
-    _check_path("annotations", real.annotations)
-    _check_path("images", real.images)
-    _check_path("sam_checkpoint", real.sam_checkpoint)
-    raise NotImplementedError(
-        f"exemplars.source={cfg.exemplars.source!r}: the real exemplar path (GroundingDINO + SAM) is not built yet; "
-        "use exemplars.source='synthetic' (profile 'default' or 'smoke')"
-    )
+def generate_real(cfg: Config, exemplars: pd.DataFrame, out_dir: Path, data_root: Path) -> GeneratedResult:
+    """Customize on each exemplar and write its generated images under ``out_dir`` (finished exemplars are reused)."""
+    jobs = jobs_from_table(exemplars, data_root)
+    root = work_root(cfg, data_root)
+    stale = clear_stale(root)
+    if stale:
+        log.info("removed %d unfinished exemplar folders of an earlier run in %s", stale, root)
+    g = cfg.generate
+    if g.workers > 1 or g.scheduler:
+        from ardetect.generation.fanout import run_fanout
 
-
-def generate_real(cfg: Config, exemplars: pd.DataFrame) -> pd.DataFrame:
-    """Break-a-Scene customization and generation per exemplar (not built yet)."""
-    raise NotImplementedError(
-        f"generate.backend={cfg.generate.backend!r}: Break-a-Scene generation is not built yet; "
-        "use generate.backend='synthetic' (profile 'default' or 'smoke')"
-    )
+        summaries = run_fanout(jobs, cfg, root)
+    else:
+        summaries = []
+        for job in jobs:
+            summaries.append(run_exemplar(job, cfg, root))
+            s = summaries[-1]
+            log.info("exemplar %s: %s, %d kept, %d dropped", job.concept_id, "resumed" if s["resumed"] else "done",
+                     s["kept"], len(s["drops"]))
+    table, objects, drops = assemble(jobs, root, out_dir, data_root)
+    if table.empty:
+        raise ValueError(f"no generated image kept from {len(jobs)} exemplars (drops: {dict(Counter(d['reason'] for d in drops))}); "
+                         "check generate.box_threshold, generate.max_instances and the weights")
+    return GeneratedResult(table, objects, drops, summaries)

@@ -12,11 +12,34 @@ from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
 OUT = DATA / "exemplars"
 
 
+def build_real(cfg: Config) -> dict:
+    """COCO/LVIS exemplars with GroundingDINO boxes and SAM masks, in the same record."""
+    from ardetect.generation.exemplars import make_real_exemplars
+
+    if cfg.exemplars.real.fixtures:
+        from ardetect.generation.fixtures import ensure_fixtures
+
+        ensure_fixtures(cfg.exemplars.real.fixtures)
+    with atomic_dir(OUT) as tmp:
+        res = make_real_exemplars(cfg, tmp, DATA)
+        table, objects = res.table, res.objects
+        check_columns(table, EXEMPLAR_COLUMNS, "exemplars")
+        check_columns(objects, OBJECT_COLUMNS, "exemplar objects")
+        for t in (table, objects):
+            t["image"] = rebase_paths(t["image"], tmp, OUT, DATA)
+            t["mask"] = rebase_paths(t["mask"], tmp, OUT, DATA)
+        write_parquet_atomic(table, tmp / "exemplars.parquet")
+        write_parquet_atomic(objects, tmp / "objects.parquet")
+        tracking.write_json_atomic({"skipped": res.skipped, "counts": res.skip_counts}, tmp / "skipped.json")
+    tracking.log_dict({"per_class": dict(Counter(table["base_class"])), "skipped": res.skip_counts}, "exemplars_per_class.json")
+    tracking.log_dict({"skipped": res.skipped}, "exemplars_skipped.json")
+    return {"exemplars": len(table), "base_classes": table["base_class"].nunique(), "objects": len(objects),
+            "skipped": len(res.skipped), **{f"skipped_{k}": v for k, v in res.skip_counts.items()}}
+
+
 def build(cfg: Config) -> dict:
     if cfg.exemplars.source != "synthetic":
-        from ardetect.generation.real import make_real_exemplars  # the real path
-
-        make_real_exemplars(cfg)
+        return build_real(cfg)
     from ardetect.data.world import make_exemplars
 
     with atomic_dir(OUT) as tmp:

@@ -12,12 +12,68 @@ from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
 OUT = DATA / "generated"
 
 
+def log_batches(summaries: list[dict], table, data_root, batch_size: int) -> int:
+    """One MLflow child run per ``batch_size`` exemplars: timings, kept and dropped counts by reason, a sample image
+    of each exemplar. Needs an active run (the stage's); returns how many child runs were logged."""
+    import mlflow
+    from PIL import Image
+
+    if not tracking.is_primary() or mlflow.active_run() is None:
+        return 0
+    first = table.drop_duplicates("concept_id").set_index("concept_id")["image"] if len(table) else {}
+    n = 0
+    for b in range(0, len(summaries), batch_size):
+        batch = summaries[b : b + batch_size]
+        ids = [s["job"]["concept_id"] for s in batch]
+        reasons = Counter(d["reason"] for s in batch for d in s["drops"])
+        seconds: Counter = Counter()
+        for s in batch:
+            seconds.update(s["seconds"])
+        with mlflow.start_run(run_name=f"generate {ids[0]}-{ids[-1]}", nested=True,
+                              tags={"ard.kind": "generate_batch", "ard.exemplars": ",".join(ids)}):
+            tracking.log_metrics({
+                "exemplars": len(batch), "resumed": sum(bool(s.get("resumed")) for s in batch),
+                "kept": sum(s["kept"] for s in batch), "dropped": sum(reasons.values()),
+                **{f"dropped_{k}": v for k, v in reasons.items()},
+                **{f"seconds_{k}": v for k, v in seconds.items()},
+                "seconds_per_exemplar": sum(seconds.values()) / len(batch),
+            })
+            tracking.log_dict({"exemplars": batch}, "batch.json")
+            for cid in ids:
+                if cid in first:
+                    with Image.open(data_root / first[cid]) as im:
+                        mlflow.log_image(im.copy(), artifact_file=f"samples/{cid}.png")
+        n += 1
+    return n
+
+
+def build_real(cfg: Config, exemplars) -> dict:
+    """Break-a-Scene customization per exemplar, generated images boxed by GroundingDINO and SAM, in the same record."""
+    from ardetect.generation.real import generate_real
+
+    with atomic_dir(OUT) as tmp:
+        res = generate_real(cfg, exemplars, tmp, DATA)
+        batches = log_batches(res.summaries, res.table, DATA, cfg.generate.batch_size)  # images still under tmp
+        table, objects = res.table.copy(), res.objects.copy()
+        check_columns(table, GENERATED_COLUMNS, "generated")
+        check_columns(objects, OBJECT_COLUMNS, "generated objects")
+        table["image"] = rebase_paths(table["image"], tmp, OUT, DATA)
+        objects["image"] = rebase_paths(objects["image"], tmp, OUT, DATA)
+        objects["mask"] = rebase_paths(objects["mask"], tmp, OUT, DATA)
+        write_parquet_atomic(table, tmp / "generated.parquet")
+        write_parquet_atomic(objects, tmp / "objects.parquet")
+        tracking.write_json_atomic({"drops": res.drops, "counts": res.drop_counts}, tmp / "drops.json")
+    tracking.log_dict({"per_medium": dict(Counter(table["medium"])), "drops": res.drop_counts}, "generated_counts.json")
+    tracking.log_dict({"drops": res.drops, "exemplars": res.summaries}, "generated_exemplars.json")
+    return {"generated": len(table), "media": table["medium"].nunique(), "scenes": table["scene"].nunique(),
+            "objects": len(objects), "dropped": len(res.drops), **{f"dropped_{k}": v for k, v in res.drop_counts.items()},
+            "exemplars_resumed": sum(bool(s.get("resumed")) for s in res.summaries), "batch_runs": batches}
+
+
 def build(cfg: Config) -> dict:
     exemplars = read_table(DATA / "exemplars" / "exemplars.parquet", EXEMPLAR_COLUMNS, "exemplars")
     if cfg.generate.backend != "synthetic":
-        from ardetect.generation.real import generate_real  # the real path
-
-        generate_real(cfg, exemplars)
+        return build_real(cfg, exemplars)
     from ardetect.data.world import make_generated
 
     with atomic_dir(OUT) as tmp:
