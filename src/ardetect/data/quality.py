@@ -58,7 +58,17 @@ import numpy as np
 import pandas as pd
 
 from ardetect.config import SplitConfig, ValidateConfig
-from ardetect.data.schema import BOX_PARTS, NEGATIVE_COLUMNS, OBJECT_COLUMNS, OBJECT_ROLES, SPLITS, TUPLE_COLUMNS
+from ardetect.data.content import ImageProbe, box_iou, hamming, label_map_claims, nearest_other, probe_image
+from ardetect.data.schema import (
+    BOX_PARTS,
+    DETECTION_COLUMNS,
+    EXCLUSION_COLUMNS,
+    NEGATIVE_COLUMNS,
+    OBJECT_COLUMNS,
+    OBJECT_ROLES,
+    SPLITS,
+    TUPLE_COLUMNS,
+)
 
 __all__ = [
     "FAMILIES",
@@ -87,9 +97,15 @@ FAMILIES: tuple[str, ...] = (
     "class_balance",
     "split_balance",
     "objects",
+    "box_covers_object",
+    "records_agree",
+    "image_content",
+    "copies",
 )
 
 BOX_COLUMNS = ("query_box", "train_box")
+MEMORISATION_COLUMNS = ("tuple_id", "concept_id", "query_image", "train_image", "hash_distance")
+MEMORISATION_SHOWN = 50  # rows of the memorisation table in report.md
 IMAGE_ROLES = {"query_image": ("query_width", "query_height"), "train_image": ("train_width", "train_height")}
 # relative (no leading / or drive), no ".." component, a .png file
 IMAGE_PATH_REGEX = r"^(?![/\\])(?![A-Za-z]:)(?!(?:.*[/\\])?\.\.(?:[/\\]|$)).+\.[pP][nN][gG]$"
@@ -156,7 +172,24 @@ class ValidationResult:
     params: dict[str, Any] = field(default_factory=dict)
     runtime_s: float = 0.0
     ge_version: str = ""
+    # queries that are near-copies of their own training image: tuple_id, concept_id, query_image,
+    # train_image, hash_distance (bits)
+    memorisation: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(MEMORISATION_COLUMNS)))
     _ge_context: Any = field(default=None, repr=False, compare=False)  # for optional Data Docs
+
+    def exclusions(self) -> pd.DataFrame:
+        """The tuples to keep out of training and evaluation (:data:`EXCLUSION_COLUMNS`): every memorisation event."""
+        m = self.memorisation
+        bits = self.params.get("validate", {}).get("hash_size", 16) ** 2
+        return pd.DataFrame(
+            {
+                "tuple_id": m["tuple_id"].astype(str).to_numpy(),
+                "reason": "memorisation",
+                "detail": [f"query {q} is a near-copy of its training image {x} (hash distance {d:g} of {bits} bits)"
+                           for q, x, d in zip(m["query_image"], m["train_image"], m["hash_distance"])],
+            },
+            columns=list(EXCLUSION_COLUMNS),
+        )
 
     @property
     def failed_families(self) -> list[str]:
@@ -171,11 +204,13 @@ class ValidationResult:
                 "negatives": self.counts.get("negatives", 0),
                 "images": self.counts.get("images", 0),
                 **({"objects": self.counts["objects"]} if "objects" in self.counts else {}),
+                "memorisation_events": int(len(self.memorisation)),
                 "expectations": len(self.checks),
                 "failed_expectations": len(self.failures),
                 "families": dict(self.families),
                 "failed_families": self.failed_families,
                 "failures": [f.to_dict() for f in self.failures],
+                "memorisation": self.memorisation.to_dict(orient="records"),
                 "checks": [
                     {
                         "name": c.name,
@@ -237,6 +272,7 @@ class ValidationResult:
             "|---|---|",
         ]
         out += [f"| {fam} | {'pass' if ok else '**FAIL**'} |" for fam, ok in self.families.items()]
+        out += ["", f"Memorisation events (queries that copy their own training image, excluded): {len(self.memorisation)}."]
         if self.failures:
             out += ["", "## Failed expectations", ""]
             for f in self.failures:
@@ -253,6 +289,16 @@ class ValidationResult:
                 if f.examples:
                     out += ["", *_md_table(f.examples)]
                 out.append("")
+        m = self.memorisation
+        out += ["", "## Memorisation events", ""]
+        if len(m):
+            out.append(f"{len(m)} generated queries are near-copies of their own training image; "
+                       "they are excluded from training and evaluation (`exclusions.parquet`).")
+            out += ["", *_md_table(m.head(MEMORISATION_SHOWN).to_dict(orient="records"))]
+            if len(m) > MEMORISATION_SHOWN:
+                out.append(f"... and {len(m) - MEMORISATION_SHOWN} more (all in `checks.json`)")
+        else:
+            out.append("None: no generated query is a near-copy of its own training image.")
         out += [
             "",
             "## Every expectation",
@@ -407,25 +453,27 @@ def _tuples_table(tuples: pd.DataFrame, placeholder: str | None) -> pd.DataFrame
     return out
 
 
-def _probe_image(path: Path) -> tuple[bool, bool | None, float, float, str | None]:
-    """(exists, decodes, width, height, error) of one image file; decoding is a full load."""
-    from PIL import Image
-
-    if not path.is_file():
-        return False, None, np.nan, np.nan, "no such file"
-    try:
-        with Image.open(path) as im:
-            im.verify()  # structure and checksums
-        with Image.open(path) as im:
-            im.load()  # full decode: catches truncated or corrupt pixel data
-            w, h = im.size
-        return True, True, float(w), float(h), None
-    except Exception as err:  # noqa: BLE001 - any decoder error means "does not decode"
-        return True, False, np.nan, np.nan, f"{type(err).__name__}: {err}"
+def _probe_image(path: Path, boxes: list[Any] = (), hash_size: int = 16) -> ImageProbe:
+    """Every image file is opened here, once (see :func:`ardetect.data.content.probe_image`)."""
+    return probe_image(path, boxes, hash_size)
 
 
-def _images_table(t: pd.DataFrame, negatives: pd.DataFrame, data_root: Path, workers: int | None) -> pd.DataFrame:
-    """One row per (role, image, recorded size): exists, decodes, actual vs recorded size."""
+def _image_boxes(t: pd.DataFrame) -> pd.DataFrame:
+    """One row per distinct (role, image, box) of the tuples: the boxes whose pixels are measured."""
+    frames = []
+    for role in IMAGE_ROLES:
+        box = role.replace("_image", "_box")
+        frames.append(pd.DataFrame({"role": role, "image": t[role], "tuple_id": t["tuple_id"], "box": t[box],
+                                    **{f"box_{p}": t[f"{box}_{p}"] for p in BOX_PARTS}}))
+    rows = pd.concat(frames, ignore_index=True).drop_duplicates(["role", "image", "box"]).reset_index(drop=True)
+    return rows
+
+
+def _images_table(t: pd.DataFrame, negatives: pd.DataFrame, data_root: Path, workers: int | None,
+                  hash_size: int = 16) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, ImageProbe]]:
+    """(one row per (role, image, recorded size): exists, decodes, actual vs recorded size, pixel spread,
+    perceptual hash; one row per (role, image, box) of the tuples: the pixel spread inside the box;
+    every probe by path). Each distinct image file is opened once, for all of it."""
     frames = []
     for role, (wcol, hcol) in IMAGE_ROLES.items():
         frames.append(
@@ -459,20 +507,37 @@ def _images_table(t: pd.DataFrame, negatives: pd.DataFrame, data_root: Path, wor
     refs["n_refs"] = n_refs.to_numpy()
     rows = refs.drop_duplicates(["role", "image", "recorded_width", "recorded_height"]).reset_index(drop=True)
 
+    boxes = _image_boxes(t)
+    asked: dict[str, list[Any]] = {}
+    for img, raw in zip(boxes["image"], zip(*(boxes[f"box_{p}"] for p in BOX_PARTS))):
+        if img is not None:
+            asked.setdefault(img, []).append(raw)
     paths = [p for p in pd.unique(rows["image"].dropna())]
     root = Path(data_root)
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        probed = dict(zip(paths, pool.map(lambda p: _probe_image(root / p), paths)))
-    missing = (False, None, np.nan, np.nan, "no path recorded")
+        probed = dict(zip(paths, pool.map(lambda p: _probe_image(root / p, asked.get(p, []), hash_size), paths)))
+    missing = ImageProbe(False, None, error="no path recorded")
     info = [probed.get(p, missing) if p is not None else missing for p in rows["image"]]
-    rows["exists"] = pd.Series([i[0] for i in info], dtype=object)
-    rows["decodes"] = pd.Series([i[1] for i in info], dtype=object)
-    rows["width"] = np.array([i[2] for i in info], dtype=float)
-    rows["height"] = np.array([i[3] for i in info], dtype=float)
-    rows["error"] = [i[4] for i in info]
+    rows["exists"] = pd.Series([i.exists for i in info], dtype=object)
+    rows["decodes"] = pd.Series([i.decodes for i in info], dtype=object)
+    rows["width"] = np.array([i.width for i in info], dtype=float)
+    rows["height"] = np.array([i.height for i in info], dtype=float)
+    rows["error"] = [i.error for i in info]
+    rows["pixel_std"] = np.array([i.pixel_std for i in info], dtype=float)
     rows.insert(0, _ROW, np.arange(len(rows)))
-    return rows
+
+    # the box spreads come back in the order the boxes were asked for, image by image
+    cursor: dict[str, int] = {}
+    stds = []
+    for img in boxes["image"]:
+        probe = probed.get(img) if img is not None else None
+        j = cursor.get(img, 0)
+        cursor[img] = j + 1
+        stds.append(probe.box_std[j] if probe is not None and j < len(probe.box_std) else np.nan)
+    boxes["box_pixel_std"] = np.array(stds, dtype=float)
+    boxes.insert(0, _ROW, np.arange(len(boxes)))
+    return rows, boxes, probed
 
 
 def _tuple_lists(t: pd.DataFrame, key: str, limit: int = 3) -> dict[Any, str]:
@@ -639,28 +704,11 @@ def _splits_table(t: pd.DataFrame, split_cfg: SplitConfig) -> pd.DataFrame:
     return out
 
 
-def _label_boxes(path: Path) -> dict[int, tuple[tuple[float, float, float, float], int]] | None:
-    """{label: (xyxy box, pixels)} of every non-zero value in a label-map PNG; None if it does not read."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            labels = np.asarray(im)
-    except Exception:  # noqa: BLE001 - missing or undecodable: reported as such
-        return None
-    out = {}
-    for k in np.unique(labels):
-        if k == 0:
-            continue
-        ys, xs = np.nonzero(labels == k)
-        out[int(k)] = ((float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)), int(len(xs)))
-    return out
-
-
 def _objects_tables(objects: pd.DataFrame, t: pd.DataFrame, data_root: Path, workers: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per object, one row per tuple image): the objects table checked against its label maps
-    (every box bounds its visible mask, its area counts it) and against the tuples (one concept object
-    per image, with the tuple's box and concept)."""
+    """(one row per object, one row per distinct (role, image, box) of the tuples): the objects table
+    checked against its label maps (every box bounds its visible mask, its area counts it), and each
+    tuple box against the concept object of its image (the mask's box, its hull; its concept id).
+    Every label map is read once."""
     o = objects.reset_index(drop=True)
     out = pd.DataFrame({_ROW: np.arange(len(o))})
     for name in ("image", "role", "base_class", "concept_id", "mask"):
@@ -683,13 +731,32 @@ def _objects_tables(objects: pd.DataFrame, t: pd.DataFrame, data_root: Path, wor
         [None if r not in OBJECT_ROLES else (r == "concept") == (c is not None) for r, c in zip(roles, concept_ids)],
         dtype=object,
     )
+
+    # the tuple boxes, each claiming the concept object of its image
+    concept = out[out["role"] == "concept"]
+    n_concepts = concept.groupby("image").size()
+    first = concept.drop_duplicates("image").set_index("image")
+    imgs = _image_boxes(t)
+    parts = imgs[[f"box_{p}" for p in BOX_PARTS]].to_numpy(dtype=float)
+    claims: dict[str, list[tuple[int, Any]]] = {}
+    claim_of: list[tuple[str, int] | None] = []
+    for img, box in zip(imgs["image"], parts):
+        if img in first.index and np.isfinite(first.at[img, "object"]):
+            m = first.at[img, "mask"]
+            lst = claims.setdefault(m, [])
+            claim_of.append((m, len(lst)))
+            lst.append((int(first.at[img, "object"]), box))
+        else:
+            claim_of.append(None)
+
     masks = [m for m in pd.unique(out["mask"].dropna())]
     root = Path(data_root)
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
-        read = dict(zip(masks, pool.map(lambda m: _label_boxes(root / m), masks)))
+        read = dict(zip(masks, pool.map(lambda m: label_map_claims(root / m, claims.get(m, [])), masks)))
     exists, bounds, area_ok = [], [], []
     for m, k, box, area in zip(out["mask"], out["object"], arr, out["area"]):
-        labels = read.get(m)
+        got_map = read.get(m)
+        labels = got_map[0] if got_map is not None else None
         exists.append(labels is not None)
         got = labels.get(int(k)) if labels is not None and np.isfinite(k) else None
         bounds.append(None if labels is None else got is not None and np.allclose(got[0], box))
@@ -698,32 +765,133 @@ def _objects_tables(objects: pd.DataFrame, t: pd.DataFrame, data_root: Path, wor
     out["box_bounds_mask"] = pd.Series(bounds, dtype=object)
     out["area_counts_mask"] = pd.Series(area_ok, dtype=object)
 
-    concept = out[out["role"] == "concept"]
-    n_concepts = concept.groupby("image").size()
-    first = concept.drop_duplicates("image").set_index("image")
-    rows = []
-    for role in IMAGE_ROLES:
-        box_col = role.replace("_image", "_box")
-        parts = zip(*(t[f"{box_col}_{p}"] for p in BOX_PARTS))
-        for tid, img, cid, raw, box in zip(t["tuple_id"], t[role], t["concept_id"], t[box_col], parts):
-            rows.append((role, img, tid, cid, raw, box))
-    imgs = pd.DataFrame(rows, columns=["role", "image", "tuple_id", "concept_id", "box", "parts"]).drop_duplicates(["role", "image"])
-    imgs = imgs.reset_index(drop=True)
-    imgs["n_concept_objects"] = [int(n_concepts.get(i, 0)) for i in imgs["image"]]
-    tb = np.array(imgs.pop("parts").tolist(), dtype=float).reshape(-1, 4)
-    matches, ids = [], []
-    for i, img in enumerate(imgs["image"]):
-        if img not in first.index:
-            matches.append(None)
-            ids.append(None)
+    role_of = dict(zip(zip(out["mask"], out["object"]), zip(out["role"], out["base_class"])))
+    ious, hull, covers, mask_box = [], [], [], []
+    for c, img in zip(claim_of, imgs["image"]):
+        got_map = read.get(c[0]) if c is not None else None
+        if got_map is None:
+            ious.append(np.nan), hull.append(np.nan), covers.append(None), mask_box.append(None)
             continue
-        ob = np.array([first.at[img, f"box_{p}"] for p in BOX_PARTS], dtype=float)
-        matches.append(bool(np.allclose(ob, tb[i], atol=1.0)))
-        ids.append(first.at[img, "concept_id"] == imgs.at[i, "concept_id"])
-    imgs["concept_box_matches"] = pd.Series(matches, dtype=object)
-    imgs["concept_id_matches"] = pd.Series(ids, dtype=object)
+        cl = got_map[1][c[1]]
+        ious.append(cl.iou)
+        hull.append(cl.in_hull)
+        mask_box.append(None if cl.mask_box is None else "[" + ", ".join(f"{v:g}" for v in cl.mask_box) + "]")
+        if cl.best_object is None:
+            covers.append("no object")
+        else:
+            role, cls = role_of.get((c[0], float(cl.best_object)), ("?", "?"))
+            covers.append(f"object {cl.best_object} ({role} {cls}), IoU {cl.best_iou:.2f}")
+    imgs["n_concept_objects"] = [int(n_concepts.get(i, 0)) for i in imgs["image"]]
+    imgs["concept_id"] = [None] * len(imgs)
+    tuple_concept = dict(zip(t["tuple_id"], t["concept_id"]))
+    imgs["concept_id"] = [tuple_concept.get(k) for k in imgs["tuple_id"]]
+    imgs["object_concept_id"] = [first.at[i, "concept_id"] if i in first.index else None for i in imgs["image"]]
+    imgs["concept_id_matches"] = pd.Series(
+        [None if i not in first.index else a == b for i, a, b in zip(imgs["image"], imgs["object_concept_id"], imgs["concept_id"])],
+        dtype=object,
+    )
+    imgs["mask_box"] = mask_box
+    imgs["box_iou"] = np.array(ious, dtype=float)
+    imgs["box_in_hull"] = np.array(hull, dtype=float)
+    imgs["box_covers"] = covers
+    imgs = imgs.drop(columns=[f"box_{p}" for p in BOX_PARTS])
     imgs.insert(0, _ROW, np.arange(len(imgs)))
     return out, imgs
+
+
+def _records_tables(t: pd.DataFrame, exemplars: pd.DataFrame, generated: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the tuples' columns of agreement with their source rows, one row per image path of the two
+    source tables). A tuple's training side is looked up in ``exemplars`` by its concept_id, its
+    query side in ``generated`` by its query image."""
+    ex = exemplars.reset_index(drop=True)
+    ge = generated.reset_index(drop=True)
+    e = pd.DataFrame({k: [_str_or_none(v) for v in _col(ex, k)] for k in ("concept_id", "image", "base_class")})
+    e["width"], e["height"] = _num(ex, "width"), _num(ex, "height")
+    e["box"] = _box_array(_col(ex, "box"))[0].tolist()
+    g = pd.DataFrame({k: [_str_or_none(v) for v in _col(ge, k)]
+                      for k in ("image", "concept_id", "prompt", "concept_phrase", "template", "medium")})
+    g["width"], g["height"] = _num(ge, "width"), _num(ge, "height")
+    g["box"] = _box_array(_col(ge, "box"))[0].tolist()
+    e1 = e.dropna(subset=["concept_id"]).drop_duplicates("concept_id").set_index("concept_id")
+    g1 = g.dropna(subset=["image"]).drop_duplicates("image").set_index("image")
+
+    out = pd.DataFrame(index=t.index)
+    er = e1.reindex(t["concept_id"].to_numpy(dtype=object))
+    gr = g1.reindex(t["query_image"].to_numpy(dtype=object))
+    found_e = er["image"].notna().to_numpy()
+    found_g = gr["concept_id"].notna().to_numpy()
+
+    def agree(found: np.ndarray, a: Iterable[Any], b: Iterable[Any]) -> pd.Series:
+        return pd.Series([None if not f else x == y for f, x, y in zip(found, a, b)], dtype=object)
+
+    def boxes_agree(found: np.ndarray, a: Iterable[Any], parts: np.ndarray) -> pd.Series:
+        vals = []
+        for f, x, y in zip(found, a, parts):
+            if not f:
+                vals.append(None)
+                continue
+            x = np.asarray(x, dtype=float)
+            vals.append(bool(x.shape == (4,) and np.isfinite(x).all() and np.isfinite(y).all() and np.allclose(x, y, atol=0.5)))
+        return pd.Series(vals, dtype=object)
+
+    tb = t[[f"train_box_{p}" for p in BOX_PARTS]].to_numpy(dtype=float)
+    qb = t[[f"query_box_{p}" for p in BOX_PARTS]].to_numpy(dtype=float)
+    out["exemplar_found"] = pd.Series(found_e, dtype=object)
+    out["exemplar_image"] = er["image"].to_numpy(dtype=object)
+    out["exemplar_box"] = [None if not f else "[" + ", ".join(f"{v:g}" for v in b) + "]" for f, b in zip(found_e, er["box"])]
+    out["train_image_agrees"] = agree(found_e, er["image"], t["train_image"])
+    out["train_box_agrees"] = boxes_agree(found_e, er["box"], tb)
+    out["train_size_agrees"] = agree(found_e, zip(er["width"], er["height"]), zip(t["train_width"], t["train_height"]))
+    out["base_class_agrees"] = agree(found_e, er["base_class"], t["base_class"])
+    out["generated_found"] = pd.Series(found_g, dtype=object)
+    out["generated_concept_id"] = gr["concept_id"].to_numpy(dtype=object)
+    out["generated_box"] = [None if not f else "[" + ", ".join(f"{v:g}" for v in b) + "]" for f, b in zip(found_g, gr["box"])]
+    out["generated_prompt"] = gr["prompt"].to_numpy(dtype=object)
+    out["query_concept_agrees"] = agree(found_g, gr["concept_id"], t["concept_id"])
+    out["query_box_agrees"] = boxes_agree(found_g, gr["box"], qb)
+    out["query_size_agrees"] = agree(found_g, zip(gr["width"], gr["height"]), zip(t["query_width"], t["query_height"]))
+    out["prompt_agrees"] = agree(found_g, zip(gr["prompt"], gr["concept_phrase"]), zip(t["prompt"], t["concept_phrase"]))
+
+    # every image path of the two source tables: one row, one concept
+    refs = pd.concat([e.assign(table="exemplars")[["image", "concept_id", "table"]],
+                      g.assign(table="generated")[["image", "concept_id", "table"]]], ignore_index=True).dropna(subset=["image"])
+    per = refs.groupby("image", sort=True).agg(
+        n_rows=("table", "size"),
+        n_concepts=("concept_id", "nunique"),
+        concepts=("concept_id", lambda v: ", ".join(sorted(set(map(str, v))))),
+        tables=("table", lambda v: ", ".join(sorted(set(v)))),
+    ).reset_index()
+    per.insert(0, _ROW, np.arange(len(per)))
+    return out, per
+
+
+def _detections_columns(t: pd.DataFrame, detections: pd.DataFrame) -> pd.DataFrame:
+    """Per tuple: the second detections of its query image and the best IoU of one with R_Q."""
+    d = detections.reset_index(drop=True)
+    imgs = [_str_or_none(v) for v in _col(d, "image")]
+    arr = _box_array(_col(d, "box"))[0]
+    score = _num(d, "score")
+    by_image: dict[str, list[int]] = {}
+    for i, img in enumerate(imgs):
+        if img is not None:
+            by_image.setdefault(img, []).append(i)
+    qb = t[[f"query_box_{p}" for p in BOX_PARTS]].to_numpy(dtype=float)
+    best_iou, best_box, n = [], [], []
+    for img, box in zip(t["query_image"], qb):
+        rows = by_image.get(img, [])
+        n.append(len(rows))
+        if not np.isfinite(box).all():
+            best_iou.append(np.nan), best_box.append(None)
+            continue
+        if not rows:
+            best_iou.append(0.0), best_box.append("no detection")  # nothing found where R_Q claims an object
+            continue
+        ious = np.nan_to_num(box_iou(np.repeat(box[None], len(rows), 0), arr[rows]), nan=0.0)
+        j = int(ious.argmax())
+        best_iou.append(float(ious[j]))
+        best_box.append("[" + ", ".join(f"{v:g}" for v in arr[rows[j]]) + f"] score {score[rows[j]]:.2f}")
+    return pd.DataFrame({"n_detections": n, "detection_iou": np.array(best_iou, dtype=float), "best_detection": best_box},
+                        index=t.index)
 
 
 def build_tables(
@@ -734,19 +902,54 @@ def build_tables(
     placeholder: str | None = None,
     workers: int | None = None,
     objects: pd.DataFrame | None = None,
+    *,
+    exemplars: pd.DataFrame | None = None,
+    generated: pd.DataFrame | None = None,
+    detections: pd.DataFrame | None = None,
+    cfg: ValidateConfig | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """The derived tables GE validates (pure pandas/PIL; no GE import); ``objects`` adds the objects tables."""
+    """The derived tables GE validates (pure pandas/PIL; no GE import); ``objects`` adds the objects
+    tables, ``exemplars`` with ``generated`` the records' agreement, ``detections`` the second detection."""
+    cfg = cfg or ValidateConfig()
     t = _tuples_table(tuples, placeholder)
     concepts, train_images = _membership_tables(t)
+    images, image_boxes, probed = _images_table(t, negatives, Path(data_root), workers, cfg.hash_size)
+
+    # a box below the least size is box_min_size's to report: its spread says nothing
+    w = image_boxes["box_x1"] - image_boxes["box_x0"]
+    h = image_boxes["box_y1"] - image_boxes["box_y0"]
+    small = ~((np.minimum(w, h) >= cfg.min_box_side) & (w * h >= cfg.min_box_area))
+    image_boxes.loc[small.to_numpy(), "box_pixel_std"] = np.nan
+
+    # copies: each query against its own training image; training images against those of other concepts
+    qh = [probed[p].phash if p in probed else None for p in t["query_image"]]
+    th = [probed[p].phash if p in probed else None for p in t["train_image"]]
+    t["hash_distance"] = hamming(qh, th)
+    t["hash_bits"] = float(cfg.hash_size**2)
+    ti_concept = [c.split(", ")[0] for c in train_images["concepts"]]
+    dist, idx = nearest_other([probed[p].phash if p in probed else None for p in train_images["train_image"]],
+                              ti_concept, cfg.duplicate_max_distance)
+    train_images["nearest_distance"] = dist
+    train_images["nearest_image"] = [train_images["train_image"].iloc[j] if j >= 0 else None for j in idx]
+    train_images["nearest_concept"] = [ti_concept[j] if j >= 0 else None for j in idx]
+
     extra = {}
     if objects is not None:
         extra["objects_columns"] = pd.DataFrame({c: pd.Series(dtype=object) for c in objects.columns})
         extra["objects"], extra["object_images"] = _objects_tables(objects, t, Path(data_root), workers)
+    if (exemplars is None) != (generated is None):
+        raise ValueError("exemplars and generated: give both source tables or neither")
+    if exemplars is not None:
+        agree, extra["record_images"] = _records_tables(t, exemplars, generated)
+        t = pd.concat([t, agree], axis=1)
+    if detections is not None:
+        t = pd.concat([t, _detections_columns(t, detections)], axis=1)
     return {**extra,
         "tuples_columns": pd.DataFrame({c: pd.Series(dtype=object) for c in tuples.columns}),
         "neg_columns": pd.DataFrame({c: pd.Series(dtype=object) for c in negatives.columns}),
         "tuples": t,
-        "images": _images_table(t, negatives, Path(data_root), workers),
+        "images": images,
+        "image_boxes": image_boxes,
         "concepts": concepts,
         "train_images": train_images,
         "neg_per_tuple": _negatives_table(t, negatives),
@@ -836,16 +1039,82 @@ def _object_specs(add) -> None:
     add(_Spec("objects", "object_images", "ExpectColumnValuesToBeBetween",
               {"column": "n_concept_objects", "min_value": 1, "max_value": 1},
               "every tuple image has exactly one concept object", (*ictx, "n_concept_objects")))
-    add(_Spec("objects", "object_images", "ExpectColumnValuesToBeInSet", {"column": "concept_box_matches", "value_set": [True]},
-              "the concept object's box is the tuple's box (within 1 px)", ictx))
-    add(_Spec("objects", "object_images", "ExpectColumnValuesToBeInSet", {"column": "concept_id_matches", "value_set": [True]},
-              "the concept object's concept_id is the tuple's", (*ictx, "concept_id")))
+
+
+def _content_specs(add, cfg: ValidateConfig, objects: bool, records: bool, detections: bool) -> None:
+    """The families that look at the pixels and across tables."""
+    # box_covers_object: R_X and R_Q against the mask of the object they claim (and a second detection of R_Q)
+    if objects:
+        bctx = ("role", "image", "tuple_id", "box", "mask_box", "box_covers")
+        add(_Spec("box_covers_object", "object_images", "ExpectColumnValuesToBeBetween",
+                  {"column": "box_iou", "min_value": float(cfg.box_iou_min)},
+                  f"the box has IoU >= {cfg.box_iou_min:g} with the bounding box of its concept object's mask",
+                  (*bctx, "box_iou")))
+        add(_Spec("box_covers_object", "object_images", "ExpectColumnValuesToBeBetween",
+                  {"column": "box_in_hull", "min_value": float(cfg.box_in_hull_min)},
+                  f"at least {cfg.box_in_hull_min:g} of the box's area lies inside the convex hull of its object's mask",
+                  (*bctx, "box_in_hull")))
+    if detections:
+        add(_Spec("box_covers_object", "tuples", "ExpectColumnValuesToBeBetween",
+                  {"column": "detection_iou", "min_value": float(cfg.detection_iou_min)},
+                  f"R_Q has IoU >= {cfg.detection_iou_min:g} with a second detection of the concept in Q",
+                  ("tuple_id", "query_image", "query_box", "best_detection", "n_detections", "detection_iou")))
+    # records_agree: each tuple against its exemplar and generated rows; image paths against concepts
+    if records:
+        tctx = ("tuple_id", "concept_id", "train_image", "exemplar_image")
+        for col, what in (("exemplar_found", "the tuple's concept_id has an exemplars row"),
+                          ("train_image_agrees", "train_image is its concept's exemplar image"),
+                          ("train_size_agrees", "train_width/height are the exemplar's"),
+                          ("base_class_agrees", "base_class is the exemplar's")):
+            add(_Spec("records_agree", "tuples", "ExpectColumnValuesToBeInSet", {"column": col, "value_set": [True]},
+                      what, tctx))
+        add(_Spec("records_agree", "tuples", "ExpectColumnValuesToBeInSet", {"column": "train_box_agrees", "value_set": [True]},
+                  "train_box is the exemplar's box (within 0.5 px)", ("tuple_id", "concept_id", "train_box", "exemplar_box")))
+        qctx = ("tuple_id", "concept_id", "query_image", "generated_concept_id")
+        add(_Spec("records_agree", "tuples", "ExpectColumnValuesToBeInSet", {"column": "generated_found", "value_set": [True]},
+                  "the query image has a generated row", qctx))
+        add(_Spec("records_agree", "tuples", "ExpectColumnValuesToBeInSet", {"column": "query_concept_agrees", "value_set": [True]},
+                  "the query image was generated for the tuple's concept", qctx))
+        add(_Spec("records_agree", "tuples", "ExpectColumnValuesToBeInSet", {"column": "query_box_agrees", "value_set": [True]},
+                  "query_box is the generated box (within 0.5 px)", ("tuple_id", "query_image", "query_box", "generated_box")))
+        add(_Spec("records_agree", "tuples", "ExpectColumnValuesToBeInSet", {"column": "query_size_agrees", "value_set": [True]},
+                  "query_width/height are the generated image's", qctx))
+        add(_Spec("records_agree", "tuples", "ExpectColumnValuesToBeInSet", {"column": "prompt_agrees", "value_set": [True]},
+                  "prompt and concept_phrase are the generated row's", ("tuple_id", "query_image", "prompt", "generated_prompt")))
+        rctx = ("image", "concepts", "tables", "n_rows")
+        add(_Spec("records_agree", "record_images", "ExpectColumnValuesToBeBetween", {"column": "n_concepts", "max_value": 1},
+                  "an image path of the exemplars and generated tables belongs to one concept", rctx))
+        add(_Spec("records_agree", "record_images", "ExpectColumnValuesToBeBetween", {"column": "n_rows", "max_value": 1},
+                  "an image path is one row of the exemplars and generated tables", rctx))
+    if objects:
+        add(_Spec("records_agree", "object_images", "ExpectColumnValuesToBeInSet", {"column": "concept_id_matches", "value_set": [True]},
+                  "the image's concept object has the tuple's concept_id",
+                  ("role", "image", "tuple_id", "concept_id", "object_concept_id")))
+    # image_content: spread of the pixels, of the whole image and inside each box
+    add(_Spec("image_content", "images", "ExpectColumnValuesToBeBetween", {"column": "pixel_std", "min_value": float(cfg.min_pixel_std)},
+              f"the image is not blank: grey-level std >= {cfg.min_pixel_std:g}", ("tuple_id", "role", "image", "pixel_std")))
+    add(_Spec("image_content", "image_boxes", "ExpectColumnValuesToBeBetween",
+              {"column": "box_pixel_std", "min_value": float(cfg.min_box_pixel_std)},
+              f"the box region is not flat: grey-level std >= {cfg.min_box_pixel_std:g}",
+              ("tuple_id", "role", "image", "box", "box_pixel_std")))
+    # copies: a query that reproduces its own training image; training images of two concepts alike
+    add(_Spec("copies", "tuples", "ExpectColumnValuesToBeBetween",
+              {"column": "hash_distance", "min_value": int(cfg.copy_max_distance) + 1, "mostly": 1.0 - float(cfg.max_copy_share)},
+              f"at most {cfg.max_copy_share:g} of queries are near-copies of their own training image "
+              f"(hash distance <= {cfg.copy_max_distance} bits; each is excluded as a memorisation event)",
+              ("tuple_id", "query_image", "train_image", "hash_distance")))
+    add(_Spec("copies", "train_images", "ExpectColumnValuesToBeBetween",
+              {"column": "nearest_distance", "min_value": int(cfg.duplicate_max_distance) + 1},
+              f"no training image is a near-duplicate of another concept's (hash distance <= {cfg.duplicate_max_distance} bits)",
+              ("train_image", "concepts", "nearest_image", "nearest_concept", "nearest_distance")))
 
 
 def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, placeholder: str | None = None,
-                objects: bool = False) -> list[_Spec]:
+                objects: bool = False, records: bool = False, detections: bool = False) -> list[_Spec]:
     """Every expectation, grouped by family (GE-free description of the suites); ``objects``
-    adds the ``objects`` family (it needs the tables ``build_tables(..., objects=...)`` adds)."""
+    adds the ``objects`` family and the box-versus-mask checks, ``records`` the agreement with the
+    exemplars and generated tables, ``detections`` R_Q against a second detection (each needs the
+    tables ``build_tables`` adds for it)."""
     S: list[_Spec] = []
     add = S.append
     # schema
@@ -970,6 +1239,7 @@ def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, pla
               ("split", "n_concepts", "share", "expected")))
     if objects:
         _object_specs(add)
+    _content_specs(add, cfg, objects, records, detections)
     return S
 
 
@@ -1112,9 +1382,20 @@ def validate_tuples(
     placeholder: str | None = None,
     workers: int | None = None,
     objects: pd.DataFrame | None = None,
+    exemplars: pd.DataFrame | None = None,
+    generated: pd.DataFrame | None = None,
+    detections: pd.DataFrame | None = None,
 ) -> ValidationResult:
-    """Run every expectation family on the tuple and negatives tables (and the ``objects`` table
-    of their images, when given; without it the ``objects`` family has no checks and passes).
+    """Run every expectation family on the tuple and negatives tables, and on the tables given:
+    ``objects`` (every object of their images: the ``objects`` family and the box-versus-mask
+    checks), ``exemplars`` with ``generated`` (the source rows each tuple must agree with) and
+    ``detections`` (a second detection of each query's concept, :data:`DETECTION_COLUMNS`: R_Q
+    against it). A family whose inputs are not given has no checks and passes.
+
+    Queries that are near-copies of their own training image are memorisation events: listed in
+    ``result.memorisation`` and in :meth:`ValidationResult.exclusions`, the tuples the training
+    and evaluation stages leave out; the gate fails only when their share exceeds
+    ``cfg.max_copy_share``.
 
     ``data_root`` is the folder the image paths are relative to. ``placeholder`` (e.g.
     ``"V* {}"``) additionally requires every concept_phrase to be that template filled
@@ -1123,19 +1404,25 @@ def validate_tuples(
     :func:`assert_valid`).
     """
     t0 = time.perf_counter()
-    tables = build_tables(tuples, negatives, data_root, split_cfg, placeholder=placeholder, workers=workers, objects=objects)
-    specs = build_specs(cfg, placeholder=placeholder, objects=objects is not None)
+    tables = build_tables(tuples, negatives, data_root, split_cfg, placeholder=placeholder, workers=workers, objects=objects,
+                          exemplars=exemplars, generated=generated, detections=detections, cfg=cfg)
+    specs = build_specs(cfg, placeholder=placeholder, objects=objects is not None, records=exemplars is not None,
+                        detections=detections is not None)
     checks, version, context = _run_ge(tables, specs, cfg.max_examples)
     order = {s.name: i for i, s in enumerate(specs)}
     checks.sort(key=lambda c: order.get(c.name, len(order)))  # spec (family) order, not table order
     families = {f: all(c.success for c in checks if c.family == f) for f in FAMILIES}
     failures = [c for c in checks if not c.success]
     t = tables["tuples"]
+    copies = t["hash_distance"].to_numpy(dtype=float) <= cfg.copy_max_distance  # NaN (no hash) compares False
+    memorisation = t.loc[copies, ["tuple_id", "concept_id", "query_image", "train_image", "hash_distance"]].reset_index(drop=True)
     counts = {
         "tuples": int(len(tuples)),
         "negatives": int(len(negatives)),
         "images": int(tables["images"]["image"].nunique()),
         **({"objects": int(len(objects))} if objects is not None else {}),
+        **({"detections": int(len(detections))} if detections is not None else {}),
+        "memorisation_events": int(len(memorisation)),
         "concepts": int(t["concept_id"].nunique()),
         "per_split": {str(k): int(v) for k, v in t["split"].value_counts(dropna=False).sort_index().items()},
         "concepts_per_split": {
@@ -1157,6 +1444,7 @@ def validate_tuples(
                 "data_root": str(data_root)},
         runtime_s=time.perf_counter() - t0,
         ge_version=version,
+        memorisation=memorisation,
         _ge_context=context,
     )
 
