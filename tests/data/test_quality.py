@@ -430,7 +430,8 @@ def test_objects_table_of_a_rendered_world_passes(world_objects):
     n = len(build_specs(CFG, objects=True)) - len(build_specs(CFG))
     with_objects = ("objects", "box_covers_object", "records_agree")  # records_agree: the object's concept_id
     assert n >= 15 and sum(c.family in with_objects for c in r.checks) == n
-    assert r.success, r.message()
+    for family in (*with_objects, "image_content", "copies"):  # (1 val and 1 test concept: no negatives there)
+        assert r.families[family], r.message()
     assert r.counts["objects"] == len(world_objects[3]) and r.summary()["objects"] == len(world_objects[3])
 
 

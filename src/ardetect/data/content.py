@@ -139,8 +139,11 @@ class Claim:
 
 
 def _mask_box(m: np.ndarray) -> Box:
-    ys, xs = np.nonzero(m)
-    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    """xyxy pixel box of a non-empty bool mask ``[H, W]``."""
+    rows, cols = m.any(1), m.any(0)
+    y0, y1 = int(rows.argmax()), len(rows) - int(rows[::-1].argmax())
+    x0, x1 = int(cols.argmax()), len(cols) - int(cols[::-1].argmax())
+    return (float(x0), float(y0), float(x1), float(y1))
 
 
 def label_map_claims(path: Path, claims: Iterable[tuple[int, Sequence[float]]] = ()) -> tuple[dict[int, tuple[Box, int]], list[Claim]] | None:
@@ -155,11 +158,9 @@ def label_map_claims(path: Path, claims: Iterable[tuple[int, Sequence[float]]] =
     except Exception:  # noqa: BLE001 - missing or undecodable: reported as such
         return None
     objects: dict[int, tuple[Box, int]] = {}
-    for k in np.unique(labels):
-        if k == 0:
-            continue
-        m = labels == k
-        objects[int(k)] = (_mask_box(m), int(m.sum()))
+    counts = np.bincount(labels.ravel(), minlength=1)
+    for k in np.flatnonzero(counts[1:]) + 1:
+        objects[int(k)] = (_mask_box(labels == k), int(counts[k]))
     out: list[Claim] = []
     hulls: dict[int, np.ndarray] = {}
     h, w = labels.shape[:2]

@@ -49,8 +49,10 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -458,6 +460,32 @@ def _probe_image(path: Path, boxes: list[Any] = (), hash_size: int = 16) -> Imag
     return probe_image(path, boxes, hash_size)
 
 
+def _read_label_map(path: Path, claims: list[tuple[int, Any]] = ()):
+    """Every label map is read here, once (see :func:`ardetect.data.content.label_map_claims`)."""
+    return label_map_claims(path, claims)
+
+
+def _call(fn, args: tuple) -> Any:
+    return fn(*args)
+
+
+INLINE_BELOW = 256  # files; fewer are read in this process (starting workers would cost more)
+
+
+def _map_files(fn, items: list[tuple], workers: int | None) -> list[Any]:
+    """``[fn(*item) for item in items]``, over ``workers`` processes (default: one per core).
+
+    Decoding and measuring a file is mostly Python and numpy holding the GIL, so threads do not
+    run it side by side; forked processes do."""
+    n = workers or os.cpu_count() or 1
+    if n <= 1 or len(items) < INLINE_BELOW:
+        return [fn(*item) for item in items]
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else methods[0])
+    with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+        return list(pool.map(partial(_call, fn), items, chunksize=max(1, len(items) // (n * 8))))
+
+
 def _image_boxes(t: pd.DataFrame) -> pd.DataFrame:
     """One row per distinct (role, image, box) of the tuples: the boxes whose pixels are measured."""
     frames = []
@@ -514,9 +542,7 @@ def _images_table(t: pd.DataFrame, negatives: pd.DataFrame, data_root: Path, wor
             asked.setdefault(img, []).append(raw)
     paths = [p for p in pd.unique(rows["image"].dropna())]
     root = Path(data_root)
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        probed = dict(zip(paths, pool.map(lambda p: _probe_image(root / p, asked.get(p, []), hash_size), paths)))
+    probed = dict(zip(paths, _map_files(_probe_image, [(root / p, asked.get(p, []), hash_size) for p in paths], workers)))
     missing = ImageProbe(False, None, error="no path recorded")
     info = [probed.get(p, missing) if p is not None else missing for p in rows["image"]]
     rows["exists"] = pd.Series([i.exists for i in info], dtype=object)
@@ -735,31 +761,31 @@ def _objects_tables(objects: pd.DataFrame, t: pd.DataFrame, data_root: Path, wor
     # the tuple boxes, each claiming the concept object of its image
     concept = out[out["role"] == "concept"]
     n_concepts = concept.groupby("image").size()
-    first = concept.drop_duplicates("image").set_index("image")
+    first = concept.drop_duplicates("image")
+    first_of = {i: (m, k, c) for i, m, k, c in zip(first["image"], first["mask"], first["object"], first["concept_id"])}
     imgs = _image_boxes(t)
     parts = imgs[[f"box_{p}" for p in BOX_PARTS]].to_numpy(dtype=float)
     claims: dict[str, list[tuple[int, Any]]] = {}
     claim_of: list[tuple[str, int] | None] = []
     for img, box in zip(imgs["image"], parts):
-        if img in first.index and np.isfinite(first.at[img, "object"]):
-            m = first.at[img, "mask"]
+        m, k, _ = first_of.get(img, (None, np.nan, None))
+        if m is not None and np.isfinite(k):
             lst = claims.setdefault(m, [])
             claim_of.append((m, len(lst)))
-            lst.append((int(first.at[img, "object"]), box))
+            lst.append((int(k), box))
         else:
             claim_of.append(None)
 
     masks = [m for m in pd.unique(out["mask"].dropna())]
     root = Path(data_root)
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
-        read = dict(zip(masks, pool.map(lambda m: label_map_claims(root / m, claims.get(m, [])), masks)))
+    read = dict(zip(masks, _map_files(_read_label_map, [(root / m, claims.get(m, [])) for m in masks], workers)))
     exists, bounds, area_ok = [], [], []
     for m, k, box, area in zip(out["mask"], out["object"], arr, out["area"]):
         got_map = read.get(m)
         labels = got_map[0] if got_map is not None else None
         exists.append(labels is not None)
         got = labels.get(int(k)) if labels is not None and np.isfinite(k) else None
-        bounds.append(None if labels is None else got is not None and np.allclose(got[0], box))
+        bounds.append(None if labels is None else got is not None and bool((np.abs(np.subtract(got[0], box)) <= 1e-6).all()))
         area_ok.append(None if labels is None else got is not None and got[1] == area)
     out["mask_reads"] = pd.Series(exists, dtype=object)
     out["box_bounds_mask"] = pd.Series(bounds, dtype=object)
@@ -781,13 +807,13 @@ def _objects_tables(objects: pd.DataFrame, t: pd.DataFrame, data_root: Path, wor
         else:
             role, cls = role_of.get((c[0], float(cl.best_object)), ("?", "?"))
             covers.append(f"object {cl.best_object} ({role} {cls}), IoU {cl.best_iou:.2f}")
-    imgs["n_concept_objects"] = [int(n_concepts.get(i, 0)) for i in imgs["image"]]
-    imgs["concept_id"] = [None] * len(imgs)
+    per_image = n_concepts.to_dict()
+    imgs["n_concept_objects"] = [int(per_image.get(i, 0)) for i in imgs["image"]]
     tuple_concept = dict(zip(t["tuple_id"], t["concept_id"]))
     imgs["concept_id"] = [tuple_concept.get(k) for k in imgs["tuple_id"]]
-    imgs["object_concept_id"] = [first.at[i, "concept_id"] if i in first.index else None for i in imgs["image"]]
+    imgs["object_concept_id"] = [first_of[i][2] if i in first_of else None for i in imgs["image"]]
     imgs["concept_id_matches"] = pd.Series(
-        [None if i not in first.index else a == b for i, a, b in zip(imgs["image"], imgs["object_concept_id"], imgs["concept_id"])],
+        [None if i not in first_of else a == b for i, a, b in zip(imgs["image"], imgs["object_concept_id"], imgs["concept_id"])],
         dtype=object,
     )
     imgs["mask_box"] = mask_box
@@ -887,7 +913,7 @@ def _detections_columns(t: pd.DataFrame, detections: pd.DataFrame) -> pd.DataFra
             best_iou.append(0.0), best_box.append("no detection")  # nothing found where R_Q claims an object
             continue
         ious = np.nan_to_num(box_iou(np.repeat(box[None], len(rows), 0), arr[rows]), nan=0.0)
-        j = int(ious.argmax())
+        j = max(range(len(rows)), key=lambda k: (ious[k], score[rows[k]]))  # the best overlap, then the surest
         best_iou.append(float(ious[j]))
         best_box.append("[" + ", ".join(f"{v:g}" for v in arr[rows[j]]) + f"] score {score[rows[j]]:.2f}")
     return pd.DataFrame({"n_detections": n, "detection_iou": np.array(best_iou, dtype=float), "best_detection": best_box},
@@ -1399,8 +1425,8 @@ def validate_tuples(
 
     ``data_root`` is the folder the image paths are relative to. ``placeholder`` (e.g.
     ``"V* {}"``) additionally requires every concept_phrase to be that template filled
-    with its base class. ``workers`` threads decode the images (default: 2 x cores, at
-    most 8). Returns a :class:`ValidationResult`; never raises on bad data (see
+    with its base class. ``workers`` processes read the image files and label maps (default: one per core;
+    small inputs are read in this process). Returns a :class:`ValidationResult`; never raises on bad data (see
     :func:`assert_valid`).
     """
     t0 = time.perf_counter()
