@@ -112,6 +112,10 @@ IMAGE_ROLES = {"query_image": ("query_width", "query_height"), "train_image": ("
 # relative (no leading / or drive), no ".." component, a .png file
 IMAGE_PATH_REGEX = r"^(?![/\\])(?![A-Za-z]:)(?!(?:.*[/\\])?\.\.(?:[/\\]|$)).+\.[pP][nN][gG]$"
 _ROW = "_row"  # position of a row in its derived table; used to look up example context
+# the column that names a failing row of each derived table, beside its position
+ROW_NAMES = {"tuples": "tuple_id", "images": "image", "image_boxes": "tuple_id", "concepts": "concept_id",
+             "train_images": "train_image", "neg_per_tuple": "tuple_id", "classes": "base_class", "splits": "split",
+             "objects": "image", "object_images": "tuple_id", "record_images": "image"}
 
 
 # --------------------------------------------------------------------------- results
@@ -1313,7 +1317,8 @@ def _run_ge(tables: dict[str, pd.DataFrame], specs: list[_Spec], max_examples: i
         if failed:
             fmt: dict[str, Any] = {"result_format": "COMPLETE", "include_unexpected_rows": False}
             if _ROW in df.columns:
-                fmt["unexpected_index_column_names"] = [_ROW]
+                key = ROW_NAMES.get(table)  # names the failing rows in the Data Docs too
+                fmt["unexpected_index_column_names"] = [_ROW] + ([key] if key in df.columns else [])
                 fmt["return_unexpected_index_query"] = False
             again = validate(table, df, [tspecs[i] for i in failed], "_failed", fmt)
             detail = {failed[j]: r for j, r in again.items()}
