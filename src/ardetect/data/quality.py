@@ -694,8 +694,9 @@ def _negatives_table(t: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
             img = i_uni[ni[r]] if ni[r] >= 0 else None
             lst.append(f"{cpt} {img} ({concept_split.get(cpt) if cpt is not None else None})")
     out["bad_negatives"] = [", ".join(ctx.get(k, [])) for k in out["tuple_id"]]
-    out["split"] = [first["split"].get(k) if k in in_tuples else None for k in out["tuple_id"]]
-    out["train_image"] = [first["train_image"].get(k) if k in in_tuples else None for k in out["tuple_id"]]
+    ids = out["tuple_id"].to_numpy(dtype=object)
+    out["split"] = [_str_or_none(v) for v in first["split"].reindex(ids).to_numpy(dtype=object)]
+    out["train_image"] = [_str_or_none(v) for v in first["train_image"].reindex(ids).to_numpy(dtype=object)]
     out.insert(0, _ROW, np.arange(len(out)))
     return out
 
@@ -783,17 +784,20 @@ def _objects_tables(objects: pd.DataFrame, t: pd.DataFrame, data_root: Path, wor
     masks = [m for m in pd.unique(out["mask"].dropna())]
     root = Path(data_root)
     read = dict(zip(masks, _map_files(_read_label_map, [(root / m, claims.get(m, [])) for m in masks], workers)))
-    exists, bounds, area_ok = [], [], []
-    for m, k, box, area in zip(out["mask"], out["object"], arr, out["area"]):
+    exists = np.zeros(len(out), dtype=bool)
+    got_box, got_area = np.full((len(out), 4), np.nan), np.full(len(out), np.nan)
+    for i, (m, k) in enumerate(zip(out["mask"], out["object"])):
         got_map = read.get(m)
-        labels = got_map[0] if got_map is not None else None
-        exists.append(labels is not None)
-        got = labels.get(int(k)) if labels is not None and np.isfinite(k) else None
-        bounds.append(None if labels is None else got is not None and bool((np.abs(np.subtract(got[0], box)) <= 1e-6).all()))
-        area_ok.append(None if labels is None else got is not None and got[1] == area)
+        if got_map is None:
+            continue
+        exists[i] = True
+        got = got_map[0].get(int(k)) if np.isfinite(k) else None
+        if got is not None:
+            got_box[i], got_area[i] = got[0], got[1]
+    bounds = (np.abs(got_box - arr) <= 1e-6).all(1)  # NaN (object not in its map, or box missing) compares False
     out["mask_reads"] = pd.Series(exists, dtype=object)
-    out["box_bounds_mask"] = pd.Series(bounds, dtype=object)
-    out["area_counts_mask"] = pd.Series(area_ok, dtype=object)
+    out["box_bounds_mask"] = pd.Series(np.where(exists, bounds, None), dtype=object)
+    out["area_counts_mask"] = pd.Series(np.where(exists, got_area == out["area"].to_numpy(dtype=float), None), dtype=object)
 
     role_of = dict(zip(zip(out["mask"], out["object"]), zip(out["role"], out["base_class"])))
     ious, hull, covers, mask_box = [], [], [], []
@@ -851,46 +855,51 @@ def _records_tables(t: pd.DataFrame, exemplars: pd.DataFrame, generated: pd.Data
     found_e = er["image"].notna().to_numpy()
     found_g = gr["concept_id"].notna().to_numpy()
 
-    def agree(found: np.ndarray, a: Iterable[Any], b: Iterable[Any]) -> pd.Series:
-        return pd.Series([None if not f else x == y for f, x, y in zip(found, a, b)], dtype=object)
+    def agree(found: np.ndarray, *pairs: tuple[Any, Any]) -> pd.Series:
+        """True where every (source, tuple) column pair is equal; None where the source row is missing."""
+        same = np.ones(len(found), dtype=bool)
+        for a, b in pairs:
+            same &= np.asarray(a, dtype=object) == np.asarray(b, dtype=object)
+        return pd.Series(np.where(found, same, None), dtype=object)
 
-    def boxes_agree(found: np.ndarray, a: Iterable[Any], parts: np.ndarray) -> pd.Series:
-        vals = []
-        for f, x, y in zip(found, a, parts):
-            if not f:
-                vals.append(None)
-                continue
-            x = np.asarray(x, dtype=float)
-            vals.append(bool(x.shape == (4,) and np.isfinite(x).all() and np.isfinite(y).all() and np.allclose(x, y, atol=0.5)))
-        return pd.Series(vals, dtype=object)
+    def boxes_agree(found: np.ndarray, source: pd.Series, parts: np.ndarray) -> pd.Series:
+        src = np.array([np.asarray(v, dtype=float).reshape(4) for v in source], dtype=float).reshape(-1, 4)
+        ok = np.isfinite(src).all(1) & np.isfinite(parts).all(1) & (np.abs(np.nan_to_num(src - parts, nan=np.inf)) <= 0.5).all(1)
+        return pd.Series(np.where(found, ok, None), dtype=object)
+
+    def fmt_box(b: Any) -> str:
+        return "[" + ", ".join(f"{v:g}" for v in b) + "]"
 
     tb = t[[f"train_box_{p}" for p in BOX_PARTS]].to_numpy(dtype=float)
     qb = t[[f"query_box_{p}" for p in BOX_PARTS]].to_numpy(dtype=float)
+    er_box = [b if isinstance(b, list) else [np.nan] * 4 for b in er["box"]]
+    gr_box = [b if isinstance(b, list) else [np.nan] * 4 for b in gr["box"]]
     out["exemplar_found"] = pd.Series(found_e, dtype=object)
     out["exemplar_image"] = er["image"].to_numpy(dtype=object)
-    out["exemplar_box"] = [None if not f else "[" + ", ".join(f"{v:g}" for v in b) + "]" for f, b in zip(found_e, er["box"])]
-    out["train_image_agrees"] = agree(found_e, er["image"], t["train_image"])
-    out["train_box_agrees"] = boxes_agree(found_e, er["box"], tb)
-    out["train_size_agrees"] = agree(found_e, zip(er["width"], er["height"]), zip(t["train_width"], t["train_height"]))
-    out["base_class_agrees"] = agree(found_e, er["base_class"], t["base_class"])
+    out["exemplar_box"] = [fmt_box(b) if f else None for f, b in zip(found_e, er_box)]
+    out["train_image_agrees"] = agree(found_e, (er["image"], t["train_image"]))
+    out["train_box_agrees"] = boxes_agree(found_e, er_box, tb)
+    out["train_size_agrees"] = agree(found_e, (er["width"], t["train_width"]), (er["height"], t["train_height"]))
+    out["base_class_agrees"] = agree(found_e, (er["base_class"], t["base_class"]))
     out["generated_found"] = pd.Series(found_g, dtype=object)
     out["generated_concept_id"] = gr["concept_id"].to_numpy(dtype=object)
-    out["generated_box"] = [None if not f else "[" + ", ".join(f"{v:g}" for v in b) + "]" for f, b in zip(found_g, gr["box"])]
+    out["generated_box"] = [fmt_box(b) if f else None for f, b in zip(found_g, gr_box)]
     out["generated_prompt"] = gr["prompt"].to_numpy(dtype=object)
-    out["query_concept_agrees"] = agree(found_g, gr["concept_id"], t["concept_id"])
-    out["query_box_agrees"] = boxes_agree(found_g, gr["box"], qb)
-    out["query_size_agrees"] = agree(found_g, zip(gr["width"], gr["height"]), zip(t["query_width"], t["query_height"]))
-    out["prompt_agrees"] = agree(found_g, zip(gr["prompt"], gr["concept_phrase"]), zip(t["prompt"], t["concept_phrase"]))
+    out["query_concept_agrees"] = agree(found_g, (gr["concept_id"], t["concept_id"]))
+    out["query_box_agrees"] = boxes_agree(found_g, gr_box, qb)
+    out["query_size_agrees"] = agree(found_g, (gr["width"], t["query_width"]), (gr["height"], t["query_height"]))
+    out["prompt_agrees"] = agree(found_g, (gr["prompt"], t["prompt"]), (gr["concept_phrase"], t["concept_phrase"]))
 
     # every image path of the two source tables: one row, one concept
     refs = pd.concat([e.assign(table="exemplars")[["image", "concept_id", "table"]],
                       g.assign(table="generated")[["image", "concept_id", "table"]]], ignore_index=True).dropna(subset=["image"])
-    per = refs.groupby("image", sort=True).agg(
-        n_rows=("table", "size"),
-        n_concepts=("concept_id", "nunique"),
-        concepts=("concept_id", lambda v: ", ".join(sorted(set(map(str, v))))),
-        tables=("table", lambda v: ", ".join(sorted(set(v)))),
-    ).reset_index()
+    per = refs.groupby("image", sort=True).agg(n_rows=("table", "size"), n_concepts=("concept_id", "nunique")).reset_index()
+    # which concepts and tables, for the images shared (the examples); the rest hold one row
+    shared = refs[refs["image"].isin(set(per.loc[per["n_rows"] > 1, "image"]))].groupby("image")
+    names = {img: (", ".join(sorted(set(map(str, g["concept_id"])))), ", ".join(sorted(set(g["table"])))) for img, g in shared}
+    one = dict(zip(refs["image"], zip(refs["concept_id"], refs["table"])))
+    per["concepts"] = [names[i][0] if i in names else _str_or_none(one[i][0]) for i in per["image"]]
+    per["tables"] = [names[i][1] if i in names else one[i][1] for i in per["image"]]
     per.insert(0, _ROW, np.arange(len(per)))
     return out, per
 
