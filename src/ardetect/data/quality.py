@@ -3,9 +3,10 @@
 Every check is a Great Expectations expectation, reported through GE uniformly.
 Checks GE cannot express on the raw record (files on disk, a prompt holding its own
 row's phrase, an image in two splits, a tuple's negatives holding its own training
-image, balance ratios) are first computed with pandas / PIL into *derived tables*
-(one row per tuple, per image, per concept, per class, ...), and those derived
-columns are then asserted with GE's built-in expectations.
+image, balance ratios, what the pixels hold) are first computed with pandas / PIL /
+imagehash (:mod:`ardetect.data.content`) into *derived tables* (one row per tuple, per
+image, per concept, per class, ...), and those derived columns are then asserted with
+GE's built-in expectations.
 
 Tables handed to GE (each a pandas dataframe asset with one batch definition, one
 expectation suite and one validation definition, in an ephemeral context):
@@ -13,27 +14,45 @@ expectation suite and one validation definition, in an ephemeral context):
 ==================  ==============================================================
 ``tuples_columns``  the tuple table's column names (schema)
 ``neg_columns``     the negatives table's column names (schema)
-``tuples``          one row per tuple: record columns, box parts, derived flags
-``images``          one row per referenced image file (and recorded size)
+``tuples``          one row per tuple: record columns, box parts, derived flags, the
+                    query's hash distance to its training image, its agreement with
+                    the exemplars and generated rows, its second detection
+``images``          one row per referenced image file (and recorded size): decodes,
+                    size, grey-level spread
+``image_boxes``     one row per distinct (role, image, box): grey-level spread in the box
 ``concepts``        one row per concept: splits, training images
-``train_images``    one row per training image: splits, concepts
+``train_images``    one row per training image: splits, concepts, nearest other concept's
+                    training image by perceptual hash
 ``neg_per_tuple``   one row per tuple id of either table: negatives' counts
 ``classes``         one row per base class: tuples and imbalance ratio
 ``splits``          one row per split: concept share and its deviation
 ``objects_columns`` the objects table's column names (when it is given)
 ``objects``         one row per drawn object: box parts, image size, mask checks
-``object_images``   one row per tuple image: its concept objects, their box
+``object_images``   one row per distinct (role, image, box) of the tuples: its image's
+                    concept objects, the box's IoU with the mask's box and share inside
+                    the mask's convex hull, the object the box covers best
+``record_images``   one row per image path of the exemplars and generated tables (when
+                    given): rows and concepts holding it
 ==================  ==============================================================
 
 Expectation families (stable names, see :data:`FAMILIES`): ``schema``,
 ``box_finite``, ``box_ordered``, ``box_inside_image``, ``box_min_size``,
 ``image_files``, ``prompt_concept``, ``ids_unique``, ``split_leakage``,
 ``negatives_own_image``, ``min_negatives``, ``class_balance``, ``split_balance``,
-``objects`` (the ``objects`` table: every object drawn in an image, see ``schema.OBJECT_COLUMNS``).
+``objects`` (the ``objects`` table: every object drawn in an image, see ``schema.OBJECT_COLUMNS``),
+and the content families: ``box_covers_object`` (R_X and R_Q against the mask of the object
+they claim, R_Q against a second detection), ``records_agree`` (each tuple against its
+exemplars and generated rows and its image's concept object; an image path of one concept),
+``image_content`` (no blank image, no flat box) and ``copies`` (near-duplicate training images
+of two concepts; queries that copy their own training image are memorisation events, excluded
+and counted, and fail the gate only above ``max_copy_share``).
 
 Every expectation first runs with ``result_format="BOOLEAN_ONLY"``; only the failed
 ones run again with ``COMPLETE`` to collect their unexpected rows (named through a
-``_row`` column of each derived table), which halves the cost of a passing run.
+``_row`` column of each derived table and its id column, :data:`ROW_NAMES`, which the
+Data Docs show too), which halves the cost of a passing run.
+
+Each distinct image file and label map is read once, over one process per core.
 
 Great Expectations is imported inside :func:`validate_tuples` only: the import
 takes seconds. Set ``GX_ANALYTICS_ENABLED=False`` (done here if unset).
