@@ -199,7 +199,8 @@ class ValidationResult:
     ge_version: str = ""
     # queries that are near-copies of their own training image: tuple_id, concept_id, query_image,
     # train_image, hash_distance (bits)
-    memorisation: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(MEMORISATION_COLUMNS)))
+    memorisation: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(MEMORISATION_COLUMNS)),
+                                       repr=False, compare=False)
     _ge_context: Any = field(default=None, repr=False, compare=False)  # for optional Data Docs
 
     def exclusions(self) -> pd.DataFrame:
