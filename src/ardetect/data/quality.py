@@ -82,7 +82,6 @@ from ardetect.config import SplitConfig, ValidateConfig
 from ardetect.data.content import ImageProbe, box_iou, hamming, label_map_claims, nearest_other, probe_image
 from ardetect.data.schema import (
     BOX_PARTS,
-    DETECTION_COLUMNS,
     EXCLUSION_COLUMNS,
     NEGATIVE_COLUMNS,
     OBJECT_COLUMNS,
@@ -1449,7 +1448,7 @@ def validate_tuples(
     """Run every expectation family on the tuple and negatives tables, and on the tables given:
     ``objects`` (every object of their images: the ``objects`` family and the box-versus-mask
     checks), ``exemplars`` with ``generated`` (the source rows each tuple must agree with) and
-    ``detections`` (a second detection of each query's concept, :data:`DETECTION_COLUMNS`: R_Q
+    ``detections`` (a second detection of each query's concept, :data:`ardetect.data.schema.DETECTION_COLUMNS`: R_Q
     against it). A family whose inputs are not given has no checks and passes.
 
     Queries that are near-copies of their own training image are memorisation events: listed in
