@@ -308,3 +308,13 @@ def test_nearest_other_is_exact_against_all_pairs():
     expect = np.where(brute.min(1) <= 16, brute.min(1), np.nan)
     np.testing.assert_array_equal(dist, expect)
     assert idx[5] == 17 and idx[17] == 5 and np.isnan(dist[40]) and np.isnan(dist[60])
+
+
+def test_a_box_out_of_order_is_left_to_its_own_family(world):
+    w = world.copy()
+    i = 7
+    box = w.tuples.at[i, "query_box"]
+    bad = [box[2], box[1], box[0], box[3]]  # x0 and x1 swapped, in the tuple and its generated row alike
+    set_cell(w.tuples, i, "query_box", bad)
+    set_cell(w.generated, int(np.flatnonzero(w.generated["image"].to_numpy() == w.tuples.at[i, "query_image"])[0]), "box", bad)
+    assert_only(run(w), "box_ordered", w.tuples.at[i, "tuple_id"])

@@ -791,9 +791,11 @@ def _objects_tables(objects: pd.DataFrame, t: pd.DataFrame, data_root: Path, wor
     parts = imgs[[f"box_{p}" for p in BOX_PARTS]].to_numpy(dtype=float)
     claims: dict[str, list[tuple[int, Any]]] = {}
     claim_of: list[tuple[str, int] | None] = []
-    for img, box in zip(imgs["image"], parts):
+    # a box that is missing or not ordered is box_finite's or box_ordered's to report, not measured here
+    valid = np.isfinite(parts).all(1) & (parts[:, 2] > parts[:, 0]) & (parts[:, 3] > parts[:, 1])
+    for img, box, ok in zip(imgs["image"], parts, valid):
         m, k, _ = first_of.get(img, (None, np.nan, None))
-        if m is not None and np.isfinite(k):
+        if ok and m is not None and np.isfinite(k):
             lst = claims.setdefault(m, [])
             claim_of.append((m, len(lst)))
             lst.append((int(k), box))
