@@ -117,3 +117,36 @@ def test_real_path_without_second_detections_says_what_is_missing(workspace):
     with pytest.raises(StageError, match="detections.parquet does not exist.*detect_phrases"):
         stage.read_detections(cfg)
     assert stage.read_detections(CFG) is None
+
+
+class _Reached(Exception):
+    """Raised by a stand-in for a stage's training call, carrying the tuples it was given."""
+
+    def __init__(self, tuples):
+        super().__init__("training reached")
+        self.tuples = tuples
+
+
+@pytest.mark.parametrize("name, target, position", [
+    ("pretrain", "ardetect.train.pretrain.run_pretrain", 2),
+    ("train_phase1", "ardetect.train.phases.run_phase1", 1),
+    ("train_phase2", "ardetect.train.phases.run_phase2", 2),
+    ("train_abc", "ardetect.evaluation.abc.fit_abc", 1),
+])
+def test_training_stages_leave_out_the_excluded_tuples(workspace, monkeypatch, name, target, position):
+    import importlib
+
+    w, _ = workspace
+    excluded = w.tuples["tuple_id"].iloc[[0, 5]].tolist()
+    write_parquet_atomic(pd.DataFrame({"tuple_id": excluded, "reason": "memorisation", "detail": "planted"}),
+                         w.root / "validation" / "exclusions.parquet")
+    module, attr = target.rsplit(".", 1)
+
+    def reached(*args, **kwargs):
+        raise _Reached(args[position])
+
+    monkeypatch.setattr(importlib.import_module(module), attr, reached)
+    with pytest.raises(_Reached) as info:
+        importlib.import_module(f"ardetect.stages.{name}").build(CFG)
+    got = set(info.value.tuples["tuple_id"])
+    assert got == set(w.tuples["tuple_id"]) - set(excluded)
