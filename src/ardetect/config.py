@@ -197,6 +197,27 @@ class ValidateConfig(_Section):
     split_tolerance: float = Field(0.15, ge=0.0, le=1.0, description="max abs deviation of a split's concept share")
     min_negatives: int = Field(1, ge=0, description="fewest negatives any tuple may have")
     max_examples: int = Field(5, ge=1, description="example rows shown per failed expectation")
+    box_iou_min: float = Field(
+        0.7, ge=0.0, le=1.0, description="least IoU of R_X / R_Q with the bounding box of the mask of the object it claims"
+    )
+    box_in_hull_min: float = Field(
+        0.4, ge=0.0, le=1.0, description="least share of a box's area inside the convex hull of its object's mask"
+    )
+    detection_iou_min: float = Field(
+        0.5, ge=0.0, le=1.0, description="least IoU of R_Q with the best second detection of the concept in Q (real path)"
+    )
+    min_pixel_std: float = Field(3.0, ge=0.0, description="least spread (std, grey levels 0-255) of an image's pixels")
+    min_box_pixel_std: float = Field(3.0, ge=0.0, description="least spread (std, grey levels) of the pixels in a box")
+    hash_size: int = Field(16, ge=4, le=64, description="perceptual hash side: hash_size**2 bits")
+    copy_max_distance: int = Field(
+        16, ge=0, description="a query within this hash distance (bits) of its own training image is a copy"
+    )
+    max_copy_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="most share of queries that may be copies (each is excluded) before the gate fails"
+    )
+    duplicate_max_distance: int = Field(
+        16, ge=0, description="training images of two concepts within this hash distance (bits) are near-duplicates"
+    )
 
 
 class ModelSection(_Section):

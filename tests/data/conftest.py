@@ -14,6 +14,7 @@ from PIL import Image
 from ardetect.config import SplitConfig
 from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS
 from ardetect.data.tuples import assign_splits
+from content_world import World, draw_world, negatives_for
 
 CLASSES = ("cat", "dog", "mug", "car")
 MEDIA = ("photo", "charcoal sketch", "oil painting")
@@ -50,16 +51,6 @@ class TupleData:
     def negatives_for(tuples: pd.DataFrame) -> pd.DataFrame:
         """Negatives rebuilt from a tuples table (see :func:`negatives_for`)."""
         return negatives_for(tuples)
-
-
-def negatives_for(tuples: pd.DataFrame) -> pd.DataFrame:
-    """The negatives of each tuple: the training image of every other concept in its split."""
-    concepts = tuples.drop_duplicates("concept_id")[["concept_id", "split", "train_image"]].rename(
-        columns={"concept_id": "neg_concept_id", "train_image": "neg_image"}
-    )
-    pairs = tuples[["tuple_id", "concept_id", "split"]].merge(concepts, on="split")
-    pairs = pairs[pairs["concept_id"] != pairs["neg_concept_id"]]
-    return pairs[list(NEGATIVE_COLUMNS)].reset_index(drop=True)
 
 
 def _png(path: Path, size: tuple[int, int], seed: int) -> None:
@@ -131,3 +122,9 @@ def make_tuple_data(
 def tuple_data(tmp_path_factory) -> TupleData:
     """20 concepts (4 classes) x 2 tuples, 32-px PNGs; valid. Treat as read-only: use ``.copy()``."""
     return make_tuple_data(tmp_path_factory.mktemp("tuple_data") / "data")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    """10 concepts x 2 queries of the synthetic world at 96 px (as the smoke profile draws it). Read-only: ``.copy()``."""
+    return draw_world(tmp_path_factory.mktemp("world") / "data")

@@ -69,7 +69,8 @@ def test_valid_data_passes_every_family(valid_result, tuple_data, tmp_path):
     assert r.success, r.message()
     assert r.families == {f: True for f in FAMILIES}
     assert r.failures == []
-    assert {c.family for c in r.checks} == set(FAMILIES) - {"objects"}  # no objects table given: that family has no checks
+    # no objects, exemplars or generated table given: those families have no checks
+    assert {c.family for c in r.checks} == set(FAMILIES) - {"objects", "box_covers_object", "records_agree"}
     assert len(r.checks) == len(build_specs(CFG))
     assert r.counts["tuples"] == len(tuple_data.tuples) == 40
     assert r.counts["images"] == 60  # 20 training + 40 query images
@@ -427,8 +428,10 @@ def failed_objects_checks(result: ValidationResult) -> set[str]:
 def test_objects_table_of_a_rendered_world_passes(world_objects):
     r = run_objects(world_objects)
     n = len(build_specs(CFG, objects=True)) - len(build_specs(CFG))
-    assert n >= 15 and sum(c.family == "objects" for c in r.checks) == n
-    assert r.families["objects"], r.message()
+    with_objects = ("objects", "box_covers_object", "records_agree")  # records_agree: the object's concept_id
+    assert n >= 15 and sum(c.family in with_objects for c in r.checks) == n
+    for family in (*with_objects, "image_content", "copies"):  # (1 val and 1 test concept: no negatives there)
+        assert r.families[family], r.message()
     assert r.counts["objects"] == len(world_objects[3]) and r.summary()["objects"] == len(world_objects[3])
 
 
@@ -444,12 +447,13 @@ def test_objects_faults_are_caught_and_named(world_objects, tmp_path):
     bad.loc[d + 1, "role"] = "background"
     extra = bad[bad["role"] == "concept"].iloc[[3]].assign(object=99)
     bad = pd.concat([bad, extra], ignore_index=True)
-    failed = failed_objects_checks(run_objects(world_objects, bad))
+    r = run_objects(world_objects, bad)
+    failed = failed_objects_checks(r)
     assert "the box bounds the object's visible mask exactly" in failed
     assert "a concept object names its concept_id, a distractor none" in failed
     assert "role is one of concept, distractor" in failed
     assert "every tuple image has exactly one concept object" in failed
-    assert "the concept object's box is the tuple's box (within 1 px)" not in failed  # the first box moved by 1 px only
+    assert "box_covers_object" not in r.failed_families  # the tuple boxes are measured on the label maps
     # a deleted label map: its objects' masks do not read
     root = tmp_path / "copy"
     import shutil

@@ -86,6 +86,22 @@ NEGATIVE_COLUMNS: dict[str, str] = {
     "neg_image": "str",
 }
 
+DETECTION_COLUMNS: dict[str, str] = {
+    # a second, independent detection of each tuple's concept in its query image (the real path's
+    # GroundingDINO run on the base class); the quality gate checks R_Q against it
+    "image": "str",  # query image path relative to the data root
+    "phrase": "str",  # the text the detector was given
+    "box": "box",  # xyxy pixels
+    "score": "float",
+}
+
+EXCLUSION_COLUMNS: dict[str, str] = {
+    # tuples the quality gate keeps out of training and evaluation (data/validation/exclusions.parquet)
+    "tuple_id": "str",
+    "reason": "str",  # e.g. "memorisation": the query is a near-copy of its own training image
+    "detail": "str",
+}
+
 SPLITS = ("train", "val", "test")
 
 
@@ -135,3 +151,16 @@ def read_table(path: str | Path, columns: dict[str, str], table: str) -> pd.Data
     df = pd.read_parquet(path)
     check_columns(df, columns, table)
     return df
+
+
+def drop_excluded(tuples: pd.DataFrame, exclusions_path: str | Path) -> pd.DataFrame:
+    """``tuples`` without the rows the quality gate excluded (``exclusions.parquet``, see :data:`EXCLUSION_COLUMNS`).
+
+    The file is required: it is written by the ``validate`` stage, which every training and
+    evaluation stage follows.
+    """
+    excluded = read_table(exclusions_path, EXCLUSION_COLUMNS, "exclusions")
+    if excluded.empty:
+        return tuples
+    keep = ~tuples["tuple_id"].astype(str).isin(set(excluded["tuple_id"].astype(str)))
+    return tuples[keep].reset_index(drop=True)

@@ -17,6 +17,7 @@ from ardetect.config import Config, ConfigError, load_config
 
 log = logging.getLogger("ardetect")
 DATA = Path("data")
+EXCLUSIONS = DATA / "validation" / "exclusions.parquet"  # tuples the quality gate keeps out of training and evaluation
 
 
 class StageError(RuntimeError):

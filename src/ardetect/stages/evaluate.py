@@ -18,8 +18,8 @@ import pandas as pd
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, read_table, write_parquet_atomic
-from ardetect.stages.common import DATA, atomic_dir, run_stage
+from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, drop_excluded, read_table, write_parquet_atomic
+from ardetect.stages.common import DATA, EXCLUSIONS, atomic_dir, run_stage
 
 OUT = Path("reports")
 PAPER = " paper score"
@@ -193,7 +193,7 @@ def build(cfg: Config) -> dict:
     detectors = {"ARD": ard, "ARD-": ard_minus}
     identity = max(ev.identity_weights) > 0
     weights, fit_section = fit_weights(
-        cfg, detectors, size, identity, read_table(worlds["test"][0], TUPLE_COLUMNS, "tuples"),
+        cfg, detectors, size, identity, drop_excluded(read_table(worlds["test"][0], TUPLE_COLUMNS, "tuples"), EXCLUSIONS),
         read_table(worlds["test"][1], NEGATIVE_COLUMNS, "negatives"), DATA,
     )
     details["identity_fit"] = weights
@@ -201,6 +201,8 @@ def build(cfg: Config) -> dict:
         for world, (tpath, npath) in worlds.items():
             tuples = read_table(tpath, TUPLE_COLUMNS, world)
             class_of = dict(zip(tuples["train_image"].astype(str), tuples["base_class"].astype(str)))
+            if world == "test":  # the validated world: its memorisation events are not queries (world2 is drawn apart)
+                tuples = drop_excluded(tuples, EXCLUSIONS)
             tuples = _subset(tuples[tuples["split"] == "test"].reset_index(drop=True), ev.max_queries, seed)
             negatives = read_table(npath, NEGATIVE_COLUMNS, f"{world} negatives")
             negatives = negatives[negatives["tuple_id"].astype(str).isin(set(tuples["tuple_id"]))]

@@ -15,8 +15,8 @@ import pandas as pd
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import OBJECT_COLUMNS, TUPLE_COLUMNS, read_table
-from ardetect.stages.common import DATA, run_stage
+from ardetect.data.schema import OBJECT_COLUMNS, TUPLE_COLUMNS, drop_excluded, read_table
+from ardetect.stages.common import DATA, EXCLUSIONS, run_stage
 
 OUT = Path("models/pretrain")
 
@@ -27,7 +27,7 @@ def build(cfg: Config) -> dict:
     if cfg.model.pretrained and cfg.pretrain.epochs:
         print(f"[pretrain] model.pretrained={cfg.model.pretrained!r}: the detector already grounds; its weights pass through unchanged")
         cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"epochs": 0})})
-    tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
+    tuples = drop_excluded(read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples"), EXCLUSIONS)
     objects = pd.concat([read_table(DATA / sub / "objects.parquet", OBJECT_COLUMNS, f"{sub} objects") for sub in ("exemplars", "generated")],
                         ignore_index=True)
     _, history = run_pretrain(cfg, objects, tuples, DATA, OUT, log=lambda m, step: tracking.log_metrics(m, step=step))

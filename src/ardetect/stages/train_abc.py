@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import TUPLE_COLUMNS, read_table
-from ardetect.stages.common import DATA, run_stage
+from ardetect.data.schema import TUPLE_COLUMNS, drop_excluded, read_table
+from ardetect.stages.common import DATA, EXCLUSIONS, run_stage
 
 OUT = Path("models/abc")
 
@@ -20,7 +20,7 @@ def abc_image_size(cfg: Config) -> int:
 def build(cfg: Config) -> dict:
     from ardetect.evaluation.abc import fit_abc, save_abc
 
-    tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
+    tuples = drop_excluded(read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples"), EXCLUSIONS)
     size = abc_image_size(cfg)
     model, cal, stats = fit_abc(cfg.abc, tuples, DATA, size, log=lambda m, step: tracking.log_metrics(m, step=step))
     save_abc(OUT / "abc.pt", model, cal, cfg.abc, size, stats)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import TUPLE_COLUMNS, read_table
-from ardetect.stages.common import DATA, run_stage
+from ardetect.data.schema import TUPLE_COLUMNS, drop_excluded, read_table
+from ardetect.stages.common import DATA, EXCLUSIONS, run_stage
 
 OUT = Path("models/abc_ard")
 
@@ -23,7 +23,7 @@ def build(cfg: Config) -> dict:
     from ardetect.train.phases import image_size_of, load_model
 
     detector = load_model(Path("models/phase1/model.pt"))
-    tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
+    tuples = drop_excluded(read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples"), EXCLUSIONS)
     size = image_size_of(detector)
     model, cal, stats = fit_abc(cfg.abc, tuples, DATA, size, base=ARDBackboneEncoder(detector, cfg.abc.pooling, cfg.abc.ard_features), log=lambda m, step: tracking.log_metrics(m, step=step))
     save_abc(OUT / "abc.pt", model, cal, cfg.abc, size, stats)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import TUPLE_COLUMNS, read_table
-from ardetect.stages.common import DATA, run_stage, write_history
+from ardetect.data.schema import TUPLE_COLUMNS, drop_excluded, read_table
+from ardetect.stages.common import DATA, EXCLUSIONS, run_stage, write_history
 from ardetect.train.engine import init_distributed
 
 OUT = Path("models/phase2")
@@ -18,7 +18,7 @@ def build(cfg: Config) -> dict:
     from ardetect.train.phases import run_phase2
 
     rank, world = init_distributed()
-    tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
+    tuples = drop_excluded(read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples"), EXCLUSIONS)
     OUT.mkdir(parents=True, exist_ok=True)
     _, result = run_phase2(cfg, Path("models/phase1/model.pt"), tuples, DATA, OUT, log=lambda m, step: tracking.log_metrics(m, step=step))
     if rank == 0:

@@ -1,11 +1,20 @@
-"""Stage ``validate``: Great Expectations checks of the tuple annotations and of the objects table.
+"""Stage ``validate``: Great Expectations checks of the tuple annotations, of the objects tables,
+of the records' agreement with their source tables, and of the pixels (boxes against masks,
+blank images, copies).
 
 Writes to ``data/validation/`` whether the checks pass or not: ``report.md`` (the
 readable report), ``summary.json`` (the headline, a DVC metric: success, counts,
-failed expectations, failed families) and ``checks.json`` (every check, the failures
-with example rows, counts, params: an output, not a metric). A failed expectation
-fails the stage (non-zero exit), so ``dvc repro`` runs nothing downstream, and
+failed expectations, failed families, memorisation events), ``checks.json`` (every check,
+the failures with example rows, counts, params: an output, not a metric),
+``exclusions.parquet`` (the tuples the training and evaluation stages leave out: queries that
+copy their own training image) and ``data_docs/`` (Great Expectations' Data Docs site,
+``index.html``: every expectation and its failing rows), all logged to MLflow. A failed
+expectation fails the stage (non-zero exit), so ``dvc repro`` runs nothing downstream, and
 leaves every earlier output untouched.
+
+On the real path R_Q is also checked against a second detection of the concept in Q,
+``data/generated/detections.parquet`` (:data:`ardetect.data.schema.DETECTION_COLUMNS`), which
+the real ``generate`` stage writes with :func:`ardetect.data.content.detect_phrases`.
 """
 
 from __future__ import annotations
@@ -16,11 +25,22 @@ import pandas as pd
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import NEGATIVE_COLUMNS, OBJECT_COLUMNS, TUPLE_COLUMNS, read_table
+from ardetect.data.schema import (
+    DETECTION_COLUMNS,
+    EXEMPLAR_COLUMNS,
+    GENERATED_COLUMNS,
+    NEGATIVE_COLUMNS,
+    OBJECT_COLUMNS,
+    TUPLE_COLUMNS,
+    read_table,
+    write_parquet_atomic,
+)
 from ardetect.stages.common import DATA, StageError, atomic_dir, run_stage
 
 OUT = DATA / "validation"
-HEADLINE = ("success", "tuples", "negatives", "images", "objects", "expectations", "failed_expectations", "failed_families")
+DETECTIONS = DATA / "generated" / "detections.parquet"
+HEADLINE = ("success", "tuples", "negatives", "images", "objects", "memorisation_events", "expectations",
+            "failed_expectations", "failed_families")
 
 
 def headline(summary: dict) -> dict:
@@ -30,6 +50,19 @@ def headline(summary: dict) -> dict:
     return out
 
 
+def read_detections(cfg: Config) -> pd.DataFrame | None:
+    """The second detections of the real path (None in the synthetic world, whose masks are known)."""
+    if cfg.exemplars.source == "synthetic":
+        return None
+    if not DETECTIONS.is_file():
+        raise StageError(
+            f"exemplars.source={cfg.exemplars.source!r}: the real path checks R_Q against a second detection of the "
+            f"concept in Q, but {DETECTIONS} does not exist; the real generate stage writes it with "
+            "ardetect.data.content.detect_phrases(tuples, data_root, detector) and GroundingDINO"
+        )
+    return read_table(DETECTIONS, DETECTION_COLUMNS, "detections")
+
+
 def build(cfg: Config) -> dict:
     from ardetect.data.quality import validate_tuples
 
@@ -37,25 +70,35 @@ def build(cfg: Config) -> dict:
     negatives = read_table(DATA / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
     objects = pd.concat([read_table(DATA / sub / "objects.parquet", OBJECT_COLUMNS, f"{sub} objects")
                          for sub in ("exemplars", "generated")], ignore_index=True)
+    exemplars = read_table(DATA / "exemplars" / "exemplars.parquet", EXEMPLAR_COLUMNS, "exemplars")
+    generated = read_table(DATA / "generated" / "generated.parquet", GENERATED_COLUMNS, "generated")
+    detections = read_detections(cfg)
     placeholder = cfg.world.placeholder if cfg.exemplars.source == "synthetic" else None
-    result = validate_tuples(tuples, negatives, DATA, cfg.validate_, cfg.tuples.split, placeholder=placeholder, objects=objects)
+    result = validate_tuples(tuples, negatives, DATA, cfg.validate_, cfg.tuples.split, placeholder=placeholder, objects=objects,
+                             exemplars=exemplars, generated=generated, detections=detections)
     summary = result.summary()
     with atomic_dir(OUT) as tmp:
-        result.write_report(tmp)  # report.md, and summary.json in full: that becomes checks.json
+        result.write_report(tmp, data_docs=True)  # report.md, data_docs/, and summary.json in full: that becomes checks.json
         (tmp / "summary.json").replace(tmp / "checks.json")
         tracking.write_json_atomic(headline(summary), tmp / "summary.json")
+        write_parquet_atomic(result.exclusions(), tmp / "exclusions.parquet")
     for path in sorted(OUT.iterdir()):
         if path.is_file():
             tracking.log_artifact(path, artifact_path="validation")
+    docs = OUT / "data_docs"
+    for path in sorted(docs.rglob("*")):  # the Data Docs site, browsable from the run's artifacts
+        if path.is_file():
+            tracking.log_artifact(path, artifact_path=f"validation/{path.parent.relative_to(OUT).as_posix()}")
     metrics = {f"family_{k}": float(v) for k, v in result.families.items()}
     metrics["success"] = float(result.success)
     metrics["failed_expectations"] = float(len(result.failures))
+    metrics["memorisation_events"] = float(len(result.memorisation))
     tracking.log_metrics(metrics)
     if not result.success:
         print(result.message(), file=sys.stderr)
         raise StageError(
-            f"{len(result.failures)} expectation(s) failed; report in {OUT / 'report.md'} "
-            f"(families failed: {sorted(k for k, v in result.families.items() if not v)})"
+            f"{len(result.failures)} expectation(s) failed; report in {OUT / 'report.md'}, Data Docs in "
+            f"{docs / 'index.html'} (families failed: {sorted(k for k, v in result.families.items() if not v)})"
         )
     return {"checked_tuples": summary.get("tuples", len(tuples)), **metrics}
 
