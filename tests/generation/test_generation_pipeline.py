@@ -25,6 +25,10 @@ def test_tiny_real_profile_passes_validate(tmp_path):
     assert len(ex) + len(skipped["skipped"]) == 8 and len(gen) + len(drops["drops"]) == 3 * len(ex)
     report = (ws / "data/validation/report.md").read_text()
     assert "FAILED" not in report.upper().split("\n", 3)[0] and "objects" in report
+    # every generated image detected a second time, by its final path: the gate held each R_Q against it
+    det = pd.read_parquet(ws / "data/generated/detections.parquet")
+    assert set(det["image"]) == set(gen["image"]) and (det["score"] > 0).all()
+    assert "box_covers_object" in report
     import mlflow  # the generate stage's run holds one child run per batch of exemplars
 
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from ardetect import tracking
 from ardetect.config import Config
@@ -63,11 +64,32 @@ def build_real(cfg: Config, exemplars) -> dict:
         write_parquet_atomic(table, tmp / "generated.parquet")
         write_parquet_atomic(objects, tmp / "objects.parquet")
         tracking.write_json_atomic({"drops": res.drops, "counts": res.drop_counts}, tmp / "drops.json")
+        detections = second_detections(cfg, table, exemplars, tmp, OUT, DATA)
+        write_parquet_atomic(detections, tmp / "detections.parquet")
     tracking.log_dict({"per_medium": dict(Counter(table["medium"])), "drops": res.drop_counts}, "generated_counts.json")
     tracking.log_dict({"drops": res.drops, "exemplars": res.summaries}, "generated_exemplars.json")
     return {"generated": len(table), "media": table["medium"].nunique(), "scenes": table["scene"].nunique(),
             "objects": len(objects), "dropped": len(res.drops), **{f"dropped_{k}": v for k, v in res.drop_counts.items()},
             "exemplars_resumed": sum(bool(s.get("resumed")) for s in res.summaries), "batch_runs": batches}
+
+
+def second_detections(cfg: Config, table, exemplars, tmp: Path, out: Path, data_root: Path):
+    """GroundingDINO run again on every generated image with its base class alone: the independent
+    box the quality gate holds each R_Q (GroundingDINO's box refined by SAM's mask) against."""
+    from ardetect.data.content import detect_phrases
+    from ardetect.generation.detect import detect
+    from ardetect.generation.models import load_grounding_dino
+
+    r, g = cfg.exemplars.real, cfg.generate
+    gd = load_grounding_dino(r.grounding_dino, device=r.device)
+    base = dict(zip(exemplars["concept_id"].astype(str), exemplars["base_class"].astype(str)))
+    queries = table.assign(base_class=table["concept_id"].astype(str).map(base), query_image=table["image"])
+    # the images still sit under ``tmp``: read them there, record them by their final paths
+    queries["query_image"] = [str(Path(tmp).relative_to(data_root) / Path(i).relative_to(Path(out).relative_to(data_root)))
+                              for i in queries["image"].astype(str)]
+    found = detect_phrases(queries, data_root, lambda im, text: [(d.box, d.score) for d in
+                                                                 detect(gd, im, text, g.box_threshold, g.text_threshold)])
+    return found.assign(image=rebase_paths(found["image"], tmp, out, data_root))
 
 
 def build(cfg: Config) -> dict:
