@@ -56,6 +56,7 @@ def run_env(ws: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws / 'mlflow.db'}"
+    env.pop("MLFLOW_REGISTRY_URI", None)  # (mlflow.set_registry_uri in an earlier test exports it)
     env["PREFECT_HOME"] = str(ws / ".prefect")
     env.pop("ARD_MLFLOW_PARENT_RUN_ID", None)
     return env

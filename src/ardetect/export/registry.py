@@ -133,6 +133,7 @@ def log_and_register(folder: Path, uri: str, metrics: dict[str, float], name: st
         probe.load_context(_Ctx())
         signature = infer_signature(example, probe.predict(None, example))
         input_example = example
+    mlflow.set_registry_uri(uri)  # register where the alias is decided, whatever MLFLOW_REGISTRY_URI says
     info = mlflow.pyfunc.log_model(
         name="detector", python_model=model, artifacts={"export": str(folder)}, signature=signature, input_example=input_example,
         registered_model_name=name, pip_requirements=["ardetect", "onnxruntime-gpu", "transformers", "pandas"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,15 +51,19 @@ def detect(gd: GroundingDino, image: Image.Image, phrase: str, box_threshold: fl
     return [Detection(tuple(float(v) for v in boxes[i].tolist()), float(scores[i]), str(labels[i])) for i in kept.tolist()]
 
 
+_SAM_LOCK = threading.Lock()
+
+
 def segment(predictor, image: np.ndarray, boxes: list[tuple[float, float, float, float]]) -> list[np.ndarray]:
     """SAM's mask for each box (bool [H, W]), cut to the box it was prompted with."""
     if not boxes:
         return []
-    predictor.set_image(np.ascontiguousarray(image))
+    with _SAM_LOCK:  # a predictor holds one image at a time: thread workers sharing it take turns
+        predictor.set_image(np.ascontiguousarray(image))
+        found = [predictor.predict(box=np.asarray(box, dtype=np.float32), multimask_output=False)[0] for box in boxes]  # [1, H, W] each
     h, w = image.shape[:2]
     out = []
-    for box in boxes:
-        masks, _, _ = predictor.predict(box=np.asarray(box, dtype=np.float32), multimask_output=False)  # [1, H, W]
+    for box, masks in zip(boxes, found):
         x0, y0 = int(np.floor(box[0])), int(np.floor(box[1]))
         x1, y1 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
         inside = np.zeros((h, w), dtype=bool)

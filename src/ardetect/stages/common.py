@@ -60,6 +60,22 @@ def rebase_paths(values, tmp: Path, final: Path, data_root: Path) -> list[str]:
     return out
 
 
+def write_image_record(tmp: Path, final: Path, table, objects, columns: dict, label: str, file: str, table_paths: tuple[str, ...]) -> None:
+    """Check an image stage's table (``columns``) and its objects table, rewrite their paths from
+    ``tmp`` to ``final`` (``table_paths`` of the table; image and mask of the objects) and write
+    both into ``tmp`` as ``file`` and ``objects.parquet``."""
+    from ardetect.data.schema import OBJECT_COLUMNS, check_columns, write_parquet_atomic
+
+    check_columns(table, columns, label)
+    check_columns(objects, OBJECT_COLUMNS, f"{label.removesuffix('s')} objects")
+    for col in table_paths:
+        table[col] = rebase_paths(table[col], tmp, final, DATA)
+    for col in ("image", "mask"):
+        objects[col] = rebase_paths(objects[col], tmp, final, DATA)
+    write_parquet_atomic(table, tmp / file)
+    write_parquet_atomic(objects, tmp / "objects.parquet")
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("great_expectations", "alembic", "mlflow.store.db.utils"):  # their INFO lines bury the stage's own

@@ -6,8 +6,8 @@ from collections import Counter
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import EXEMPLAR_COLUMNS, OBJECT_COLUMNS, check_columns, write_parquet_atomic
-from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
+from ardetect.data.schema import EXEMPLAR_COLUMNS
+from ardetect.stages.common import DATA, atomic_dir, run_stage, write_image_record
 
 OUT = DATA / "exemplars"
 
@@ -23,13 +23,7 @@ def build_real(cfg: Config) -> dict:
     with atomic_dir(OUT) as tmp:
         res = make_real_exemplars(cfg, tmp, DATA)
         table, objects = res.table, res.objects
-        check_columns(table, EXEMPLAR_COLUMNS, "exemplars")
-        check_columns(objects, OBJECT_COLUMNS, "exemplar objects")
-        for t in (table, objects):
-            t["image"] = rebase_paths(t["image"], tmp, OUT, DATA)
-            t["mask"] = rebase_paths(t["mask"], tmp, OUT, DATA)
-        write_parquet_atomic(table, tmp / "exemplars.parquet")
-        write_parquet_atomic(objects, tmp / "objects.parquet")
+        write_image_record(tmp, OUT, table, objects, EXEMPLAR_COLUMNS, "exemplars", "exemplars.parquet", ("image", "mask"))
         tracking.write_json_atomic({"skipped": res.skipped, "counts": res.skip_counts}, tmp / "skipped.json")
     tracking.log_dict({"per_class": dict(Counter(table["base_class"])), "skipped": res.skip_counts}, "exemplars_per_class.json")
     tracking.log_dict({"skipped": res.skipped}, "exemplars_skipped.json")
@@ -44,13 +38,7 @@ def build(cfg: Config) -> dict:
 
     with atomic_dir(OUT) as tmp:
         table, objects = make_exemplars(cfg.world, tmp, DATA)
-        check_columns(table, EXEMPLAR_COLUMNS, "exemplars")
-        check_columns(objects, OBJECT_COLUMNS, "exemplar objects")
-        for t in (table, objects):
-            t["image"] = rebase_paths(t["image"], tmp, OUT, DATA)
-            t["mask"] = rebase_paths(t["mask"], tmp, OUT, DATA)
-        write_parquet_atomic(table, tmp / "exemplars.parquet")
-        write_parquet_atomic(objects, tmp / "objects.parquet")
+        write_image_record(tmp, OUT, table, objects, EXEMPLAR_COLUMNS, "exemplars", "exemplars.parquet", ("image", "mask"))
     tracking.log_dict({"per_class": dict(Counter(table["base_class"]))}, "exemplars_per_class.json")
     return {"exemplars": len(table), "base_classes": table["base_class"].nunique(), "objects": len(objects)}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import EXEMPLAR_COLUMNS, GENERATED_COLUMNS, OBJECT_COLUMNS, check_columns, read_table, write_parquet_atomic
-from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage
+from ardetect.data.schema import EXEMPLAR_COLUMNS, GENERATED_COLUMNS, read_table, write_parquet_atomic
+from ardetect.stages.common import DATA, atomic_dir, rebase_paths, run_stage, write_image_record
 
 OUT = DATA / "generated"
 
@@ -56,13 +56,7 @@ def build_real(cfg: Config, exemplars) -> dict:
         res = generate_real(cfg, exemplars, tmp, DATA)
         batches = log_batches(res.summaries, res.table, DATA, cfg.generate.batch_size)  # images still under tmp
         table, objects = res.table.copy(), res.objects.copy()
-        check_columns(table, GENERATED_COLUMNS, "generated")
-        check_columns(objects, OBJECT_COLUMNS, "generated objects")
-        table["image"] = rebase_paths(table["image"], tmp, OUT, DATA)
-        objects["image"] = rebase_paths(objects["image"], tmp, OUT, DATA)
-        objects["mask"] = rebase_paths(objects["mask"], tmp, OUT, DATA)
-        write_parquet_atomic(table, tmp / "generated.parquet")
-        write_parquet_atomic(objects, tmp / "objects.parquet")
+        write_image_record(tmp, OUT, table, objects, GENERATED_COLUMNS, "generated", "generated.parquet", ("image",))
         tracking.write_json_atomic({"drops": res.drops, "counts": res.drop_counts}, tmp / "drops.json")
         detections = second_detections(cfg, table, exemplars, tmp, OUT, DATA)
         write_parquet_atomic(detections, tmp / "detections.parquet")
@@ -100,13 +94,7 @@ def build(cfg: Config) -> dict:
 
     with atomic_dir(OUT) as tmp:
         table, objects = make_generated(cfg.world, exemplars, tmp, DATA)
-        check_columns(table, GENERATED_COLUMNS, "generated")
-        check_columns(objects, OBJECT_COLUMNS, "generated objects")
-        table["image"] = rebase_paths(table["image"], tmp, OUT, DATA)
-        objects["image"] = rebase_paths(objects["image"], tmp, OUT, DATA)
-        objects["mask"] = rebase_paths(objects["mask"], tmp, OUT, DATA)
-        write_parquet_atomic(table, tmp / "generated.parquet")
-        write_parquet_atomic(objects, tmp / "objects.parquet")
+        write_image_record(tmp, OUT, table, objects, GENERATED_COLUMNS, "generated", "generated.parquet", ("image",))
     tracking.log_dict(
         {"per_medium": dict(Counter(table["medium"])), "per_scene": dict(Counter(table["scene"]))}, "generated_counts.json"
     )
