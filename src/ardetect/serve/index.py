@@ -39,7 +39,6 @@ import numpy as np
 import pandas as pd
 
 from ardetect.serve.images import IMAGE_SUFFIXES, open_image
-from ardetect.serve.loader import model_fingerprint
 
 INDEX_FORMAT = 2
 ARRAYS = ("features", "region_map", "embeddings")

@@ -9,7 +9,6 @@ the other concepts of its block.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 
