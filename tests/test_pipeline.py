@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -221,6 +222,14 @@ def test_pipeline_outputs_and_up_to_date(piped):
         assert (ws / "models/export" / name).is_file(), name
     parity = json.loads((ws / "models/export/parity.json").read_text())
     assert parity["passed"] and parity["fp32"]["score_max_abs_diff"] <= 1e-4 and parity["fp32"]["recalls_equal"]
+    # held against the scores evaluate recorded for the ARD row: the export serves the evaluation's own figures
+    assert parity["pytorch_source"] == "evaluate"
+    scores = pd.read_parquet(ws / "reports/ard_scores.parquet")
+    per_query = pd.read_parquet(ws / "reports/per_query.parquet")
+    ard = per_query[(per_query["method"] == "ARD") & (per_query["world"] == "test")]
+    assert set(scores["tuple_id"]) == set(ard["tuple_id"])
+    own = scores[scores["position"] == 0].set_index("tuple_id")["score"]
+    np.testing.assert_allclose(own.loc[ard["tuple_id"]].to_numpy(), ard["score"].to_numpy(), rtol=0, atol=1e-6)
     manifest = json.loads((ws / "models/export/manifest.json").read_text())
     assert manifest["score"]["identity_weight"] == fits["ARD"]["weight"] and manifest["score"]["grid"] == fits["ARD"]["grid"]
     assert manifest["metrics"]["test_recall_at_10"] == metrics["test"]["ARD"]["recall@10"]

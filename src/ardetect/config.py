@@ -449,7 +449,7 @@ class ServeConfig(_Section):
     token_env: str = Field("ARD_SERVE_TOKEN", min_length=1,
                            description="environment variable holding a bearer token; when set, every route but /health needs it")
     cors_origins: list[str] = Field([], description="origins allowed by CORS; empty = no CORS headers at all")
-    batch: int = Field(64, ge=1, description="images a batch when the index is built and candidates scored")
+    batch: int = Field(64, ge=1, description="images encoded a batch when the index is built (a resume point each); scoring chunks by provider: 4 candidates a call side by side on the CPU, 64 on a GPU")
 
     @model_validator(mode="after")
     def _limits(self) -> "ServeConfig":

@@ -91,6 +91,34 @@ def test_parity_fails_when_a_weight_is_perturbed(trained, exported):
     assert report["fp32"]["score_max_abs_diff"] > 1e-4 and report["fp32"]["box_max_abs_diff_px"] > 0.5
 
 
+def test_parity_holds_the_export_against_recorded_scores(trained, exported):
+    """Scores recorded as ``evaluate`` records them stand in for PyTorch: the same figures when they are PyTorch's,
+    a failed gate when they are not, and PyTorch scores again when they lack a parity tuple."""
+    from ardetect.evaluation.ard import ARDMethod
+    from ardetect.evaluation.harness import Recording, evaluate_method
+    from ardetect.export.parity import parity_queries
+    from ardetect.train.phases import image_size_of, load_model
+
+    tuples, negatives, root, _, p2 = trained
+    out, done = exported
+    model = load_model(p2).eval()
+    t, negs = parity_queries(tuples, negatives, 6)
+    rec = Recording(ARDMethod(model, root, image_size_of(model), name="ARD", batch=16, identity_weight=5.0, top_k=3, grid=2))
+    evaluate_method(rec, t, negs, progress=False)
+    frame = rec.frame()
+    assert len(frame) == 6 * 6 and list(frame.groupby("tuple_id")["position"].min().unique()) == [0]
+    report = run_parity(model, out, tuples, negatives, root, 5.0, 2, 3, queries=6, reference=frame)
+    assert report["pytorch_source"] == "evaluate" and report["passed"]
+    assert report["pytorch"] == done["parity"]["pytorch"]
+    assert report["fp32"]["score_max_abs_diff"] <= 1e-4
+    moved = frame.assign(score=frame["score"] + 1e-3 * (frame["position"] % 2))  # scores that are not this export's
+    bad = run_parity(model, out, tuples, negatives, root, 5.0, 2, 3, queries=6, reference=moved)
+    assert bad["pytorch_source"] == "evaluate" and not bad["passed"] and bad["fp32"]["score_max_abs_diff"] >= 9e-4
+    short = frame[frame["tuple_id"] != frame["tuple_id"].iloc[0]]
+    again = run_parity(model, out, tuples, negatives, root, 5.0, 2, 3, queries=6, reference=short)
+    assert again["pytorch_source"].startswith("computed") and again["passed"]
+
+
 def test_failed_parity_leaves_the_previous_export_untouched(trained, exported, tmp_path, monkeypatch):
     import ardetect.export.build as build
 

@@ -45,4 +45,4 @@ def served(trained, tmp_path_factory):
 def attributor(served):
     from ardetect.serve import Attributor, CandidateIndex
 
-    return Attributor(served.model, CandidateIndex(served.index, served.model.fingerprint), shortlist=5, batch=8)
+    return Attributor(served.model, CandidateIndex(served.index, served.model.fingerprint), shortlist=5)

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from ardetect.config import ServeConfig
+from ardetect.export.runtime import Stopped
 from ardetect.serve.app import create_app
 from ardetect.serve.images import decode_image, to_rgb
 
@@ -252,14 +253,63 @@ def test_concurrent_requests_beyond_the_queue_get_503_not_latency(attributor, qu
     assert sorted(codes).count(200) <= 2 and codes.count(503) >= 4 and set(codes) <= {200, 503}, codes
 
 
-def test_request_timeout_answers_504(attributor, query, monkeypatch):
+def test_request_timeout_answers_504_and_frees_the_worker(attributor, query, monkeypatch):
     cfg = CFG.model_copy(update={"request_timeout_s": 0.2})
     app = create_app(attributor, cfg)
-    monkeypatch.setattr(attributor, "attribute", lambda *a, **kw: time.sleep(1.0))
+    seen = {}
+
+    def slow(*args, stop=None, **kwargs):  # scores until it is told to stop (10 s at most)
+        start = time.perf_counter()
+        while not stop.is_set() and time.perf_counter() - start < 10:
+            time.sleep(0.01)
+        seen["ran_s"] = time.perf_counter() - start
+        raise Stopped("scoring stopped")
+
+    monkeypatch.setattr(attributor, "attribute", slow)
     with TestClient(app) as c:
         r = post(c, query)
         assert r.status_code == 504 and r.json()["field"] == "timeout"
-        assert c.get("/health").status_code == 200
+        deadline = time.perf_counter() + 5
+        while c.get("/health").json()["queue"]["in_flight"] and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        health = c.get("/health")
+        assert health.status_code == 200 and health.json()["queue"]["in_flight"] == 0
+    assert seen["ran_s"] < 3  # stopped at the timeout, not after its 10 s
+
+
+def test_stop_terminates_scorer_calls_in_flight(served, monkeypatch):
+    from ardetect.export.runtime import Stop
+    from ardetect.serve.index import CandidateIndex
+
+    det = served.model.detector
+    index = CandidateIndex(served.index, served.model.fingerprint)
+    positions = np.arange(len(index))
+    feats, sizes = index.candidates(positions), index.sizes[positions]
+    q = served.tuples[served.tuples["split"] == "test"].iloc[0]
+    query = det.encode_query(served.data / q["query_image"], q["query_box"], q["prompt"], q["concept_phrase"])
+    want = det.score(feats, query, sizes)
+    got = det.score(feats, query, sizes, stop=Stop())  # a stop never set changes nothing
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    real, stop, calls = det.sessions["scorer"], Stop(), []
+
+    class TimedOutWhileRunning:  # the stop comes while a call runs: onnxruntime sees its terminate flag and ends it
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def run(self, names, feeds, opts=None):
+            calls.append(opts)
+            stop.set()
+            return real.run(names, feeds, opts)
+
+    monkeypatch.setitem(det.sessions, "scorer", TimedOutWhileRunning())
+    with pytest.raises(Stopped):
+        det.score(feats, query, sizes, stop=stop)
+    assert calls and all(o.terminate for o in calls)
+    n = len(calls)
+    with pytest.raises(Stopped):  # once set, no further call starts
+        det.score(feats, query, sizes, stop=stop)
+    assert len(calls) == n
 
 
 def test_bearer_token_guards_every_route_but_health(attributor, query):

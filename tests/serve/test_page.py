@@ -55,7 +55,7 @@ def live_server(served, attributor):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(Attributor(served.model, attributor.index, shortlist=16, batch=8), ServeConfig())
+    app = create_app(Attributor(served.model, attributor.index, shortlist=16), ServeConfig())
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -56,6 +56,67 @@ class Evaluation:
     retrievals: dict[str, list[tuple[str, float, list[float] | None]]] = field(default_factory=dict)
 
 
+@dataclass
+class Recording:
+    """A harness method that keeps every ``Scores`` it returns, with its candidates, by tuple id."""
+
+    method: Method
+    seen: dict = field(default_factory=dict)
+    candidates: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def region_level(self) -> bool:
+        return self.method.region_level
+
+    def score(self, query: pd.Series, candidates: list[str]) -> Scores:
+        out = self.method.score(query, candidates)
+        tid = str(query["tuple_id"])
+        self.seen[tid], self.candidates[tid] = out, list(candidates)
+        return out
+
+    def frame(self) -> pd.DataFrame:
+        """One row per (query, candidate): tuple_id, rank in the candidate list, candidate, score, box."""
+        rows = []
+        for tid, out in self.seen.items():
+            boxes = out.boxes if out.boxes is not None else np.full((len(out.scores), 4), np.nan)
+            for i, (cand, s, b) in enumerate(zip(self.candidates[tid], out.scores, boxes)):
+                rows.append({"tuple_id": tid, "position": i, "candidate": cand, "score": float(s),
+                             "x0": float(b[0]), "y0": float(b[1]), "x1": float(b[2]), "y1": float(b[3])})
+        return pd.DataFrame(rows, columns=["tuple_id", "position", "candidate", "score", "x0", "y0", "x1", "y1"])
+
+
+@dataclass
+class Replay:
+    """A method that answers with scores recorded earlier (``Recording.frame``), after checking that the
+    query's candidates are the ones recorded, in the same order."""
+
+    name: str
+    frame: pd.DataFrame
+    region_level: bool = True
+
+    def __post_init__(self):
+        self._by = {str(t): g.sort_values("position") for t, g in self.frame.groupby("tuple_id", sort=False)}
+
+    def covers(self, candidates: Mapping[str, list[str]]) -> bool:
+        """Whether every query in ``candidates`` (tuple id -> its candidates, as ``candidates_of`` gives) was recorded with them."""
+        return all(str(t) in self._by and list(self._by[str(t)]["candidate"].astype(str)) == [str(x) for x in c]
+                   for t, c in candidates.items())
+
+    def score(self, query: pd.Series, candidates: list[str]) -> Scores:
+        tid = str(query["tuple_id"])
+        if tid not in self._by:
+            raise KeyError(f"{self.name}: no recorded scores for tuple {tid}")
+        g = self._by[tid]
+        if list(g["candidate"].astype(str)) != [str(c) for c in candidates]:
+            raise ValueError(f"{self.name}: the recorded candidates of tuple {tid} are not the ones asked for")
+        boxes = g[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.float64) if self.region_level else None
+        return Scores(g["score"].to_numpy(dtype=np.float64), boxes)
+
+
 def candidates_of(tuples: pd.DataFrame, negatives: pd.DataFrame) -> dict[str, list[str]]:
     """tuple_id -> [its training image, then its negatives in a stable order]."""
     negs = negatives.astype({"tuple_id": str, "neg_image": str}).sort_values(["tuple_id", "neg_image"])

@@ -48,6 +48,24 @@ def identity_of(details_path: Path, row: str = "ARD") -> tuple[float, int]:
     return float(fit["weight"]), int(fit["grid"])
 
 
+def recorded_scores(details_path: Path, phase2: Path, opts: ExportOptions) -> tuple[pd.DataFrame | None, str]:
+    """The ARD row's scores ``evaluate`` recorded (``reports/ard_scores.parquet``, named in ``details.json``), when
+    they come from ``phase2`` (same SHA-256) with the same identity weight, grid and top-k; else None. Also says why."""
+    from ardetect.tracking import file_sha256
+
+    rec = json.loads(Path(details_path).read_text()).get("ard_scores") if Path(details_path).is_file() else None
+    if not rec:
+        return None, f"{details_path} names no recorded scores"
+    path = Path(details_path).parent / rec["file"]
+    want = {"phase2_sha256": file_sha256(phase2), "identity_weight": opts.identity_weight, "grid": opts.grid, "top_k": opts.top_k}
+    differ = [k for k, v in want.items() if rec.get(k) != v]
+    if differ:
+        return None, f"{path} was recorded with another {', '.join(differ)}"
+    if not path.is_file():
+        return None, f"{path} not found"
+    return pd.read_parquet(path), f"{path}"
+
+
 def load_pair(phase2: Path, phase1: Path | None = None):
     """The phase-2 detector; with ``phase1``, also checks that the two share every weight but the adapters."""
     from ardetect.model.detector import check_variants
@@ -89,9 +107,13 @@ def build_export(
     phase2: Path, out: Path, opts: ExportOptions, phase1: Path | None = None, tuples: pd.DataFrame | None = None,
     negatives: pd.DataFrame | None = None, data_root: Path | None = None, metrics: dict | None = None,
     register: bool = False, uri: str | None = None, model_name: str = "ardetect-detector", progress: bool = False,
+    reference: pd.DataFrame | None = None,
 ) -> dict:
     """Export ``phase2`` to ``out``; with ``tuples``, gate on parity first (``ardetect.export.parity``);
     with ``register``, log and register the export in the active MLflow run.
+
+    ``reference``: PyTorch's scores for this checkpoint recorded by ``evaluate`` (``recorded_scores``),
+    which parity holds the export against instead of scoring again.
 
     Returns {"manifest", "parity" (or None), "registration" (or None), "seconds" (wall time of
     "graphs", each parity side, "registration")}. Raises ``ExportError``
@@ -115,7 +137,8 @@ def build_export(
             precisions = tuple(p for p, on in (("fp16", opts.fp16), ("int8", opts.int8)) if on)
             parity = run_parity(model, tmp, tuples, negatives, data_root, opts.identity_weight, opts.grid, opts.top_k,
                                 queries=opts.parity_queries, variant_queries=opts.variant_queries, score_tol=opts.score_tolerance, box_tol=opts.box_tolerance_px,
-                                iou_threshold=opts.iou_threshold, precisions=precisions, progress=progress, seconds=seconds)
+                                iou_threshold=opts.iou_threshold, precisions=precisions, progress=progress, seconds=seconds,
+                                reference=reference)
             (tmp / PARITY_FILE).write_text(json.dumps(parity, indent=2, sort_keys=True) + "\n")
             if not parity["passed"]:
                 f = parity["fp32"]

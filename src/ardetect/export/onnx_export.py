@@ -10,7 +10,6 @@ earned. Optional scorer variants: fp16 (for a GPU) and int8 dynamic quantization
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ardetect.export.graphs import PROMPT_INPUTS, TOKEN_INPUTS, ImageEncoderGraph, QueryEncoderGraph, ScorerGraph
+from ardetect.tracking import file_sha256 as sha256
 
 FORMAT_VERSION = 1
 GRAPHS = ("image_encoder", "query_encoder", "scorer")
@@ -28,14 +28,6 @@ TRACE_PROMPT = ("a photo of a V* cat on a rock .", "V* cat")  # any prompt trace
 
 class ExportError(ValueError):
     """An export could not be written or read; the message names the file and the problem."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dims(value_info) -> list:

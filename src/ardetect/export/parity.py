@@ -2,7 +2,10 @@
 
 Both sides score the same queries over every candidate through the evaluation harness
 (``evaluate_method``): PyTorch with ``ARDMethod`` (the evaluation's scorer, with the
-fitted identity weight and grid), the export with ``OnnxARDMethod``. Reported: the
+fitted identity weight and grid), the export with ``OnnxARDMethod``. The PyTorch side can
+instead be the scores the ``evaluate`` stage recorded for its ``ARD`` row
+(``reports/ard_scores.parquet``) when they come from the same checkpoint and re-ranking:
+then the export is held against the very figures the evaluation reported. Reported: the
 largest score and box differences, and Recall@1/5/10 of each side.
 """
 
@@ -10,34 +13,14 @@ from __future__ import annotations
 
 import time
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ardetect.evaluation.harness import Recording, Replay, candidates_of
+
 RECALLS = ("recall@1", "recall@5", "recall@10")
-
-
-@dataclass
-class Recording:
-    """A harness method that keeps every ``Scores`` it returns, by tuple id."""
-
-    method: object
-    seen: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.method.name
-
-    @property
-    def region_level(self) -> bool:
-        return self.method.region_level
-
-    def score(self, query, candidates):
-        out = self.method.score(query, candidates)
-        self.seen[str(query["tuple_id"])] = out
-        return out
 
 
 def parity_queries(tuples: pd.DataFrame, negatives: pd.DataFrame, n: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -64,7 +47,7 @@ def compare(reference: Recording, other: Recording, box_tol: float = 0.5) -> dic
 def run_parity(
     model, folder: Path, tuples: pd.DataFrame, negatives: pd.DataFrame, data_root: Path, identity_weight: float, grid: int, top_k: int,
     queries: int = 32, variant_queries: int | None = None, score_tol: float = 1e-4, box_tol: float = 0.5, iou_threshold: float = 0.5, precisions: tuple[str, ...] = (),
-    batch: int = 64, progress: bool = False, seconds: dict | None = None,
+    batch: int = 64, progress: bool = False, seconds: dict | None = None, reference: pd.DataFrame | None = None,
 ) -> dict:
     """Parity of the fp32 export in ``folder`` (the gate) and of each extra scorer variant in
     ``precisions`` (reported, not gating) against PyTorch on ``queries`` test tuples; the variants
@@ -75,6 +58,9 @@ def run_parity(
     A variant onnxruntime cannot run here (fp16 on a CPU without fp16 kernels) reports why instead of figures.
     ``seconds``, when given, receives each side's wall time ("pytorch", "fp32", ...): kept out of the
     report, which is a DVC metric that should not change when nothing else did.
+    ``reference``: PyTorch's scores recorded earlier for this model and re-ranking (``Recording.frame``,
+    as ``evaluate`` writes them); used when it covers every parity tuple with the same candidates,
+    otherwise PyTorch scores them here. The report's ``pytorch_source`` says which.
     """
     from ardetect.evaluation.ard import ARDMethod
     from ardetect.evaluation.harness import evaluate_method
@@ -83,7 +69,12 @@ def run_parity(
 
     t, negs = parity_queries(tuples, negatives, queries)
     size = image_size_of(model)
-    torch_side = Recording(ARDMethod(model, data_root, size, name="PyTorch", batch=batch, identity_weight=identity_weight, top_k=top_k, grid=grid))
+    replay = None if reference is None else Replay("PyTorch", reference)
+    if replay is not None and replay.covers(candidates_of(t, negs)):
+        torch_side, source = Recording(replay), "evaluate"
+    else:
+        torch_side = Recording(ARDMethod(model, data_root, size, name="PyTorch", batch=batch, identity_weight=identity_weight, top_k=top_k, grid=grid))
+        source = "computed" if replay is None else "computed (the recorded scores lack some parity tuples or candidates)"
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()
     torch_eval = evaluate_method(torch_side, t, negs, iou_threshold, progress=progress)
@@ -91,7 +82,7 @@ def run_parity(
     seconds["pytorch"] = time.perf_counter() - start
     n_cand = 1 + negs.groupby("tuple_id", observed=True).size()
     report: dict = {"queries": len(t), "candidates": int(n_cand.max()) if len(n_cand) else 1,
-                    "pytorch": {k: float(want[k]) for k in RECALLS}}
+                    "pytorch": {k: float(want[k]) for k in RECALLS}, "pytorch_source": source}
     # the encoders are the same graphs for every scorer variant: one session each, each image and query encoded once
     shared, encoded, fp32 = {}, {}, OnnxDetector(folder)
     for precision in ("fp32", *[p for p in precisions if p != "fp32"]):

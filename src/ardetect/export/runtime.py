@@ -16,8 +16,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -199,10 +201,12 @@ class OnnxDetector:
         return {"text": text, "query_region_map": qmap, "query_box": box, **tok}
 
     def score(self, images: dict[str, np.ndarray], query: dict[str, np.ndarray], image_sizes: np.ndarray,
-              chunk: int | None = None) -> dict[str, np.ndarray]:
+              chunk: int | None = None, stop: "Stop | None" = None) -> dict[str, np.ndarray]:
         """Candidates' ``encode_images`` output, the ``encode_query`` output and the candidates' original
         (h, w) [N, 2] -> {"boxes" [N, 4] pixel xyxy, "scores" [N], "top_boxes", "top_probs", "top_similarity"}.
-        ``chunk``: candidates per scorer call (default: ``self.chunk``, by provider)."""
+        ``chunk``: candidates per scorer call (default: ``self.chunk``, by provider). ``stop``: a ``Stop``
+        whose ``set()`` ends the scoring early (``Stopped``): no further call starts and calls in flight
+        are terminated by onnxruntime."""
         n = len(images["features"])
         sizes = np.asarray(image_sizes, dtype=np.int64).reshape(n, 2)
         names = self.inputs["scorer"]
@@ -213,12 +217,59 @@ class OnnxDetector:
         def run(s: int) -> list[np.ndarray]:
             feeds = {"features": images["features"][s : s + chunk], "region_map": images["region_map"][s : s + chunk],
                      "image_sizes": sizes[s : s + chunk], **query}
-            return self.sessions["scorer"].run(None, {k: feeds[k] for k in names})
+            if stop is None:
+                return self.sessions["scorer"].run(None, {k: feeds[k] for k in names})
+            with stop.call() as opts:
+                try:
+                    return self.sessions["scorer"].run(None, {k: feeds[k] for k in names}, opts)
+                except Exception:
+                    if stop.is_set():
+                        raise Stopped("scoring stopped") from None
+                    raise
 
         starts = range(0, n, chunk)
         parts = list(self._pool.map(run, starts)) if self._pool is not None and n > chunk else [run(s) for s in starts]
         keys = [o.name for o in self.sessions["scorer"].get_outputs()]
         return {k: np.concatenate([p[i] for p in parts]) for i, k in enumerate(keys)}
+
+
+class Stopped(RuntimeError):
+    """Scoring ended early because its ``Stop`` was set."""
+
+
+class Stop:
+    """Ends a scoring early from another thread: ``set()`` refuses every further scorer call and
+    terminates the calls in flight (onnxruntime's ``RunOptions.terminate``)."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._running: set = set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            for opts in self._running:
+                opts.terminate = True
+
+    @contextmanager
+    def call(self):
+        """RunOptions for one scorer call, terminated if ``set()`` comes while it runs."""
+        import onnxruntime as ort
+
+        opts = ort.RunOptions()
+        with self._lock:
+            if self._event.is_set():
+                raise Stopped("scoring stopped")
+            self._running.add(opts)
+        try:
+            yield opts
+        finally:
+            with self._lock:
+                self._running.discard(opts)
 
 
 class OnnxARDMethod:

@@ -13,4 +13,4 @@ def open_attributor(cfg, model: str | None = None, index: str | None = None, tra
     """The model (``cfg.model`` unless given) and its index (``cfg.index``), checked to belong together."""
     m = load_model(model or cfg.model, providers=cfg.providers, threads=cfg.threads, tracking_uri=tracking_uri)
     idx = CandidateIndex(index or cfg.index, fingerprint=m.fingerprint)
-    return Attributor(m, idx, shortlist=cfg.shortlist, batch=cfg.batch)
+    return Attributor(m, idx, shortlist=cfg.shortlist)

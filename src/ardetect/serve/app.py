@@ -11,7 +11,8 @@ pixel count is read from its header before it is decoded (413); ``top_k`` and th
 candidate list are bounded. Every field, the image's header and the box against its
 size are checked before the request queues; decoding and scoring run on one of
 ``workers`` threads, at most ``queue_size`` more wait, and any beyond get 503 with
-``Retry-After`` at once; one not answered within ``request_timeout_s`` gets 504. Every refused field gets a 4xx whose
+``Retry-After`` at once; one not answered within ``request_timeout_s`` gets 504, and its scoring stops (the
+scorer calls in flight are terminated) so the worker is free for the next. Every refused field gets a 4xx whose
 ``detail`` names the field and the problem.
 
 Security defaults: the CLI binds 127.0.0.1; when the environment variable named by
@@ -41,6 +42,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ardetect.export.runtime import Stop, Stopped
 from ardetect.serve.attribution import Attributor
 from ardetect.serve.images import ImageRejected, draw_boxes, load_image, open_image, oriented_size, png_bytes, probe_image
 from ardetect.serve.requests import (Limits, RequestError, check_box_in_image, check_prompt, check_shortlist, check_top_k, parse_box,
@@ -228,12 +230,16 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
             raise RequestError("image", str(err), err.status) from None
         check_box_in_image(q_box, *oriented_size(probed))
 
+        stop = Stop()
+
         def job():  # decoding and scoring: behind the queue
+            if stop.is_set():  # timed out while it waited
+                raise Stopped("timed out in the queue")
             try:
                 img = load_image(probed)
             except ImageRejected as err:
                 raise RequestError("image", str(err), err.status) from None
-            return attributor.attribute(img, q_box, q_prompt, q_phrase, top_k=k, shortlist=n, candidates=ids)
+            return attributor.attribute(img, q_box, q_prompt, q_phrase, top_k=k, shortlist=n, candidates=ids, stop=stop)
 
         fut = gate.submit(job)
         if fut is None:
@@ -243,6 +249,7 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=cfg.request_timeout_s)
         except TimeoutError:
+            stop.set()  # the worker stops scoring (and a request still queued never starts): its thread is free again
             return JSONResponse({"detail": f"timeout: no answer within {cfg.request_timeout_s:g} s (serve.request_timeout_s)",
                                  "field": "timeout"}, status_code=504)
         body = result.as_dict()

@@ -33,8 +33,8 @@ class Attribution:
 
 
 class Attributor:
-    def __init__(self, model: LoadedModel, index: CandidateIndex, shortlist: int = 50, batch: int = 64):
-        self.model, self.index, self.shortlist, self.batch = model, index, int(shortlist), int(batch)
+    def __init__(self, model: LoadedModel, index: CandidateIndex, shortlist: int = 50):
+        self.model, self.index, self.shortlist = model, index, int(shortlist)
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer refuses concurrent calls from threads
 
     def encode(self, image, box: list[float], prompt: str, phrase: str) -> tuple[dict, np.ndarray]:
@@ -60,7 +60,9 @@ class Attributor:
         return query, emb
 
     def attribute(self, image, box: list[float], prompt: str, phrase: str, top_k: int = 10, shortlist: int | None = None,
-                  candidates: list[str] | None = None) -> Attribution:
+                  candidates: list[str] | None = None, stop=None) -> Attribution:
+        """The ``top_k`` best of the shortlist (or of ``candidates``) for the query; ``stop``
+        (``ardetect.export.runtime.Stop``) ends the scoring early with ``Stopped``."""
         t0 = time.perf_counter()
         query, emb = self.encode(image, box, prompt, phrase)
         t1 = time.perf_counter()
@@ -73,7 +75,7 @@ class Attributor:
             n = n if n < len(self.index) else None
         t2 = time.perf_counter()
         feats = self.index.candidates(positions)
-        out = self.model.detector.score(feats, query, self.index.sizes[positions], chunk=self.batch)
+        out = self.model.detector.score(feats, query, self.index.sizes[positions], stop=stop)  # chunks of the provider's size
         t3 = time.perf_counter()
         scores = out["scores"].astype(np.float64)
         order = np.argsort(-scores, kind="stable")[:top_k]

@@ -5,6 +5,8 @@ interval over queries, and each bar is judged by a paired bootstrap over the sam
 queries. Writes ``reports/``: ``results.md`` (the report a person reads),
 ``metrics.json`` (the headline figures, a DVC metric), ``details.json`` (every metric
 with its interval, the identity fit, the breakdowns), ``per_query.parquet``,
+``ard_scores.parquet`` (the ARD row's score and box for every test query and candidate,
+which the export's parity is held against),
 Recall@K plot data and figures; and logs them all to MLflow.
 """
 
@@ -22,6 +24,8 @@ from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, drop_excluded,
 from ardetect.stages.common import DATA, EXCLUSIONS, atomic_dir, run_stage
 
 OUT = Path("reports")
+PHASE2 = Path("models/phase2/model.pt")
+SCORES = OUT / "ard_scores.parquet"  # the ARD row's score and box for every (test query, candidate)
 PAPER = " paper score"
 ABC_ROWS = {"AbC": Path("models/abc/abc.pt"), "AbC (ARD backbone)": Path("models/abc_ard/abc.pt")}
 HEADLINE = ("recall@1", "recall@5", "recall@10", "box_accuracy")
@@ -173,13 +177,13 @@ def build(cfg: Config) -> dict:
     from ardetect.evaluation.abc import AbCMethod, load_abc
     from ardetect.evaluation.ard import SharedTrunkARD
     from ardetect.evaluation.figures import recall_curve, recall_plot, retrieval_figure
-    from ardetect.evaluation.harness import ChanceMethod, evaluate_method
+    from ardetect.evaluation.harness import ChanceMethod, Recording, evaluate_method
     from ardetect.evaluation.intervals import N_RESAMPLES
     from ardetect.train.phases import image_size_of, load_model
 
     ev = cfg.evaluate
     seed = cfg.train_phase1.seed
-    ard = load_model(Path("models/phase2/model.pt"))
+    ard = load_model(PHASE2)
     ard_minus = load_model(Path("models/phase1/model.pt"))
     abcs = {name: load_abc(path) for name, path in ABC_ROWS.items()}
     size = image_size_of(ard)
@@ -216,6 +220,9 @@ def build(cfg: Config) -> dict:
                 ChanceMethod(seed=seed),
                 *[shared.method(name + PAPER, name) for name in detectors],
             ]
+            if world == "test":  # the ARD row's every score and box: what the export's parity is held against
+                i = [m.name for m in methods].index("ARD")
+                recorded = methods[i] = Recording(methods[i])
             evals = [evaluate_method(m, tuples, negatives, ev.iou_threshold, keep_retrievals=figure_ids, class_of=class_of) for m in methods]
             by_name = {e.method: e for e in evals}
             cis = {e.method: intervals_of(e, seed) for e in evals}
@@ -248,6 +255,10 @@ def build(cfg: Config) -> dict:
                 retrieval_figure(q, DATA, shown, tmp / "figures" / f"retrieval_{world}_{tid}.png")
             if world == "test":
                 test_pq = {e.method: e.per_query for e in evals}
+                write_parquet_atomic(recorded.frame(), tmp / SCORES.name)
+                details["ard_scores"] = {"file": SCORES.name, "row": recorded.name, "phase2_sha256": tracking.file_sha256(PHASE2),
+                                         "identity_weight": weights[recorded.name]["weight"], "grid": weights[recorded.name]["grid"],
+                                         "top_k": ev.identity_top_k}
                 test_cands = tuples["tuple_id"].map(n_cand)
         better_abc = max(ABC_ROWS, key=lambda m: (headline["test"][m]["recall@10"], m == "AbC"))
         chance_ref = {"expected chance": expected_chance(test_cands, 10)}

@@ -3,7 +3,11 @@
 Writes ``models/export/``: ``image_encoder.onnx``, ``query_encoder.onnx``, ``scorer.onnx``
 (with the identity weight and grid ``evaluate`` fitted for the ARD row), ``variants/``
 (fp16 and int8 scorers), ``tokenizer/``, ``manifest.json`` and ``parity.json`` (a DVC
-metric). An export whose fp32 parity fails fails the stage and leaves the previous
+metric). Parity holds the export against the scores ``evaluate`` recorded for its ``ARD``
+row (``reports/ard_scores.parquet``) when they come from the same checkpoint and
+re-ranking, so the served scores are checked against the very figures the evaluation
+reported; otherwise PyTorch scores the parity tuples again. An export whose fp32 parity
+fails fails the stage and leaves the previous
 ``models/export/`` untouched (its DVC outputs persist). Then the export is logged as an
 MLflow model in this stage's run and registered; ``champion`` moves only on a better
 test Recall@10 (``ardetect.export.registry``).
@@ -16,11 +20,12 @@ from pathlib import Path
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, read_table
-from ardetect.stages.common import DATA, StageError, run_stage
+from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, drop_excluded, read_table
+from ardetect.stages.common import DATA, EXCLUSIONS, StageError, run_stage
 
 OUT = Path("models/export")
 REPORTS = Path("reports")
+PHASE2 = Path("models/phase2/model.pt")
 
 
 def earned_metrics(metrics_path: Path) -> dict[str, float]:
@@ -40,19 +45,22 @@ def earned_metrics(metrics_path: Path) -> dict[str, float]:
 
 
 def build(cfg: Config) -> dict:
-    from ardetect.export.build import ExportOptions, build_export, identity_of, variant_line
+    from ardetect.export.build import ExportOptions, build_export, identity_of, recorded_scores, variant_line
 
     ex = cfg.export
     weight, grid = identity_of(REPORTS / "details.json")
     opts = ExportOptions(weight, grid, cfg.evaluate.identity_top_k, ex.opset, ex.fp16, ex.int8, ex.parity_queries,
                          ex.variant_queries, ex.score_tolerance, ex.box_tolerance_px, cfg.evaluate.iou_threshold)
     metrics = earned_metrics(REPORTS / "metrics.json")
-    tuples = read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
+    # memorisation events are not queries (the quality gate keeps them out of evaluation, and so of parity)
+    tuples = drop_excluded(read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples"), EXCLUSIONS)
+    reference, why = recorded_scores(REPORTS / "details.json", PHASE2, opts)
+    print(f"[export] parity's PyTorch side: {'the scores evaluate recorded, ' + why if reference is not None else 'scored here (' + why + ')'}")
     negatives = read_table(DATA / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, tracking.repo_root())
-    done = build_export(Path("models/phase2/model.pt"), OUT, opts, phase1=Path("models/phase1/model.pt"), tuples=tuples,
+    done = build_export(PHASE2, OUT, opts, phase1=Path("models/phase1/model.pt"), tuples=tuples,
                         negatives=negatives, data_root=DATA, metrics=metrics, register=ex.registry and tracking.is_primary(), uri=uri,
-                        model_name=ex.model_name, progress=True)
+                        model_name=ex.model_name, progress=True, reference=reference)
     parity = done["parity"]
     for name in ("manifest.json", "parity.json"):
         tracking.log_artifact(OUT / name, artifact_path="export")
