@@ -8,7 +8,6 @@ outside a pipeline execution (plain ``dvc repro``) logs a run without a parent.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -165,15 +164,6 @@ def log_dict(data: Mapping[str, Any], name: str) -> None:
     import mlflow
 
     mlflow.log_dict(dict(data), name)
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json_atomic(data: Any, path: str | Path) -> Path:

@@ -51,7 +51,7 @@ def identity_of(details_path: Path, row: str = "ARD") -> tuple[float, int]:
 def recorded_scores(details_path: Path, phase2: Path, opts: ExportOptions) -> tuple[pd.DataFrame | None, str]:
     """The ARD row's scores ``evaluate`` recorded (``reports/ard_scores.parquet``, named in ``details.json``), when
     they come from ``phase2`` (same SHA-256) with the same identity weight, grid and top-k; else None. Also says why."""
-    from ardetect.tracking import file_sha256
+    from ardetect.digest import file_sha256
 
     rec = json.loads(Path(details_path).read_text()).get("ard_scores") if Path(details_path).is_file() else None
     if not rec:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ardetect.digest import file_sha256 as sha256
 from ardetect.export.graphs import PROMPT_INPUTS, TOKEN_INPUTS, ImageEncoderGraph, QueryEncoderGraph, ScorerGraph
-from ardetect.tracking import file_sha256 as sha256
 
 FORMAT_VERSION = 1
 GRAPHS = ("image_encoder", "query_encoder", "scorer")

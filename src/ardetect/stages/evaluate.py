@@ -21,6 +21,7 @@ import pandas as pd
 from ardetect import tracking
 from ardetect.config import Config
 from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, drop_excluded, read_table, write_parquet_atomic
+from ardetect.digest import file_sha256
 from ardetect.stages.common import DATA, EXCLUSIONS, atomic_dir, run_stage
 
 OUT = Path("reports")
@@ -256,7 +257,7 @@ def build(cfg: Config) -> dict:
             if world == "test":
                 test_pq = {e.method: e.per_query for e in evals}
                 write_parquet_atomic(recorded.frame(), tmp / SCORES.name)
-                details["ard_scores"] = {"file": SCORES.name, "row": recorded.name, "phase2_sha256": tracking.file_sha256(PHASE2),
+                details["ard_scores"] = {"file": SCORES.name, "row": recorded.name, "phase2_sha256": file_sha256(PHASE2),
                                          "identity_weight": weights[recorded.name]["weight"], "grid": weights[recorded.name]["grid"],
                                          "top_k": ev.identity_top_k}
                 test_cands = tuples["tuple_id"].map(n_cand)
