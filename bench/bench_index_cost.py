@@ -104,7 +104,7 @@ def main() -> None:
     for _, q in test.iterrows():
         img = open_image(args.data / q["query_image"])
         query, emb = att.encode(img, [float(v) for v in q["query_box"]], q["prompt"], q["concept_phrase"])
-        out = model.detector.score(index.candidates(np.arange(len(index))), query, index.sizes, chunk=64)
+        out = model.detector.score(index.candidates(np.arange(len(index))), query, index.sizes)
         scores = out["scores"].astype(np.float64)
         pos = index.position[Path(q["train_image"]).stem]
         iou = float(box_iou(torch.as_tensor(out["boxes"][pos : pos + 1], dtype=torch.float32),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -82,9 +83,18 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_stage(name: str, body: Callable[[Config], dict], params_section: Callable[[Config], dict], system_metrics: bool = False) -> None:
-    """Load the config, open the stage's MLflow run, run ``body`` and exit non-zero with a clear message on failure."""
+    """Load the config, open the stage's MLflow run, run ``body`` and exit non-zero with a clear message on failure.
+
+    SIGTERM (a cancelled ``dvc repro``, ``kill``, a scheduler stopping the job) exits the
+    same way as an error, through every ``finally``: temp folders are removed, nothing
+    half-written is left beside the outputs, and the MLflow run is closed as failed."""
     setup_logging()
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         cfg = load_config("params.yaml")
     except ConfigError as err:

@@ -1,0 +1,50 @@
+"""A stage stopped by SIGTERM leaves its outputs as they were: no temp folder, no half-written output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+BODY = textwrap.dedent("""
+    import time
+    from pathlib import Path
+    from ardetect.stages.common import atomic_dir, run_stage
+
+    def body(cfg):
+        with atomic_dir(Path("out")) as tmp:
+            (tmp / "half.txt").write_text("half-written")
+            Path("started").write_text("1")
+            time.sleep(120)
+        return {}
+
+    run_stage("probe", body, lambda cfg: {})
+""")
+
+
+def test_sigterm_mid_stage_removes_the_temp_folder_and_keeps_the_old_output(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("the previous output")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", BODY], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the stage never started"
+        time.sleep(0.1)
+    assert [p.name for p in tmp_path.glob(".out.tmp-*")]  # the half-written output is there while it runs
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert not list(tmp_path.glob(".out.*")), sorted(p.name for p in tmp_path.iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "the previous output"
