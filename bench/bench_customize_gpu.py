@@ -8,11 +8,23 @@ real loader, then customized with :func:`ardetect.generation.customize.customize
 masked 512-px exemplar, batch 1 instance + 1 prior image, and sampled with DDIM.
 
 A step's time is the difference between a run of 2K and one of K steps, divided by K,
-so one-off costs (first-call compilation, allocator warm-up) fall out. Printed per
+so one-off costs (first-call compilation, allocator warm-up) fall out; they are printed
+apart ("one-off s": the first run's time less K steps of each phase). A short
+customization before the table takes the process's own first-call costs. Printed per
 setting: seconds per textual-inversion step, per joint step, per image (50 guided DDIM
-steps + VAE decode at batch 4), and the projected minutes per exemplar for the full
-recipe (400 + 400 steps, 10 images), against the anchor REFERENCE.md gives for a plain
-bf16-autocast recipe on an H100 (115 ms, 187 ms, 1.9 s per 4 images: 2.1 min).
+steps + VAE decode, ``sample_batch`` images to a call), and the projected minutes per
+exemplar for the full recipe (400 + 400 steps, 10 images), against the anchor
+REFERENCE.md gives for a plain bf16-autocast recipe on an H100 (115 ms, 187 ms, 1.9 s
+per 4 images: 2.1 min).
+
+One row per setting, each adding one change to the row above, so each change's effect
+shows: plain (explicit attention probabilities in every cross-attention layer, every
+step encoding its prompts, one image per sampling call: the recipe as first built), +
+fused attention (``scaled_dot_product_attention`` wherever the attention loss does not
+read the probabilities), + cached text encodings (those that cannot change within a
+phase encoded once per phase), + batched sampling (4 images to a call), + torch.compile
+of the UNet for the steps (GPU only; a warm-up run first, so both timed runs find it
+compiled), and the lora joint phase with the speed-ups but compile.
 
 Run on the device machine: ``PYTHONPATH=src python3 bench/bench_customize_gpu.py``.
 Without CUDA (or with ``--tiny``) it runs the tiny test models on the CPU and prints the
@@ -35,7 +47,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ardetect.config import CustomizationConfig  # noqa: E402
-from ardetect.generation.customize import customize, sample  # noqa: E402
+from ardetect.generation.customize import customize, sample_many  # noqa: E402
 from ardetect.generation.models import load_stable_diffusion  # noqa: E402
 
 ANCHOR = {"ti": 0.115, "joint": 0.187, "image": 1.9 / 4}  # H100, bf16 autocast, seconds
@@ -77,44 +89,68 @@ def exemplar(res: int) -> tuple[Image.Image, np.ndarray]:
     return img, mask
 
 
-def per_step(folder: Path, cfg: CustomizationConfig, k: int, device: str) -> tuple[float, float]:
-    """Steady seconds per textual-inversion and per joint step: (run of 2k - run of k) / k."""
+def per_step(folder: Path, cfg: CustomizationConfig, k: int, device: str, repeats: int = 1,
+             **speedups) -> tuple[float, float, float]:
+    """Steady seconds per textual-inversion and per joint step, (run of 2k - run of k) / k, each run's phase time the
+    least of ``repeats`` runs (a shared machine's stalls only add time), and the one-off seconds of the first run
+    (compiling with ``cfg.compile``: a warm-up run of k steps before the timed ones)."""
     img, mask = exemplar(cfg.resolution)
     prior = [exemplar(cfg.resolution)[0]]
-    totals = {}
-    for n in (k, 2 * k):
+    totals: dict = {}
+    for n in ([k] if cfg.compile else []) + [k, 2 * k] * repeats:
         pipe = load_stable_diffusion(str(folder), device=device)
         c = cfg.model_copy(update={"ti_steps": n, "joint_steps": n})
-        _, rep = customize(pipe, img, mask, "cat", c, seed=0, prior_images=prior)
-        totals[n] = rep.seconds
+        _, rep = customize(pipe, img, mask, "cat", c, seed=0, prior_images=prior, **speedups)
+        totals.setdefault("first", rep.seconds["ti"] + rep.seconds["joint"])
+        best = totals.setdefault(n, dict(rep.seconds))
+        totals[n] = {ph: min(best[ph], rep.seconds[ph]) for ph in ("ti", "joint")}
         del pipe
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    return ((totals[2 * k]["ti"] - totals[k]["ti"]) / k, (totals[2 * k]["joint"] - totals[k]["joint"]) / k)
+    ti = (totals[2 * k]["ti"] - totals[k]["ti"]) / k
+    joint = (totals[2 * k]["joint"] - totals[k]["joint"]) / k
+    return ti, joint, totals["first"] - k * (ti + joint)
 
 
-def per_image(folder: Path, cfg: CustomizationConfig, device: str, batch: int) -> float:
+def per_image(folder: Path, cfg: CustomizationConfig, device: str, n: int) -> float:
+    """Seconds per image of n images sampled ``cfg.sample_batch`` to a call (after a 2-step warm-up call)."""
     pipe = load_stable_diffusion(str(folder), device=device)
-    prompt = "A charcoal sketch of a cat sitting on a rock."
-    sample(pipe, prompt, 0, cfg.model_copy(update={"inference_steps": 2}))  # warm-up
+    prompts = ["A charcoal sketch of a cat sitting on a rock."] * n
+    warm = min(n, cfg.sample_batch)
+    sample_many(pipe, prompts[:warm], list(range(warm)), cfg.model_copy(update={"inference_steps": 2}))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t = time.perf_counter()
-    for i in range(batch):
-        sample(pipe, prompt, i, cfg)
+    sample_many(pipe, prompts, list(range(n)), cfg)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return (time.perf_counter() - t) / batch
+    return (time.perf_counter() - t) / n
+
+
+# each row adds one change to the row above; the customization flags are customize()'s speed-up switches
+SETTINGS = [
+    ("plain", dict(fused_attention=False, cache_text=False), dict(sample_batch=1)),
+    ("+ fused attention", dict(fused_attention=True, cache_text=False), dict(sample_batch=1)),
+    ("+ cached text encodings", dict(fused_attention=True, cache_text=True), dict(sample_batch=1)),
+    ("+ batched sampling (4)", dict(fused_attention=True, cache_text=True), dict(sample_batch=4)),
+    ("+ torch.compile", dict(fused_attention=True, cache_text=True), dict(sample_batch=4, compile=True)),
+    ("lora joint phase", dict(fused_attention=True, cache_text=True), dict(sample_batch=4, method="lora")),
+]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="the tiny test models on any device (default without CUDA)")
     ap.add_argument("--steps", type=int, default=0, help="K of the 2K-minus-K step timing (default 10 GPU, 3 tiny)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of K and of 2K steps each, the least time kept")
     args = ap.parse_args()
     tiny = args.tiny or not torch.cuda.is_available()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     k = args.steps or (3 if tiny else 10)
+    n_images = 4 if tiny else 8
+    steps: dict[tuple, tuple[float, float, float]] = {}  # measured once per distinct customization setting
+    images: dict[int, float] = {}  # and once per sampling batch
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if tiny:
             from ardetect.generation.tiny import write_tiny_stable_diffusion
@@ -124,21 +160,33 @@ def main() -> int:
         else:
             folder = write_sd21_size(Path(tmp))
             base = dict(resolution=512, attn_res=16, inference_steps=50)
-        rows = []
-        settings = {"plain (fp32)" if device == "cpu" else "plain (bf16 autocast)": dict(mixed_precision="bf16"),
-                    "lora joint phase": dict(mixed_precision="bf16", method="lora")}
-        for name, over in settings.items():
-            cfg = CustomizationConfig(**base, **over, device=device, prior_images=1)
-            ti, joint = per_step(folder, cfg, k, device)
-            img = per_image(folder, cfg, device, batch=4 if not tiny else 2)
+        # the process's own first-call costs (kernel selection, allocator) would fall in the first setting's K run
+        per_step(folder, CustomizationConfig(**base, device=device, prior_images=1), 1, device)
+        for name, speedups, over in SETTINGS:
+            cfg = CustomizationConfig(**base, **over, mixed_precision="bf16", device=device, prior_images=1)
+            if cfg.compile and device == "cpu":
+                rows.append((name, None))
+                continue
+            key = (cfg.method, cfg.compile, *sorted(speedups.items()))
+            if key not in steps:
+                steps[key] = per_step(folder, cfg, k, device, args.repeats, **speedups)
+            if cfg.sample_batch not in images:
+                images[cfg.sample_batch] = per_image(folder, cfg, device, n_images)
+            ti, joint, once = steps[key]
+            img = images[cfg.sample_batch]
             minutes = (RECIPE["ti"] * ti + RECIPE["joint"] * joint + RECIPE["images"] * img) / 60
-            rows.append((name, ti, joint, img, minutes))
+            rows.append((name, (ti, joint, img, minutes, once)))
     print(f"customization at {'tiny test size, CPU' if tiny else 'Stable Diffusion 2.1-base size, ' + torch.cuda.get_device_name()}"
-          f" ({k} vs {2 * k} steps)")
-    print(f"{'setting':24s} {'TI s/step':>10s} {'joint s/step':>13s} {'s/image':>9s} {'min/exemplar':>13s} {'vs H100 anchor':>15s}")
+          f" ({k} vs {2 * k} steps, least of {args.repeats}; {n_images} images; {'fp32' if device == 'cpu' else 'bf16 autocast'})")
+    print(f"{'setting':26s} {'TI s/step':>10s} {'joint s/step':>13s} {'s/image':>9s} {'min/exemplar':>13s} "
+          f"{'vs H100 anchor':>15s} {'one-off s':>10s}")
     anchor_min = (RECIPE["ti"] * ANCHOR["ti"] + RECIPE["joint"] * ANCHOR["joint"] + RECIPE["images"] * ANCHOR["image"]) / 60
-    for name, ti, joint, img, minutes in rows:
-        print(f"{name:24s} {ti:10.4f} {joint:13.4f} {img:9.3f} {minutes:13.2f} {anchor_min / minutes:14.2f}x")
+    for name, figs in rows:
+        if figs is None:
+            print(f"{name:26s} {'not run on CPU (GPU only)':>52s}")
+            continue
+        ti, joint, img, minutes, once = figs
+        print(f"{name:26s} {ti:10.4f} {joint:13.4f} {img:9.3f} {minutes:13.2f} {anchor_min / minutes:14.2f}x {once:10.1f}")
     print(f"anchor (H100, plain bf16): {ANCHOR['ti']:.3f} s, {ANCHOR['joint']:.3f} s, {ANCHOR['image']:.3f} s/image: "
           f"{anchor_min:.2f} min/exemplar; goal <= 1 min")
     if tiny:

@@ -155,6 +155,14 @@ class CustomizationConfig(_Section):
     prior_weight: float = Field(1.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("bf16", description="autocast on CUDA; the CPU runs fp32")
+    sample_batch: int = Field(
+        4, ge=1, description="images per sampling call (generated images and prior images); each image keeps its own "
+        "seeded generator, so it does not depend on the batch it was drawn in",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the UNet for the customization steps; GPU-oriented (the first steps of each "
+        "phase pay the compile time, and inductor needs a C++ compiler on the CPU)",
+    )
     device: str | None = Field(None, description="torch device; null = cuda when present, else cpu")
 
 

@@ -128,7 +128,7 @@ def finished(job: ExemplarJob, root: Path) -> bool:
 
 def run_exemplar(job: ExemplarJob, cfg: Config, root: Path) -> dict:
     """Customize on one exemplar, sample its queries, box them; return its summary (skipped if already finished)."""
-    from ardetect.generation.customize import customize, prior_class_images, sample
+    from ardetect.generation.customize import customize, prior_class_images, sample_many
 
     root = Path(root)
     final = root / job.concept_id
@@ -137,7 +137,7 @@ def run_exemplar(job: ExemplarJob, cfg: Config, root: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{job.concept_id}.tmp-", dir=root))
     try:
-        summary = _build(job, cfg, tmp, customize, prior_class_images, sample)
+        summary = _build(job, cfg, tmp, customize, prior_class_images, sample_many)
         if final.exists():  # a folder without its done marker cannot come from a rename; clear it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -147,7 +147,7 @@ def run_exemplar(job: ExemplarJob, cfg: Config, root: Path) -> dict:
     return {**summary, "resumed": False}
 
 
-def _build(job: ExemplarJob, cfg: Config, out: Path, customize, prior_class_images, sample) -> dict:
+def _build(job: ExemplarJob, cfg: Config, out: Path, customize, prior_class_images, sample_many) -> dict:
     c, real, g = cfg.generate.customization, cfg.exemplars.real, cfg.generate
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -166,15 +166,15 @@ def _build(job: ExemplarJob, cfg: Config, out: Path, customize, prior_class_imag
     (out / "labels").mkdir()
     rows, objects, drops = [], [], []
     idx = int(job.concept_id.lstrip("c"))
-    t_sample = t_detect = 0.0
-    for j, t in enumerate(choose_templates(job, cfg)):
+    templates = choose_templates(job, cfg)
+    seeds = [query_seed(job.seed, j) for j in range(len(templates))]
+    t0 = time.perf_counter()  # every query sampled first, c.sample_batch to a call, each with its own recorded seed
+    images = sample_many(pipe, [fill(t.text, job.base_class, c.token + " {}")[0] for t in templates], seeds, c)
+    t_sample = time.perf_counter() - t0
+    t_detect = 0.0
+    for j, (t, seed, q) in enumerate(zip(templates, seeds, images)):
         qid = f"q{idx:05d}_{j:02d}"
-        seed = query_seed(job.seed, j)
         prompt, record_phrase = fill(t.text, job.base_class, cfg.world.placeholder)
-        model_prompt, _ = fill(t.text, job.base_class, c.token + " {}")
-        t0 = time.perf_counter()
-        q = sample(pipe, model_prompt, seed, c)
-        t_sample += time.perf_counter() - t0
         t0 = time.perf_counter()
         dets = detect(gd, q, job.base_class, g.box_threshold, g.text_threshold)
         drop = None

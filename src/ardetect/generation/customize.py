@@ -54,15 +54,27 @@ class CrossAttentionStore:
 
 
 class _StoringCrossAttnProcessor:
-    """Plain attention (as diffusers' ``AttnProcessor`` computes it) that also hands its probabilities to a store."""
+    """Cross-attention that hands its head-averaged probabilities to a store when the store asks for this layer.
 
-    def __init__(self, store: CrossAttentionStore):
+    Only the layers the attention loss reads during an active step (store active, query grid ``res`` x ``res``)
+    compute explicit probabilities (as diffusers' ``AttnProcessor`` does); every other call goes through
+    diffusers' fused ``AttnProcessor2_0`` (``scaled_dot_product_attention``), which never forms them.
+    ``fused=False`` computes them explicitly everywhere (the unfused baseline the benchmark compares with).
+    """
+
+    def __init__(self, store: CrossAttentionStore, fused: bool = True):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
         self.store = store
+        self.fused = AttnProcessor2_0() if fused else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None or attn.residual_connection:
             raise ValueError("the cross-attention store supports Stable Diffusion's plain cross-attention layers only")
         batch, seq, _ = hidden_states.shape
+        wanted = self.store.active and seq == self.store.res**2
+        if self.fused is not None and not wanted:
+            return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
@@ -71,18 +83,21 @@ class _StoringCrossAttnProcessor:
         key = attn.head_to_batch_dim(attn.to_k(context))  # [B*h, tokens, d]
         value = attn.head_to_batch_dim(attn.to_v(context))
         probs = attn.get_attention_scores(query, key, attention_mask)  # [B*h, seq, tokens]
-        if self.store.active and seq == self.store.res**2:
+        if wanted:
             self.store.maps.append(probs.view(batch, attn.heads, seq, -1).mean(1))  # [B, seq, tokens]
         out = attn.batch_to_head_dim(torch.bmm(probs, value))  # [B, seq, h*d]
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
 
 
-def install_attention_store(unet, res: int) -> CrossAttentionStore:
-    """Route every cross-attention layer (``attn2``) of ``unet`` through a store; self-attention keeps its processor."""
+def install_attention_store(unet, res: int, fused: bool = True) -> CrossAttentionStore:
+    """Route every cross-attention layer (``attn2``) of ``unet`` through a store; self-attention keeps its processor.
+
+    The UNet's processors before the call are ``unet.attn_processors``; set them back with ``unet.set_attn_processor``.
+    """
     store = CrossAttentionStore(res)
     procs = {
-        name: (_StoringCrossAttnProcessor(store) if name.endswith("attn2.processor") else proc)
+        name: (_StoringCrossAttnProcessor(store, fused) if name.endswith("attn2.processor") else proc)
         for name, proc in unet.attn_processors.items()
     }
     unet.set_attn_processor(procs)
@@ -137,18 +152,34 @@ def _finite(losses: dict[str, torch.Tensor], phase: str) -> dict[str, float]:
 
 
 def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: CustomizationConfig, seed: int,
-              prior_images: list[Image.Image] | None = None) -> tuple[str, CustomizeReport]:
+              prior_images: list[Image.Image] | None = None, *, fused_attention: bool = True,
+              cache_text: bool = True) -> tuple[str, CustomizeReport]:
     """Customize ``pipe`` in place on the masked exemplar; return the prompt phrase of the concept and a report.
 
     ``prior_images`` (plain-class images from the base model) are used when ``cfg.prior_preservation`` is on.
+    ``fused_attention`` (fused attention wherever the attention loss does not read the probabilities) and
+    ``cache_text`` (text encodings that cannot change within a phase computed once per phase) are speed-ups that
+    keep the results the same up to float rounding; they are switched off only to measure what they give (the
+    benchmark). The UNet's attention processors are set back when this returns or raises, so sampling runs
+    diffusers' own.
     """
+    unet = pipe.unet
+    originals = unet.attn_processors
+    try:
+        return _customize(pipe, image, mask, class_word, cfg, seed, prior_images, fused_attention, cache_text)
+    finally:
+        unet.set_attn_processor(originals)
+
+
+def _customize(pipe, image, mask, class_word, cfg, seed, prior_images, fused_attention, cache_text):
     device = pipe.device
     report = CustomizeReport()
     g = torch.Generator(device="cpu").manual_seed(seed)
     token_id = add_concept_token(pipe.tokenizer, pipe.text_encoder, cfg.token, class_word)
     phrase = f"{cfg.token} {class_word}"
-    store = install_attention_store(pipe.unet, cfg.attn_res)
+    store = install_attention_store(pipe.unet, cfg.attn_res, fused=fused_attention)
     vae, unet, text_encoder, sched = pipe.vae, pipe.unet, pipe.text_encoder, pipe.scheduler
+    net = torch.compile(unet) if cfg.compile else unet  # shares unet's parameters; recompiles when the phase changes them
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler.from_config(sched.config)
@@ -167,23 +198,31 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
     tok_pos = int((inst_ids[0] == token_id).nonzero()[0, 0])
     if cfg.prior_preservation and not prior_dists:
         raise ValueError("generate.customization.prior_preservation is on but no prior images were given")
+    batch_ids = torch.cat([inst_ids, prior_ids]) if prior_dists else inst_ids  # the prompt of each row of a step
 
-    def step_loss(use_attn: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def fixed(ids: torch.Tensor) -> torch.Tensor:
+        """An encoding that cannot change within a phase, computed once (no grad) as a step would compute it."""
+        with torch.no_grad(), _autocast(device, cfg.mixed_precision):
+            return _encode(pipe, ids)
+
+    def encode_all() -> torch.Tensor:
+        return _encode(pipe, batch_ids)
+
+    def step_loss(use_attn: bool, conditioning) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One step's loss; ``conditioning()`` gives the text encoding of the step's rows ``[B, 77, D]``."""
         latents = inst_dist.mean + inst_dist.std * torch.randn(inst_dist.mean.shape, generator=g).to(device)
         latents = latents * scale
-        ids = inst_ids
         if prior_dists:
             k = int(torch.randint(len(prior_dists), (1,), generator=g))
             d = prior_dists[k]
             latents = torch.cat([latents, (d.mean + d.std * torch.randn(d.mean.shape, generator=g).to(device)) * scale])
-            ids = torch.cat([inst_ids, prior_ids])
         noise = torch.randn(latents.shape, generator=g).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
         noisy = noise_sched.add_noise(latents, noise, t)
         store.reset()
         store.active = use_attn
         with _autocast(device, cfg.mixed_precision):
-            pred = unet(noisy, t, _encode(pipe, ids)).sample  # [B, 4, h, w]
+            pred = net(noisy, t, conditioning()).sample  # [B, 4, h, w]
         pred = pred.float()
         if noise_sched.config.prediction_type == "v_prediction":
             target = noise_sched.get_velocity(latents, noise, t)
@@ -220,8 +259,16 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.mixed_precision == "fp16")
     start = time.perf_counter()
     text_encoder.train()
+    ti_conditioning = encode_all
+    if cache_text and prior_dists and cfg.ti_steps:
+        # the prior prompt holds no new token and the rest of the encoder is frozen: its encoding is fixed here
+        prior_cond = fixed(prior_ids)
+
+        def ti_conditioning() -> torch.Tensor:
+            return torch.cat([_encode(pipe, inst_ids), prior_cond])
+
     for _ in range(cfg.ti_steps):
-        loss, parts = step_loss(use_attn=cfg.attn_loss_in_ti)
+        loss, parts = step_loss(cfg.attn_loss_in_ti, ti_conditioning)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -250,8 +297,16 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
         opt = torch.optim.AdamW(params, lr=cfg.joint_lr, weight_decay=1e-2)
     start = time.perf_counter()
     unet.train()
+    joint_conditioning = encode_all  # break_a_scene trains the text encoder: every step encodes anew
+    if cache_text and cfg.method == "lora" and cfg.joint_steps:
+        # lora freezes the whole text encoder, new row included: both prompts' encodings are fixed here
+        joint_cond = fixed(batch_ids)
+
+        def joint_conditioning() -> torch.Tensor:
+            return joint_cond
+
     for _ in range(cfg.joint_steps):
-        loss, parts = step_loss(use_attn=cfg.attn_loss_weight > 0)
+        loss, parts = step_loss(cfg.attn_loss_weight > 0, joint_conditioning)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -270,19 +325,36 @@ def customize(pipe, image: Image.Image, mask: np.ndarray, class_word: str, cfg: 
     return phrase, report
 
 
-def sample(pipe, prompt: str, seed: int, cfg: CustomizationConfig) -> Image.Image:
-    """One image of ``prompt`` with DDIM, ``cfg.inference_steps`` steps, guidance ``cfg.guidance_scale``, seeded."""
+def sample_many(pipe, prompts: list[str], seeds: list[int], cfg: CustomizationConfig) -> list[Image.Image]:
+    """One image per (prompt, seed), ``cfg.sample_batch`` images to a pipeline call, DDIM as :func:`sample`.
+
+    Each image's starting noise comes from a generator of its own seeded with its seed (diffusers draws one latent per
+    generator of a list), and DDIM adds no noise after it, so an image depends on its own prompt and seed only, not on
+    the batch it was drawn in (up to float rounding).
+    """
     from diffusers import DDIMScheduler
 
+    if len(prompts) != len(seeds):
+        raise ValueError(f"sample_many: {len(prompts)} prompts but {len(seeds)} seeds")
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad(), _autocast(pipe.device, cfg.mixed_precision):
-        out = pipe(prompt, num_inference_steps=cfg.inference_steps, guidance_scale=cfg.guidance_scale,
-                   height=cfg.resolution, width=cfg.resolution, generator=g, output_type="pil")
-    return out.images[0]
+    images: list[Image.Image] = []
+    for i in range(0, len(prompts), cfg.sample_batch):
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i : i + cfg.sample_batch]]
+        with torch.no_grad(), _autocast(pipe.device, cfg.mixed_precision):
+            out = pipe(prompts[i : i + cfg.sample_batch], num_inference_steps=cfg.inference_steps,
+                       guidance_scale=cfg.guidance_scale, height=cfg.resolution, width=cfg.resolution, generator=gens,
+                       output_type="pil")
+        images += out.images
+    return images
+
+
+def sample(pipe, prompt: str, seed: int, cfg: CustomizationConfig) -> Image.Image:
+    """One image of ``prompt`` with DDIM, ``cfg.inference_steps`` steps, guidance ``cfg.guidance_scale``, seeded."""
+    return sample_many(pipe, [prompt], [seed], cfg)[0]
 
 
 def prior_class_images(pipe, class_word: str, n: int, seed: int, cfg: CustomizationConfig) -> list[Image.Image]:
-    """``n`` images of the plain class from the (not yet customized) base model, for prior preservation."""
-    return [sample(pipe, f"a photo of a {class_word}", seed + i, cfg) for i in range(n)]
+    """``n`` images of the plain class from the (not yet customized) base model, for prior preservation, seeds
+    ``seed`` .. ``seed + n - 1``, ``cfg.sample_batch`` to a call."""
+    return sample_many(pipe, [f"a photo of a {class_word}"] * n, [seed + i for i in range(n)], cfg)
