@@ -286,8 +286,10 @@ def _customize(pipe, image, mask, class_word, cfg, seed, prior_images, fused_att
     if cfg.method == "lora":
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        with torch.random.fork_rng(devices=[]):  # the adapters' random start follows the exemplar's seed
+            torch.manual_seed(seed)
+            unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         params = [p for p in unet.parameters() if p.requires_grad]  # the adapters only
         opt = torch.optim.AdamW(params, lr=cfg.lora_lr, weight_decay=1e-2)
     else:
