@@ -12,6 +12,8 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# the first start of Prefect's ephemeral API server migrates its database: more than its 20-s default on a busy 2-core machine
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export PYTHONUNBUFFERED := 1
 # glibc malloc keeps freed memory instead of re-faulting it every training step (see MALLOC_ENV in src/ardetect/pipeline.py)
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432

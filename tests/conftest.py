@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from workspace import dvc, make_workspace
+
+# Prefect's ephemeral API server migrates its database on its first start: more than its 20-s default
+# on a busy 2-core machine (read when prefect is imported; `make test` sets it too)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ whole or absent, so a retried or rerun task redoes only unfinished exemplars.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ardetect.config import Config
@@ -41,8 +42,6 @@ def _exemplar(job: ExemplarJob, cfg: Config, root: str) -> dict:
         r = cfg.exemplars.real.model_copy(update={"device": cfg.exemplars.real.device or device})
         cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"customization": c}),
                                      "exemplars": cfg.exemplars.model_copy(update={"real": r})})
-    import os
-
     try:
         from distributed import get_worker
 
@@ -68,6 +67,9 @@ def task_runner(cfg: Config, processes: bool = True):
 
 def run_fanout(jobs: list[ExemplarJob], cfg: Config, root: Path, processes: bool = True) -> list[dict]:
     """Run every exemplar as a Prefect task on Dask; return their summaries in ``jobs`` order."""
+    # without a Prefect server, the flow starts an ephemeral one, whose first start migrates its database:
+    # more than Prefect's 20-s default on a busy small machine (read when prefect is first imported)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from prefect import flow, task
 
     exemplar_task = task(_exemplar, name="customize-and-generate", retries=1, retry_delay_seconds=5)
