@@ -101,18 +101,20 @@ class Replay:
     def __post_init__(self):
         self._by = {str(t): g.sort_values("position") for t, g in self.frame.groupby("tuple_id", sort=False)}
 
+    def _recorded(self, tid: str, candidates: list[str]) -> bool:
+        return tid in self._by and list(self._by[tid]["candidate"].astype(str)) == [str(c) for c in candidates]
+
     def covers(self, candidates: Mapping[str, list[str]]) -> bool:
         """Whether every query in ``candidates`` (tuple id -> its candidates, as ``candidates_of`` gives) was recorded with them."""
-        return all(str(t) in self._by and list(self._by[str(t)]["candidate"].astype(str)) == [str(x) for x in c]
-                   for t, c in candidates.items())
+        return all(self._recorded(str(t), c) for t, c in candidates.items())
 
     def score(self, query: pd.Series, candidates: list[str]) -> Scores:
         tid = str(query["tuple_id"])
         if tid not in self._by:
             raise KeyError(f"{self.name}: no recorded scores for tuple {tid}")
-        g = self._by[tid]
-        if list(g["candidate"].astype(str)) != [str(c) for c in candidates]:
+        if not self._recorded(tid, candidates):
             raise ValueError(f"{self.name}: the recorded candidates of tuple {tid} are not the ones asked for")
+        g = self._by[tid]
         boxes = g[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.float64) if self.region_level else None
         return Scores(g["score"].to_numpy(dtype=np.float64), boxes)
 
