@@ -58,7 +58,6 @@ def run_env(ws: Path) -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws / 'mlflow.db'}"
     env.pop("MLFLOW_REGISTRY_URI", None)  # (mlflow.set_registry_uri in an earlier test exports it)
     env["PREFECT_HOME"] = str(ws / ".prefect")
-    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     env.pop("ARD_MLFLOW_PARENT_RUN_ID", None)
     return env
 
