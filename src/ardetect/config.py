@@ -399,6 +399,7 @@ class EvaluateConfig(_Section):
     iou_threshold: float = Field(0.5, gt=0, le=1)
     max_queries: int | None = Field(None, ge=1, description="evaluate a seeded subset of test queries; null = all")
     candidate_batch: int = Field(64, ge=1)
+    workers: int = Field(0, ge=0, description="queries scored side by side, one intra-op thread each; 0 = one per core")
     generalisation_world_seed: int = Field(
         1, ge=0, description="seed of a second world with unseen identities (must differ from world.seed)"
     )

@@ -144,6 +144,9 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
     class Trunk:
         grids = (1, 2)
 
+        def prefetch(self, tuples, negatives, workers=None, progress=False):  # the scores are made up: nothing to run ahead
+            pass
+
         def method(self, label, variant, w, grid):
             class M:
                 name, region_level, identity_weight = label, True, w
@@ -173,3 +176,36 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
     assert fitted["ARD-"] == fitted["ARD"]  # the stub scores both variants alike
     with pytest.raises(ValueError, match="grid is empty"):
         fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [])
+
+
+def test_prefetch_side_by_side_scores_as_one_query_at_a_time(tmp_path):
+    """Queries scored ahead on two worker threads give the lazy path's scores, run the detector
+    once per query, and leave torch's thread count as it was."""
+    from ardetect.evaluation.ard import SharedTrunkARD
+    from ardetect.evaluation.harness import evaluate_method
+
+    ard, minus, tuples, negatives = _variants(tmp_path)
+    # six queries over two candidate sets: the workers share the cached blocks of both
+    tuples = pd.concat([tuples.assign(tuple_id=tuples["tuple_id"] + f"_{i}") for i in range(3)], ignore_index=True)
+    negatives = pd.concat([negatives.assign(tuple_id=negatives["tuple_id"] + f"_{i}") for i in range(3)], ignore_index=True)
+    make = lambda: SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64, batch=2, top_k=3, identity=True, grids=[1, 2])  # noqa: E731
+    lazy = make()
+    expected = {m.name: evaluate_method(m, tuples, negatives, progress=False) for m in lazy.methods({"ARD": (4.0, 2)})}
+    ahead = make()
+    methods = ahead.methods({"ARD": (4.0, 2)})
+    calls = []
+    run = ahead.runner.candidates_variants
+    ahead.runner.candidates_variants = lambda *a, **k: calls.append(torch.get_num_threads()) or run(*a, **k)
+    threads = torch.get_num_threads()
+    ahead.prefetch(tuples, negatives, workers=2, progress=False)
+    assert torch.get_num_threads() == threads
+    assert calls == [1] * len(tuples)  # each query once, on one intra-op thread
+    assert len(ahead._pending) == len(tuples)
+    got = {m.name: evaluate_method(m, tuples, negatives, progress=False) for m in methods}
+    assert len(calls) == len(tuples) and not ahead._pending  # the methods read what was scored ahead
+    for name in expected:
+        np.testing.assert_allclose(got[name].per_query["score"], expected[name].per_query["score"], atol=1e-5)
+        assert got[name].summary == expected[name].summary
+    ahead.prefetch(tuples.iloc[:0], negatives)  # nothing to do
+    with pytest.raises(ValueError, match="workers=0"):
+        make().prefetch(tuples, negatives, workers=0)

@@ -14,13 +14,16 @@ for every query.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from ardetect.data.datasets import build_transform, load_rgb, transform_with_box
 from ardetect.evaluation.harness import Scores
@@ -52,6 +55,7 @@ class ARDMethod:
         self._blocks: dict[tuple[tuple[str, ...], bool], object] = {}  # (sorted paths, region map) -> ImageCache of them, in that order
         self.max_cached = max_cached
         self.max_blocks = 4
+        self._lock = threading.Lock()  # the caches, when queries are scored side by side (SharedTrunkARD.prefetch)
 
     def _load(self, rel: str) -> tuple[torch.Tensor, tuple[int, int]]:
         img = load_rgb(self.root / rel)
@@ -83,12 +87,13 @@ class ARDMethod:
 
         The block of a set is joined once and kept (the ``max_blocks`` most recent sets)."""
         key = (tuple(sorted(set(paths))), region_map)
-        found = self._blocks.pop(key, None)
-        if found is None:
-            found = self.image_features(list(key[0]), region_map)
-            if len(self._blocks) >= self.max_blocks:
-                self._blocks.pop(next(iter(self._blocks)))
-        self._blocks[key] = found  # most recent last
+        with self._lock:
+            found = self._blocks.pop(key, None)
+            if found is None:
+                found = self.image_features(list(key[0]), region_map)
+                if len(self._blocks) >= self.max_blocks:
+                    self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[key] = found  # most recent last
         where = {p: i for i, p in enumerate(key[0])}
         return found, torch.tensor([where[p] for p in paths], dtype=torch.long, device=self.device)
 
@@ -156,10 +161,43 @@ class SharedTrunkARD:
         self._labels: set[str] = set()
         self._pending: dict[tuple, tuple[dict, set[str]]] = {}  # (tuple_id, *candidates) -> (candidates of each variant, labels still to read)
 
+    def _run(self, query: pd.Series, candidates: list[str]) -> dict:
+        return self.runner.candidates_variants(self.models, query, candidates, check=False, identity=self.identity, grids=self.grids)
+
+    def prefetch(self, tuples: pd.DataFrame, negatives: pd.DataFrame, workers: int | None = None, progress: bool = True) -> None:
+        """Run the detector on every query of ``tuples`` ahead of the methods reading them,
+        ``workers`` queries side by side (default: one per core), each on one intra-op thread.
+
+        On a few cores the detector's many small operations keep two intra-op threads only
+        partly busy; queries scored side by side keep every core busy (``bench/bench_eval_cpu.py``).
+        Every query is scored on one thread whichever worker takes it, so the scores do
+        not depend on ``workers``. Make every method first: each reads its queries once.
+        """
+        from ardetect.evaluation.harness import candidates_of
+
+        cands = candidates_of(tuples, negatives)
+        todo = [(q, cands[q["tuple_id"]]) for _, q in tuples.iterrows() if (str(q["tuple_id"]), *cands[q["tuple_id"]]) not in self._pending]
+        if not todo:
+            return
+        workers = torch.get_num_threads() if workers is None else int(workers)
+        if workers < 1:
+            raise ValueError(f"workers={workers}: give at least 1 (or None: one per core)")
+        labels = set(self._labels)
+        threads = torch.get_num_threads()
+        self.runner.block(todo[0][1], self.identity)  # the candidates' features: once, before the workers share them
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                done = pool.map(lambda qc: self._run(*qc), todo)
+                for (q, c), found in tqdm(zip(todo, done), total=len(todo), desc="score queries", disable=not progress):
+                    self._pending[(str(q["tuple_id"]), *c)] = (found, set(labels))
+        finally:
+            torch.set_num_threads(threads)
+
     def candidates(self, label: str, variant: str, query: pd.Series, candidates: list[str]):
         key = (str(query["tuple_id"]), *candidates)
         if key not in self._pending:
-            found = self.runner.candidates_variants(self.models, query, candidates, check=False, identity=self.identity, grids=self.grids)
+            found = self._run(query, candidates)
             self._pending[key] = (found, set(self._labels))
         found, waiting = self._pending[key]
         waiting.discard(label)
@@ -199,6 +237,7 @@ class _Variant:
 def fit_identity_weights(
     trunk: SharedTrunkARD, variants: Sequence[str], tuples: pd.DataFrame, negatives: pd.DataFrame, grid: Sequence[float],
     iou_threshold: float = 0.5, progress: bool = False, metric: str = "recall@10", summaries: dict | None = None,
+    workers: int | None = None,
 ) -> dict[str, tuple[float, int, dict[tuple[int, float], float]]]:
     """For each of ``variants``, the identity weight of ``grid`` and the pooling grid of the
     trunk's ``grids`` with the best ``metric`` (a summary key of the harness, Recall@10 by
@@ -208,7 +247,8 @@ def fit_identity_weights(
 
     The detector runs once per query for every variant, weight and pooling grid. Returns
     {variant: (weight, pooling grid, {(pooling grid, weight): metric})}; ``summaries``, when
-    given, receives every combination's whole harness summary under (variant, grid, weight).
+    given, receives every combination's whole harness summary under (variant, grid, weight);
+    ``workers`` queries are scored side by side (``SharedTrunkARD.prefetch``).
     """
     from ardetect.evaluation.harness import evaluate_method
 
@@ -217,6 +257,7 @@ def fit_identity_weights(
         raise ValueError("grid is empty: give at least one identity weight")
     combos = [(g, w) for g in sorted(trunk.grids) for w in weights if w > 0 or g == min(trunk.grids)]
     methods = {v: [trunk.method(f"{v}@fit{w:g}x{g}", v, w, g) for g, w in combos] for v in variants}  # all made before any runs
+    trunk.prefetch(tuples, negatives, workers, progress=progress)
     out = {}
     for v, ms in methods.items():
         recalls = {}

@@ -221,6 +221,7 @@ def build(cfg: Config) -> dict:
                 ChanceMethod(seed=seed),
                 *[shared.method(name + PAPER, name) for name in detectors],
             ]
+            shared.prefetch(tuples, negatives, ev.workers or None)
             if world == "test":  # the ARD row's every score and box: what the export's parity is held against
                 i = [m.name for m in methods].index("ARD")
                 recorded = methods[i] = Recording(methods[i])
@@ -332,7 +333,8 @@ def fit_weights(
         raise ValueError("evaluate: the val split has no tuples to fit the identity weight on (tuples.split)")
     negatives = negatives[negatives["tuple_id"].astype(str).isin(set(val["tuple_id"]))]
     trunk = SharedTrunkARD(detectors, data_root, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity, grids=ev.identity_grids)
-    fitted = fit_identity_weights(trunk, list(detectors), val, negatives, ev.identity_weights, ev.iou_threshold, progress=True)
+    fitted = fit_identity_weights(trunk, list(detectors), val, negatives, ev.identity_weights, ev.iou_threshold, progress=True,
+                                  workers=ev.workers or None)
     out, rows = {}, []
     for name, (w, g, recalls) in fitted.items():
         by_grid: dict[str, dict[str, float]] = {}
