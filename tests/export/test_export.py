@@ -119,6 +119,59 @@ def test_parity_holds_the_export_against_recorded_scores(trained, exported):
     assert again["pytorch_source"].startswith("computed") and again["passed"]
 
 
+def test_tie_recheck_accepts_the_other_side_of_a_selection_tie_and_nothing_else(trained):
+    """A pair whose export answer is PyTorch's with two adjacent selected queries in the other order
+    passes the re-check (and is measured against that run); an answer no order gives does not."""
+    from ardetect.evaluation.ard import ARDMethod
+    from ardetect.evaluation.harness import Recording, Scores, evaluate_method
+    from ardetect.export.parity import QueryOrder, near_ties, pair_diffs, parity_queries, summarise, tie_recheck
+    from ardetect.train.phases import image_size_of, load_model
+
+    tuples, negatives, root, _, p2 = trained
+    model = load_model(p2).eval()
+    size, k = image_size_of(model), model.cfg.num_queries
+    t, negs = parity_queries(tuples, negatives, 6)
+    method = lambda: ARDMethod(model, root, size, identity_weight=5.0, top_k=3, grid=2)  # noqa: E731
+    ref = Recording(method())
+    evaluate_method(ref, t, negs, progress=False)
+    runner = method()
+    found = None
+    for tid, cands in ref.candidates.items():  # a pair whose closest selection tie, swapped, moves its answer
+        feats, cache, sizes, _ = runner._inputs(t[t["tuple_id"].astype(str) == tid].iloc[0], [cands[0]], True, True)
+        with torch.no_grad(), QueryOrder(k) as mode:
+            model.predict_region(feats, cache, image_sizes=sizes, identity_weight=5.0, top_k=3, grid=2)
+        assert mode.values.shape == (1, k + 1) and bool((mode.values[0, :-1] >= mode.values[0, 1:]).all())
+        (r, _), = near_ties(mode.values, float("inf"), 1)
+        with torch.no_grad(), QueryOrder(k, (r,)):
+            box, score = model.predict_region(feats, cache, image_sizes=sizes, identity_weight=5.0, top_k=3, grid=2)
+        if abs(float(score[0]) - ref.seen[tid].scores[0]) > 1e-3:
+            found = (tid, r, float(score[0]), box[0].numpy())
+            break
+    assert found is not None, "no selection swap moved an answer of the tiny detector"
+    tid, r, score, box = found
+
+    def export_answering(s, b):
+        fake = Recording(ref.method, dict(ref.seen), ref.candidates)
+        scores, boxes = np.array(ref.seen[tid].scores), np.array(ref.seen[tid].boxes)
+        scores[0], boxes[0] = s, b
+        fake.seen[tid] = Scores(scores, boxes)
+        return fake
+
+    other = export_answering(score, box)
+    diffs = pair_diffs(ref, other)
+    assert summarise(diffs)["score_max_abs_diff"] > 1e-3
+    gated, checks, why = tie_recheck(model, root, size, t, ref, other, diffs, 1e-4, 0.5, 5.0, 2, 3, limit=4, rel_gap=float("inf"), most_ties=1)
+    assert why is None and len(checks) == 1 and checks[0]["explained"]
+    assert checks[0]["matched"]["run"] == f"alone, ties at ranks {r}/{r + 1} swapped" and checks[0]["matched"]["pytorch"] == "alone"
+    assert summarise(gated)["score_max_abs_diff"] <= 1e-4 and summarise(gated)["box_max_abs_diff_px"] <= 0.5
+    stray = export_answering(score + 0.01, box)  # no order of the selection gives this
+    diffs = pair_diffs(ref, stray)
+    gated, checks, why = tie_recheck(model, root, size, t, ref, stray, diffs, 1e-4, 0.5, 5.0, 2, 3, limit=4, rel_gap=float("inf"), most_ties=1)
+    assert len(checks) == 1 and not checks[0]["explained"] and summarise(gated)["score_max_abs_diff"] > 9e-3
+    _, checks, why = tie_recheck(model, root, size, t, ref, stray, diffs, 1e-4, 0.5, 5.0, 2, 3, limit=0)
+    assert checks == [] and "more than tie_rechecks=0" in why
+
+
 def test_failed_parity_leaves_the_previous_export_untouched(trained, exported, tmp_path, monkeypatch):
     import ardetect.export.build as build
 

@@ -35,6 +35,7 @@ class ExportOptions:
     score_tolerance: float = 1e-4
     box_tolerance_px: float = 0.5
     iou_threshold: float = 0.5
+    tie_rechecks: int = 32
 
 
 def identity_of(details_path: Path, row: str = "ARD") -> tuple[float, int]:
@@ -138,7 +139,7 @@ def build_export(
             parity = run_parity(model, tmp, tuples, negatives, data_root, opts.identity_weight, opts.grid, opts.top_k,
                                 queries=opts.parity_queries, variant_queries=opts.variant_queries, score_tol=opts.score_tolerance, box_tol=opts.box_tolerance_px,
                                 iou_threshold=opts.iou_threshold, precisions=precisions, progress=progress, seconds=seconds,
-                                reference=reference)
+                                reference=reference, tie_rechecks=opts.tie_rechecks)
             (tmp / PARITY_FILE).write_text(json.dumps(parity, indent=2, sort_keys=True) + "\n")
             if not parity["passed"]:
                 f = parity["fp32"]
@@ -146,7 +147,7 @@ def build_export(
                     f"parity failed on {parity['queries']} test tuples: score max diff {f['score_max_abs_diff']:.3g} "
                     f"(bound {opts.score_tolerance:g}), box max diff {f['box_max_abs_diff_px']:.3g} px (bound {opts.box_tolerance_px:g}), "
                     f"recalls ONNX {[f[k] for k in ('recall@1', 'recall@5', 'recall@10')]} vs PyTorch "
-                    f"{[parity['pytorch'][k] for k in ('recall@1', 'recall@5', 'recall@10')]}; {out} is left as it was"
+                    f"{[parity['pytorch'][k] for k in ('recall@1', 'recall@5', 'recall@10')]}{recheck_line(f, ' (', ')')}; {out} is left as it was"
                 )
         registration = None
         if register:
@@ -188,6 +189,21 @@ def input_example(tuples: pd.DataFrame, negatives: pd.DataFrame, data_root: Path
         "query_image": str(root / q["query_image"]), "x0": x0, "y0": y0, "x1": x1, "y1": y1, "prompt": str(q["prompt"]),
         "concept_phrase": str(q["concept_phrase"]), "candidates": [str(root / q["train_image"]), *(str(root / o) for o in others)],
     }])
+
+
+def recheck_line(row: dict, before: str = "", after: str = "") -> str:
+    """Words on the fp32 row's tie re-check (``ardetect.export.parity``), or "" when none was needed."""
+    checks = row.get("tie_rechecks")
+    if not checks:
+        return ""
+    if isinstance(checks, str):
+        return f"{before}tie re-check: {checks}{after}"
+    ok = [c for c in checks if c["explained"]]
+    raw = row["before_recheck"]
+    runs = "; ".join(f"{c['tuple_id']} x {c['candidate']}: {c['matched']['run']}" for c in ok)
+    return (f"{before}{len(checks)} pairs beyond the bounds (score diff {raw['score_max_abs_diff']:.2e}, box diff "
+            f"{raw['box_max_abs_diff_px']:.2e} px), {len(ok)} of them PyTorch's own answer when a selection-order tie goes the "
+            f"other way{' (' + runs + ')' if runs else ''}{after}")
 
 
 def variant_line(row: dict) -> str:

@@ -45,7 +45,7 @@ def earned_metrics(metrics_path: Path) -> dict[str, float]:
 
 
 def build(cfg: Config) -> dict:
-    from ardetect.export.build import ExportOptions, build_export, identity_of, recorded_scores, variant_line
+    from ardetect.export.build import ExportOptions, build_export, identity_of, recheck_line, recorded_scores, variant_line
 
     ex = cfg.export
     weight, grid = identity_of(REPORTS / "details.json")
@@ -71,7 +71,7 @@ def build(cfg: Config) -> dict:
              f"x {parity['candidates']} candidates: score diff {parity['fp32']['score_max_abs_diff']:.2e}, "
              f"box diff {parity['fp32']['box_max_abs_diff_px']:.2e} px, Recall@1/5/10 "
              f"{[parity['fp32'][k] for k in ('recall@1', 'recall@5', 'recall@10')]} (PyTorch "
-             f"{[parity['pytorch'][k] for k in ('recall@1', 'recall@5', 'recall@10')]})"]
+             f"{[parity['pytorch'][k] for k in ('recall@1', 'recall@5', 'recall@10')]})" + recheck_line(parity["fp32"], "; ")]
     for p in ("fp16", "int8"):
         if p in parity:
             r = parity[p]
