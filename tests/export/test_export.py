@@ -124,6 +124,7 @@ def test_tie_recheck_accepts_the_other_side_of_a_selection_tie_and_nothing_else(
     passes the re-check (and is measured against that run); an answer no order gives does not."""
     from ardetect.evaluation.ard import ARDMethod
     from ardetect.evaluation.harness import Recording, Scores, evaluate_method
+    from ardetect.export.build import recheck_line
     from ardetect.export.parity import QueryOrder, near_ties, pair_diffs, parity_queries, summarise, tie_recheck
     from ardetect.train.phases import image_size_of, load_model
 
@@ -164,6 +165,8 @@ def test_tie_recheck_accepts_the_other_side_of_a_selection_tie_and_nothing_else(
     assert why is None and len(checks) == 1 and checks[0]["explained"]
     assert checks[0]["matched"]["run"] == f"alone, ties at ranks {r}/{r + 1} swapped" and checks[0]["matched"]["pytorch"] == "alone"
     assert summarise(gated)["score_max_abs_diff"] <= 1e-4 and summarise(gated)["box_max_abs_diff_px"] <= 0.5
+    line = recheck_line({"tie_rechecks": checks, "before_recheck": summarise(diffs)})
+    assert "1 pair beyond the bounds" in line and "1 of them PyTorch's own answer" in line and f"ranks {r}/{r + 1} swapped" in line
     stray = export_answering(score + 0.01, box)  # no order of the selection gives this
     diffs = pair_diffs(ref, stray)
     gated, checks, why = tie_recheck(model, root, size, t, ref, stray, diffs, 1e-4, 0.5, 5.0, 2, 3, limit=4, rel_gap=float("inf"), most_ties=1)

@@ -201,7 +201,7 @@ def recheck_line(row: dict, before: str = "", after: str = "") -> str:
     ok = [c for c in checks if c["explained"]]
     raw = row["before_recheck"]
     runs = "; ".join(f"{c['tuple_id']} x {c['candidate']}: {c['matched']['run']}" for c in ok)
-    return (f"{before}{len(checks)} pairs beyond the bounds (score diff {raw['score_max_abs_diff']:.2e}, box diff "
+    return (f"{before}{len(checks)} pair{'' if len(checks) == 1 else 's'} beyond the bounds (score diff {raw['score_max_abs_diff']:.2e}, box diff "
             f"{raw['box_max_abs_diff_px']:.2e} px), {len(ok)} of them PyTorch's own answer when a selection-order tie goes the "
             f"other way{' (' + runs + ')' if runs else ''}{after}")
 
