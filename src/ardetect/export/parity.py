@@ -19,8 +19,9 @@ So the fp32 gate re-checks each pair beyond the bounds (``tie_rechecks`` at most
 scores that candidate alone, then again with each near tie of its selection order (or of
 the selection's last place) resolved the other way, and the pair passes when one of these
 runs gives PyTorch's own (recorded) answer and another the export's, each within the
-bounds; the gate then measures the pair against the run that gave the export's. Any other pair beyond the bounds fails the gate, and so does an export
-with more such pairs than ``tie_rechecks`` (a broken export differs everywhere).
+bounds; the gate then measures the pair against the run that gave the export's. Any
+other pair beyond the bounds fails the gate, and so does an export with more such pairs
+than ``tie_rechecks`` (a broken export differs everywhere).
 ``parity.json`` lists every re-checked pair: the ties found and the run that matched.
 """
 
@@ -195,8 +196,9 @@ def run_parity(
     as ``evaluate`` writes them); used when it covers every parity tuple with the same candidates,
     otherwise PyTorch scores them here. The report's ``pytorch_source`` says which.
     ``tie_rechecks``: at most this many fp32 pairs beyond the bounds are re-checked for a
-    selection-order tie (module docstring); 0 = none. The fp32 row's ``vs_pytorch_float32`` holds the differences
-    before the re-check, its ``score_max_abs_diff`` and ``box_max_abs_diff_px`` those the gate reads.
+    selection-order tie (module docstring); 0 = none. When any pair was beyond the bounds, the fp32
+    row's ``before_recheck`` holds the differences before the re-check, ``tie_rechecks`` each re-checked
+    pair (or why none was), and its ``score_max_abs_diff`` and ``box_max_abs_diff_px`` are those the gate reads.
     """
     from ardetect.evaluation.ard import ARDMethod
     from ardetect.evaluation.harness import evaluate_method
