@@ -67,6 +67,8 @@ def test_unknown_section_is_named():
         (("train_phase2", "rank_grid"), 9, r"train_phase2\.rank_grid.*got 9"),
         (("train_phase2", "lambda_rank"), -1, r"train_phase2\.lambda_rank.*got -1"),
         (("train_phase2", "same_class_negatives"), 5, r"train_phase2.*same_class_negatives=5 is above k_negatives=4"),
+        (("train_phase1", "same_class_negatives"), 2, r"train_phase1.*same_class_negatives=2 is above k_negatives=1"),
+        (("train_phase1", "k_negatives"), -1, r"train_phase1\.k_negatives.*got -1"),
     ],
 )
 def test_out_of_range_values_are_named(path, value, pattern):

@@ -344,7 +344,8 @@ def export_cmd(
     details: Path = typer.Option(Path("reports/details.json"), help="evaluate's details, for the fitted weight and grid"),
     parity: bool = typer.Option(True, help="check parity on the pipeline's first test tuples (needs data/tuples)"),
     queries: int = typer.Option(32, min=1, help="test tuples the parity check scores"),
-    variant_queries: int = typer.Option(8, "--variant-queries", min=1, help="the first of those the fp16/int8 scorers are compared on"),
+    variant_queries: int = typer.Option(8, "--variant-queries", min=1, help="the first of those the fp16 scorer is compared on"),
+    int8_queries: int = typer.Option(None, "--int8-queries", min=1, help="the first of those the int8 scorer is compared on (default: all)"),
     tie_rechecks: int = typer.Option(32, "--tie-rechecks", min=0, help="fp32 pairs beyond the bounds re-checked for a selection-order tie (0 = none)"),
     fp16: bool = typer.Option(True, help="also write the fp16 scorer"),
     int8: bool = typer.Option(True, help="also write the int8 scorer"),
@@ -366,7 +367,7 @@ def export_cmd(
             tuples = read_table(data / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
             negatives = read_table(data / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
         opts = ExportOptions(identity_weight, grid, top_k, fp16=fp16, int8=int8, parity_queries=queries, variant_queries=variant_queries,
-                             tie_rechecks=tie_rechecks)
+                             tie_rechecks=tie_rechecks, int8_queries=int8_queries)
         done = build_export(phase2, out, opts, phase1=phase1, tuples=tuples, negatives=negatives, data_root=data, progress=True)
     except (ExportError, ValueError, FileNotFoundError) as err:
         typer.echo(f"export failed: {err}", err=True)

@@ -316,8 +316,15 @@ class PretrainConfig(_Section):
     loss: LossConfig = Field(LossConfig(), description="matcher costs and loss weights (phase 1's defaults; the region contrast is not used)")
 
 
+def _same_class_within_k(section):
+    """A phase's negatives: the same-class share cannot exceed k."""
+    if section.same_class_negatives > section.k_negatives:
+        raise ValueError(f"same_class_negatives={section.same_class_negatives} is above k_negatives={section.k_negatives}")
+    return section
+
+
 class Phase1Config(_Section):
-    """Phase 1: positives only, Hungarian matching, focal + L1 + GIoU."""
+    """Phase 1: positives (and optionally k negatives each, ours), Hungarian matching, focal + L1 + GIoU."""
 
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -333,8 +340,17 @@ class Phase1Config(_Section):
     seed: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs; null = the whole split")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes building batches ahead of training; 0 = in the training process (same batches)")
+    k_negatives: int = Field(
+        0, ge=0, description="negatives per positive (ours): other concepts' training images, every box pushed down by the focal "
+        "loss, so the whole detector learns to score an image without the concept low; 0 = the paper's positives-only phase 1",
+    )
+    same_class_negatives: int = Field(0, ge=0, description="of the k, how many come from the query's base class; 0 = a uniform draw")
     validation: ValidationConfig = ValidationConfig()
     loss: LossConfig = LossConfig()
+
+    @model_validator(mode="after")
+    def _hard_within_k(self):
+        return _same_class_within_k(self)
 
 
 class Phase2Config(_Section):
@@ -365,10 +381,8 @@ class Phase2Config(_Section):
     validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")
-    def _hard_within_k(self) -> "Phase2Config":
-        if self.same_class_negatives > self.k_negatives:
-            raise ValueError(f"same_class_negatives={self.same_class_negatives} is above k_negatives={self.k_negatives}")
-        return self
+    def _hard_within_k(self):
+        return _same_class_within_k(self)
 
 
 class AbCSection(_Section):
@@ -425,7 +439,10 @@ class EvaluateConfig(_Section):
 class ExportConfig(_Section):
     opset: int = Field(17, ge=17, le=23, description="ONNX opset of the graphs")
     parity_queries: int = Field(32, ge=1, description="the first test tuples parity is measured on (every candidate of each)")
-    variant_queries: int = Field(8, ge=1, description="the first of those the fp16/int8 scorers' parity (reported, not gated) runs on")
+    variant_queries: int = Field(8, ge=1, description="the first of those the fp16 scorer's parity (reported, not gated) runs on")
+    int8_queries: int | None = Field(
+        None, ge=1, description="the first of those the int8 scorer's parity and Recall@K (reported, not gated) run on; null = all of them",
+    )
     score_tolerance: float = Field(1e-4, gt=0, description="largest |ONNX - PyTorch| score the fp32 export may show")
     box_tolerance_px: float = Field(0.5, gt=0, description="largest |ONNX - PyTorch| box coordinate, pixels")
     fp16: bool = Field(True, description="also write an fp16 scorer (for a GPU); its parity is reported, not gated")

@@ -17,7 +17,7 @@ from ardetect.export.runtime import OnnxDetector, prepare_image, prepare_image_a
 
 pytestmark = pytest.mark.slow
 
-OPTS = ExportOptions(identity_weight=5.0, grid=2, top_k=3, parity_queries=6, variant_queries=4)
+OPTS = ExportOptions(identity_weight=5.0, grid=2, top_k=3, parity_queries=6, variant_queries=4, int8_queries=5)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_export_round_trip_matches_pytorch(trained, exported):
     assert f["score_max_abs_diff"] <= 1e-4 and f["box_max_abs_diff_px"] <= 0.5 and f["recalls_equal"]
     assert f["providers"] == ["CPUExecutionProvider"]
     i8 = parity["int8"]
-    assert i8["run"] and i8["queries"] == 4 and 0.0 <= i8["recall@10"] <= 1.0  # the variants on the first 4 of the 6
+    assert i8["run"] and i8["queries"] == 5 and 0.0 <= i8["recall@10"] <= 1.0  # int8 on the first 5 of the 6, fp16 on the first 4
+    assert parity["fp16"]["queries"] == 4 if parity["fp16"]["run"] else "reason" in parity["fp16"]
     assert set(i8["pytorch_same_queries"]) == {"recall@1", "recall@5", "recall@10"} and i8["vs_fp32"]["score_max_abs_diff"] >= 0.0
     assert i8["recalls_equal"] == all(i8[k] == i8["pytorch_same_queries"][k] for k in ("recall@1", "recall@5", "recall@10"))
     assert set(done["seconds"]) >= {"graphs", "pytorch", "fp32", "int8"}

@@ -240,3 +240,36 @@ def test_ranked_scores_are_the_evaluation_scores_in_log_form(tiny_world):
     ranking_loss(scores, group, positive).backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and grads <= {"adapter_query.weight", "adapter_query.bias", "adapter_text.weight", "adapter_text.bias"}, grads
+
+
+def test_phase1_negatives_join_each_positive_without_targets(tiny_world, tmp_path, monkeypatch):
+    """``train_phase1.k_negatives`` (ours): every positive of a phase-1 batch brings k images of other
+    concepts with no target box, so the focal loss pushes their every box down; 0 keeps the paper's
+    positives-only batches."""
+    from ardetect.train import engine
+
+    tuples, root = tiny_world
+    seen: list = []
+    real = engine.model_outputs
+
+    def spy(model, batch, *args, **kwargs):
+        seen.append(batch)
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "model_outputs", spy)
+    cfg = fast_config(train_phase1={"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 2, "k_negatives": 1})
+    _, result = run_phase1(cfg, tuples, root, tmp_path / "p1", resume=False)
+    assert len(seen) == 2 and result.history[-1]["train_loss_class"] > 0
+    concept_of = dict(zip(tuples["tuple_id"], tuples["concept_id"]))
+    image_concepts = tuples.groupby("train_image")["concept_id"].agg(set).to_dict()
+    for batch in seen:
+        assert len(batch.images) == 4 and batch.num_positive == 2  # 2 groups of a positive and its negative
+        for i, pos in enumerate(batch.positive.tolist()):
+            assert (len(batch.boxes[i]) > 0) == pos  # a negative has no target box
+            mine = [j for j in range(len(batch.images)) if batch.query_of[j] == batch.query_of[i]]
+            assert len(mine) == 2 and sum(batch.positive[j] for j in mine) == 1  # one positive, one negative per query
+            if not pos:
+                assert concept_of[batch.tuple_ids[i]] not in image_concepts[batch.image_keys[i]]  # another concept's image
+    seen.clear()
+    run_phase1(fast_config(train_phase1={"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 2}), tuples, root, tmp_path / "p0", resume=False)
+    assert len(seen) == 1 and bool(seen[0].positive.all()) and len(seen[0].images) == 2  # the paper's phase 1: positives only

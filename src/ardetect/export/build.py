@@ -31,11 +31,12 @@ class ExportOptions:
     fp16: bool = True
     int8: bool = True
     parity_queries: int = 32
-    variant_queries: int = 8
+    variant_queries: int = 8  # fp16 scorer's parity tuples (the first of parity_queries)
     score_tolerance: float = 1e-4
     box_tolerance_px: float = 0.5
     iou_threshold: float = 0.5
     tie_rechecks: int = 32
+    int8_queries: int | None = None  # int8 scorer's parity tuples; None = every parity tuple
 
 
 def identity_of(details_path: Path, row: str = "ARD") -> tuple[float, int]:
@@ -137,7 +138,7 @@ def build_export(
         if tuples is not None:
             precisions = tuple(p for p, on in (("fp16", opts.fp16), ("int8", opts.int8)) if on)
             parity = run_parity(model, tmp, tuples, negatives, data_root, opts.identity_weight, opts.grid, opts.top_k,
-                                queries=opts.parity_queries, variant_queries=opts.variant_queries, score_tol=opts.score_tolerance, box_tol=opts.box_tolerance_px,
+                                queries=opts.parity_queries, variant_queries={"fp16": opts.variant_queries, "int8": opts.int8_queries}, score_tol=opts.score_tolerance, box_tol=opts.box_tolerance_px,
                                 iou_threshold=opts.iou_threshold, precisions=precisions, progress=progress, seconds=seconds,
                                 reference=reference, tie_rechecks=opts.tie_rechecks)
             (tmp / PARITY_FILE).write_text(json.dumps(parity, indent=2, sort_keys=True) + "\n")

@@ -28,7 +28,7 @@ than ``tie_rechecks`` (a broken export differs everywhere).
 from __future__ import annotations
 
 import time
-
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -179,13 +179,14 @@ def tie_recheck(model, data_root: Path, image_size: int, queries: pd.DataFrame, 
 
 def run_parity(
     model, folder: Path, tuples: pd.DataFrame, negatives: pd.DataFrame, data_root: Path, identity_weight: float, grid: int, top_k: int,
-    queries: int = 32, variant_queries: int | None = None, score_tol: float = 1e-4, box_tol: float = 0.5, iou_threshold: float = 0.5, precisions: tuple[str, ...] = (),
+    queries: int = 32, variant_queries: int | Mapping[str, int | None] | None = None, score_tol: float = 1e-4, box_tol: float = 0.5, iou_threshold: float = 0.5, precisions: tuple[str, ...] = (),
     batch: int = 64, progress: bool = False, seconds: dict | None = None, reference: pd.DataFrame | None = None,
     tie_rechecks: int = 32,
 ) -> dict:
     """Parity of the fp32 export in ``folder`` (the gate) and of each extra scorer variant in
     ``precisions`` (reported, not gating) against PyTorch on ``queries`` test tuples; the variants
-    run on the first ``variant_queries`` of them (default: all), and each row's recalls and the
+    run on the first ``variant_queries`` of them (default: all; a mapping gives each precision its own
+    number, None or a missing precision = all), and each row's recalls and the
     PyTorch recalls it is held against are over the tuples it ran on.
 
     Returns {"queries", "candidates", "fp32": {diffs, recalls, "passed"}, <precision>: {...}, "passed"}.
@@ -226,8 +227,9 @@ def run_parity(
     for precision in ("fp32", *[p for p in precisions if p != "fp32"]):
         start = time.perf_counter()
         on, on_negs = t, negs
-        if precision != "fp32" and variant_queries is not None and variant_queries < len(t):
-            on = t.head(variant_queries)
+        limit = variant_queries.get(precision) if isinstance(variant_queries, Mapping) else variant_queries
+        if precision != "fp32" and limit is not None and limit < len(t):
+            on = t.head(limit)
             on_negs = negs[negs["tuple_id"].astype(str).isin(set(on["tuple_id"].astype(str)))]
         try:
             detector = fp32 if precision == "fp32" else fp32.with_precision(precision)

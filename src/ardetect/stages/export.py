@@ -50,7 +50,7 @@ def build(cfg: Config) -> dict:
     ex = cfg.export
     weight, grid = identity_of(REPORTS / "details.json")
     opts = ExportOptions(weight, grid, cfg.evaluate.identity_top_k, ex.opset, ex.fp16, ex.int8, ex.parity_queries,
-                         ex.variant_queries, ex.score_tolerance, ex.box_tolerance_px, cfg.evaluate.iou_threshold)
+                         ex.variant_queries, ex.score_tolerance, ex.box_tolerance_px, cfg.evaluate.iou_threshold, int8_queries=ex.int8_queries)
     metrics = earned_metrics(REPORTS / "metrics.json")
     # memorisation events are not queries (the quality gate keeps them out of evaluation, and so of parity)
     tuples = drop_excluded(read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples"), EXCLUSIONS)

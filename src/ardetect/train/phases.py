@@ -158,7 +158,8 @@ def _run(
         from ardetect.model import param_groups
 
         groups = param_groups(model, p.lr, p.lr_backbone, p.lr_linear_proj_mult)
-        batch_size, negatives, reg, lam = p.batch_size, None, None, 0.0
+        batch_size, reg, lam = p.batch_size, None, 0.0  # batch_size groups: a positive and its k negatives (k = 0: the paper's phase 1)
+        negatives = NegativeSampler(tuples, "train", p.k_negatives, p.seed, same_class=p.same_class_negatives) if p.k_negatives else None
     else:
         groups = [{"params": model.adapter_parameters(), "lr": p.lr, "name": "adapters"}]
         batch_size = p.groups_per_step  # groups: one positive and its k negatives share the query (paper: 1 group a step)
