@@ -239,6 +239,10 @@ class ModelSection(_Section):
     pretrained: str | None = Field(
         None, description="transformers GroundingDINO checkpoint (local path or cached hub id) to start from"
     )
+    device: str | None = Field(
+        None, pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device the detector trains and is scored on (pretrain, both "
+        "phases, evaluate): cpu, cuda or cuda:N; null = cuda when present, else cpu",
+    )
 
     @model_validator(mode="after")
     def _one_image_size(self) -> "ModelSection":
@@ -307,6 +311,10 @@ class PretrainConfig(_Section):
     lr_drop_epochs: int = Field(100, ge=1, description="StepLR step size, epochs")
     lr_gamma: float = Field(0.1, gt=0, le=1)
     absent_classes: int = Field(4, ge=0, description="classes not in the image added to its prompt (negatives for their tokens)")
+    image_size: int | None = Field(
+        None, ge=32, description="side the detection steps train at (the weights do not depend on it: phase 1 and the val "
+        "diagnostics read the model's model.image_size); null = the model's",
+    )
     min_area: int = Field(64, ge=1, description="objects with fewer visible pixels are left out (mostly covered distractors)")
     images: Literal["all", "exemplars", "generated"] = Field("all", description="which training-split images to pre-train on")
     checkpoint_every: int = Field(100, ge=1)

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ardetect.data.datasets import build_transform, load_rgb, transform_with_box
+from ardetect.devices import device_of
 from ardetect.evaluation.harness import Scores
 
 
@@ -37,7 +38,7 @@ class ARDMethod:
     region_level = True
 
     def __init__(
-        self, model, data_root: Path, image_size: int, name: str = "ARD", batch: int = 64, device: str = "cpu", max_cached: int = 4096,
+        self, model, data_root: Path, image_size: int, name: str = "ARD", batch: int = 64, device: str | None = None, max_cached: int = 4096,
         identity_weight: float = 0.0, top_k: int = 5, grid: int = 1,
     ):
         self.model = model.eval()
@@ -45,7 +46,7 @@ class ARDMethod:
         self.root = Path(data_root)
         self.size = image_size
         self.batch = batch
-        self.device = device
+        self.device = torch.device(device) if device is not None else device_of(model)  # default: the model's
         self.identity_weight = identity_weight
         self.top_k = top_k
         self.grid = grid
@@ -145,7 +146,7 @@ class SharedTrunkARD:
     """
 
     def __init__(
-        self, models: dict, data_root: Path, image_size: int, batch: int = 64, device: str = "cpu", top_k: int = 5, identity: bool = False,
+        self, models: dict, data_root: Path, image_size: int, batch: int = 64, device: str | None = None, top_k: int = 5, identity: bool = False,
         grids: Sequence[int] = (1,),
     ):
         from ardetect.model.detector import check_variants

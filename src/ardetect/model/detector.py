@@ -431,8 +431,9 @@ class ARDetector(nn.Module):
 
     def encode_text_ids(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> QueryCache:
         """Encode ready token ids without concept or region tokens: GroundingDINO's own input."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        device = self.text_projection.weight.device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         if input_ids.shape[1] > self.cfg.max_text_len:
             raise ValueError(f"input_ids are {input_ids.shape[1]} tokens, longer than max_text_len={self.cfg.max_text_len}")
         tok = tokenized_from_ids(input_ids, attention_mask, self.delimiters)

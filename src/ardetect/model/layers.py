@@ -179,10 +179,10 @@ class DeformableAttention(nn.Module):
         nh, nl, npt = self.num_heads, self.num_levels, self.num_points
         dh = v.shape[-1]
         # channel c = ((head * L + level) * P + point) * 2 + xy of the offsets, level*2 + xy of the references
-        level_xy = torch.arange(nh * nl * npt * 2).view(nh, nl, npt, 2)
+        level_xy = torch.arange(nh * nl * npt * 2, device=query.device).view(nh, nl, npt, 2)
         level_xy = (level_xy // 2 // npt % nl * 2 + level_xy % 2).flatten()  # [C] -> index into [L*2]
         if reference_points.shape[-1] == 2:
-            per_level = torch.tensor([[2.0 / w, 2.0 / h] for h, w in shapes], dtype=query.dtype).flatten()[level_xy]  # [C]
+            per_level = torch.tensor([[2.0 / w, 2.0 / h] for h, w in shapes], dtype=query.dtype, device=query.device).flatten()[level_xy]  # [C]
             offsets = F.linear(query, self.sampling_offsets.weight * per_level[:, None], self.sampling_offsets.bias * per_level)
             centre = (2 * reference_points - 1).flatten(-2)[..., level_xy]  # [B or 1, Q, C]
             grids = offsets + centre

@@ -181,12 +181,14 @@ def build(cfg: Config) -> dict:
     from ardetect.evaluation.figures import recall_curve, recall_plot, retrieval_figure
     from ardetect.evaluation.harness import ChanceMethod, Recording, evaluate_method
     from ardetect.evaluation.intervals import N_RESAMPLES
+    from ardetect.devices import resolve_device
     from ardetect.train.phases import image_size_of, load_model
 
     ev = cfg.evaluate
     seed = cfg.train_phase1.seed
-    ard = load_model(PHASE2)
-    ard_minus = load_model(Path("models/phase1/model.pt"))
+    device = resolve_device(cfg.model.device)
+    ard = load_model(PHASE2).to(device)
+    ard_minus = load_model(Path("models/phase1/model.pt")).to(device)
     abcs = {name: load_abc(path) for name, path in ABC_ROWS.items()}
     size = image_size_of(ard)
     worlds = {

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ardetect.data.datasets import load_rgb
+from ardetect.devices import device_of
 
 MARGIN = 0.1  # context around each object's box, a fraction of its longer side
 
@@ -64,9 +65,11 @@ def classify_backbone(model, train: tuple[torch.Tensor, torch.Tensor], val: tupl
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         backbone.eval()  # one crop through batch norm in training mode would fail on a 1x1 map
-        channels = backbone(model.normalize(crops[:1].float() / 255))[-1].shape[1]
+        channels = backbone(model.normalize(crops[:1].to(device_of(backbone)).float() / 255))[-1].shape[1]
         backbone.train(was_training)
         head = torch.nn.Linear(channels, n_classes)
+    device = device_of(backbone)
+    head = head.to(device)
     params = [p for p in backbone.parameters() if p.requires_grad]
     if not params:
         raise ValueError("classify_backbone: the image backbone is frozen (pretrained); nothing to train")
@@ -74,8 +77,8 @@ def classify_backbone(model, train: tuple[torch.Tensor, torch.Tensor], val: tupl
     steps = len(crops) // batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.15)
 
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        return head(backbone(model.normalize(x.float() / 255))[-1].mean((2, 3)))
+    def logits(x: torch.Tensor) -> torch.Tensor:  # crops stay on the CPU; each batch goes to the backbone's device
+        return head(backbone(model.normalize(x.to(device).float() / 255))[-1].mean((2, 3)))
 
     history = []
     try:
@@ -88,7 +91,7 @@ def classify_backbone(model, train: tuple[torch.Tensor, torch.Tensor], val: tupl
                 x = crops[pick]
                 flip = torch.rand(len(x), generator=generator) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                loss = torch.nn.functional.cross_entropy(logits(x), labels[pick])
+                loss = torch.nn.functional.cross_entropy(logits(x), labels[pick].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -98,7 +101,7 @@ def classify_backbone(model, train: tuple[torch.Tensor, torch.Tensor], val: tupl
             if val is not None and len(val[0]):
                 backbone.eval()
                 with torch.no_grad():
-                    hits = sum(int((logits(val[0][i : i + 256]).argmax(-1) == val[1][i : i + 256]).sum()) for i in range(0, len(val[0]), 256))
+                    hits = sum(int((logits(val[0][i : i + 256]).argmax(-1).cpu() == val[1][i : i + 256]).sum()) for i in range(0, len(val[0]), 256))
                 record["val_classify_accuracy"] = hits / len(val[0])
             history.append(record)
             print("[pretrain] classify " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))

@@ -23,6 +23,7 @@ from torch import Tensor
 from torchvision.ops import box_convert, box_iou
 
 from ardetect.data.datasets import NegativeSampler, Sample, TupleDataset
+from ardetect.devices import to_device
 from ardetect.train.losses import SetCriterion
 from ardetect.train.matcher import Target
 
@@ -217,13 +218,13 @@ def _region_pairs(model, cache, feats: list[Tensor], batch: Batch, out=None, k: 
     ``CLEAR_IOU`` (E <= M k)."""
     pos = torch.nonzero(batch.positive).flatten()
     region = cache.text[cache.region_mask].view(len(batch.prompts), -1, cache.text.shape[-1])[:, 0]  # [P, D]
-    size = torch.tensor(batch.images.shape[-2:][::-1] * 2, dtype=torch.float32)  # (W, H, W, H)
+    size = torch.tensor(batch.images.shape[-2:][::-1] * 2, dtype=torch.float32, device=batch.images.device)  # (W, H, W, H)
     boxes = torch.stack([box_convert(batch.boxes[int(i)][0], "cxcywh", "xyxy") for i in pos]) * size  # [M, 4] pixels
     rmap = model.region_map([f[pos] for f in feats])  # [M, D, h, w]
     boxes = boxes.to(rmap.device)
     target = model.pool_map(rmap, boxes[:, None])[:, 0]  # [M, D]
     keys = [batch.image_keys[int(i)] for i in pos]
-    same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool)
+    same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool, device=rmap.device)
     others = target.new_zeros(0, target.shape[-1])
     if k > 0 and out is not None:
         with torch.no_grad():
@@ -373,10 +374,11 @@ def train_one_epoch(
     max_steps: int | None = None, regulariser: Callable[[], Tensor] | None = None, lambda_reg: float = 0.0,
     on_checkpoint: Callable[[], None] | None = None, checkpoint_every: int = 50,
     log: Callable[[dict], None] | None = None, progress: Callable[[int, int, dict], None] | None = None,
-    aux: bool = True, workers: int = 0,
+    aux: bool = True, workers: int = 0, device: torch.device | None = None,
 ) -> dict[str, float]:
     """One epoch from ``state.step``; returns mean losses. Calls ``on_checkpoint`` every N steps.
-    ``workers``: DataLoader processes building the batches ahead (``iter_batches``)."""
+    ``workers``: DataLoader processes building the batches ahead (``iter_batches``); ``device``:
+    where each batch goes (the model's device)."""
     rank, world = distributed()
     ddp_model.train()
     n_steps = steps_per_epoch(len(ds), batch_size, world, max_steps)
@@ -388,6 +390,7 @@ def train_one_epoch(
     return train_steps(
         criterion, optimizer, batches, forward, n_steps, state, epoch=epoch, clip_grad=clip_grad, regulariser=regulariser,
         lambda_reg=lambda_reg, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every, log=log, progress=progress,
+        device=device,
     )
 
 
@@ -415,14 +418,16 @@ def train_steps(
     clip_grad: float, regulariser: Callable[[], Tensor] | None = None, lambda_reg: float = 0.0,
     on_checkpoint: Callable[[], None] | None = None, checkpoint_every: int = 50,
     log: Callable[[dict], None] | None = None, progress: Callable[[int, int, dict], None] | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """The optimisation steps of one epoch: ``batches`` yields (step, batch) from ``state.step``,
-    ``forward(batch)`` gives (outputs, token_mask, targets) for ``criterion``. Returns mean losses."""
+    ``forward(batch)`` gives (outputs, token_mask, targets) for ``criterion``; each batch is moved
+    to ``device`` first (``to_device``). Returns mean losses."""
     rank, _ = distributed()
     totals: dict[str, float] = {}
     count = 0
     for step, batch in batches:
-        outputs, token_mask, targets = forward(batch)
+        outputs, token_mask, targets = forward(to_device(batch, device))
         losses = criterion(outputs, targets, token_mask)
         if regulariser is not None and lambda_reg > 0:
             losses["loss_reg"] = regulariser()

@@ -59,7 +59,7 @@ class HungarianMatcher(torch.nn.Module):
             raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {B}")
         sizes = [len(t.boxes) for t in targets]
         if sum(sizes) == 0:
-            empty = torch.empty(0, dtype=torch.int64)
+            empty = torch.empty(0, dtype=torch.int64, device=pred_logits.device)
             return [(empty, empty) for _ in targets]
         logits = pred_logits.flatten(0, 1).float()  # [B*Q, T]
         boxes = pred_boxes.flatten(0, 1).float()  # [B*Q, 4]
@@ -75,5 +75,6 @@ class HungarianMatcher(torch.nn.Module):
         out = []
         for b, block in enumerate(cost.split(sizes, -1)):
             rows, cols = linear_sum_assignment(block[b].numpy())
-            out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            out.append((torch.as_tensor(rows, dtype=torch.int64, device=pred_logits.device),
+                        torch.as_tensor(cols, dtype=torch.int64, device=pred_logits.device)))
         return out

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ardetect.config import Config
 from ardetect.data.datasets import NegativeSampler, TupleDataset
+from ardetect.devices import resolve_device
 from ardetect.evaluation.ard import ARDMethod
 from ardetect.evaluation.harness import evaluate_method
 from ardetect.train.engine import (
@@ -152,7 +153,8 @@ def _run(
     rank, world = distributed()
     size = image_size_of(model)
     torch.manual_seed(p.seed)
-    model.set_phase(phase)
+    device = resolve_device(cfg.model.device)
+    model.to(device).set_phase(phase)
     ddp_model = wrap_ddp(model)
     if phase == 1:
         from ardetect.model import param_groups
@@ -202,7 +204,7 @@ def _run(
             model, ddp_model, criterion, optimizer, train_ds, epoch, state, seed=p.seed, batch_size=batch_size,
             clip_grad=p.clip_grad, negatives=negatives, max_steps=p.max_steps_per_epoch, regulariser=reg, lambda_reg=lam,
             on_checkpoint=checkpoint, checkpoint_every=p.checkpoint_every, progress=progress,
-            aux=phase == 1 and cfg.train_phase1.loss.aux_loss, workers=p.loader_workers,
+            aux=phase == 1 and cfg.train_phase1.loss.aux_loss, workers=p.loader_workers, device=device,
         )
         bar.close()
         if scheduler is not None:

@@ -37,6 +37,7 @@ from ardetect.data.datasets import build_transform, load_uint8, transform_with_b
 from ardetect.train.engine import (
     StepProgress, TrainState, epoch_order, load_checkpoint, model_file_state, sample_seed, save_atomic, save_checkpoint, train_steps,
 )
+from ardetect.devices import device_of, resolve_device, to_device
 from ardetect.train.losses import SetCriterion
 from ardetect.train.matcher import HungarianMatcher, Target
 
@@ -209,12 +210,15 @@ def grounding_metrics(model, ds: ObjectDataset, vocabulary: Sequence[str], absen
     was_training = model.training
     model.eval()
     hits, concept_hits, present, class_scores = [], [], [], []
+    device = device_of(model)
     ids, attention, name = class_name_ids(model.tokenizer, vocabulary)
+    name = name.to(device)
     try:
         batches = PretrainBatches(ds, model.tokenizer, vocabulary, absent, model.cfg.max_text_len, picks.tolist(), seed, 0, 8)
         names = [model.encode_text_ids(ids[c : c + 1], attention[c : c + 1]) for c in range(len(vocabulary))]
         for step in range(len(batches)):
             _, b = batches[step]
+            b = to_device(b, device)
             cache = model.encode_images(b.images)
             out = model(cache, model.encode_text_ids(b.input_ids, b.attention_mask))
             probs = out.pred_logits.sigmoid()  # [B, Q, T]
@@ -227,14 +231,14 @@ def grounding_metrics(model, ds: ObjectDataset, vocabulary: Sequence[str], absen
                 gt = box_convert(b.boxes[i], "cxcywh", "xyxy")
                 pred = box_convert(out.pred_boxes[i], "cxcywh", "xyxy")
                 for cls in dict.fromkeys(b.classes[i]):
-                    same = torch.tensor([c == cls for c in b.classes[i]])  # the objects of this class
+                    same = torch.tensor([c == cls for c in b.classes[i]], device=device)  # the objects of this class
                     on = b.token_maps[i][same][0].bool()  # its tokens
                     score = probs[i][:, : on.shape[0]][:, on].amax(-1)  # [Q]
                     ok = bool(box_iou(pred[score.argmax()][None], gt[same]).max() >= 0.5)
                     hits.append(ok)
                     if ds.concept_class.get(b.keys[i]) == cls:
                         concept_hits.append(ok)
-        scores, precision = torch.cat(class_scores), []  # [N, C]
+        scores, precision = torch.cat(class_scores).cpu(), []  # [N, C]
         for c, cls in enumerate(vocabulary):
             holds = np.array([cls in p for p in present])
             if holds.any():
@@ -288,7 +292,8 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
     p = cfg.pretrain
     torch.manual_seed(p.seed)
     model = build_model(cfg)
-    model.set_phase(1)
+    device = resolve_device(cfg.model.device)
+    model.to(device).set_phase(1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = training_images(tuples, p.images)
@@ -297,7 +302,7 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
     history: list[dict] = []
     if p.epochs > 0:
         size = image_size_of(model)
-        ds = ObjectDataset(objects, images, data_root, size, train=p.augment, min_area=p.min_area)
+        ds = ObjectDataset(objects, images, data_root, p.image_size or size, train=p.augment, min_area=p.min_area)
         vocabulary = sorted(objects["base_class"].astype(str).unique())
         val = tuples[tuples["split"] == "val"]
         val_ds = ObjectDataset(objects, training_images(tuples, p.images, "val"), data_root, size, train=False, min_area=p.min_area) if len(val) else None
@@ -338,7 +343,7 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
             stats = train_steps(
                 criterion, optimizer, (batches[i] for i in range(state.step, n_steps)), lambda b: detection_outputs(model, b, aux=p.loss.aux_loss),
                 n_steps, state, epoch=epoch, clip_grad=p.clip_grad, on_checkpoint=checkpoint, checkpoint_every=p.checkpoint_every,
-                progress=progress,
+                progress=progress, device=device,
             )
             bar.close()
             scheduler.step()
