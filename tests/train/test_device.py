@@ -68,8 +68,8 @@ def test_training_asked_for_cuda_on_a_cpu_machine_stops_before_writing(tiny_worl
 
 
 def _train_all(cfg, tuples, root, out):
-    pre, _ = run_pretrain(cfg, objects_of(tuples), tuples, root, out / "pre")
-    p1, r1 = run_phase1(cfg, tuples, root, out / "p1", resume=False, init=out / "pre" / "model.pt")
+    run_pretrain(cfg, objects_of(tuples), tuples, root, out / "pre")
+    _, r1 = run_phase1(cfg, tuples, root, out / "p1", resume=False, init=out / "pre" / "model.pt")
     p2, r2 = run_phase2(cfg, out / "p1" / "best.pt", tuples, root, out / "p2", resume=False)
     return p2, r1.history + r2.history
 
