@@ -202,21 +202,25 @@ def test_pipeline_outputs_and_up_to_date(piped):
                 assert {"recall@1", "recall@5", "recall@10"} <= keys <= {"recall@1", "recall@5", "recall@10", "box_accuracy"}
         assert metrics["bars"] and all(isinstance(v, bool) for v in metrics["bars"].values())
         fits = json.loads(details_path.read_text())["identity_fit"]
-    # the identity weight and pooling grid of each detector are fitted on the val split, from the params' grids
+    # the identity weight, pooling grid and class weight of each detector are fitted on the val split, from the params' grids
+    # (the pre-training's crop classification gave the detectors a region classifier, so the class weights are tried)
     weights = {"0", "1", "2", "5", "10", "20"}
+    label = lambda g, a: f"{g}x{g}" + ("" if a == "0" else f", a={a}")  # noqa: E731
     for name in ("ARD", "ARD-"):
         fit = fits[name]
         by_grid = fit["val_recall@10"]
-        assert set(by_grid) == {"1x1", "2x2", "3x3", "4x4"} and set(by_grid["1x1"]) == weights
-        assert all(set(by_grid[f"{g}x{g}"]) == weights - {"0"} for g in (2, 3, 4))
-        assert fit["grid"] in (1, 2, 3, 4) and f"{fit['weight']:g}" in by_grid[f"{fit['grid']}x{fit['grid']}"]
+        assert set(by_grid) == {label(g, a) for g in (1, 2, 3, 4) for a in ("0", "1", "2", "3")}
+        for a in ("0", "1", "2", "3"):  # w = 0 is tried on the first grid only
+            assert set(by_grid[label(1, a)]) == weights and all(set(by_grid[label(g, a)]) == weights - {"0"} for g in (2, 3, 4))
+        chosen = by_grid[label(fit["grid"], f"{fit['class_weight']:g}")]
+        assert fit["grid"] in (1, 2, 3, 4) and fit["class_weight"] in (0, 1, 2, 3) and f"{fit['weight']:g}" in chosen
         best = max(r for rs in by_grid.values() for r in rs.values())
-        assert by_grid[f"{fit['grid']}x{fit['grid']}"][f"{fit['weight']:g}"] == best
+        assert chosen[f"{fit['weight']:g}"] == best
         paper = metrics["test"].get(name + " paper score")
-        if fit["weight"] == 0 and paper:  # the paper's score: the two rows are the same ranking
+        if fit["weight"] == 0 and fit["class_weight"] == 0 and paper:  # the paper's score: the two rows are the same ranking
             assert metrics["test"][name]["recall@10"] == paper["recall@10"]
     report = (ws / "reports/results.md").read_text()
-    assert "class_rprecision" in report and "Identity weight and pooling grid, fitted on" in report
+    assert "class_rprecision" in report and "Identity weight, pooling grid and class weight, fitted on" in report
     # the export: three graphs, manifest, parity within bounds, one registered version (the second run re-ran nothing)
     for name in ("image_encoder.onnx", "query_encoder.onnx", "scorer.onnx", "manifest.json", "tokenizer/tokenizer.json"):
         assert (ws / "models/export" / name).is_file(), name

@@ -340,6 +340,7 @@ def export_cmd(
     phase1: Path = typer.Option(None, "--phase1", help="its phase-1 checkpoint: checked to be the same training, digest recorded"),
     identity_weight: float = typer.Option(None, "--identity-weight", min=0.0, help="re-ranking weight (default: reports/details.json's fit for ARD)"),
     grid: int = typer.Option(None, "--grid", min=1, help="re-ranking pooling grid (default: as the weight)"),
+    class_weight: float = typer.Option(None, "--class-weight", min=0.0, help="re-ranking class-match exponent (default: as the weight)"),
     top_k: int = typer.Option(5, "--top-k", min=1, help="boxes per candidate the re-ranking chooses among"),
     details: Path = typer.Option(Path("reports/details.json"), help="evaluate's details, for the fitted weight and grid"),
     parity: bool = typer.Option(True, help="check parity on the pipeline's first test tuples (needs data/tuples)"),
@@ -356,10 +357,11 @@ def export_cmd(
     from ardetect.export.onnx_export import ExportError
 
     try:
-        if identity_weight is None or grid is None:
-            w, g = identity_of(details)
+        if identity_weight is None or grid is None or class_weight is None:
+            w, g, a = identity_of(details)
             identity_weight = w if identity_weight is None else identity_weight
             grid = g if grid is None else grid
+            class_weight = a if class_weight is None else class_weight
         tuples = negatives = None
         if parity:
             from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, read_table
@@ -367,14 +369,14 @@ def export_cmd(
             tuples = read_table(data / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples")
             negatives = read_table(data / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
         opts = ExportOptions(identity_weight, grid, top_k, fp16=fp16, int8=int8, parity_queries=queries, variant_queries=variant_queries,
-                             tie_rechecks=tie_rechecks, int8_queries=int8_queries)
+                             tie_rechecks=tie_rechecks, int8_queries=int8_queries, class_weight=class_weight)
         done = build_export(phase2, out, opts, phase1=phase1, tuples=tuples, negatives=negatives, data_root=data, progress=True)
     except (ExportError, ValueError, FileNotFoundError) as err:
         typer.echo(f"export failed: {err}", err=True)
         raise typer.Exit(1) from None
     m = done["manifest"]
     typer.echo(f"wrote {out}: {', '.join(sorted(m['sha256']))} ({m['model_config']['size']}, {m['image_size']} px; "
-               f"identity weight {identity_weight:g}, grid {grid})")
+               f"identity weight {identity_weight:g}, grid {grid}, class weight {class_weight:g})")
     if done["parity"] is not None:
         f = done["parity"]["fp32"]
         typer.echo(f"parity on {done['parity']['queries']} test tuples: score diff {f['score_max_abs_diff']:.2e}, "

@@ -441,6 +441,11 @@ class EvaluateConfig(_Section):
         description="pooling grids of the re-ranking's region descriptor fitted over with the weight (1 = the region token, 2 = 2x2 cells, ...)",
     )
     identity_top_k: int = Field(5, ge=1, description="boxes per candidate image the identity re-ranking chooses among")
+    class_weights: IdentityWeights = Field(
+        [0.0, 1.0, 2.0, 3.0], min_length=1,
+        description="grid the re-ranking's class-match exponent is fitted over with the weight and grid (a detector with a region "
+        "classifier; 0 = no class factor)",
+    )
     fit_queries: int | None = Field(64, ge=1, description="val queries the identity weight and grid are fitted on; null = all")
 
 

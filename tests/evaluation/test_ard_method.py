@@ -107,14 +107,14 @@ def test_shared_trunk_identity_weights_match_each_model_alone(tmp_path):
     fresh.runner.candidates_variants = lambda *a, **k: calls.append(1) or run(*a, **k)
     fitted = fit_identity_weights(fresh, ["ARD", "ARD-"], tuples, negatives, [0.0, 4.0])
     assert len(calls) == len(tuples) and not fresh._pending
-    assert set(fitted) == {"ARD", "ARD-"} and all(w in (0.0, 4.0) and g == 1 for w, g, _ in fitted.values())
+    assert set(fitted) == {"ARD", "ARD-"} and all(w in (0.0, 4.0) and g == 1 and a == 0.0 for w, g, a, _ in fitted.values())
     # with two pooling grids: still one detector pass per query; w = 0 is tried once
     two = SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64, batch=2, top_k=3, identity=True, grids=[2, 1])
     calls.clear()
     run2 = two.runner.candidates_variants
     two.runner.candidates_variants = lambda *a, **k: calls.append(1) or run2(*a, **k)
     fitted = fit_identity_weights(two, ["ARD"], tuples, negatives, [0.0, 4.0])
-    assert len(calls) == len(tuples) and set(fitted["ARD"][2]) == {(1, 0.0), (1, 4.0), (2, 4.0)}
+    assert len(calls) == len(tuples) and set(fitted["ARD"][3]) == {(1, 0.0, 0.0), (1, 4.0, 0.0), (2, 4.0, 0.0)}
     with pytest.raises(ValueError, match="grid=3"):
         two.method("x", "ARD", 1.0, 3)
     # the paper's score (w = 0) uses no grid: a trunk of 2x2 descriptors only still scores it
@@ -147,7 +147,7 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
         def prefetch(self, tuples, negatives, workers=None, progress=False):  # the scores are made up: nothing to run ahead
             pass
 
-        def method(self, label, variant, w, grid):
+        def method(self, label, variant, w, grid, class_weight=0.0):
             class M:
                 name, region_level, identity_weight = label, True, w
 
@@ -158,7 +158,7 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
                     box = np.array([[0.0, 0.0, 10.0, 10.0]] * len(candidates))
                     return Scores(np.concatenate([[pos], neg]), box)
 
-            M.grid = grid
+            M.grid, M.class_weight = grid, class_weight
             return M()
 
     tuples = pd.DataFrame({
@@ -168,8 +168,10 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
     })
     negatives = pd.DataFrame({"tuple_id": np.repeat(tuples["tuple_id"], 11), "neg_image": [f"n{j}.png" for j in range(11)] * 4})
     fitted = fit_identity_weights(Trunk(), ["ARD", "ARD-"], tuples, negatives, [5.0, 0.0, 1.0, 2.0])
-    best, grid, recalls = fitted["ARD"]
-    assert recalls == {(1, 0.0): 0.5, (1, 1.0): 0.75, (1, 2.0): 0.5, (1, 5.0): 0.75, (2, 1.0): 0.25, (2, 2.0): 0.75, (2, 5.0): 0.5}
+    best, grid, a, recalls = fitted["ARD"]
+    assert a == 0.0
+    assert recalls == {(g, w, 0.0): r for (g, w), r in {
+        (1, 0.0): 0.5, (1, 1.0): 0.75, (1, 2.0): 0.5, (1, 5.0): 0.75, (2, 1.0): 0.25, (2, 2.0): 0.75, (2, 5.0): 0.5}.items()}
     assert (best, grid) == (1.0, 1)  # (1, 1x1), (5, 1x1) and (2, 2x2) tie at 0.75: the coarser grid, then the smaller weight
     ranks[(2, 5.0)] = [1, 1, 1, 1]  # 2x2 alone best: it wins
     assert fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [5.0, 0.0, 1.0, 2.0])["ARD"][:2] == (5.0, 2)
@@ -209,3 +211,41 @@ def test_prefetch_side_by_side_scores_as_one_query_at_a_time(tmp_path):
     ahead.prefetch(tuples.iloc[:0], negatives)  # nothing to do
     with pytest.raises(ValueError, match="workers=0"):
         make().prefetch(tuples, negatives, workers=0)
+
+
+def test_fit_tries_each_class_weight_and_prefers_the_smaller_on_ties():
+    from ardetect.evaluation.ard import fit_identity_weights
+    from ardetect.evaluation.harness import Scores
+
+    # Recall@10 of each (grid, w, a): the positive ranks first for the queries listed, 12th otherwise
+    firsts = {(1, 0.0, 0.0): 1, (1, 0.0, 1.0): 2, (1, 0.0, 2.0): 2, (1, 4.0, 0.0): 2, (1, 4.0, 1.0): 3, (1, 4.0, 2.0): 3}
+
+    class Trunk:
+        grids = (1,)
+
+        def prefetch(self, tuples, negatives, workers=None, progress=False):
+            pass
+
+        def method(self, label, variant, w, grid, class_weight=0.0):
+            class M:
+                name, region_level, identity_weight = label, True, w
+
+                def score(self, query, candidates):
+                    top = int(query["tuple_id"][1]) < firsts[(grid, w, class_weight)]
+                    neg = 0.95 - 0.05 * np.arange(len(candidates) - 1)
+                    box = np.array([[0.0, 0.0, 10.0, 10.0]] * len(candidates))
+                    return Scores(np.concatenate([[1.0 if top else 0.0], neg]), box)
+
+            M.grid, M.class_weight = grid, class_weight
+            return M()
+
+    tuples = pd.DataFrame({
+        "tuple_id": [f"t{i}" for i in range(4)], "query_image": ["q.png"] * 4, "query_box": [[0.0, 0.0, 10.0, 10.0]] * 4,
+        "prompt": ["p"] * 4, "concept_phrase": ["V* cat"] * 4, "train_image": [f"x{i}.png" for i in range(4)],
+        "train_box": [[0.0, 0.0, 10.0, 10.0]] * 4, "medium": ["photo"] * 4, "base_class": ["cat"] * 4,
+    })
+    negatives = pd.DataFrame({"tuple_id": np.repeat(tuples["tuple_id"], 11), "neg_image": [f"n{j}.png" for j in range(11)] * 4})
+    w, g, a, recalls = fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [0.0, 4.0], class_weights=[2.0, 0.0, 1.0])["ARD"]
+    assert set(recalls) == set(firsts) and recalls[(1, 4.0, 1.0)] == 0.75
+    assert (w, g, a) == (4.0, 1, 1.0)  # (4, 1) and (4, 2) tie at 0.75: the smaller class weight
+    assert fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [0.0, 4.0])["ARD"][2] == 0.0  # default: no class weight

@@ -273,3 +273,59 @@ def test_ard_export_on_a_checkpoint_of_another_model_size(trained, tmp_path):
     bad = CliRunner().invoke(app, ["export", "--phase2", str(p2), "--phase1", str(nano_p1), "--out", str(tmp_path / "bad"),
                                    "--identity-weight", "2", "--grid", "1", "--no-parity"])
     assert bad.exit_code == 1 and "is a 'nano' detector" in bad.output
+
+
+def test_export_and_index_of_a_detector_with_a_region_classifier(trained, tmp_path):
+    """The class match goes through the graphs: the image encoder hands on its images, the query encoder the query
+    region's classes, the scorer crops and classifies its boxes; parity holds, the factor changes the scores, and
+    an index keeps the images so that the service scores as the evaluation does."""
+    from types import SimpleNamespace
+
+    from ardetect.evaluation.ard import ARDMethod
+    from ardetect.evaluation.harness import evaluate_method
+    from ardetect.serve import Attributor, CandidateIndex, build_index
+    from ardetect.serve.images import open_image
+    from ardetect.serve.index import ImageEntry
+    from ardetect.train.engine import model_file_state, save_atomic
+    from ardetect.train.phases import image_size_of, load_model
+
+    tuples, negatives, root, _, p2 = trained
+    model = load_model(p2).eval()
+    torch.manual_seed(0)
+    model.add_region_classifier(["a", "b", "c", "d"], 16)
+    with torch.no_grad():
+        model.region_classifier.head.weight.mul_(40.0)  # classes that differ from box to box
+    path = save_atomic({**model_file_state(model), "model_config": model.cfg.model_dump(mode="json")}, tmp_path / "clf.pt")
+    opts = ExportOptions(identity_weight=5.0, grid=2, top_k=3, parity_queries=6, fp16=False, int8=False, class_weight=2.0)
+    out = tmp_path / "export"
+    done = build_export(path, out, opts, tuples=tuples, negatives=negatives, data_root=root)
+    assert done["parity"]["passed"] and done["parity"]["fp32"]["score_max_abs_diff"] <= 1e-4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["score"]["class_weight"] == 2.0 and "class_match" in manifest["score"]["rule"]
+    det = OnnxDetector(out)
+    assert det.image_arrays == ["features", "region_map", "pixels"] and {"pixels", "query_class"} <= set(det.inputs["scorer"])
+    # the factor counts: the same detector without it ranks with other scores
+    size = image_size_of(model)
+    test = tuples[tuples["split"] == "test"]
+    with_class = evaluate_method(ARDMethod(model, root, size, identity_weight=5.0, top_k=3, grid=2, class_weight=2.0), test, negatives,
+                                 progress=False).per_query
+    without = evaluate_method(ARDMethod(model, root, size, identity_weight=5.0, top_k=3, grid=2), test, negatives, progress=False).per_query
+    assert not np.allclose(with_class["score"], without["score"])
+    assert (with_class["score"] <= without["score"] + 1e-6).all()  # a probability's power: never above
+    # an index of the test images keeps the pixels; the service's score of each query's own image is the evaluation's
+    images = sorted(set(test["train_image"]))
+    entries = [ImageEntry(id=Path(p).stem, path=p) for p in images]
+    loaded = SimpleNamespace(detector=det, fingerprint="clf-test")
+    meta = build_index(loaded, root, entries, tmp_path / "index", chunk=2, progress=False)
+    assert meta["arrays"] == ["features", "pixels", "region_map"]
+    index = CandidateIndex(tmp_path / "index", "clf-test")
+    assert index.arrays["pixels"].shape == (len(images), 3, size, size)
+    att = Attributor(SimpleNamespace(detector=det), index, shortlist=len(images))
+    by_id = with_class.set_index("tuple_id")["score"]
+    for _, q in test.iloc[:3].iterrows():
+        got = att.attribute(open_image(root / q["query_image"]), [float(v) for v in q["query_box"]], q["prompt"], q["concept_phrase"],
+                            top_k=len(images))
+        own = {r["id"]: r["score"] for r in got.results}[Path(q["train_image"]).stem]
+        assert abs(own - by_id[q["tuple_id"]]) < 1e-4
+    with pytest.raises(ExportError, match="no region classifier"):
+        build_export(trained[4], tmp_path / "nope", ExportOptions(5.0, 2, 3, fp16=False, int8=False, class_weight=1.0))

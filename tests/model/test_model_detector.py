@@ -451,3 +451,91 @@ def test_class_names_at_a_phrase_start_keep_their_own_features(nano):
     cos = feats @ feats.T
     assert len(words) == 3 and float(cos[~torch.eye(3, dtype=torch.bool)].max()) < 0.95
     assert tokenized_from_ids(ids, torch.ones_like(ids), nano.delimiters).text_position_ids[0, words].tolist() == [0, 0, 0]
+
+
+def _with_classifier(nano_cfg, classes=("cat", "dog", "cup"), crop=32):
+    torch.manual_seed(3)
+    model = build(nano_cfg).eval()
+    model.add_region_classifier(classes, crop)
+    with torch.no_grad():  # a head that tells crops apart (the built one starts near uniform)
+        model.region_classifier.head.weight.mul_(40.0)
+    return model
+
+
+def test_region_classifier_crops_each_box_and_scores_its_class_match(nano_cfg, query, candidates):
+    """The class match of a box is the dot product of the region classifier's distributions of the box's crop
+    and of the query region's crop; the re-ranking multiplies it in as class_match ** a."""
+    from ardetect.model.detector import RegionCandidates, region_candidates
+    from ardetect.model.region_classifier import MARGIN, crop_regions
+
+    model = _with_classifier(nano_cfg)
+    clf = model.region_classifier
+    cache = model.encode_query(*query, [PROMPT], [CONCEPT], region_map=True)
+    with torch.no_grad():  # the query's class: the classifier on R_Q cut out with its margin, resized to the crop side
+        x0, y0, x1, y1 = query[1][0].tolist()
+        m = MARGIN * max(x1 - x0, y1 - y0)
+        crop = crop_regions(query[0], torch.tensor([[[x0, y0, x1, y1]]]), clf.crop)
+        assert crop.shape == (1, 3, 32, 32)
+        # on a ramp (pixel i holds i / 128) bilinear sampling is exact: column j of the crop reads the centre of
+        # the j-th of 32 equal bins of the box widened by MARGIN of its longer side (pixel centres at i + 0.5)
+        ramp = (torch.arange(128.0) / 128).expand(1, 3, 128, 128)
+        x_crop = crop_regions(ramp, torch.tensor([[[x0, y0, x1, y1]]]), 32)[0, 0, 0]
+        start, step = x0 - m - 0.5, (x1 - x0 + 2 * m) / 32
+        torch.testing.assert_close(x_crop, (start + (torch.arange(32) + 0.5) * step) / 128, atol=1e-5, rtol=0)
+        want_q = clf.logits(crop).softmax(-1)
+    torch.testing.assert_close(cache.region_class, want_q)
+    assert cache.region_class.shape == (1, 3) and abs(float(cache.region_class.sum()) - 1) < 1e-5
+    images = model.encode_images(candidates, region_map=True)
+    assert images.pixels is candidates  # kept for the crops
+    found = region_candidates(model, None, images, cache, top_k=4, identity=True, classes=True)[""]
+    with torch.no_grad():
+        probs = clf(candidates, found.boxes)  # [3, 4, C]
+    torch.testing.assert_close(found.class_match, (probs * want_q[:, None]).sum(-1), atol=1e-5, rtol=1e-4)
+    assert float(found.class_match.std()) > 1e-3  # boxes differ in class
+    # a = 2 with w = 0: the probability times the class match squared, best of the K boxes
+    score = found.prob * found.class_match.clamp_min(1e-6) ** 2
+    boxes, scores = model.predict_region(images, cache, top_k=4, class_weight=2.0)
+    torch.testing.assert_close(scores, score.max(-1).values, atol=1e-5, rtol=1e-4)
+    # with w: both factors
+    w_score = found.prob * torch.exp(3.0 * (found.similarity[1] - 1)) * found.class_match.clamp_min(1e-6)
+    torch.testing.assert_close(found.pick(3.0, 1, 1.0)[1], w_score.max(-1).values)
+    with pytest.raises(ValueError, match="class_weight=-1"):
+        found.pick(0.0, 1, -1.0)
+    with pytest.raises(ValueError, match="no class match"):
+        RegionCandidates(found.boxes, found.prob, found.similarity).pick(0.0, 1, 1.0)
+    # ARD and ARD- share the decoder's boxes: each distinct box is classified once, and each variant gets its own match
+    calls = []
+    forward = clf.forward
+    clf.forward = lambda *a, **k: calls.append(len(a[1])) or forward(*a, **k)
+    try:
+        both = region_candidates(model, {"A": model, "B": model}, images, cache, top_k=4, identity=True, classes=True)
+    finally:
+        del clf.forward
+    assert calls == [12]  # 3 images x 4 boxes, not 24
+    torch.testing.assert_close(both["A"].class_match, found.class_match)
+    torch.testing.assert_close(both["B"].class_match, found.class_match)
+    # without the classifier there is no class match to weigh
+    plain = region_candidates(build(nano_cfg).eval(), None, candidates, cache, top_k=2, identity=True, classes=True)[""]
+    assert plain.class_match is None
+
+
+def test_region_classifier_is_frozen_recorded_and_reloaded(nano_cfg, query, candidates, tmp_path):
+    from ardetect.train.engine import model_file_state, save_atomic
+    from ardetect.train.phases import load_model
+
+    model = _with_classifier(nano_cfg)
+    assert model.cfg.region_classes == ("cat", "dog", "cup") and model.cfg.region_crop == 32
+    model.set_phase(1)
+    model.train()
+    assert not any(p.requires_grad for p in model.region_classifier.parameters())
+    assert not model.region_classifier.training and not model.region_classifier.backbone.training  # batch norm statistics stay
+    assert all(id(p) not in {id(q) for g in param_groups(model, 1e-3, 1e-3) for q in g["params"]} for p in model.region_classifier.parameters())
+    model.eval()
+    path = save_atomic({**model_file_state(model), "model_config": model.cfg.model_dump(mode="json")}, tmp_path / "m.pt")
+    again = load_model(path).eval()
+    cache = model.encode_query(*query, [PROMPT], [CONCEPT])
+    torch.testing.assert_close(again.encode_query(*query, [PROMPT], [CONCEPT]).region_class, cache.region_class)
+    with pytest.raises(ValueError, match="distinct"):
+        build(nano_cfg).add_region_classifier(["cat", "cat"])
+    with pytest.raises(ValueError, match="region_tokens"):
+        build(ModelConfig.named("nano", region_tokens=False, region_classes=("a", "b")))

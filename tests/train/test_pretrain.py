@@ -96,7 +96,8 @@ def test_backbone_classification_learns_separable_crops():
     crops[labels == 0, 0] += 180  # class 0 red, class 1 blue
     crops[labels == 1, 2] += 180
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    history = classify_backbone(model, (crops[:48], labels[:48]), (crops[48:], labels[48:]), 2, epochs=3, batch_size=8, lr=2e-3, seed=0)
+    history, head = classify_backbone(model, (crops[:48], labels[:48]), (crops[48:], labels[48:]), 2, epochs=3, batch_size=8, lr=2e-3, seed=0)
+    assert head.out_features == 2
     assert [h["classify_epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["val_classify_accuracy"] >= 0.9 and history[-1]["classify_loss"] < history[0]["classify_loss"]
     assert any(not torch.equal(v, model.backbone.state_dict()[k]) for k, v in before.items())
@@ -109,12 +110,12 @@ def test_object_crops_cut_each_object_with_its_class(tiny_world):
     objects = objects_of(tuples)
     images = training_images(tuples)
     vocabulary = sorted(objects["base_class"].unique())
-    crops, labels = object_crops(objects, images, root, vocabulary, 32)
+    crops, labels = object_crops(objects, images, root, vocabulary, 32, 64)
     rows = objects[objects.image.isin(images)]
     assert crops.shape == (len(rows), 3, 32, 32) and crops.dtype == torch.uint8
     assert sorted(vocabulary[k] for k in labels.tolist()) == sorted(rows.base_class)
     with pytest.raises(ValueError, match="not in the vocabulary"):
-        object_crops(objects, images, root, vocabulary[:1], 32)
+        object_crops(objects, images, root, vocabulary[:1], 32, 64)
 
 
 @pytest.mark.slow

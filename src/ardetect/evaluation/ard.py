@@ -31,15 +31,15 @@ from ardetect.evaluation.harness import Scores
 
 
 class ARDMethod:
-    """ARD through the harness. ``identity_weight`` > 0 scores with the identity re-ranking
-    (``RegionCandidates.pick``) over the ``top_k`` most probable boxes, with region descriptors
-    pooled on ``grid`` x ``grid`` cells; 0 is the paper's score."""
+    """ARD through the harness. ``identity_weight`` > 0 (or ``class_weight`` > 0) scores with the identity
+    re-ranking (``RegionCandidates.pick``) over the ``top_k`` most probable boxes, with region descriptors
+    pooled on ``grid`` x ``grid`` cells (and the region classifier's class match); both 0 is the paper's score."""
 
     region_level = True
 
     def __init__(
         self, model, data_root: Path, image_size: int, name: str = "ARD", batch: int = 64, device: str | None = None, max_cached: int = 4096,
-        identity_weight: float = 0.0, top_k: int = 5, grid: int = 1,
+        identity_weight: float = 0.0, top_k: int = 5, grid: int = 1, class_weight: float = 0.0,
     ):
         self.model = model.eval()
         self.name = name
@@ -48,6 +48,7 @@ class ARDMethod:
         self.batch = batch
         self.device = torch.device(device) if device is not None else device_of(model)  # default: the model's
         self.identity_weight = identity_weight
+        self.class_weight = class_weight
         self.top_k = top_k
         self.grid = grid
         self.transform = build_transform(train=False, size=image_size)
@@ -114,16 +115,18 @@ class ARDMethod:
 
     @torch.no_grad()
     def score(self, query: pd.Series, candidates: list[str]) -> Scores:
-        identity = self.identity_weight > 0
+        identity = self.identity_weight > 0 or self.class_weight > 0
         feats, cache, sizes, order = self._inputs(query, candidates, identity, identity and self.grid > 1)
         boxes, scores = self.model.predict_region(
-            feats, cache, image_sizes=sizes, chunk_size=self.batch, identity_weight=self.identity_weight, top_k=self.top_k, grid=self.grid
+            feats, cache, image_sizes=sizes, chunk_size=self.batch, identity_weight=self.identity_weight, top_k=self.top_k, grid=self.grid,
+            class_weight=self.class_weight,
         )
         return self._scores(boxes[order], scores[order])
 
     @torch.no_grad()
     def candidates_variants(
-        self, variants: dict, query: pd.Series, candidates: list[str], check: bool = True, identity: bool = False, grids: Sequence[int] = (1,)
+        self, variants: dict, query: pd.Series, candidates: list[str], check: bool = True, identity: bool = False, grids: Sequence[int] = (1,),
+        classes: bool = False,
     ) -> dict:
         """``RegionCandidates`` of detectors that differ from this one only in their adapters, in one pass."""
         from ardetect.model import predict_region_variants
@@ -131,7 +134,7 @@ class ARDMethod:
         feats, cache, sizes, order = self._inputs(query, candidates, identity, identity and max(grids) > 1)
         found = predict_region_variants(
             self.model, variants, feats, cache, image_sizes=sizes, chunk_size=self.batch, check=check, top_k=self.top_k,
-            identity=identity, grids=grids,
+            identity=identity, grids=grids, classes=classes,
         )
         return {name: c.select(order) for name, c in found.items()}
 
@@ -139,15 +142,15 @@ class ARDMethod:
 class SharedTrunkARD:
     """ARD and ARD− (or any detectors that differ only in their adapters) scored in one pass.
 
-    ``method(label, variant, identity_weight, grid)`` gives a harness method; the first method
-    to see a query runs the detector once for every variant and keeps the top boxes (with their
-    region similarity for each pooling grid of ``grids`` when ``identity``) until every method
-    made so far has read them.
+    ``method(label, variant, identity_weight, grid, class_weight)`` gives a harness method; the first
+    method to see a query runs the detector once for every variant and keeps the top boxes (with their
+    region similarity for each pooling grid of ``grids`` when ``identity``, and their class match
+    when ``classes``) until every method made so far has read them.
     """
 
     def __init__(
         self, models: dict, data_root: Path, image_size: int, batch: int = 64, device: str | None = None, top_k: int = 5, identity: bool = False,
-        grids: Sequence[int] = (1,),
+        grids: Sequence[int] = (1,), classes: bool = False,
     ):
         from ardetect.model.detector import check_variants
 
@@ -155,6 +158,9 @@ class SharedTrunkARD:
         self.runner = ARDMethod(first, data_root, image_size, name="shared", batch=batch, device=device, top_k=top_k)
         self.models = {name: m.eval() for name, m in models.items()}
         self.identity = identity
+        if classes and (not identity or first.region_classifier is None):
+            raise ValueError("classes=True: the class match needs identity=True and a detector with a region classifier")
+        self.classes = classes
         self.grids = tuple(dict.fromkeys(int(g) for g in grids))
         if not self.grids or min(self.grids) < 1:
             raise ValueError(f"grids={list(grids)}: give at least one pooling grid, each >= 1")
@@ -163,7 +169,8 @@ class SharedTrunkARD:
         self._pending: dict[tuple, tuple[dict, set[str]]] = {}  # (tuple_id, *candidates) -> (candidates of each variant, labels still to read)
 
     def _run(self, query: pd.Series, candidates: list[str]) -> dict:
-        return self.runner.candidates_variants(self.models, query, candidates, check=False, identity=self.identity, grids=self.grids)
+        return self.runner.candidates_variants(self.models, query, candidates, check=False, identity=self.identity, grids=self.grids,
+                                               classes=self.classes)
 
     def prefetch(self, tuples: pd.DataFrame, negatives: pd.DataFrame, workers: int | None = None, progress: bool = True) -> None:
         """Run the detector on every query of ``tuples`` ahead of the methods reading them,
@@ -206,9 +213,11 @@ class SharedTrunkARD:
             del self._pending[key]
         return found[variant]
 
-    def method(self, label: str, variant: str, identity_weight: float = 0.0, grid: int = 1) -> "_Variant":
+    def method(self, label: str, variant: str, identity_weight: float = 0.0, grid: int = 1, class_weight: float = 0.0) -> "_Variant":
         if variant not in self.models:
             raise ValueError(f"variant={variant!r} is not one of {list(self.models)}")
+        if class_weight > 0 and not self.classes:
+            raise ValueError(f"class_weight={class_weight} needs SharedTrunkARD(..., classes=True)")
         if identity_weight > 0 and not self.identity:
             raise ValueError(f"identity_weight={identity_weight} needs SharedTrunkARD(..., identity=True)")
         if identity_weight > 0 and grid not in self.grids:  # w = 0, the paper's score, uses no grid
@@ -216,10 +225,10 @@ class SharedTrunkARD:
         if label in self._labels:
             raise ValueError(f"label={label!r} is already a method of this trunk")
         self._labels.add(label)
-        return _Variant(self, label, variant, identity_weight, grid)
+        return _Variant(self, label, variant, identity_weight, grid, class_weight)
 
-    def methods(self, identity: dict[str, tuple[float, int]] | None = None) -> list:
-        """One method per variant, named after it, with its (identity weight, grid) from ``identity`` (default (0, 1))."""
+    def methods(self, identity: dict[str, tuple] | None = None) -> list:
+        """One method per variant, named after it, with its (identity weight, grid[, class weight]) from ``identity`` (default (0, 1, 0))."""
         chosen = identity or {}
         return [self.method(name, name, *chosen.get(name, (0.0, 1))) for name in self.models]
 
@@ -227,46 +236,50 @@ class SharedTrunkARD:
 class _Variant:
     region_level = True
 
-    def __init__(self, trunk: SharedTrunkARD, label: str, variant: str, identity_weight: float, grid: int = 1):
+    def __init__(self, trunk: SharedTrunkARD, label: str, variant: str, identity_weight: float, grid: int = 1, class_weight: float = 0.0):
         self.trunk, self.name, self.variant, self.identity_weight, self.grid = trunk, label, variant, identity_weight, grid
+        self.class_weight = class_weight
 
     def score(self, query: pd.Series, candidates: list[str]) -> Scores:
         found = self.trunk.candidates(self.name, self.variant, query, candidates)
-        return ARDMethod._scores(*found.pick(self.identity_weight, self.grid))
+        return ARDMethod._scores(*found.pick(self.identity_weight, self.grid, self.class_weight))
 
 
 def fit_identity_weights(
     trunk: SharedTrunkARD, variants: Sequence[str], tuples: pd.DataFrame, negatives: pd.DataFrame, grid: Sequence[float],
     iou_threshold: float = 0.5, progress: bool = False, metric: str = "recall@10", summaries: dict | None = None,
-    workers: int | None = None,
-) -> dict[str, tuple[float, int, dict[tuple[int, float], float]]]:
+    workers: int | None = None, class_weights: Sequence[float] = (0.0,),
+) -> dict[str, tuple[float, int, float, dict[tuple[int, float, float], float]]]:
     """For each of ``variants``, the identity weight of ``grid`` and the pooling grid of the
     trunk's ``grids`` with the best ``metric`` (a summary key of the harness, Recall@10 by
     default) on ``tuples`` (a validation split: never the test tuples); ties go to the coarser
     pooling grid, then to the smaller weight (w = 0 is the paper's score whatever the pooling
-    grid, so it is tried once, with the coarsest grid).
+    grid, so it is tried once, with the coarsest grid). Each is tried with every class weight of
+    ``class_weights`` (the region classifier's factor; above 0 needs a trunk made with
+    ``classes=True``); ties go to the smaller class weight.
 
     The detector runs once per query for every variant, weight and pooling grid. Returns
-    {variant: (weight, pooling grid, {(pooling grid, weight): metric})}; ``summaries``, when
-    given, receives every combination's whole harness summary under (variant, grid, weight);
-    ``workers`` queries are scored side by side (``SharedTrunkARD.prefetch``).
+    {variant: (weight, pooling grid, class weight, {(pooling grid, weight, class weight): metric})};
+    ``summaries``, when given, receives every combination's whole harness summary under (variant,
+    grid, weight, class weight); ``workers`` queries are scored side by side (``SharedTrunkARD.prefetch``).
     """
     from ardetect.evaluation.harness import evaluate_method
 
     weights = sorted(set(float(w) for w in grid))
     if not weights:
         raise ValueError("grid is empty: give at least one identity weight")
-    combos = [(g, w) for g in sorted(trunk.grids) for w in weights if w > 0 or g == min(trunk.grids)]
-    methods = {v: [trunk.method(f"{v}@fit{w:g}x{g}", v, w, g) for g, w in combos] for v in variants}  # all made before any runs
+    classes = sorted(set(float(a) for a in class_weights)) or [0.0]
+    combos = [(g, w, a) for g in sorted(trunk.grids) for w in weights for a in classes if w > 0 or g == min(trunk.grids)]
+    methods = {v: [trunk.method(f"{v}@fit{w:g}x{g}a{a:g}", v, w, g, a) for g, w, a in combos] for v in variants}  # all made before any runs
     trunk.prefetch(tuples, negatives, workers, progress=progress)
     out = {}
     for v, ms in methods.items():
         recalls = {}
         for m in ms:
             summary = evaluate_method(m, tuples, negatives, iou_threshold, progress=progress).summary
-            recalls[(m.grid, m.identity_weight)] = float(summary[metric])
+            recalls[(m.grid, m.identity_weight, m.class_weight)] = float(summary[metric])
             if summaries is not None:
-                summaries[(v, m.grid, m.identity_weight)] = summary
-        g, w = max(recalls, key=lambda gw: (recalls[gw], -gw[0], -gw[1]))
-        out[v] = (w, g, recalls)
+                summaries[(v, m.grid, m.identity_weight, m.class_weight)] = summary
+        g, w, a = max(recalls, key=lambda gwa: (recalls[gwa], -gwa[0], -gwa[1], -gwa[2]))
+        out[v] = (w, g, a, recalls)
     return out

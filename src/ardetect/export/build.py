@@ -37,17 +37,18 @@ class ExportOptions:
     iou_threshold: float = 0.5
     tie_rechecks: int = 32
     int8_queries: int | None = None  # int8 scorer's parity tuples; None = every parity tuple
+    class_weight: float = 0.0  # the re-ranking's class-match exponent (a detector with a region classifier)
 
 
-def identity_of(details_path: Path, row: str = "ARD") -> tuple[float, int]:
-    """The identity weight and pooling grid ``evaluate`` fitted for ``row`` (``reports/details.json``)."""
+def identity_of(details_path: Path, row: str = "ARD") -> tuple[float, int, float]:
+    """The identity weight, pooling grid and class weight ``evaluate`` fitted for ``row`` (``reports/details.json``)."""
     details_path = Path(details_path)
     if not details_path.is_file():
         raise FileNotFoundError(f"{details_path} not found: run the evaluate stage first, or give --identity-weight and --grid")
     fit = json.loads(details_path.read_text()).get("identity_fit", {}).get(row)
     if not fit:
         raise ExportError(f"{details_path} holds no identity fit for the row {row!r}")
-    return float(fit["weight"]), int(fit["grid"])
+    return float(fit["weight"]), int(fit["grid"]), float(fit.get("class_weight", 0.0))
 
 
 def recorded_scores(details_path: Path, phase2: Path, opts: ExportOptions) -> tuple[pd.DataFrame | None, str]:
@@ -59,7 +60,8 @@ def recorded_scores(details_path: Path, phase2: Path, opts: ExportOptions) -> tu
     if not rec:
         return None, f"{details_path} names no recorded scores"
     path = Path(details_path).parent / rec["file"]
-    want = {"phase2_sha256": file_sha256(phase2), "identity_weight": opts.identity_weight, "grid": opts.grid, "top_k": opts.top_k}
+    want = {"phase2_sha256": file_sha256(phase2), "identity_weight": opts.identity_weight, "grid": opts.grid, "top_k": opts.top_k,
+            "class_weight": opts.class_weight}
     differ = [k for k, v in want.items() if rec.get(k) != v]
     if differ:
         return None, f"{path} was recorded with another {', '.join(differ)}"
@@ -132,7 +134,7 @@ def build_export(
     start = time.perf_counter()
     try:
         manifest = export_detector(model, tmp, opts.identity_weight, opts.grid, opts.top_k, opset=opts.opset, sources=sources,
-                                   metrics=metrics, fp16=opts.fp16, int8=opts.int8)
+                                   metrics=metrics, fp16=opts.fp16, int8=opts.int8, class_weight=opts.class_weight)
         seconds["graphs"] = time.perf_counter() - start
         parity = None
         if tuples is not None:
@@ -140,7 +142,7 @@ def build_export(
             parity = run_parity(model, tmp, tuples, negatives, data_root, opts.identity_weight, opts.grid, opts.top_k,
                                 queries=opts.parity_queries, variant_queries={"fp16": opts.variant_queries, "int8": opts.int8_queries}, score_tol=opts.score_tolerance, box_tol=opts.box_tolerance_px,
                                 iou_threshold=opts.iou_threshold, precisions=precisions, progress=progress, seconds=seconds,
-                                reference=reference, tie_rechecks=opts.tie_rechecks)
+                                reference=reference, tie_rechecks=opts.tie_rechecks, class_weight=opts.class_weight)
             (tmp / PARITY_FILE).write_text(json.dumps(parity, indent=2, sort_keys=True) + "\n")
             if not parity["passed"]:
                 f = parity["fp32"]

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from ardetect.digest import file_sha256 as sha256
-from ardetect.export.graphs import PROMPT_INPUTS, TOKEN_INPUTS, ImageEncoderGraph, QueryEncoderGraph, ScorerGraph
+from ardetect.export.graphs import (
+    PROMPT_INPUTS, TOKEN_INPUTS, ImageEncoderGraph, QueryEncoderGraph, ScorerGraph, image_outputs, query_outputs,
+)
 
 FORMAT_VERSION = 1
 GRAPHS = ("image_encoder", "query_encoder", "scorer")
@@ -86,10 +88,11 @@ def _pin_static_dims(path: Path, shapes: dict[str, tuple], axes: dict) -> None:
 def export_detector(
     model, out_dir: Path, identity_weight: float, grid: int, top_k: int, opset: int = 17,
     sources: Mapping[str, Path] | None = None, metrics: Mapping | None = None, fp16: bool = True, int8: bool = True,
+    class_weight: float = 0.0,
 ) -> dict:
     """Write ``model`` (an ``ARDetector``) to ``out_dir`` as the three graphs, ``tokenizer/`` and ``manifest.json``.
 
-    ``identity_weight``, ``grid``, ``top_k``: the scorer's rule (``RegionCandidates.pick``), as
+    ``identity_weight``, ``grid``, ``top_k``, ``class_weight``: the scorer's rule (``RegionCandidates.pick``), as
     ``evaluate`` fitted it for the row it reports as ARD. ``sources``: checkpoint files whose
     digests the manifest records; ``metrics``: what the model earned (copied into the manifest).
     Returns the manifest.
@@ -100,8 +103,11 @@ def export_detector(
         raise ExportError(f"opset={opset}: the export needs opset >= 17")
     if not model.cfg.region_tokens:
         raise ExportError("this detector has no region tokens (model.region_tokens=False): ARD's query needs them; nothing to export")
-    if identity_weight < 0 or grid < 1 or top_k < 1:
-        raise ExportError(f"identity_weight={identity_weight}, grid={grid}, top_k={top_k}: need weight >= 0, grid >= 1, top_k >= 1")
+    if identity_weight < 0 or grid < 1 or top_k < 1 or class_weight < 0:
+        raise ExportError(f"identity_weight={identity_weight}, grid={grid}, top_k={top_k}, class_weight={class_weight}: "
+                          "need weights >= 0, grid >= 1, top_k >= 1")
+    if class_weight > 0 and model.region_classifier is None:
+        raise ExportError(f"class_weight={class_weight}: this detector has no region classifier (pretrain.classify_epochs: 0?)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -112,31 +118,34 @@ def export_detector(
     query_image = torch.rand(1, 3, size, size, generator=g)
     query_box = torch.tensor([[0.1 * size, 0.15 * size, 0.6 * size, 0.7 * size]])
 
-    image_out = ["features", "region_map"]
+    image_out = image_outputs(model)
     _export(ImageEncoderGraph(model).eval(), (images,), out_dir / "image_encoder.onnx", ["images"], image_out,
-            {"images": {0: "n"}, "features": {0: "n"}, "region_map": {0: "n"}}, opset)
+            {"images": {0: "n"}, **{k: {0: "n"} for k in image_out}}, opset)
 
     text_axes = {k: {0: "b", 1: "l"} for k in ("input_ids", "text_position_ids")} | {"text_self_mask": {0: "b", 1: "l", 2: "l"}}
     prompt_axes = {k: {0: "b", 1: "t"} for k in ("gather_index", "token_mask", "position_ids", "concept_mask", "region_mask")}
     prompt_axes["self_attn_mask"] = {0: "b", 1: "t", 2: "t"}
     query_args = (query_image, query_box, *[getattr(tok, k) for k in TOKEN_INPUTS])
-    query_out = ["text", "query_region_map"]
+    query_out = query_outputs(model)
     _export(QueryEncoderGraph(model).eval(), query_args, out_dir / "query_encoder.onnx", ["query_image", "query_box", *TOKEN_INPUTS],
             query_out, {"query_image": {0: "b"}, "query_box": {0: "b"}, "text": {0: "b", 1: "t"}, "query_region_map": {0: "b"},
-                        **text_axes, **prompt_axes}, opset)
+                        **{k: {0: "b"} for k in query_out[2:]}, **text_axes, **prompt_axes}, opset)
 
-    scorer = ScorerGraph(model, identity_weight, grid, top_k, size).eval()
+    scorer = ScorerGraph(model, identity_weight, grid, top_k, size, class_weight).eval()
     with torch.no_grad():
-        feats, rmap = ImageEncoderGraph(model)(images)
-        text, qmap = QueryEncoderGraph(model)(*query_args)
+        image_side = ImageEncoderGraph(model)(images)
+        query_side = QueryEncoderGraph(model)(*query_args)
     sizes = torch.tensor([[size, size]] * len(images))
-    score_in = ["features", "region_map", "image_sizes", "text", "query_region_map", "query_box", *PROMPT_INPUTS]
-    score_out = ["boxes", "scores", "top_boxes", "top_probs", "top_similarity"]
-    axes = {"features": {0: "n"}, "region_map": {0: "n"}, "image_sizes": {0: "n"}, "text": {1: "t"},
+    classes = class_weight > 0
+    score_in = ["features", "region_map", "image_sizes", "text", "query_region_map", "query_box", *PROMPT_INPUTS,
+                *(["pixels", "query_class"] if classes else [])]
+    score_out = ["boxes", "scores", "top_boxes", "top_probs", "top_similarity", *(["top_class_match"] if classes else [])]
+    axes = {"features": {0: "n"}, "region_map": {0: "n"}, "image_sizes": {0: "n"}, "text": {1: "t"}, "pixels": {0: "n"},
             "self_attn_mask": {1: "t", 2: "t"}, **{k: {1: "t"} for k in PROMPT_INPUTS if k != "self_attn_mask"},
             **{k: {0: "n"} for k in score_out}}
-    _export(scorer, (feats, rmap, sizes, text, qmap, query_box, *[getattr(tok, k) for k in PROMPT_INPUTS]), out_dir / "scorer.onnx",
-            score_in, score_out, axes, opset)
+    args = (*image_side[:2], sizes, *query_side[:2], query_box, *[getattr(tok, k) for k in PROMPT_INPUTS],
+            *((image_side[2], query_side[2]) if classes else ()))
+    _export(scorer, args, out_dir / "scorer.onnx", score_in, score_out, {k: v for k, v in axes.items() if k in score_in + score_out}, opset)
 
     variants = {}
     (out_dir / "variants").mkdir(exist_ok=True)  # always there (a DVC output), empty when no variant is asked for
@@ -157,9 +166,9 @@ def export_detector(
         "resize": "bilinear with antialias to image_size x image_size (ardetect.export.runtime.prepare_image)",
         "tokenizer": {"path": "tokenizer", "max_text_len": model.cfg.max_text_len, "region_tokens": 1,
                       "function": "ardetect.model.text.tokenize_prompts (the training's own)"},
-        "score": {"identity_weight": float(identity_weight), "grid": int(grid), "top_k": int(top_k),
-                  "rule": "paper (top box probability)" if identity_weight == 0 else
-                          "identity re-ranking: max over top_k boxes of prob * exp(w * (cos - 1))"},
+        "score": {"identity_weight": float(identity_weight), "grid": int(grid), "top_k": int(top_k), "class_weight": float(class_weight),
+                  "rule": "paper (top box probability)" if identity_weight == 0 and class_weight == 0 else
+                          "identity re-ranking: max over top_k boxes of prob * exp(w * (cos - 1)) * class_match ** a"},
         "query_batch": 1,
         "graphs": {n: {"file": f"{n}.onnx", **graph_signature(out_dir / f"{n}.onnx")} for n in GRAPHS},
         "variants": {p: {"file": f} for p, f in variants.items()},

@@ -118,7 +118,7 @@ def near_ties(values, rel_gap: float, most: int) -> list[tuple[int, float]]:
 
 def tie_recheck(model, data_root: Path, image_size: int, queries: pd.DataFrame, torch_side: Recording, onnx_side: Recording,
                 diffs: pd.DataFrame, score_tol: float, box_tol: float, identity_weight: float, grid: int, top_k: int,
-                limit: int, rel_gap: float = 1e-5, most_ties: int = 3) -> tuple[pd.DataFrame, list[dict], str | None]:
+                limit: int, rel_gap: float = 1e-5, most_ties: int = 3, class_weight: float = 0.0) -> tuple[pd.DataFrame, list[dict], str | None]:
     """The fp32 gate's re-check (module docstring) of the ``pair_diffs`` rows beyond the bounds.
 
     Returns (the rows, each explained pair measured against the PyTorch run that matched the
@@ -134,9 +134,10 @@ def tie_recheck(model, data_root: Path, image_size: int, queries: pd.DataFrame, 
         return diffs, [], None
     if len(beyond) > limit:
         return diffs, [], f"{len(beyond)} pairs beyond the bounds, more than tie_rechecks={limit}: none re-checked"
-    runner = ARDMethod(model, data_root, image_size, name="tie re-check", identity_weight=identity_weight, top_k=top_k, grid=grid)
+    runner = ARDMethod(model, data_root, image_size, name="tie re-check", identity_weight=identity_weight, top_k=top_k, grid=grid,
+                       class_weight=class_weight)
     by_id = {str(t): q for t, (_, q) in zip(queries["tuple_id"], queries.iterrows())}
-    identity = identity_weight > 0
+    identity = identity_weight > 0 or class_weight > 0
     k = model.cfg.num_queries
     diffs, records = diffs.copy(), []
     for idx, row in beyond.iterrows():
@@ -147,7 +148,8 @@ def tie_recheck(model, data_root: Path, image_size: int, queries: pd.DataFrame, 
 
         def run(swaps: tuple[int, ...]):
             with torch.no_grad(), QueryOrder(k, swaps) as mode:
-                box, score = model.predict_region(feats, cache, image_sizes=sizes, identity_weight=identity_weight, top_k=top_k, grid=grid)
+                box, score = model.predict_region(feats, cache, image_sizes=sizes, identity_weight=identity_weight, top_k=top_k, grid=grid,
+                                                  class_weight=class_weight)
             return mode, float(score[0]), box[0].double().numpy()
 
         base, score0, box0 = run(())
@@ -181,7 +183,7 @@ def run_parity(
     model, folder: Path, tuples: pd.DataFrame, negatives: pd.DataFrame, data_root: Path, identity_weight: float, grid: int, top_k: int,
     queries: int = 32, variant_queries: int | Mapping[str, int | None] | None = None, score_tol: float = 1e-4, box_tol: float = 0.5, iou_threshold: float = 0.5, precisions: tuple[str, ...] = (),
     batch: int = 64, progress: bool = False, seconds: dict | None = None, reference: pd.DataFrame | None = None,
-    tie_rechecks: int = 32,
+    tie_rechecks: int = 32, class_weight: float = 0.0,
 ) -> dict:
     """Parity of the fp32 export in ``folder`` (the gate) and of each extra scorer variant in
     ``precisions`` (reported, not gating) against PyTorch on ``queries`` test tuples; the variants
@@ -212,7 +214,8 @@ def run_parity(
     if replay is not None and replay.covers(candidates_of(t, negs)):
         torch_side, source = Recording(replay), "evaluate"
     else:
-        torch_side = Recording(ARDMethod(model, data_root, size, name="PyTorch", batch=batch, identity_weight=identity_weight, top_k=top_k, grid=grid))
+        torch_side = Recording(ARDMethod(model, data_root, size, name="PyTorch", batch=batch, identity_weight=identity_weight, top_k=top_k, grid=grid,
+                                         class_weight=class_weight))
         source = "computed" if replay is None else "computed (the recorded scores lack some parity tuples or candidates)"
     seconds = {} if seconds is None else seconds
     start = time.perf_counter()
@@ -247,7 +250,7 @@ def run_parity(
         if precision == "fp32":
             start = time.perf_counter()
             gated, checks, why = tie_recheck(model, data_root, size, t, torch_side, side, diffs, score_tol, box_tol, identity_weight,
-                                             grid, top_k, tie_rechecks)
+                                             grid, top_k, tie_rechecks, class_weight=class_weight)
             if checks or why:
                 seconds["tie_recheck"] = time.perf_counter() - start
                 row["before_recheck"] = summarise(diffs, box_tol)

@@ -167,13 +167,18 @@ class OnnxDetector:
             raise ExportError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {str(err).strip()[:300]})") from None
 
     # --- the three graphs -------------------------------------------------------------
+    @property
+    def image_arrays(self) -> list[str]:
+        """The image encoder's outputs: what an index keeps per image ("features", "region_map", and
+        "pixels" for a detector with a region classifier)."""
+        return [o.name for o in self.sessions["image_encoder"].get_outputs()]
+
     def encode_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """[N, 3, S, S] float32 in [0, 1] -> {"features", "region_map"} (what an index keeps per image)."""
+        """[N, 3, S, S] float32 in [0, 1] -> {"features", "region_map"[, "pixels"]} (``image_arrays``: what an index keeps per image)."""
         images = np.ascontiguousarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[1:] != (3, self.size, self.size):
             raise ValueError(f"images must be [N, 3, {self.size}, {self.size}], got {list(images.shape)}")
-        feats, rmap = self.sessions["image_encoder"].run(None, {"images": images})
-        return {"features": feats, "region_map": rmap}
+        return dict(zip(self.image_arrays, self.sessions["image_encoder"].run(None, {"images": images})))
 
     def tokenize(self, prompt: str, concept_phrase: str) -> dict[str, np.ndarray]:
         """The prompt's arrays (``TokenizedPrompts``) from the training's tokenizer function."""
@@ -197,13 +202,14 @@ class OnnxDetector:
         check_boxes_in_image(torch.from_numpy(box), self.size, self.size, "query_box")
         tok = self.tokenize(prompt, concept_phrase)
         feeds = {"query_image": np.ascontiguousarray(image[None], dtype=np.float32), "query_box": box, **tok}
-        text, qmap = self.sessions["query_encoder"].run(None, {k: feeds[k] for k in self.inputs["query_encoder"]})
-        return {"text": text, "query_region_map": qmap, "query_box": box, **tok}
+        names = [o.name for o in self.sessions["query_encoder"].get_outputs()]
+        found = dict(zip(names, self.sessions["query_encoder"].run(None, {k: feeds[k] for k in self.inputs["query_encoder"]})))
+        return {**found, "query_box": box, **tok}
 
     def score(self, images: dict[str, np.ndarray], query: dict[str, np.ndarray], image_sizes: np.ndarray,
               chunk: int | None = None, stop: "Stop | None" = None) -> dict[str, np.ndarray]:
         """Candidates' ``encode_images`` output, the ``encode_query`` output and the candidates' original
-        (h, w) [N, 2] -> {"boxes" [N, 4] pixel xyxy, "scores" [N], "top_boxes", "top_probs", "top_similarity"}.
+        (h, w) [N, 2] -> {"boxes" [N, 4] pixel xyxy, "scores" [N], "top_boxes", "top_probs", "top_similarity"[, "top_class_match"]}.
         ``chunk``: candidates per scorer call (default: ``self.chunk``, by provider). ``stop``: a ``Stop``
         whose ``set()`` ends the scoring early (``Stopped``): no further call starts and calls in flight
         are terminated by onnxruntime."""
@@ -215,8 +221,7 @@ class OnnxDetector:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
 
         def run(s: int) -> list[np.ndarray]:
-            feeds = {"features": images["features"][s : s + chunk], "region_map": images["region_map"][s : s + chunk],
-                     "image_sizes": sizes[s : s + chunk], **query}
+            feeds = {**{k: images[k][s : s + chunk] for k in self.image_arrays}, "image_sizes": sizes[s : s + chunk], **query}
             if stop is None:
                 return self.sessions["scorer"].run(None, {k: feeds[k] for k in names})
             with stop.call() as opts:
@@ -281,9 +286,9 @@ class OnnxARDMethod:
     def __init__(self, detector: OnnxDetector, data_root: Path, name: str = "ARD (ONNX)", batch: int = 64, features: dict | None = None,
                  queries: dict | None = None):
         self.detector, self.root, self.name, self.batch = detector, Path(data_root), name, batch
-        # image path -> (features, region map, original size), and query -> its encoding: ``features`` and
+        # image path -> ({image encoder output: array}, original size), and query -> its encoding: ``features`` and
         # ``queries`` share them between detectors with the same encoders (scorer variants of one export)
-        self._features: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {} if features is None else features
+        self._features: dict[str, tuple[dict[str, np.ndarray], tuple[int, int]]] = {} if features is None else features
         self._queries: dict[tuple, dict[str, np.ndarray]] = {} if queries is None else queries
 
     def image_features(self, paths: list[str]) -> dict[str, np.ndarray]:
@@ -293,10 +298,9 @@ class OnnxARDMethod:
             prepared = [prepare_image(self.root / p, self.detector.size) for p in part]
             enc = self.detector.encode_images(np.stack([a for a, _ in prepared]))
             for i, p in enumerate(part):
-                self._features[p] = (enc["features"][i], enc["region_map"][i], prepared[i][1])
+                self._features[p] = ({k: v[i] for k, v in enc.items()}, prepared[i][1])
         rows = [self._features[p] for p in paths]
-        return {"features": np.stack([r[0] for r in rows]), "region_map": np.stack([r[1] for r in rows]),
-                "sizes": np.array([r[2] for r in rows], dtype=np.int64)}
+        return {**{k: np.stack([r[0][k] for r in rows]) for k in rows[0][0]}, "sizes": np.array([r[1] for r in rows], dtype=np.int64)}
 
     def score(self, query, candidates: list[str]):
         from ardetect.evaluation.harness import Scores

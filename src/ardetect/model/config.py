@@ -119,6 +119,10 @@ class ModelConfig(BaseModel):
     adapters: bool = Field(True, description="adapters F and F~ in the decoder class heads")
     freeze_backbones: bool | None = Field(None, description="None = frozen iff loaded pretrained")
     concept_placeholder: str = Field("V*", description="placeholder word of the personalised concept")
+    region_classes: tuple[str, ...] | None = Field(
+        None, description="base classes of the region classifier (set by pre-training's crop classification); None = no classifier"
+    )
+    region_crop: int = Field(48, ge=16, description="side in pixels of the region classifier's box crops")
 
     @classmethod
     def named(cls, size: str, **overrides: Any) -> "ModelConfig":

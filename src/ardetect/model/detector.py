@@ -27,6 +27,7 @@ from . import box_ops
 from .backbone import SinePositionEmbedding, build_image_backbone, build_text_backbone, load_tokenizer
 from .config import ModelConfig
 from .layers import MLP, Decoder, Encoder, sine_embed
+from .region_classifier import RegionClassifier
 from .text import TokenizedPrompts, delimiter_ids, tokenize_prompts, tokenized_from_ids
 
 MASKED_LOGIT = -1e4
@@ -48,6 +49,8 @@ class QueryCache:
         region_map: [B, D, H/8, W/8] the query image's region map and ``region_box`` [B, 4]
             pixel xyxy the query region R_Q in it, for region descriptors finer than the
             region token (``descriptor``); None unless ``encode_query(..., region_map=True)``.
+        region_class: [B, C] the region classifier's class probabilities of R_Q; None when the
+            model has no region classifier.
     """
 
     text: Tensor
@@ -59,6 +62,7 @@ class QueryCache:
     tokens: TokenizedPrompts | None = None
     region_map: Tensor | None = None
     region_box: Tensor | None = None
+    region_class: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -69,7 +73,7 @@ class QueryCache:
         opt = lambda t: None if t is None else fn(t)  # noqa: E731
         return QueryCache(
             fn(self.text), fn(self.token_mask), fn(self.self_attn_mask), fn(self.position_ids),
-            fn(self.concept_mask), fn(self.region_mask), self.tokens, opt(self.region_map), opt(self.region_box),
+            fn(self.concept_mask), fn(self.region_mask), self.tokens, opt(self.region_map), opt(self.region_box), opt(self.region_class),
         )
 
     def expand(self, n: int) -> "QueryCache":
@@ -146,6 +150,8 @@ class ImageCache:
         region_map: [N, D, H/8, W/8] the map region tokens are pooled from (``region_map``),
             for the identity re-ranking of ``region_candidates``; None unless
             ``encode_images(..., region_map=True)`` kept it.
+        pixels: [N, 3, H, W] the input images in [0, 1], which the region classifier crops the
+            boxes from; kept with ``region_map`` when the model has a region classifier.
     """
 
     features: Tensor
@@ -155,6 +161,7 @@ class ImageCache:
     valid_ratios: Tensor
     image_size: tuple[int, int]
     region_map: Tensor | None = None
+    pixels: Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -165,19 +172,20 @@ class ImageCache:
         else:
             idx = torch.as_tensor(index, dtype=torch.long, device=self.features.device)
             pick = lambda t: t[idx]  # noqa: E731
-        region_map = None if self.region_map is None else pick(self.region_map)
-        return ImageCache(pick(self.features), pick(self.mask), pick(self.pos), self.shapes, pick(self.valid_ratios), self.image_size, region_map)
+        opt = lambda t: None if t is None else pick(t)  # noqa: E731
+        return ImageCache(pick(self.features), pick(self.mask), pick(self.pos), self.shapes, pick(self.valid_ratios), self.image_size,
+                          opt(self.region_map), opt(self.pixels))
 
     @staticmethod
     def cat(caches: Sequence["ImageCache"]) -> "ImageCache":
         first = caches[0]
         if any(c.shapes != first.shapes for c in caches):
             raise ValueError("image caches of different input sizes cannot be concatenated")
-        maps = [c.region_map for c in caches]
+        maps, pixels = [c.region_map for c in caches], [c.pixels for c in caches]
         return ImageCache(
             torch.cat([c.features for c in caches]), torch.cat([c.mask for c in caches]), torch.cat([c.pos for c in caches]),
             first.shapes, torch.cat([c.valid_ratios for c in caches]), first.image_size,
-            None if any(m is None for m in maps) else torch.cat(maps),
+            None if any(m is None for m in maps) else torch.cat(maps), None if any(p is None for p in pixels) else torch.cat(pixels),
         )
 
 
@@ -228,6 +236,9 @@ class ARDetector(nn.Module):
         self.delimiters = delimiter_ids(self.tokenizer)
         # region tokens: all backbone levels at the finest size, concatenated, 1x1 conv to D
         self.region_proj = nn.Conv2d(sum(chans), d, 1) if cfg.region_tokens else None
+        self.region_classifier: RegionClassifier | None = None
+        if cfg.region_classes is not None:
+            self._build_region_classifier(cfg)
         # transformer
         common = dict(ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads, num_levels=cfg.num_feature_levels, dropout=cfg.dropout)
         self.encoder = Encoder(cfg.encoder_layers, dim=d, num_points=cfg.encoder_points, droppath=cfg.fusion_droppath, **common)
@@ -254,6 +265,22 @@ class ARDetector(nn.Module):
         self.adapters_enabled = cfg.adapters
         self.phase = 1
         self.set_phase(1)
+
+    def _build_region_classifier(self, cfg: ModelConfig) -> None:
+        if not cfg.region_tokens:
+            raise ValueError("region_classes: the region classifier re-ranks by region, it needs cfg.region_tokens")
+        backbone = build_image_backbone(cfg.model_copy(update={"image_pretrained": None}))
+        classifier = RegionClassifier(backbone, len(cfg.region_classes), cfg.region_crop, cfg.pixel_mean, cfg.pixel_std)
+        self.region_classifier = classifier.to(self.pixel_mean.device)
+
+    def add_region_classifier(self, classes: Sequence[str], crop: int | None = None) -> RegionClassifier:
+        """Give the model a (frozen) region classifier of ``classes``, recorded in its config; returns it."""
+        classes = tuple(str(c) for c in classes)
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"region classes must be distinct, got {list(classes)[:8]}")
+        self.cfg = self.cfg.model_copy(update={"region_classes": classes, "region_crop": int(crop or self.cfg.region_crop)})
+        self._build_region_classifier(ModelConfig.model_validate(self.cfg.model_dump()))
+        return self.region_classifier
 
     # --- freezing --------------------------------------------------------------------
     @torch.no_grad()
@@ -291,6 +318,8 @@ class ARDetector(nn.Module):
         self.freeze_override = freeze_backbones
         for p in self.parameters():
             p.requires_grad_(phase == 1)
+        if self.region_classifier is not None:  # trained once, by the pre-training's crop classification
+            self.region_classifier.requires_grad_(False)
         if phase == 1:
             img_frozen = freeze_backbones if freeze_backbones is not None else self.cfg.image_frozen()
             txt_frozen = freeze_backbones if freeze_backbones is not None else self.cfg.text_frozen()
@@ -405,6 +434,7 @@ class ARDetector(nn.Module):
         tok = tok.to(device)
         b = tok.input_ids.shape[0]
         text = self._run_text_backbone(tok)  # [B, L, D]
+        region_class = None
         if tok.num_region_tokens:
             if query_image is None or query_box is None:
                 raise ValueError("region tokens are on (cfg.region_tokens): query_image and query_box are required")
@@ -419,6 +449,8 @@ class ARDetector(nn.Module):
             box_ops.check_boxes_in_image(query_box, query_image.shape[-2], query_image.shape[-1], "query_box")
             rmap = self.region_map(self.image_features(query_image.to(device), query=True))  # [B, D, h, w]
             region = self.pool_map(rmap, query_box[:, None])  # [B, R, D] (= region_tokens)
+            if self.region_classifier is not None:
+                region_class = self.region_classifier(query_image.to(device), query_box[:, None])[:, 0]  # [B, C]
             source = torch.cat([text, region.to(text.dtype)], 1)  # [B, L + R, D]
         elif region_map:
             raise ValueError("region_map=True: this model has no region tokens (cfg.region_tokens), so no region map")
@@ -427,7 +459,8 @@ class ARDetector(nn.Module):
         idx = tok.gather_index[..., None].expand(-1, -1, source.shape[-1])  # [B, T, D]
         features = torch.gather(source, 1, idx)  # [B, T, D]
         kept = (rmap, query_box) if region_map else (None, None)
-        return QueryCache(features, tok.token_mask, tok.self_attn_mask, tok.position_ids, tok.concept_mask, tok.region_mask, tok, *kept)
+        return QueryCache(features, tok.token_mask, tok.self_attn_mask, tok.position_ids, tok.concept_mask, tok.region_mask, tok, *kept,
+                          region_class)
 
     def encode_text_ids(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> QueryCache:
         """Encode ready token ids without concept or region tokens: GroundingDINO's own input."""
@@ -517,7 +550,8 @@ class ARDetector(nn.Module):
         """The query-independent candidate side of N images [N, 3, H, W] in [0, 1] -> ``ImageCache``.
 
         ``features``: the images' backbone maps (``image_features``) when the caller already has them.
-        ``region_map``: also keep the map region tokens are pooled from (the identity re-ranking needs it).
+        ``region_map``: also keep the map region tokens are pooled from (the identity re-ranking needs it),
+        and the images themselves when the model has a region classifier.
         """
         check_images(images)
         n = images.shape[0]
@@ -531,7 +565,8 @@ class ARDetector(nn.Module):
                 f"fewer than num_queries={self.cfg.num_queries}: use larger images"
             )
         rmap = self.region_map(feats) if region_map else None
-        return ImageCache(flat, mask_flat, pos_flat, shapes, valid_ratios, (images.shape[-2], images.shape[-1]), rmap)
+        pixels = images if region_map and self.region_classifier is not None else None
+        return ImageCache(flat, mask_flat, pos_flat, shapes, valid_ratios, (images.shape[-2], images.shape[-1]), rmap, pixels)
 
     def forward(self, images: Tensor | ImageCache, query: QueryCache, pixel_mask: Tensor | None = None) -> ARDOutput:
         """Detect the query's concept in N candidate images.
@@ -613,7 +648,7 @@ class ARDetector(nn.Module):
     @torch.no_grad()
     def predict_region(
         self, images: Tensor | ImageCache, query: QueryCache, image_sizes: Tensor | None = None, chunk_size: int | None = None,
-        identity_weight: float = 0.0, top_k: int = 5, grid: int = 1,
+        identity_weight: float = 0.0, top_k: int = 5, grid: int = 1, class_weight: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
         """Best region and attribution score of each of N candidate images.
 
@@ -627,11 +662,14 @@ class ARDetector(nn.Module):
                 identity re-ranking of ``RegionCandidates.pick`` over the ``top_k`` boxes.
             grid: the re-ranking's region descriptor, pooled on grid x grid cells (1 = the region
                 token; above 1 the query needs ``encode_query(..., region_map=True)``).
+            class_weight: above 0, the re-ranking also weighs each box's class match to the query
+                region (a model with a region classifier; ``RegionCandidates.pick``).
         Returns:
             (boxes [N, 4] pixel xyxy, scores [N] in [0, 1]).
         """
-        found = region_candidates(self, None, images, query, image_sizes, chunk_size, top_k, identity_weight > 0, grids=(grid,))
-        return found[""].pick(identity_weight, grid)
+        found = region_candidates(self, None, images, query, image_sizes, chunk_size, top_k, identity_weight > 0 or class_weight > 0, grids=(grid,),
+                                  classes=class_weight > 0)
+        return found[""].pick(identity_weight, grid, class_weight)
 
 
 def candidate_chunks(images: Tensor | ImageCache, query: QueryCache, image_sizes: Tensor | None, chunk_size: int | None):
@@ -670,44 +708,56 @@ class RegionCandidates:
         similarity: {grid: [N, K]} cosine between the query region's descriptor and the
             candidate's region at each box, both pooled on grid x grid cells of their region
             maps (``ARDetector.pool_map``; grid 1 = the region token); None when not computed.
+        class_match: [N, K] probability that the box and the query region are the same class
+            (the region classifier's distributions, dotted); None without a region classifier.
     """
 
     boxes: Tensor
     prob: Tensor
     similarity: dict[int, Tensor] | None = None
+    class_match: Tensor | None = None
 
-    def pick(self, identity_weight: float = 0.0, grid: int = 1) -> tuple[Tensor, Tensor]:
+    def pick(self, identity_weight: float = 0.0, grid: int = 1, class_weight: float = 0.0) -> tuple[Tensor, Tensor]:
         """(boxes [N, 4], scores [N]) of the best box of each image.
 
-        ``identity_weight`` w = 0 is the paper's score: the most probable box and its
-        probability. With w > 0 (ours, README "Identity re-ranking") each box scores
-        ``prob * exp(w * (similarity - 1))``, with the similarity of descriptors pooled on
-        ``grid`` x ``grid`` cells: the probability, discounted by how far the region at the
-        box is from the query region; the best of the K boxes wins.
+        ``identity_weight`` w = 0 and ``class_weight`` a = 0 is the paper's score: the most
+        probable box and its probability. Otherwise (ours, README "Identity re-ranking") each
+        box scores ``prob * exp(w * (similarity - 1)) * class_match ** a``, with the similarity
+        of descriptors pooled on ``grid`` x ``grid`` cells: the probability, discounted by how
+        far the region at the box is from the query region and by how unlikely the two are
+        the same class; the best of the K boxes wins.
         """
-        if not math.isfinite(identity_weight) or identity_weight < 0:
-            raise ValueError(f"identity_weight={identity_weight!r} must be a finite number >= 0")
-        if identity_weight == 0:
+        for name, value in (("identity_weight", identity_weight), ("class_weight", class_weight)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+        if identity_weight == 0 and class_weight == 0:
             return self.boxes[:, 0], self.prob[:, 0]
-        if self.similarity is None:
-            raise ValueError(f"identity_weight={identity_weight}: these candidates carry no region similarity")
-        if grid not in self.similarity:
-            raise ValueError(f"grid={grid!r}: these candidates carry region similarities of grids {sorted(self.similarity)} only")
-        score = self.prob * torch.exp(identity_weight * (self.similarity[grid] - 1.0))
+        score = self.prob
+        if identity_weight > 0:
+            if self.similarity is None:
+                raise ValueError(f"identity_weight={identity_weight}: these candidates carry no region similarity")
+            if grid not in self.similarity:
+                raise ValueError(f"grid={grid!r}: these candidates carry region similarities of grids {sorted(self.similarity)} only")
+            score = score * torch.exp(identity_weight * (self.similarity[grid] - 1.0))
+        if class_weight > 0:
+            if self.class_match is None:
+                raise ValueError(f"class_weight={class_weight}: these candidates carry no class match (the model has no region classifier)")
+            score = score * self.class_match.clamp_min(CLASS_MATCH_FLOOR) ** class_weight
         best, j = score.max(-1)
         return self.boxes.gather(1, j[:, None, None].expand(-1, 1, 4))[:, 0], best  # (gather: exports with a dynamic N)
 
     def select(self, index: Tensor) -> "RegionCandidates":
         """The candidates of images ``index`` [C] (long), in that order."""
         sims = None if self.similarity is None else {g: s[index] for g, s in self.similarity.items()}
-        return RegionCandidates(self.boxes[index], self.prob[index], sims)
+        return RegionCandidates(self.boxes[index], self.prob[index], sims, None if self.class_match is None else self.class_match[index])
 
     @staticmethod
     def cat(parts: Sequence["RegionCandidates"]) -> "RegionCandidates":
-        sims = [p.similarity for p in parts]
+        sims, matches = [p.similarity for p in parts], [p.class_match for p in parts]
         return RegionCandidates(
             torch.cat([p.boxes for p in parts]), torch.cat([p.prob for p in parts]),
             None if any(s is None for s in sims) else {g: torch.cat([s[g] for s in sims]) for g in sims[0]},
+            None if any(m is None for m in matches) else torch.cat(matches),
         )
 
 
@@ -715,12 +765,13 @@ class RegionCandidates:
 def region_candidates(
     model: "ARDetector", variants: dict[str, "ARDetector"] | None, images: Tensor | ImageCache, query: QueryCache,
     image_sizes: Tensor | None = None, chunk_size: int | None = None, top_k: int = 5, identity: bool = False,
-    grids: Sequence[int] = (1,),
+    grids: Sequence[int] = (1,), classes: bool = False,
 ) -> dict[str, RegionCandidates]:
     """The top-k boxes of N candidate images for ``model`` (key "") or for each of ``variants``.
 
     ``identity``: also their region similarity to the query (``ARDetector.top_regions``) for
     each pooling grid of ``grids``; raw images are then encoded with their region maps.
+    ``classes`` (with ``identity``): also their class match to the query region (``class_match``).
     """
     if top_k < 1:
         raise ValueError(f"top_k={top_k} must be at least 1")
@@ -733,17 +784,53 @@ def region_candidates(
         if identity and not isinstance(part, ImageCache):
             part = model.encode_images(part, region_map=True)
         out = model(part, q)
+        found = {}
         for name, heads in heads_of.items():
             logits = out.pred_logits if heads is None else model.class_logits(out.hidden, out.memory_text, out.token_mask, adapters=heads)
-            parts[name].append(model.top_regions(logits, out, sizes, top_k, part if identity else None, q, grids))
+            found[name] = model.top_regions(logits, out, sizes, top_k, part if identity else None, q, grids)
+        if identity and classes:  # the variants' boxes are mostly the same decoder boxes: each distinct box is classified once
+            matches = class_match(model, part, q, [f.boxes for f in found.values()], sizes)
+            for f, m in zip(found.values(), matches or [None] * len(found)):
+                f.class_match = m
+        for name, f in found.items():
+            parts[name].append(f)
     return {name: RegionCandidates.cat(p) for name, p in parts.items()}
+
+
+CLASS_MATCH_FLOOR = 1e-6  # a class match below it counts as it (a zero would tie every such box at 0)
+
+
+def class_match(model: "ARDetector", images: ImageCache, query: QueryCache, boxes: Sequence[Tensor], image_sizes: Tensor) -> list[Tensor] | None:
+    """For each of ``boxes`` ([N, K, 4] pixel xyxy in the images' original ``image_sizes`` [N, 2] (h, w)),
+    [N, K] the probability that the region classifier puts the box and the query region in the
+    same class (its two distributions, dotted). None when the model has no region classifier or
+    the inputs lack the images or the query's class (``encode_images(..., region_map=True)``).
+    Boxes that repeat across ``boxes`` (the same image, the same coordinates) are classified once.
+    """
+    if model.region_classifier is None or images.pixels is None or query.region_class is None:
+        return None
+    n, k = boxes[0].shape[:2]
+    h, w = images.image_size
+    sizes = image_sizes.to(boxes[0].dtype)
+    scale = torch.stack([w / sizes[:, 1], h / sizes[:, 0]], -1).repeat(1, 2)[:, None]  # [N, 1, 4] original -> input pixels
+    index = torch.arange(n, device=boxes[0].device)[:, None].expand(n, k).reshape(-1)  # [N*K] each box's image
+    flat = torch.cat([(b * scale).reshape(-1, 4) for b in boxes])  # [V*N*K, 4]
+    owner = index.repeat(len(boxes))
+    if len(boxes) > 1:
+        distinct, inverse = torch.unique(torch.cat([owner[:, None].to(flat.dtype), flat], 1), dim=0, return_inverse=True)
+        probs = model.region_classifier(images.pixels, distinct[:, 1:], distinct[:, 0].long())[inverse]  # [V*N*K, C]
+    else:
+        probs = model.region_classifier(images.pixels, flat, owner)
+    target = query.expand(n).region_class  # [N, C]
+    match = (probs * target.to(probs.dtype)[owner]).sum(-1)
+    return list(match.view(len(boxes), n, k).unbind(0))
 
 
 @torch.no_grad()
 def predict_region_variants(
     model: "ARDetector", variants: dict[str, "ARDetector"], images: Tensor | ImageCache, query: QueryCache,
     image_sizes: Tensor | None = None, chunk_size: int | None = None, check: bool = True, top_k: int = 5,
-    identity: bool = False, grids: Sequence[int] = (1,),
+    identity: bool = False, grids: Sequence[int] = (1,), classes: bool = False,
 ) -> dict[str, RegionCandidates]:
     """The ``RegionCandidates`` of several detectors that differ only in their adapters, in one pass.
 
@@ -755,7 +842,7 @@ def predict_region_variants(
     """
     if check:
         check_variants(model, variants)
-    return region_candidates(model, variants, images, query, image_sizes, chunk_size, top_k, identity, grids)
+    return region_candidates(model, variants, images, query, image_sizes, chunk_size, top_k, identity, grids, classes)
 
 
 def build(cfg: ModelConfig) -> ARDetector:

@@ -1,7 +1,8 @@
 """The candidate index: training images encoded once, searched by an image-level embedding.
 
 An index folder holds, per image, its id, its path relative to the image root, its size,
-the image encoder's outputs (``features.npy``, ``region_map.npy``: what the scorer reads)
+the image encoder's outputs (``features.npy``, ``region_map.npy`` and, for a detector with a
+region classifier, ``pixels.npy``: what the scorer reads)
 and an image-level embedding (``embeddings.npy``) for the shortlist:
 
 - image embedding: the region map max-pooled over the whole image (the control row of
@@ -41,7 +42,7 @@ import pandas as pd
 from ardetect.serve.images import IMAGE_SUFFIXES, open_image
 
 INDEX_FORMAT = 2
-ARRAYS = ("features", "region_map", "embeddings")
+ENCODER_ARRAYS = ("features", "region_map")  # what every image encoder gives; ``index.json`` "arrays" lists any more
 
 
 class IndexUnusable(ValueError):
@@ -213,7 +214,7 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
             prepared.append(prepare_image(open_image(root / e.path, max_pixels), det.size))
         enc = det.encode_images(np.stack([a for a, _ in prepared]))
         sizes = np.array([s for _, s in prepared], dtype=np.int64)  # (h, w)
-        _save_atomic_npz(work / f"chunk-{c:05d}.npz", features=enc["features"], region_map=enc["region_map"], sizes=sizes)
+        _save_atomic_npz(work / f"chunk-{c:05d}.npz", **enc, sizes=sizes)
         bar.update(len(part))
     bar.close()
     encode_s = time.perf_counter() - t0
@@ -229,7 +230,7 @@ def _assemble(work: Path, out: Path, entries, n_chunks: int, root: Path, fingerp
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the index from a service running as another user
     try:
         arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=np.float32, shape=(n, *first[k].shape[1:]))
-                  for k in ("features", "region_map")}
+                  for k in first.files if k != "sizes"}
         sizes = np.zeros((n, 2), dtype=np.int64)
         s = 0
         for c in range(n_chunks):
@@ -254,7 +255,7 @@ def _assemble(work: Path, out: Path, entries, n_chunks: int, root: Path, fingerp
             examples.to_parquet(tmp / "examples.parquet", index=False)
         meta = {
             "format_version": INDEX_FORMAT, "model_fingerprint": fingerprint, "image_size": det.size, "count": n, "root": str(root),
-            "source": source, "embedding": "region_map max-pooled, L2-normalised",
+            "source": source, "embedding": "region_map max-pooled, L2-normalised", "arrays": sorted(k for k in first.files if k != "sizes"),
             "feature_shape": list(np.load(tmp / "features.npy", mmap_mode="r").shape[1:]),
             "region_map_shape": list(np.load(tmp / "region_map.npy", mmap_mode="r").shape[1:]),
             "encode_seconds": round(encode_s, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -290,16 +291,17 @@ class CandidateIndex:
                 f"{self.folder} was built with another model (image encoder {self.meta['model_fingerprint'][:16]}..., "
                 f"the served model's is {fingerprint[:16]}...): rebuild it with `ard index build`"
             )
-        arrays = {}
-        for k in ARRAYS:
+        self.arrays = {}
+        for k in (*sorted(set(self.meta.get("arrays") or ()) | set(ENCODER_ARRAYS)), "embeddings"):
             p = self.folder / f"{k}.npy"
             if not p.is_file():
                 raise IndexUnusable(f"{p} not found: the index in {self.folder} is incomplete")
-            arrays[k] = np.load(p, mmap_mode="r")
-        self.features, self.region_map, self.embeddings = arrays["features"], arrays["region_map"], np.asarray(arrays["embeddings"])
+            self.arrays[k] = np.load(p, mmap_mode="r")
+        self.embeddings = np.asarray(self.arrays.pop("embeddings"))
+        self.features, self.region_map = self.arrays["features"], self.arrays["region_map"]
         self.table = pd.read_parquet(self.folder / "images.parquet")
         n = self.meta["count"]
-        if not (len(self.table) == len(self.features) == len(self.region_map) == len(self.embeddings) == n):
+        if not (len(self.table) == len(self.embeddings) == n and all(len(a) == n for a in self.arrays.values())):
             raise IndexUnusable(f"{self.folder}: images.parquet and the arrays disagree on the image count (index.json says {n})")
         self.root = Path(self.meta["root"])
         self.ids = self.table["id"].astype(str).tolist()
@@ -332,7 +334,7 @@ class CandidateIndex:
         return np.sort(np.array([self.position[i] for i in ids], dtype=np.int64))
 
     def candidates(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        return {"features": np.ascontiguousarray(self.features[positions]), "region_map": np.ascontiguousarray(self.region_map[positions])}
+        return {k: np.ascontiguousarray(a[positions]) for k, a in self.arrays.items()}
 
     def path_of(self, image_id: str) -> Path:
         """The file of an image id; only ids in the index resolve, and only to files under its root."""

@@ -217,9 +217,11 @@ def build(cfg: Config) -> dict:
             figure_ids = list(tuples["tuple_id"].iloc[:: max(1, len(tuples) // max(ev.figure_queries, 1))][: ev.figure_queries])
             # ARD and ARD- differ only in the adapters: one pass of the detector scores both
             grids = sorted({w["grid"] for w in weights.values()})
-            shared = SharedTrunkARD(detectors, DATA, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity, grids=grids)
+            classes = any(w["class_weight"] > 0 for w in weights.values())
+            shared = SharedTrunkARD(detectors, DATA, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity, grids=grids,
+                                    classes=classes)
             methods = [
-                *shared.methods({name: (w["weight"], w["grid"]) for name, w in weights.items()}),
+                *shared.methods({name: (w["weight"], w["grid"], w["class_weight"]) for name, w in weights.items()}),
                 *[AbCMethod(model, cal, DATA, abc_size, name=name) for name, (model, cal, abc_size) in abcs.items()],
                 ChanceMethod(seed=seed),
                 *[shared.method(name + PAPER, name) for name in detectors],
@@ -263,7 +265,7 @@ def build(cfg: Config) -> dict:
                 write_parquet_atomic(recorded.frame(), tmp / SCORES.name)
                 details["ard_scores"] = {"file": SCORES.name, "row": recorded.name, "phase2_sha256": file_sha256(PHASE2),
                                          "identity_weight": weights[recorded.name]["weight"], "grid": weights[recorded.name]["grid"],
-                                         "top_k": ev.identity_top_k}
+                                         "class_weight": weights[recorded.name]["class_weight"], "top_k": ev.identity_top_k}
                 test_cands = tuples["tuple_id"].map(n_cand)
         better_abc = max(ABC_ROWS, key=lambda m: (headline["test"][m]["recall@10"], m == "AbC"))
         chance_ref = {"expected chance": expected_chance(test_cands, 10)}
@@ -323,10 +325,12 @@ def build(cfg: Config) -> dict:
 def fit_weights(
     cfg: Config, detectors: dict, size: int, identity: bool, tuples: pd.DataFrame, negatives: pd.DataFrame, data_root: Path,
 ) -> tuple[dict, tuple[int, str]]:
-    """The identity weight and pooling grid of each detector, fitted on a seeded subset of the val split
-    of ``tuples`` (the test split is dropped before anything is read).
+    """The identity weight, pooling grid and class weight of each detector, fitted on a seeded subset of
+    the val split of ``tuples`` (the test split is dropped before anything is read). The class weight
+    is fitted only when the detectors have a region classifier (else it is 0).
 
-    Returns ({name: {"weight", "grid", "val_recall@10": {"gxg": {weight: recall}}}}, (val queries, markdown section)).
+    Returns ({name: {"weight", "grid", "class_weight", "val_recall@10": {"gxg" or "gxg, a=A": {weight: recall}}}},
+    (val queries, markdown section)).
     """
     from ardetect.evaluation.ard import SharedTrunkARD, fit_identity_weights
 
@@ -335,22 +339,28 @@ def fit_weights(
     if val.empty:
         raise ValueError("evaluate: the val split has no tuples to fit the identity weight on (tuples.split)")
     negatives = negatives[negatives["tuple_id"].astype(str).isin(set(val["tuple_id"]))]
-    trunk = SharedTrunkARD(detectors, data_root, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity, grids=ev.identity_grids)
+    classes = identity and all(d.region_classifier is not None for d in detectors.values())
+    class_weights = ev.class_weights if classes else [0.0]
+    trunk = SharedTrunkARD(detectors, data_root, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity, grids=ev.identity_grids,
+                           classes=classes and max(class_weights) > 0)
     fitted = fit_identity_weights(trunk, list(detectors), val, negatives, ev.identity_weights, ev.iou_threshold, progress=True,
-                                  workers=ev.workers or None)
+                                  workers=ev.workers or None, class_weights=class_weights)
+    label = lambda gg, aa: f"{gg}x{gg}" if aa == 0 else f"{gg}x{gg}, a={aa:g}"  # noqa: E731
     out, rows = {}, []
-    for name, (w, g, recalls) in fitted.items():
+    for name, (w, g, a, recalls) in fitted.items():
         by_grid: dict[str, dict[str, float]] = {}
-        for (gg, ww), r in sorted(recalls.items()):
-            by_grid.setdefault(f"{gg}x{gg}", {})[f"{ww:g}"] = r
-        out[name] = {"weight": w, "grid": g, "val_recall@10": by_grid}
+        for (gg, ww, aa), r in sorted(recalls.items()):
+            by_grid.setdefault(label(gg, aa), {})[f"{ww:g}"] = r
+        out[name] = {"weight": w, "grid": g, "class_weight": a, "val_recall@10": by_grid}
         for gg in ev.identity_grids:
-            cells = [f"{recalls[(gg, k)]:.4f}" if (gg, k) in recalls else "=" for k in ev.identity_weights]
-            rows.append(f"| {name} | {gg}x{gg} | {w:g}, {g}x{g} | " + " | ".join(cells) + " |")
-    head = "| method | pooling grid | fitted w, grid | " + " | ".join(f"val R@10, w={k:g}" for k in ev.identity_weights) + " |"
+            for aa in class_weights:
+                cells = [f"{recalls[(gg, k, aa)]:.4f}" if (gg, k, aa) in recalls else "=" for k in ev.identity_weights]
+                rows.append(f"| {name} | {label(gg, aa)} | {w:g}, {g}x{g}, a={a:g} | " + " | ".join(cells) + " |")
+    head = "| method | pooling grid, class weight a | fitted w, grid, a | " + " | ".join(f"val R@10, w={k:g}" for k in ev.identity_weights) + " |"
     section = "\n".join([
-        f"## Identity weight and pooling grid, fitted on {len(val)} val queries\n",
-        "(w = 0 is the paper's score whatever the grid: it is scored once, on the first grid, and \"=\" marks the others.)\n",
+        f"## Identity weight, pooling grid and class weight, fitted on {len(val)} val queries\n",
+        "(w = 0 is the paper's score whatever the grid when a = 0: it is scored once, on the first grid, and \"=\" marks the others; "
+        "a is the exponent of the region classifier's class match.)\n",
         head, "|" + "---|" * (len(ev.identity_weights) + 3), *rows, "",
     ])
     return out, (len(val), section)

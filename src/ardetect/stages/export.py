@@ -48,9 +48,10 @@ def build(cfg: Config) -> dict:
     from ardetect.export.build import ExportOptions, build_export, identity_of, recheck_line, recorded_scores, variant_line
 
     ex = cfg.export
-    weight, grid = identity_of(REPORTS / "details.json")
+    weight, grid, class_weight = identity_of(REPORTS / "details.json")
     opts = ExportOptions(weight, grid, cfg.evaluate.identity_top_k, ex.opset, ex.fp16, ex.int8, ex.parity_queries,
-                         ex.variant_queries, ex.score_tolerance, ex.box_tolerance_px, cfg.evaluate.iou_threshold, int8_queries=ex.int8_queries)
+                         ex.variant_queries, ex.score_tolerance, ex.box_tolerance_px, cfg.evaluate.iou_threshold, int8_queries=ex.int8_queries,
+                         class_weight=class_weight)
     metrics = earned_metrics(REPORTS / "metrics.json")
     # memorisation events are not queries (the quality gate keeps them out of evaluation, and so of parity)
     tuples = drop_excluded(read_table(DATA / "tuples" / "tuples.parquet", TUPLE_COLUMNS, "tuples"), EXCLUSIONS)
@@ -67,7 +68,7 @@ def build(cfg: Config) -> dict:
     flat = {f"parity.{p}.{k}": v for p in ("fp32", "fp16", "int8") if parity.get(p, {}).get("run")
             for k, v in parity[p].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     reg = done["registration"]
-    lines = [f"[export] {OUT}: identity weight {weight:g}, grid {grid}, top-k {opts.top_k}; parity on {parity['queries']} test tuples "
+    lines = [f"[export] {OUT}: identity weight {weight:g}, grid {grid}, class weight {class_weight:g}, top-k {opts.top_k}; parity on {parity['queries']} test tuples "
              f"x {parity['candidates']} candidates: score diff {parity['fp32']['score_max_abs_diff']:.2e}, "
              f"box diff {parity['fp32']['box_max_abs_diff_px']:.2e} px, Recall@1/5/10 "
              f"{[parity['fp32'][k] for k in ('recall@1', 'recall@5', 'recall@10')]} (PyTorch "
@@ -81,7 +82,8 @@ def build(cfg: Config) -> dict:
     secs = done["seconds"]
     lines.append("[export] seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
     print("\n".join(lines))
-    return {**flat, **{f"export.seconds.{k}": round(v, 2) for k, v in secs.items()}, "export.identity_weight": weight, "export.grid": grid}
+    return {**flat, **{f"export.seconds.{k}": round(v, 2) for k, v in secs.items()}, "export.identity_weight": weight, "export.grid": grid,
+            "export.class_weight": class_weight}
 
 
 def main() -> None:

@@ -7,7 +7,11 @@ region features reads 6 % of the world's classes on val, 4 % by chance). This st
 gives the backbone its "ImageNet" on the world itself: every object of the training
 split's images, cut out with a margin and resized to ``crop`` pixels, classified into
 its base class by a linear head on the backbone's coarsest map, average-pooled. The
-head is thrown away; the backbone's weights (and batch-norm statistics) stay.
+detector's backbone goes on from these weights (and batch-norm statistics); a copy of
+them with the head becomes the detector's frozen region classifier
+(``ardetect.model.region_classifier``). Crops are cut from the images at the detector's
+input size with the region classifier's own RoIAlign crop, so that it classifies the
+boxes it is later given as it was trained.
 """
 
 from __future__ import annotations
@@ -20,41 +24,37 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ardetect.data.datasets import load_rgb
+from ardetect.data.datasets import build_transform, load_rgb, transform_with_boxes
 from ardetect.devices import device_of
+from ardetect.model.region_classifier import crop_regions
 
-MARGIN = 0.1  # context around each object's box, a fraction of its longer side
 
-
-def object_crops(objects: pd.DataFrame, images: Sequence[str], data_root: Path, vocabulary: Sequence[str], crop: int,
+def object_crops(objects: pd.DataFrame, images: Sequence[str], data_root: Path, vocabulary: Sequence[str], crop: int, image_size: int,
                  min_area: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(crops [N, 3, crop, crop] uint8, class index [N]) of the objects of ``images`` with at least ``min_area`` pixels."""
-    from PIL import Image
-
+    """(crops [N, 3, crop, crop] uint8, class index [N]) of the objects of ``images`` with at least
+    ``min_area`` pixels, cut (``crop_regions``) from the images resized to ``image_size``."""
     index = {c: i for i, c in enumerate(vocabulary)}
     rows = objects[objects["image"].isin(set(images)) & (objects["area"] >= min_area)]
     unknown = sorted(set(rows["base_class"].astype(str)) - set(index))
     if unknown:
         raise ValueError(f"object_crops: classes {unknown[:3]} are not in the vocabulary")
+    transform = build_transform(train=False, size=image_size)
     crops, labels = [], []
     for image, group in rows.groupby("image", sort=True):
-        picture = load_rgb(Path(data_root) / image)
-        for box, cls in zip(group["box"], group["base_class"].astype(str)):
-            x0, y0, x1, y1 = (float(v) for v in box)
-            m = MARGIN * max(x1 - x0, y1 - y0)
-            part = picture.crop((x0 - m, y0 - m, x1 + m, y1 + m)).resize((crop, crop), Image.BILINEAR)
-            crops.append(torch.from_numpy(np.asarray(part, dtype=np.uint8).copy()).permute(2, 0, 1))
-            labels.append(index[cls])
+        picture, boxes = transform_with_boxes(transform, load_rgb(Path(data_root) / image), np.stack(group["box"].to_numpy()).astype(np.float32))
+        part = crop_regions(picture[None], boxes[None].float(), crop)  # [n, 3, crop, crop] in [0, 1]
+        crops.append((part * 255).round().clamp(0, 255).to(torch.uint8))
+        labels += [index[c] for c in group["base_class"].astype(str)]
     if not crops:
         raise ValueError("object_crops: no objects in these images")
-    return torch.stack(crops), torch.tensor(labels, dtype=torch.long)
+    return torch.cat(crops), torch.tensor(labels, dtype=torch.long)
 
 
 def classify_backbone(model, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None, n_classes: int,
-                      epochs: int, batch_size: int, lr: float, seed: int, weight_decay: float = 1e-4) -> list[dict]:
+                      epochs: int, batch_size: int, lr: float, seed: int, weight_decay: float = 1e-4) -> tuple[list[dict], torch.nn.Linear]:
     """Train ``model.backbone`` with a linear head on object crops (horizontal flips; one-cycle lr).
 
-    Returns one record per epoch: mean training loss and, with ``val``, the val crops' accuracy.
+    Returns (one record per epoch: mean training loss and, with ``val``, the val crops' accuracy; the head).
     """
     crops, labels = train
     if len(crops) < batch_size:
@@ -107,4 +107,4 @@ def classify_backbone(model, train: tuple[torch.Tensor, torch.Tensor], val: tupl
             print("[pretrain] classify " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
     finally:
         backbone.train(was_training)
-    return history
+    return history, head

@@ -108,9 +108,9 @@ def validation_metrics(model, tuples: pd.DataFrame, data_root: Path, image_size:
         trunk = SharedTrunkARD({"val": model}, data_root, image_size, top_k=vcfg.top_k, identity=True, grids=vcfg.identity_grids)
         summaries: dict = {}
         weights = sorted(set(vcfg.identity_weights) | {0.0})
-        w, g, _ = fit_identity_weights(trunk, ["val"], q, negatives, weights, metric="recall@5", summaries=summaries)["val"]
-        paper = summaries[("val", min(trunk.grids), 0.0)]
-        best = summaries[("val", g, w)]
+        w, g, _, _ = fit_identity_weights(trunk, ["val"], q, negatives, weights, metric="recall@5", summaries=summaries)["val"]
+        paper = summaries[("val", min(trunk.grids), 0.0, 0.0)]
+        best = summaries[("val", g, w, 0.0)]
     finally:
         model.train(was_training)
     out = {f"val_{k}": v for k, v in paper.items() if k != "queries"}

@@ -292,6 +292,9 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
     p = cfg.pretrain
     torch.manual_seed(p.seed)
     model = build_model(cfg)
+    vocabulary = sorted(objects["base_class"].astype(str).unique())
+    if p.epochs > 0 and p.classify_epochs > 0:  # the crop classification becomes the region classifier (its weights: classify_step)
+        model.add_region_classifier(vocabulary, p.classify_crop)
     device = resolve_device(cfg.model.device)
     model.to(device).set_phase(1)
     out_dir = Path(out_dir)
@@ -303,7 +306,6 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
     if p.epochs > 0:
         size = image_size_of(model)
         ds = ObjectDataset(objects, images, data_root, p.image_size or size, train=p.augment, min_area=p.min_area)
-        vocabulary = sorted(objects["base_class"].astype(str).unique())
         val = tuples[tuples["split"] == "val"]
         val_ds = ObjectDataset(objects, training_images(tuples, p.images, "val"), data_root, size, train=False, min_area=p.min_area) if len(val) else None
         optimizer = torch.optim.AdamW(param_groups(model, p.lr, p.lr_backbone, p.lr_linear_proj_mult), lr=p.lr,
@@ -366,19 +368,27 @@ def classify_step(model, p, objects: pd.DataFrame, images: list[str], tuples: pd
     (the backbone's state and the history) so that a restart after it does not repeat it."""
     from ardetect.train.classify import classify_backbone, object_crops
 
+    from ardetect.train.phases import image_size_of
+
+    classifier = model.region_classifier
     if resume and path.exists():
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        if ck.get("fingerprint") == fingerprint:
+        if ck.get("fingerprint") == fingerprint and "region_classifier" in ck:
             model.backbone.load_state_dict(ck["backbone"])
+            classifier.load_state_dict(ck["region_classifier"])
             print(f"[pretrain] backbone classification done before: {path}")
             return ck["history"]
-    train = object_crops(objects, images, data_root, vocabulary, p.classify_crop, p.min_area)
+    size = image_size_of(model)
+    train = object_crops(objects, images, data_root, vocabulary, p.classify_crop, size, p.min_area)
     val_images = training_images(tuples, p.images, "val") if (tuples["split"] == "val").any() else []
-    val = object_crops(objects, val_images, data_root, vocabulary, p.classify_crop, p.min_area) if val_images else None
+    val = object_crops(objects, val_images, data_root, vocabulary, p.classify_crop, size, p.min_area) if val_images else None
     print(f"[pretrain] backbone classification: {len(train[0])} object crops of {len(vocabulary)} classes, {p.classify_epochs} epochs")
-    history = classify_backbone(model, train, val, len(vocabulary), p.classify_epochs, p.classify_batch_size, p.classify_lr, p.seed,
-                                p.weight_decay)
-    save_atomic({"backbone": model.backbone.state_dict(), "history": history, "fingerprint": fingerprint}, path)
+    history, head = classify_backbone(model, train, val, len(vocabulary), p.classify_epochs, p.classify_batch_size, p.classify_lr, p.seed,
+                                      p.weight_decay)
+    classifier.backbone.load_state_dict(model.backbone.state_dict())  # the detector's backbone trains on; the classifier keeps these
+    classifier.head.load_state_dict(head.state_dict())
+    save_atomic({"backbone": model.backbone.state_dict(), "region_classifier": classifier.state_dict(), "history": history,
+                 "fingerprint": fingerprint}, path)
     return history
 
 
@@ -393,7 +403,10 @@ def load_pretrained_into(model, path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"pre-trained detector {path} not found: run the pretrain stage first (dvc repro pretrain)")
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    want, got = model.cfg.model_dump(mode="json"), ck.get("model_config") or {}
+    got = ck.get("model_config") or {}
+    if got.get("region_classes") and model.region_classifier is None:  # the pre-training's region classifier comes with it
+        model.add_region_classifier(got["region_classes"], got.get("region_crop"))
+    want = model.cfg.model_dump(mode="json")
     diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     if diff:
         shown = ", ".join(f"{k}: file {got.get(k)!r} vs model {want.get(k)!r}" for k in diff[:4])
