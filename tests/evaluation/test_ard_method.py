@@ -131,6 +131,16 @@ def test_shared_trunk_identity_weights_match_each_model_alone(tmp_path):
         SharedTrunkARD({"ARD": ard}, tmp_path, 64).method("ARD", "ARD", 1.0)
 
 
+def _four_queries() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Four made-up test tuples with 11 negatives each (the stub trunks below score them)."""
+    tuples = pd.DataFrame({
+        "tuple_id": [f"t{i}" for i in range(4)], "query_image": ["q.png"] * 4, "query_box": [[0.0, 0.0, 10.0, 10.0]] * 4,
+        "prompt": ["p"] * 4, "concept_phrase": ["V* cat"] * 4, "train_image": [f"x{i}.png" for i in range(4)],
+        "train_box": [[0.0, 0.0, 10.0, 10.0]] * 4, "medium": ["photo"] * 4, "base_class": ["cat"] * 4,
+    })
+    return tuples, pd.DataFrame({"tuple_id": np.repeat(tuples["tuple_id"], 11), "neg_image": [f"n{j}.png" for j in range(11)] * 4})
+
+
 def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_ties():
     from ardetect.evaluation.ard import fit_identity_weights
     from ardetect.evaluation.harness import Scores
@@ -161,12 +171,7 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
             M.grid, M.class_weight = grid, class_weight
             return M()
 
-    tuples = pd.DataFrame({
-        "tuple_id": [f"t{i}" for i in range(4)], "query_image": ["q.png"] * 4, "query_box": [[0.0, 0.0, 10.0, 10.0]] * 4,
-        "prompt": ["p"] * 4, "concept_phrase": ["V* cat"] * 4, "train_image": [f"x{i}.png" for i in range(4)],
-        "train_box": [[0.0, 0.0, 10.0, 10.0]] * 4, "medium": ["photo"] * 4, "base_class": ["cat"] * 4,
-    })
-    negatives = pd.DataFrame({"tuple_id": np.repeat(tuples["tuple_id"], 11), "neg_image": [f"n{j}.png" for j in range(11)] * 4})
+    tuples, negatives = _four_queries()
     fitted = fit_identity_weights(Trunk(), ["ARD", "ARD-"], tuples, negatives, [5.0, 0.0, 1.0, 2.0])
     best, grid, a, recalls = fitted["ARD"]
     assert a == 0.0
@@ -239,12 +244,7 @@ def test_fit_tries_each_class_weight_and_prefers_the_smaller_on_ties():
             M.grid, M.class_weight = grid, class_weight
             return M()
 
-    tuples = pd.DataFrame({
-        "tuple_id": [f"t{i}" for i in range(4)], "query_image": ["q.png"] * 4, "query_box": [[0.0, 0.0, 10.0, 10.0]] * 4,
-        "prompt": ["p"] * 4, "concept_phrase": ["V* cat"] * 4, "train_image": [f"x{i}.png" for i in range(4)],
-        "train_box": [[0.0, 0.0, 10.0, 10.0]] * 4, "medium": ["photo"] * 4, "base_class": ["cat"] * 4,
-    })
-    negatives = pd.DataFrame({"tuple_id": np.repeat(tuples["tuple_id"], 11), "neg_image": [f"n{j}.png" for j in range(11)] * 4})
+    tuples, negatives = _four_queries()
     w, g, a, recalls = fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [0.0, 4.0], class_weights=[2.0, 0.0, 1.0])["ARD"]
     assert set(recalls) == set(firsts) and recalls[(1, 4.0, 1.0)] == 0.75
     assert (w, g, a) == (4.0, 1, 1.0)  # (4, 1) and (4, 2) tie at 0.75: the smaller class weight
