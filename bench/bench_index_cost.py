@@ -42,7 +42,7 @@ def tiled_index(src: Path, out: Path, size: int) -> Path:
     n = meta["count"]
     rows = np.arange(size) % n
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("features", "region_map", "embeddings"):
+    for name in dict.fromkeys(["features", "region_map", *(meta.get("arrays") or []), "embeddings"]):  # every array the index keeps
         a = np.load(src / f"{name}.npy", mmap_mode="r")
         dst = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=a.dtype, shape=(size, *a.shape[1:]))
         for s in range(0, size, 1024):
