@@ -361,7 +361,11 @@ def export_cmd(
             w, g, a = identity_of(details)
             identity_weight = w if identity_weight is None else identity_weight
             grid = g if grid is None else grid
-            class_weight = a if class_weight is None else class_weight
+            if class_weight is None:  # the fit's class weight, unless this detector has no region classifier to weigh with
+                import torch
+
+                ck = torch.load(phase2, map_location="cpu", weights_only=False) if Path(phase2).is_file() else {}
+                class_weight = a if (ck.get("model_config") or {}).get("region_classes") else 0.0
         tuples = negatives = None
         if parity:
             from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, read_table
