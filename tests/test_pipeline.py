@@ -208,10 +208,13 @@ def test_pipeline_outputs_and_up_to_date(piped):
     label = lambda g, a: f"{g}x{g}" + ("" if a == "0" else f", a={a}")  # noqa: E731
     for name in ("ARD", "ARD-"):
         fit = fits[name]
-        by_grid = fit["val_recall@10"]
-        assert set(by_grid) == {label(g, a) for g in (1, 2, 3, 4) for a in ("0", "1", "2", "3")}
+        by_grid = fit["val_fit"]  # the mean of the fit's metrics decides
+        assert fit["fit_metrics"] == ["recall@1", "recall@5", "recall@10"]
+        assert set(fit["val_recall@10"]) == set(by_grid) == {label(g, a) for g in (1, 2, 3, 4) for a in ("0", "1", "2", "3")}
         for a in ("0", "1", "2", "3"):  # w = 0 is tried on the first grid only
             assert set(by_grid[label(1, a)]) == weights and all(set(by_grid[label(g, a)]) == weights - {"0"} for g in (2, 3, 4))
+            for g in (1, 2, 3, 4):  # each cell's Recall@10 is reported beside it, over the same weights
+                assert set(fit["val_recall@10"][label(g, a)]) == set(by_grid[label(g, a)])
         chosen = by_grid[label(fit["grid"], f"{fit['class_weight']:g}")]
         assert fit["grid"] in (1, 2, 3, 4) and fit["class_weight"] in (0, 1, 2, 3) and f"{fit['weight']:g}" in chosen
         best = max(r for rs in by_grid.values() for r in rs.values())

@@ -37,6 +37,7 @@ def _identity_weights(v: list[float]) -> list[float]:
 
 IdentityGrids = Annotated[list[int], AfterValidator(_pooling_grids)]  # sorted, unique, each 1..8
 IdentityWeights = Annotated[list[float], AfterValidator(_identity_weights)]  # sorted, unique, finite, >= 0
+FitMetric = Literal["recall@1", "recall@5", "recall@10", "inverse_rank@5", "inverse_rank@10", "box_accuracy"]  # harness summary keys
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
@@ -447,6 +448,17 @@ class EvaluateConfig(_Section):
         "classifier; 0 = no class factor)",
     )
     fit_queries: int | None = Field(64, ge=1, description="val queries the identity weight and grid are fitted on; null = all")
+    fit_metrics: list[FitMetric] = Field(
+        ["recall@1", "recall@5", "recall@10"], min_length=1,
+        description="val metrics whose mean decides the fit of the weight, grid and class weight (each once)",
+    )
+
+    @field_validator("fit_metrics")
+    @classmethod
+    def _distinct_fit_metrics(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"fit_metrics={v}: each metric once")
+        return v
 
 
 class ExportConfig(_Section):

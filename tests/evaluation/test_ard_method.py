@@ -183,6 +183,18 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
     assert fitted["ARD-"] == fitted["ARD"]  # the stub scores both variants alike
     with pytest.raises(ValueError, match="grid is empty"):
         fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [])
+    # several metrics: their mean decides. Recall@10 alone ties (1, 1x1) with (2, 2x2) and the coarser grid wins;
+    # Recall@1 separates them (the positive 5th for three queries under (1, 1x1), first under (2, 2x2))
+    ranks.clear()
+    ranks.update({key: [12] * 4 for key in ((1, 0.0), (1, 2.0), (1, 5.0), (2, 1.0), (2, 5.0))})
+    ranks.update({(1, 1.0): [5, 5, 5, 12], (2, 2.0): [1, 12, 1, 1]})
+    assert fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [5.0, 0.0, 1.0, 2.0])["ARD"][:2] == (1.0, 1)
+    w, g, _, means = fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [5.0, 0.0, 1.0, 2.0], metric=["recall@1", "recall@10"])["ARD"]
+    assert (w, g) == (2.0, 2) and means[(1, 1.0, 0.0)] == 0.375 and means[(2, 2.0, 0.0)] == 0.75
+    with pytest.raises(ValueError, match="recall@3"):
+        fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [1.0], metric=["recall@1", "recall@3"])
+    with pytest.raises(ValueError, match="metric is empty"):
+        fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [1.0], metric=[])
 
 
 def test_prefetch_side_by_side_scores_as_one_query_at_a_time(tmp_path):

@@ -247,19 +247,19 @@ class _Variant:
 
 def fit_identity_weights(
     trunk: SharedTrunkARD, variants: Sequence[str], tuples: pd.DataFrame, negatives: pd.DataFrame, grid: Sequence[float],
-    iou_threshold: float = 0.5, progress: bool = False, metric: str = "recall@10", summaries: dict | None = None,
+    iou_threshold: float = 0.5, progress: bool = False, metric: str | Sequence[str] = "recall@10", summaries: dict | None = None,
     workers: int | None = None, class_weights: Sequence[float] = (0.0,),
 ) -> dict[str, tuple[float, int, float, dict[tuple[int, float, float], float]]]:
     """For each of ``variants``, the identity weight of ``grid`` and the pooling grid of the
     trunk's ``grids`` with the best ``metric`` (a summary key of the harness, Recall@10 by
-    default) on ``tuples`` (a validation split: never the test tuples); ties go to the coarser
+    default, or several whose mean decides) on ``tuples`` (a validation split: never the test tuples); ties go to the coarser
     pooling grid, then to the smaller weight (w = 0 is the paper's score whatever the pooling
     grid, so it is tried once, with the coarsest grid). Each is tried with every class weight of
     ``class_weights`` (the region classifier's factor; above 0 needs a trunk made with
     ``classes=True``); ties go to the smaller class weight.
 
     The detector runs once per query for every variant, weight and pooling grid. Returns
-    {variant: (weight, pooling grid, class weight, {(pooling grid, weight, class weight): metric})};
+    {variant: (weight, pooling grid, class weight, {(pooling grid, weight, class weight): metric (the mean of several)})};
     ``summaries``, when given, receives every combination's whole harness summary under (variant,
     grid, weight, class weight); ``workers`` queries are scored side by side (``SharedTrunkARD.prefetch``).
     """
@@ -268,6 +268,9 @@ def fit_identity_weights(
     weights = sorted(set(float(w) for w in grid))
     if not weights:
         raise ValueError("grid is empty: give at least one identity weight")
+    keys = [metric] if isinstance(metric, str) else list(metric)
+    if not keys:
+        raise ValueError("metric is empty: give at least one summary key")
     classes = sorted(set(float(a) for a in class_weights)) or [0.0]
     combos = [(g, w, a) for g in sorted(trunk.grids) for w in weights for a in classes if w > 0 or g == min(trunk.grids)]
     methods = {v: [trunk.method(f"{v}@fit{w:g}x{g}a{a:g}", v, w, g, a) for g, w, a in combos] for v in variants}  # all made before any runs
@@ -277,7 +280,10 @@ def fit_identity_weights(
         recalls = {}
         for m in ms:
             summary = evaluate_method(m, tuples, negatives, iou_threshold, progress=progress).summary
-            recalls[(m.grid, m.identity_weight, m.class_weight)] = float(summary[metric])
+            missing = [k for k in keys if k not in summary]
+            if missing:
+                raise ValueError(f"metric={keys}: {missing} not among the harness summary's keys {sorted(summary)}")
+            recalls[(m.grid, m.identity_weight, m.class_weight)] = float(np.mean([summary[k] for k in keys]))
             if summaries is not None:
                 summaries[(v, m.grid, m.identity_weight, m.class_weight)] = summary
         g, w, a = max(recalls, key=lambda gwa: (recalls[gwa], -gwa[0], -gwa[1], -gwa[2]))

@@ -329,8 +329,11 @@ def fit_weights(
     the val split of ``tuples`` (the test split is dropped before anything is read). The class weight
     is fitted only when the detectors have a region classifier (else it is 0).
 
-    Returns ({name: {"weight", "grid", "class_weight", "val_recall@10": {"gxg" or "gxg, a=A": {weight: recall}}}},
-    (val queries, markdown section)).
+    The mean of ``evaluate.fit_metrics`` on those queries decides (ties: the coarser grid, the smaller
+    weight, the smaller class weight).
+
+    Returns ({name: {"weight", "grid", "class_weight", "fit_metrics", "val_fit": {"gxg" or "gxg, a=A": {weight: that mean}},
+    "val_recall@10": {same keys: Recall@10}}}, (val queries, markdown section)).
     """
     from ardetect.evaluation.ard import SharedTrunkARD, fit_identity_weights
 
@@ -343,22 +346,27 @@ def fit_weights(
     class_weights = ev.class_weights if classes else [0.0]
     trunk = SharedTrunkARD(detectors, data_root, size, batch=ev.candidate_batch, top_k=ev.identity_top_k, identity=identity, grids=ev.identity_grids,
                            classes=classes and max(class_weights) > 0)
+    summaries: dict = {}
     fitted = fit_identity_weights(trunk, list(detectors), val, negatives, ev.identity_weights, ev.iou_threshold, progress=True,
-                                  workers=ev.workers or None, class_weights=class_weights)
+                                  metric=ev.fit_metrics, summaries=summaries, workers=ev.workers or None, class_weights=class_weights)
     label = lambda gg, aa: f"{gg}x{gg}" if aa == 0 else f"{gg}x{gg}, a={aa:g}"  # noqa: E731
     out, rows = {}, []
     for name, (w, g, a, recalls) in fitted.items():
         by_grid: dict[str, dict[str, float]] = {}
+        r10: dict[str, dict[str, float]] = {}
         for (gg, ww, aa), r in sorted(recalls.items()):
             by_grid.setdefault(label(gg, aa), {})[f"{ww:g}"] = r
-        out[name] = {"weight": w, "grid": g, "class_weight": a, "val_recall@10": by_grid}
+            r10.setdefault(label(gg, aa), {})[f"{ww:g}"] = float(summaries[(name, gg, ww, aa)]["recall@10"])
+        out[name] = {"weight": w, "grid": g, "class_weight": a, "fit_metrics": list(ev.fit_metrics), "val_fit": by_grid, "val_recall@10": r10}
         for gg in ev.identity_grids:
             for aa in class_weights:
                 cells = [f"{recalls[(gg, k, aa)]:.4f}" if (gg, k, aa) in recalls else "=" for k in ev.identity_weights]
                 rows.append(f"| {name} | {label(gg, aa)} | {w:g}, {g}x{g}, a={a:g} | " + " | ".join(cells) + " |")
-    head = "| method | pooling grid, class weight a | fitted w, grid, a | " + " | ".join(f"val R@10, w={k:g}" for k in ev.identity_weights) + " |"
+    head = "| method | pooling grid, class weight a | fitted w, grid, a | " + " | ".join(f"val fit, w={k:g}" for k in ev.identity_weights) + " |"
     section = "\n".join([
         f"## Identity weight, pooling grid and class weight, fitted on {len(val)} val queries\n",
+        f"Each cell is the mean of {', '.join(ev.fit_metrics)} on those queries; the best decides (ties: the coarser grid, the smaller "
+        "weight, the smaller a). details.json also gives each cell's Recall@10.\n",
         "(w = 0 is the paper's score whatever the grid when a = 0: it is scored once, on the first grid, and \"=\" marks the others; "
         "a is the exponent of the region classifier's class match.)\n",
         head, "|" + "---|" * (len(ev.identity_weights) + 3), *rows, "",
