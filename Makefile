@@ -44,11 +44,15 @@ run: install
 flow: install
 	python flows/pipeline.py
 
+# the suite's files side by side, one worker a core (the end-to-end pipeline files first: tests/conftest.py)
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: install
-	python -m pytest -q --timeout=1200
+	python -m pytest -q --timeout=1200 $(PYTEST_PARALLEL)
 
 test-fast: install
-	python -m pytest -q -m "not slow"
+	python -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
 bench: install
 	@# the GPU benchmark (bench/bench_model_gpu.py) is run on a GPU machine, not here

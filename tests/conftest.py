@@ -20,3 +20,14 @@ def smoke_workspace(tmp_path_factory) -> Path:
     ws = make_workspace(tmp_path_factory.mktemp("ws") / "repo")
     dvc(ws, "repro")
     return ws
+
+
+# The end-to-end pipeline files take most of the suite's time. Collected first, a parallel run
+# (`make test`: pytest -n, --dist loadfile, --no-loadscope-reorder) starts them at once on
+# different workers instead of leaving them for last.
+LONGEST_FIRST = ("test_pipeline.py", "test_flow.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other test keeps its order
