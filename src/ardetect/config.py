@@ -303,6 +303,17 @@ class PretrainConfig(_Section):
     classify_crop: int = Field(64, ge=32, description="object crops' side, pixels")
     classify_batch_size: int = Field(64, ge=2)
     classify_lr: float = Field(2e-3, gt=0, description="peak of the one-cycle schedule")
+    region_classifier_epochs: int | None = Field(
+        None, ge=1, description="the region classifier's own crop classification, a fresh backbone, this many passes over its "
+        "crops (after the backbone's, which the detector goes on from); null = the backbone's crop classification is kept as it",
+    )
+    region_classifier_copies: int = Field(
+        1, ge=1, description="crops of every object the region classifier trains on: the exact box, then copies - 1 jittered ones",
+    )
+    region_classifier_jitter: float = Field(
+        0.0, ge=0, lt=0.5, description="each side of a jittered copy's box moves by up to this fraction of the box's width "
+        "(x) or height (y), uniformly: crops as imprecise as the detector's boxes",
+    )
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
     lr_backbone: float = Field(1e-3, ge=0)
@@ -323,6 +334,16 @@ class PretrainConfig(_Section):
     seed: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="batches an epoch (a fresh shuffle each); null = every image once")
     loss: LossConfig = Field(LossConfig(), description="matcher costs and loss weights (phase 1's defaults; the region contrast is not used)")
+
+    @model_validator(mode="after")
+    def _jittered_copies(self):
+        if self.region_classifier_epochs and not self.classify_epochs:
+            raise ValueError(f"region_classifier_epochs={self.region_classifier_epochs} with classify_epochs=0: the region classifier "
+                             "comes with the crop classification; give classify_epochs > 0 or region_classifier_epochs null")
+        if self.region_classifier_copies > 1 and self.region_classifier_jitter == 0:
+            raise ValueError(f"region_classifier_copies={self.region_classifier_copies} with region_classifier_jitter=0: the copies "
+                             "would be the same crops; give a jitter > 0 or copies 1")
+        return self
 
 
 def _same_class_within_k(section):

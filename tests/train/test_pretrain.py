@@ -25,7 +25,8 @@ VOCAB = ["apple", "ball", "bicycle", "cat", "dog", "mug", "umbrella"]
 
 def pretrain_config(**kw):
     return fast_config(pretrain={"epochs": 2, "batch_size": 2, "checkpoint_every": 2, "max_steps_per_epoch": 4, "absent_classes": 2,
-                                 "classify_epochs": 1, "classify_crop": 32, "classify_batch_size": 2, **kw})
+                                 "classify_epochs": 1, "classify_crop": 32, "classify_batch_size": 2, "region_classifier_epochs": 1,
+                                 **kw})
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +130,9 @@ def test_killed_pretraining_resumes_to_the_same_weights(tiny_world, tmp_path):
         [sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(tmp_path / "objects.parquet"), str(root)], tmp_path,
     )
     model_file = torch.load(out / "model.pt", weights_only=False)
-    history = model_file["history"]  # the backbone's classification first, then the detection epochs
-    assert [(r.get("classify_epoch"), r.get("epoch")) for r in history] == [(1, None), (None, 1), (None, 2)]
+    history = model_file["history"]  # the backbone's classification first, the region classifier's, then the detection epochs
+    assert [(r.get("classify_epoch"), r.get("region_classify_epoch"), r.get("epoch")) for r in history] == [
+        (1, None, None), (None, 1, None), (None, None, 1), (None, None, 2)]
 
 
 @pytest.mark.slow
@@ -218,3 +220,45 @@ def test_grounding_metrics_score_an_oracle_one_and_misplaced_boxes_zero(tiny_wor
         out = grounding_metrics(stub, ds, VOCAB + ["car", "hat"], 2, seed=0)
         assert out == {"val_grounding": expected, "val_concept_grounding": expected, "val_class_rprecision": expected}
         monkeypatch.undo()
+
+
+def test_jittered_boxes_move_each_side_within_the_bound():
+    from ardetect.train.classify import jitter_boxes
+
+    objects = pd.DataFrame({"image": ["a.png", "b.png"], "box": [np.array([10, 20, 50, 40], np.float32), np.array([0, 0, 4, 4], np.float32)]})
+    moved = jitter_boxes(objects, 0.2, seed=3)
+    a, b = np.stack(objects["box"].to_numpy()), np.stack(moved["box"].to_numpy())
+    assert np.all(np.abs(b - a)[0] <= 0.2 * np.array([40, 20, 40, 20]) + 1e-4) and not np.allclose(a, b)
+    assert np.all(b[:, 2:] - b[:, :2] >= 2 - 1e-4)
+    assert np.array_equal(np.stack(jitter_boxes(objects, 0.2, seed=3)["box"].to_numpy()), b)  # seeded
+    assert np.array_equal(np.stack(objects["box"].to_numpy()), a)  # the input is left as it was
+    assert np.array_equal(np.stack(jitter_boxes(objects, 0.0, seed=3)["box"].to_numpy()), a)
+    with pytest.raises(ValueError, match="jitter=0.5"):
+        jitter_boxes(objects, 0.5, seed=0)
+
+
+def test_region_classifier_settings_are_checked():
+    from ardetect.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="region_classifier_jitter=0"):
+        pretrain_config(region_classifier_epochs=2, region_classifier_copies=3, region_classifier_jitter=0)
+    with pytest.raises((ConfigError, ValueError), match="classify_epochs=0"):
+        pretrain_config(region_classifier_epochs=2, classify_epochs=0)
+
+
+@pytest.mark.slow
+def test_region_classifier_of_its_own_leaves_the_detector_as_it_was(tiny_world, tmp_path):
+    """A region classifier trained afresh (with jittered copies) replaces the kept crop classification;
+    the detector it comes with trains to the same weights as without it."""
+    tuples, root = tiny_world
+    objects = objects_of(tuples)
+    cfg = pretrain_config(epochs=1, max_steps_per_epoch=2, region_classifier_epochs=None)
+    base, base_history = run_pretrain(cfg, objects, tuples, root, tmp_path / "base")
+    own, history = run_pretrain(pretrain_config(epochs=1, max_steps_per_epoch=2, region_classifier_epochs=2, region_classifier_copies=2,
+                                                region_classifier_jitter=0.1), objects, tuples, root, tmp_path / "own")
+    assert [r.get("region_classify_epoch") for r in history if "region_classify_epoch" in r] == [1, 2]
+    assert len(history) == len(base_history) + 2
+    a, b = base.state_dict(), own.state_dict()
+    region = [k for k in a if k.startswith("region_classifier.")]
+    assert region and any(not torch.equal(a[k], b[k]) for k in region)
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("region_classifier."))

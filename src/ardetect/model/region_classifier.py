@@ -3,9 +3,10 @@
 Our nano detector, trained from nothing in minutes, learns where objects are long
 before it learns which class they are across images (docs/research.md, "Where the class
 grounding stops"): its backbone names 77 % of object crops but, inside whole images, a
-probe on its region features names 11-25 %. The object-crop classification that gives
-the backbone its start (``ardetect.train.classify``) is kept whole here, backbone and
-head, and used as a second stage, as R-CNN classifies its proposals: each box is cut
+probe on its region features names 11-25 %. An object-crop classifier (``ardetect.train.classify``:
+the one that gives the backbone its start, or by default one trained on its own, longer and
+on jittered boxes too) is kept whole here, backbone and head, and used as a second stage,
+as R-CNN classifies its proposals: each box is cut
 out of the image with a margin (RoIAlign on the pixels), resized to ``crop`` pixels and
 classified. The identity re-ranking reads it as one more factor: how likely a box and
 the query region are the same class (``RegionCandidates.pick``).

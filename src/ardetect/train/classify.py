@@ -7,9 +7,11 @@ region features reads 6 % of the world's classes on val, 4 % by chance). This st
 gives the backbone its "ImageNet" on the world itself: every object of the training
 split's images, cut out with a margin and resized to ``crop`` pixels, classified into
 its base class by a linear head on the backbone's coarsest map, average-pooled. The
-detector's backbone goes on from these weights (and batch-norm statistics); a copy of
-them with the head becomes the detector's frozen region classifier
-(``ardetect.model.region_classifier``). Crops are cut from the images at the detector's
+detector's backbone goes on from these weights (and batch-norm statistics). The detector's
+frozen region classifier (``ardetect.model.region_classifier``) is either a copy of them
+with the head or, with ``pretrain.region_classifier_epochs``, a classification of its own
+(``train_region_classifier``): a fresh backbone trained longer, on each object's exact crop
+and jittered ones, as imprecise as the detector's boxes it is later given. Crops are cut from the images at the detector's
 input size with the region classifier's own RoIAlign crop, so that it classifies the
 boxes it is later given as it was trained.
 """
@@ -108,3 +110,45 @@ def classify_backbone(model, train: tuple[torch.Tensor, torch.Tensor], val: tupl
     finally:
         backbone.train(was_training)
     return history, head
+
+
+def jitter_boxes(objects: pd.DataFrame, jitter: float, seed: int) -> pd.DataFrame:
+    """A copy of ``objects`` whose every box has each side moved by up to ``jitter`` of the box's width (x)
+    or height (y), uniformly and independently (seeded); a box keeps at least 2 pixels a side."""
+    if not 0 <= jitter < 0.5:
+        raise ValueError(f"jitter={jitter} must be in [0, 0.5)")
+    boxes = np.stack(objects["box"].to_numpy()).astype(np.float64)
+    size = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, 1)  # [N, 4] w, h, w, h
+    moved = boxes + np.random.default_rng(seed).uniform(-jitter, jitter, size=boxes.shape) * size
+    moved[:, 2:] = np.maximum(moved[:, 2:], moved[:, :2] + 2)
+    out = objects.copy()
+    out["box"] = list(moved.astype(np.float32))
+    return out
+
+
+def train_region_classifier(model, objects: pd.DataFrame, images: Sequence[str], val: tuple[torch.Tensor, torch.Tensor] | None,
+                            data_root: Path, vocabulary: Sequence[str], crop: int, image_size: int, min_area: int, epochs: int,
+                            copies: int, jitter: float, batch_size: int, lr: float, seed: int, weight_decay: float = 1e-4) -> list[dict]:
+    """Train ``model.region_classifier`` afresh: a randomly initialised backbone (seeded) and a linear head
+    classify every object's crop, the exact box and ``copies`` - 1 jittered ones (``jitter_boxes``), for
+    ``epochs`` passes over them. The global random state is left as it was, so that what trains after it
+    (the detection epochs) does not depend on it. Returns the per-epoch records (``region_`` keys)."""
+    from types import SimpleNamespace
+
+    from ardetect.model.backbone import build_image_backbone
+
+    classifier = model.region_classifier
+    if classifier is None:
+        raise ValueError("train_region_classifier: the model has no region classifier (add_region_classifier first)")
+    sets = [object_crops(objects if c == 0 else jitter_boxes(objects, jitter, seed + c), images, data_root, vocabulary, crop, image_size,
+                         min_area) for c in range(copies)]
+    train = (torch.cat([s[0] for s in sets]), torch.cat([s[1] for s in sets]))
+    print(f"[pretrain] region classifier: {len(train[0])} crops ({copies} a object), {epochs} epochs")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = build_image_backbone(model.cfg.model_copy(update={"image_pretrained": None})).to(device_of(model.backbone))
+        history, head = classify_backbone(SimpleNamespace(backbone=backbone, normalize=model.normalize), train, val, len(vocabulary), epochs,
+                                          batch_size, lr, seed, weight_decay)
+    classifier.backbone.load_state_dict(backbone.state_dict())
+    classifier.head.load_state_dict(head.state_dict())
+    return [{f"region_{k}": v for k, v in r.items()} for r in history]
