@@ -336,7 +336,7 @@ class PretrainConfig(_Section):
     loss: LossConfig = Field(LossConfig(), description="matcher costs and loss weights (phase 1's defaults; the region contrast is not used)")
 
     @model_validator(mode="after")
-    def _jittered_copies(self):
+    def _region_classifier(self):
         if self.region_classifier_epochs and not self.classify_epochs:
             raise ValueError(f"region_classifier_epochs={self.region_classifier_epochs} with classify_epochs=0: the region classifier "
                              "comes with the crop classification; give classify_epochs > 0 or region_classifier_epochs null")

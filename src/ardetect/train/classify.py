@@ -11,9 +11,9 @@ detector's backbone goes on from these weights (and batch-norm statistics). The 
 frozen region classifier (``ardetect.model.region_classifier``) is either a copy of them
 with the head or, with ``pretrain.region_classifier_epochs``, a classification of its own
 (``train_region_classifier``): a fresh backbone trained longer, on each object's exact crop
-and jittered ones, as imprecise as the detector's boxes it is later given. Crops are cut from the images at the detector's
-input size with the region classifier's own RoIAlign crop, so that it classifies the
-boxes it is later given as it was trained.
+and jittered ones, as imprecise as the detector's boxes it is later given. Crops are cut
+from the images at the detector's input size with the region classifier's own RoIAlign
+crop, so that it classifies the boxes it is later given as it was trained.
 """
 
 from __future__ import annotations

@@ -385,14 +385,15 @@ def classify_step(model, p, objects: pd.DataFrame, images: list[str], tuples: pd
     print(f"[pretrain] backbone classification: {len(train[0])} object crops of {len(vocabulary)} classes, {p.classify_epochs} epochs")
     history, head = classify_backbone(model, train, val, len(vocabulary), p.classify_epochs, p.classify_batch_size, p.classify_lr, p.seed,
                                       p.weight_decay)
-    classifier.backbone.load_state_dict(model.backbone.state_dict())  # the detector's backbone trains on; the classifier keeps these
-    classifier.head.load_state_dict(head.state_dict())
-    if p.region_classifier_epochs:  # or the classifier gets a crop classification of its own, longer and on imprecise boxes too
+    if p.region_classifier_epochs:  # the classifier gets a crop classification of its own, longer and on imprecise boxes too
         from ardetect.train.classify import train_region_classifier
 
         history += train_region_classifier(model, objects, images, val, data_root, vocabulary, p.classify_crop, size, p.min_area,
                                            p.region_classifier_epochs, p.region_classifier_copies, p.region_classifier_jitter,
                                            p.classify_batch_size, p.classify_lr, p.seed + 1, p.weight_decay)
+    else:  # the detector's backbone trains on; the classifier keeps these
+        classifier.backbone.load_state_dict(model.backbone.state_dict())
+        classifier.head.load_state_dict(head.state_dict())
     save_atomic({"backbone": model.backbone.state_dict(), "region_classifier": classifier.state_dict(), "history": history,
                  "fingerprint": fingerprint}, path)
     return history
