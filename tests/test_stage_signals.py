@@ -48,3 +48,27 @@ def test_sigterm_mid_stage_removes_the_temp_folder_and_keeps_the_old_output(tmp_
     assert not list(tmp_path.glob(".out.*")), sorted(p.name for p in tmp_path.iterdir())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
     assert (tmp_path / "out" / "keep.txt").read_text() == "the previous output"
+
+
+def _worker_sigterm(*_) -> tuple[int, object]:
+    return os.getpid(), signal.getsignal(signal.SIGTERM)
+
+
+def test_data_workers_restore_the_default_sigterm_under_a_stage():
+    """A stage's SIGTERM handler raises SystemExit; a forked worker that inherited it could outlive
+    its pool's terminate (a stage hung after its last image): the workers reset it."""
+    from ardetect.data.quality import INLINE_BELOW, _map_files
+    from ardetect.data.world import _run
+    from ardetect.stages.common import _terminated
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        by_world = _run(_worker_sigterm, list(range(8)), 2, "probe")
+        by_quality = _map_files(_worker_sigterm, [(i,) for i in range(INLINE_BELOW)], 2)
+        assert signal.getsignal(signal.SIGTERM) is _terminated  # the stage's own process keeps its handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for got in (by_world, by_quality):
+        pids = {pid for pid, _ in got}
+        assert pids and os.getpid() not in pids  # ran in the workers
+        assert {handler for _, handler in got} == {signal.SIG_DFL}

@@ -68,7 +68,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -89,6 +88,7 @@ from ardetect.data.schema import (
     SPLITS,
     TUPLE_COLUMNS,
 )
+from ardetect.procs import fork_context, reset_signals
 
 __all__ = [
     "FAMILIES",
@@ -503,9 +503,7 @@ def _map_files(fn, items: list[tuple], workers: int | None) -> list[Any]:
     n = workers or os.cpu_count() or 1
     if n <= 1 or len(items) < INLINE_BELOW:
         return [fn(*item) for item in items]
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else methods[0])
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=n, mp_context=fork_context(), initializer=reset_signals) as pool:
         return list(pool.map(partial(_call, fn), items, chunksize=max(1, len(items) // (n * 8))))
 
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,6 +27,7 @@ from ardetect.data.schema import EXEMPLAR_COLUMNS, GENERATED_COLUMNS, OBJECT_COL
 from ardetect.data.templates import SCENES, Template, fill, templates_for
 from ardetect.data.world_scenes import background, stylize
 from ardetect.data.world_shapes import MARK_REGION, SHAPES
+from ardetect.procs import fork_context, reset_signals
 
 WORLD_CLASSES: dict[str, str] = {
     "cat": "living_creatures", "dog": "living_creatures", "bird": "living_creatures", "fish": "living_creatures",
@@ -426,8 +426,11 @@ def _run(fn, items: list, workers: int, desc: str) -> list:
     if n <= 1 or len(items) <= 1:
         return [fn(x) for x in tqdm(items, desc=desc, unit="img")]
     chunk = max(1, min(32, len(items) // (n * 4)))
-    with get_context("spawn" if os.name == "nt" else "fork").Pool(n) as pool:
-        return list(tqdm(pool.imap(fn, items, chunksize=chunk), total=len(items), desc=desc, unit="img"))
+    with fork_context().Pool(n, initializer=reset_signals) as pool:
+        out = list(tqdm(pool.imap(fn, items, chunksize=chunk), total=len(items), desc=desc, unit="img"))
+        pool.close()  # the workers end on the pool's sentinel, not by a signal
+        pool.join()
+    return out
 
 
 def make_exemplars(cfg: WorldConfig, out_dir: Path, data_root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
