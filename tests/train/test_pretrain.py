@@ -136,6 +136,25 @@ def test_killed_pretraining_resumes_to_the_same_weights(tiny_world, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_without_the_region_classifier_is_not_resumed(tiny_world, tmp_path, capsys):
+    """A mid-run checkpoint of an earlier version holds no region classifier (frozen, so not in the
+    trainable state): resuming from it would leave the classifier at its initial weights."""
+    tuples, root = tiny_world
+    cfg, objects = pretrain_config(), objects_of(tuples)
+    with pytest.raises(KeyboardInterrupt, match="test hook"):  # stopped after its first detection steps
+        run_pretrain(cfg, objects, tuples, root, tmp_path, stop_after_steps=3)
+    latest = tmp_path / "latest.pt"
+    ck = torch.load(latest, weights_only=False)
+    assert "region_classifier" in ck
+    del ck["region_classifier"]
+    torch.save(ck, latest)
+    capsys.readouterr()
+    run_pretrain(cfg, objects, tuples, root, tmp_path)
+    out = capsys.readouterr().out
+    assert "lacks the region classifier's weights" in out and "resuming from" not in out
+
+
+@pytest.mark.slow
 def test_phase1_starts_from_the_pretrained_detector_and_refuses_another(tiny_world, tmp_path, monkeypatch):
     tuples, root = tiny_world
     cfg = pretrain_config(epochs=1, max_steps_per_epoch=2)

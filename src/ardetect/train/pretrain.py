@@ -319,12 +319,17 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
         resumed = False
         if resume and latest.exists():
             ck = torch.load(latest, map_location="cpu", weights_only=False)
-            if ck.get("fingerprint") == fingerprint:
+            classifier_kept = model.region_classifier is None or "region_classifier" in ck
+            if ck.get("fingerprint") == fingerprint and classifier_kept:
                 state, history, _ = load_checkpoint(latest, model, optimizer, scheduler, ck=ck)
+                if model.region_classifier is not None:
+                    model.region_classifier.load_state_dict(ck["region_classifier"])
                 resumed = True
                 print(f"[pretrain] resuming from {latest}: epoch {state.epoch}, step {state.step}")
-            else:
+            elif ck.get("fingerprint") != fingerprint:
                 print(f"[pretrain] {latest} is from another run (fingerprint {ck.get('fingerprint')} != {fingerprint}): starting afresh")
+            else:
+                print(f"[pretrain] {latest} lacks the region classifier's weights (written by an earlier version): starting afresh")
         if p.classify_epochs and not resumed:
             history = classify_step(model, p, objects, images, tuples, data_root, vocabulary, out_dir / "classify.pt", fingerprint, resume)
         n_steps = math.ceil(len(ds) / p.batch_size)
@@ -332,8 +337,9 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
             n_steps = min(n_steps, p.max_steps_per_epoch)
         progress = StepProgress(stop_after_steps)
 
-        def checkpoint() -> None:
-            save_checkpoint(latest, model, optimizer, scheduler, state, history, meta)
+        def checkpoint() -> None:  # the region classifier is frozen, so not in the trainable state: it goes in beside it
+            classifier = {} if model.region_classifier is None else {"region_classifier": model.region_classifier.state_dict()}
+            save_checkpoint(latest, model, optimizer, scheduler, state, history, {**meta, **classifier})
 
         while state.epoch < p.epochs:
             epoch = state.epoch
