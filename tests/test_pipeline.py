@@ -201,7 +201,13 @@ def test_pipeline_outputs_and_up_to_date(piped):
                 keys = set(metrics[world][method])
                 assert {"recall@1", "recall@5", "recall@10"} <= keys <= {"recall@1", "recall@5", "recall@10", "box_accuracy"}
         assert metrics["bars"] and all(isinstance(v, bool) for v in metrics["bars"].values())
-        fits = json.loads(details_path.read_text())["identity_fit"]
+        details = json.loads(details_path.read_text())
+        fits = details["identity_fit"]
+        for world in ("test", "world2"):  # the ceilings, read from each world's objects table
+            rows = details[world]["methods"]
+            assert "box_accuracy" not in rows["class oracle"] and 0.0 < rows["class oracle"]["class_rprecision"]["value"] <= 1.0
+            assert 0.0 <= rows["class + size oracle"]["box_accuracy"]["value"] <= 1.0
+        assert "Ceilings of a score that reads classes only" in (ws / "reports/results.md").read_text()
     # the identity weight, pooling grid and class weight of each detector are fitted on the val split, from the params' grids
     # (the pre-training's crop classification gave the detectors a region classifier, so the class weights are tried)
     weights = {"0", "1", "2", "5", "10", "20"}

@@ -187,6 +187,11 @@ def class_rprecision(scores: np.ndarray, classes: list[str], query_class: str) -
     return float((same[above].sum() + take * same[tied].mean()) / n)
 
 
+def query_rng(seed: int, tuple_id) -> np.random.Generator:
+    """A random generator of its own for each (seed, query): the same numbers whatever order the queries come in."""
+    return np.random.default_rng([seed, int.from_bytes(str(tuple_id).encode()[-8:], "little")])
+
+
 class ChanceMethod:
     """Uniformly random scores (seeded): the floor every method must beat. Image-level."""
 
@@ -197,8 +202,7 @@ class ChanceMethod:
         self.seed = seed
 
     def score(self, query: pd.Series, candidates: list[str]) -> Scores:
-        rng = np.random.default_rng([self.seed, int.from_bytes(str(query["tuple_id"]).encode()[-8:], "little")])
-        return Scores(rng.random(len(candidates)))
+        return Scores(query_rng(self.seed, query["tuple_id"]).random(len(candidates)))
 
 
 def results_table(

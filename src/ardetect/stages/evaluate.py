@@ -1,4 +1,4 @@
-"""Stage ``evaluate``: ARD, ARD− (phase 1 only), both AbC rows and chance on the same test tuples.
+"""Stage ``evaluate``: ARD, ARD− (phase 1 only), both AbC rows, chance and the class oracles on the same test tuples.
 
 Also on the second world (unseen identities). Every metric comes with a 95% bootstrap
 interval over queries, and each bar is judged by a paired bootstrap over the same
@@ -20,7 +20,7 @@ import pandas as pd
 
 from ardetect import tracking
 from ardetect.config import Config
-from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, drop_excluded, read_table, write_parquet_atomic
+from ardetect.data.schema import NEGATIVE_COLUMNS, OBJECT_COLUMNS, TUPLE_COLUMNS, drop_excluded, read_table, write_parquet_atomic
 from ardetect.digest import file_sha256
 from ardetect.stages.common import DATA, EXCLUSIONS, atomic_dir, run_stage
 
@@ -56,6 +56,11 @@ ROWS = """\
   (`abc.ard_features`: the region map ARD compares regions with, or the backbone maps), max-pooled over the whole
   image and standardised, image level. It shows how much of ARD's lead is its features, not its regions.
 - **chance**: uniformly random scores (seeded), image level: the floor.
+- **class oracle**, **class + size oracle**: ceilings, not methods: they read every object's base class from the
+  world's `objects` table. The class oracle ranks the candidates holding an object of the query's base class first
+  (image level), as a detector that grounds the class perfectly and knows nothing more would; the class + size oracle
+  ranks them by their largest such object's area and answers with its box. Ties go in a seeded random order. Where
+  training images hold objects of the class as distractors, these bound what a score that reads classes can reach.
 - **ARD (paper recipe)** is not in this run (a second training of both phases does not fit the default time budget):
   `{paper}` trains it (phase 1 on positives only and without the region contrast, phase 2 without the ranking loss), chooses each phase's
   checkpoint by the paper's score and scores it the paper's way; its ARD rows are that recipe's. The README gives
@@ -181,6 +186,7 @@ def build(cfg: Config) -> dict:
     from ardetect.evaluation.figures import recall_curve, recall_plot, retrieval_figure
     from ardetect.evaluation.harness import ChanceMethod, Recording, evaluate_method
     from ardetect.evaluation.intervals import N_RESAMPLES
+    from ardetect.evaluation.oracle import ceiling_sentence, class_oracles
     from ardetect.devices import resolve_device
     from ardetect.train.phases import image_size_of, load_model
 
@@ -195,6 +201,7 @@ def build(cfg: Config) -> dict:
         "test": (DATA / "tuples" / "tuples.parquet", DATA / "tuples" / "negatives.parquet"),
         "world2": (DATA / "world2" / "tuples.parquet", DATA / "world2" / "negatives.parquet"),
     }
+    objects_of = {"test": DATA / "exemplars" / "objects.parquet", "world2": DATA / "world2" / "objects.parquet"}  # the candidates' objects
     details: dict = {"resamples": N_RESAMPLES}
     headline: dict = {}
     sections, per_query_all = [], []
@@ -225,6 +232,7 @@ def build(cfg: Config) -> dict:
                 *[AbCMethod(model, cal, DATA, abc_size, name=name) for name, (model, cal, abc_size) in abcs.items()],
                 ChanceMethod(seed=seed),
                 *[shared.method(name + PAPER, name) for name in detectors],
+                *class_oracles(read_table(objects_of[world], OBJECT_COLUMNS, f"{world} objects"), seed=seed),
             ]
             shared.prefetch(tuples, negatives, ev.workers or None)
             if world == "test":  # the ARD row's every score and box: what the export's parity is held against
@@ -298,6 +306,8 @@ def build(cfg: Config) -> dict:
             "without the noise of one draw; a fixed number, so a bar against it is absolute (its point estimate decides) "
             "and the interval of the difference is shown beside it.\n",
             bar_table(judged), "",
+            ceiling_sentence({m: {k: v["value"] for k, v in ci.items()} for m, ci in details["test"]["methods"].items()},
+                             "ARD paper score") + "\n",
             "Checkpoints: each phase keeps the epoch with the best val Recall@5 of the score the model is read with "
             "(the re-ranked score at the best identity weight and pooling grid of the evaluation's grids, on a fixed val "
             "subset), not the paper's score alone.\n",
