@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 BODY = textwrap.dedent("""
@@ -72,3 +74,57 @@ def test_data_workers_restore_the_default_sigterm_under_a_stage():
         pids = {pid for pid, _ in got}
         assert pids and os.getpid() not in pids  # ran in the workers
         assert {handler for _, handler in got} == {signal.SIG_DFL}
+
+
+ORPHANS = textwrap.dedent("""
+    import os, time
+    from pathlib import Path
+    from {module} import {runner}
+
+    def task(*_):
+        Path(f"worker-{{os.getpid()}}").write_text("1")
+        time.sleep(120)
+        return 0
+
+    {call}
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return not any(line.split()[1:2] == ["Z"] for line in state.splitlines() if line.startswith("State:"))  # a zombie has ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("module, runner, call", [
+    ("ardetect.data.world", "_run", '_run(task, list(range(2)), 2, "probe")'),
+    ("ardetect.data.quality", "_map_files", "_map_files(task, [(i,) for i in range(INLINE_BELOW)], 2)"),
+])
+def test_data_workers_end_when_their_stage_is_killed_outright(tmp_path, module, runner, call):
+    """SIGKILL gives the pool no chance to end its workers: each must end with its parent, not sleep on."""
+    if runner == "_map_files":
+        call = "from ardetect.data.quality import INLINE_BELOW\n" + call
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    script = ORPHANS.format(module=module, runner=runner, call=call)
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:  # a file, not a pipe: a worker left alive would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("worker-*"))) < 2:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.1)
+    workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+    assert proc.pid not in workers and all(_alive(w) for w in workers)
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # do not leave them sleeping if the check fails
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their killed stage"
