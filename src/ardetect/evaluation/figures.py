@@ -22,17 +22,22 @@ def recall_curve(per_query: dict[str, pd.DataFrame], max_k: int = 20) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def recall_plot(curve: pd.DataFrame, out: Path, title: str) -> Path:
+def recall_plot(curve: pd.DataFrame, out: Path, title: str, references: tuple[str, ...] = ()) -> Path:
+    """Recall@K of each method of ``curve``; ``references`` (chance, the oracles: no methods) are drawn dashed,
+    without markers. The legend sits beside the axes, where it hides no curve."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.2, 3.6))
     for method, g in curve.groupby("method", sort=False):
-        ax.plot(g["k"], g["recall"], marker="o", ms=3, label=method)
+        if method in references:
+            ax.plot(g["k"], g["recall"], ls="--", lw=1.2, label=method)
+        else:
+            ax.plot(g["k"], g["recall"], marker="o", ms=3, label=method)
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     try:
         return _save_atomic(fig, out)

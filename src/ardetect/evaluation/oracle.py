@@ -22,6 +22,8 @@ import pandas as pd
 
 from ardetect.evaluation.harness import Scores, query_rng
 
+NAMES = ("class oracle", "class + size oracle")  # by_size False, True
+
 
 class ClassOracle:
     """Scores each candidate by whether it holds an object of the query's base class.
@@ -37,7 +39,7 @@ class ClassOracle:
         self.by_size = by_size
         self.region_level = by_size
         self.seed = seed
-        self.name = name or ("class + size oracle" if by_size else "class oracle")
+        self.name = name or NAMES[by_size]
         # image -> base class -> (largest visible area, its box)
         self._largest: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
         for image, cls, box, area in zip(objects["image"].astype(str), objects["base_class"].astype(str), objects["box"], objects["area"]):
@@ -73,7 +75,7 @@ def ceiling_sentence(summary: Mapping[str, Mapping[str, float]], method: str) ->
     """A line for the report: ``method``'s class R-precision and Recall@10 beside each oracle's
     (``summary``: method name -> {metric: value})."""
     parts = []
-    for name in ("class oracle", "class + size oracle"):
+    for name in NAMES:
         if name in summary and "class_rprecision" in summary[name]:
             s = summary[name]
             parts.append(f"the {name} class R-precision {s['class_rprecision']:.3f}, Recall@10 {s['recall@10']:.3f}")

@@ -186,6 +186,7 @@ def build(cfg: Config) -> dict:
     from ardetect.evaluation.figures import recall_curve, recall_plot, retrieval_figure
     from ardetect.evaluation.harness import ChanceMethod, Recording, evaluate_method
     from ardetect.evaluation.intervals import N_RESAMPLES
+    from ardetect.evaluation.oracle import NAMES as ORACLES
     from ardetect.evaluation.oracle import ceiling_sentence, class_oracles
     from ardetect.devices import resolve_device
     from ardetect.train.phases import image_size_of, load_model
@@ -261,7 +262,8 @@ def build(cfg: Config) -> dict:
             curve.pivot(index="k", columns="method", values="recall")[[e.method for e in evals]].reset_index().to_csv(
                 tmp / f"recall_at_k_{world}.csv", index=False
             )
-            recall_plot(curve, tmp / "figures" / f"recall_at_k_{world}.png", f"Recall@K, {world} ({len(tuples)} queries)")
+            recall_plot(curve, tmp / "figures" / f"recall_at_k_{world}.png", f"Recall@K, {world} ({len(tuples)} queries)",
+                        references=("chance", *ORACLES))
             for e in evals:
                 per_query_all.append(e.per_query.assign(method=e.method, world=world))
             for tid in figure_ids:
