@@ -82,6 +82,10 @@ def test_oracle_refuses_a_candidate_the_objects_table_lacks():
         oracle.score(pd.Series({"tuple_id": "t1", "base_class": "cat"}), ["x1.png", "x9.png"])
     with pytest.raises(ValueError, match=r"lacks the columns \['area'\]"):
         ClassOracle(objects().drop(columns="area"))
+    # checked up front, before any scoring, for every candidate the evaluation will ask about
+    with pytest.raises(ValueError, match=r"objects.parquet lists no object of 2 candidate image\(s\), e.g. 'x8.png'"):
+        class_oracles(objects(), images={"x1.png", "x8.png", "x9.png"}, source="world2/objects.parquet")
+    assert [o.name for o in class_oracles(objects(), images={"x1.png", "x4.png"})] == ["class oracle", "class + size oracle"]
 
 
 def test_ceiling_sentence_reads_the_summaries():

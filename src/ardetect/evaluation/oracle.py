@@ -66,9 +66,17 @@ class ClassOracle:
         return Scores(area + tie, boxes)
 
 
-def class_oracles(objects: pd.DataFrame, seed: int = 0) -> list[ClassOracle]:
-    """The two ceilings: a perfect class detector, and one that also prefers the largest object of the class."""
-    return [ClassOracle(objects, False, seed), ClassOracle(objects, True, seed)]
+def class_oracles(objects: pd.DataFrame, seed: int = 0, images=(), source: str = "the objects table") -> list[ClassOracle]:
+    """The two ceilings: a perfect class detector, and one that also prefers the largest object of the class.
+
+    ``images``: the candidates they will be asked about, checked now (each is a training image and
+    holds its concept at least), so that an incomplete record stops the evaluation before any scoring."""
+    oracles = [ClassOracle(objects, False, seed), ClassOracle(objects, True, seed)]
+    absent = oracles[0].covers(images)
+    if absent:
+        raise ValueError(f"class oracles: {source} lists no object of {len(absent)} candidate image(s), e.g. {absent[0]!r}; "
+                         "every training image holds its concept at least (the record is incomplete)")
+    return oracles
 
 
 def ceiling_sentence(summary: Mapping[str, Mapping[str, float]], method: str) -> str:

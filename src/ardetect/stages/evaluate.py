@@ -203,6 +203,12 @@ def build(cfg: Config) -> dict:
         "world2": (DATA / "world2" / "tuples.parquet", DATA / "world2" / "negatives.parquet"),
     }
     objects_of = {"test": DATA / "exemplars" / "objects.parquet", "world2": DATA / "world2" / "objects.parquet"}  # the candidates' objects
+    oracles = {  # read and checked before anything is scored
+        world: class_oracles(read_table(objects_of[world], OBJECT_COLUMNS, f"{world} objects"), seed=seed, source=str(objects_of[world]),
+                             images=set(read_table(t, TUPLE_COLUMNS, world)["train_image"].astype(str))
+                             | set(read_table(n, NEGATIVE_COLUMNS, f"{world} negatives")["neg_image"].astype(str)))
+        for world, (t, n) in worlds.items()
+    }
     details: dict = {"resamples": N_RESAMPLES}
     headline: dict = {}
     sections, per_query_all = [], []
@@ -233,7 +239,7 @@ def build(cfg: Config) -> dict:
                 *[AbCMethod(model, cal, DATA, abc_size, name=name) for name, (model, cal, abc_size) in abcs.items()],
                 ChanceMethod(seed=seed),
                 *[shared.method(name + PAPER, name) for name in detectors],
-                *class_oracles(read_table(objects_of[world], OBJECT_COLUMNS, f"{world} objects"), seed=seed),
+                *oracles[world],
             ]
             shared.prefetch(tuples, negatives, ev.workers or None)
             if world == "test":  # the ARD row's every score and box: what the export's parity is held against
