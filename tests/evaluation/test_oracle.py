@@ -67,6 +67,13 @@ def test_oracle_metrics_through_the_harness():
     assert (plain["rank"] <= 3).all()  # the positive always holds its class: never below the holders
 
 
+def test_an_object_without_visible_pixels_is_not_seen():
+    hidden = pd.concat([objects(), pd.DataFrame([("x3.png", "cat", [0, 0, 5, 5], 0)], columns=["image", "base_class", "box", "area"])])
+    for by_size in (False, True):
+        s = ClassOracle(hidden, by_size=by_size).score(pd.Series({"tuple_id": "t1", "base_class": "cat"}), ["x1.png", "x3.png", "x4.png"]).scores
+        assert s[1] < min(s[0], s[2])  # x3's fully hidden cat does not count
+
+
 def test_oracle_ties_are_seeded_per_query():
     t, n = tuples()
     a = evaluate_method(ClassOracle(objects(), seed=3), t, n, progress=False).per_query

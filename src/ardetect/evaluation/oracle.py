@@ -40,11 +40,11 @@ class ClassOracle:
         self.region_level = by_size
         self.seed = seed
         self.name = name or NAMES[by_size]
-        # image -> base class -> (largest visible area, its box)
+        # image -> base class -> (largest visible area, its box); an object with no visible pixel is not seen
         self._largest: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
         for image, cls, box, area in zip(objects["image"].astype(str), objects["base_class"].astype(str), objects["box"], objects["area"]):
             found = self._largest.setdefault(image, {})
-            if cls not in found or area > found[cls][0]:
+            if area > 0 and (cls not in found or area > found[cls][0]):
                 found[cls] = (float(area), np.asarray(box, dtype=np.float64))
 
     def covers(self, images) -> list[str]:
