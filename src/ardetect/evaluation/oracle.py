@@ -49,7 +49,7 @@ class ClassOracle:
 
     def covers(self, images) -> list[str]:
         """The images of ``images`` the objects table does not list."""
-        return sorted({str(i) for i in images} - set(self._largest))
+        return sorted({str(i) for i in images if str(i) not in self._largest})
 
     def score(self, query: pd.Series, candidates: list[str]) -> Scores:
         cls = str(query["base_class"])

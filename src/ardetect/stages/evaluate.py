@@ -205,8 +205,8 @@ def build(cfg: Config) -> dict:
     objects_of = {"test": DATA / "exemplars" / "objects.parquet", "world2": DATA / "world2" / "objects.parquet"}  # the candidates' objects
     oracles = {  # read and checked before anything is scored
         world: class_oracles(read_table(objects_of[world], OBJECT_COLUMNS, f"{world} objects"), seed=seed, source=str(objects_of[world]),
-                             images=set(read_table(t, TUPLE_COLUMNS, world)["train_image"].astype(str))
-                             | set(read_table(n, NEGATIVE_COLUMNS, f"{world} negatives")["neg_image"].astype(str)))
+                             images={*read_table(t, TUPLE_COLUMNS, world)["train_image"].unique(),
+                                     *read_table(n, NEGATIVE_COLUMNS, f"{world} negatives")["neg_image"].unique()})
         for world, (t, n) in worlds.items()
     }
     details: dict = {"resamples": N_RESAMPLES}
