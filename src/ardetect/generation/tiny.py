@@ -188,20 +188,10 @@ def write_tiny_grounding_dino(out: str | Path, seed: int = 0, image_size: int = 
 def write_tiny_sam(out: str | Path, seed: int = 0) -> Path:
     """A segment-anything state dict (``.pth``) of the ``vit_tiny`` architecture, written atomically."""
     from ardetect.generation.models import build_sam
+    from ardetect.train.engine import save_atomic
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    sam = build_sam("vit_tiny")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.save(sam.state_dict(), tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return save_atomic(build_sam("vit_tiny").state_dict(), Path(out))
 
 
 def write_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:

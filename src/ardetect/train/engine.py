@@ -244,11 +244,18 @@ def check_finite(losses: dict[str, Tensor], where: str) -> None:
 
 
 def save_atomic(obj, path: Path) -> Path:
+    """``torch.save`` to a temp file renamed over ``path``; equal objects give equal bytes.
+
+    ``torch.save`` to a path names the archive's root folder after the file, so the temp
+    file's random name would make every save of the same weights differ (and DVC would see
+    a changed output, and re-run every stage after it); through a file object the root is
+    always ``archive``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

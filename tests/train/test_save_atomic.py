@@ -1,0 +1,47 @@
+"""Checkpoints are written atomically and byte for byte the same for the same weights."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from ardetect.train.engine import save_atomic
+
+
+def _digest(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"w": torch.randn(8, 4, generator=g), "b": torch.zeros(4)}, "epochs": 3, "history": [{"loss": 0.5}]}
+
+
+def test_equal_weights_give_equal_files(tmp_path):
+    # DVC tracks the model files by digest: a re-run that trains the same weights must not look
+    # like a changed output (that would re-run every stage after it)
+    a = save_atomic(_state(0), tmp_path / "a" / "model.pt")
+    b = save_atomic(_state(0), tmp_path / "b" / "model.pt")
+    again = _digest(a)
+    save_atomic(_state(0), a)
+    assert _digest(a) == _digest(b) == again
+    assert _digest(save_atomic(_state(1), tmp_path / "c" / "model.pt")) != again
+    loaded = torch.load(a, weights_only=False)
+    assert torch.equal(loaded["model"]["w"], _state(0)["model"]["w"]) and loaded["epochs"] == 3
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.pt"]  # no temp file left
+
+
+def test_failed_save_keeps_the_old_file(tmp_path):
+    path = save_atomic(_state(0), tmp_path / "model.pt")
+    before = path.read_bytes()
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        save_atomic({"model": Unpicklable()}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
