@@ -188,10 +188,20 @@ def write_tiny_grounding_dino(out: str | Path, seed: int = 0, image_size: int = 
 def write_tiny_sam(out: str | Path, seed: int = 0) -> Path:
     """A segment-anything state dict (``.pth``) of the ``vit_tiny`` architecture, written atomically."""
     from ardetect.generation.models import build_sam
-    from ardetect.train.engine import save_atomic
 
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    return save_atomic(build_sam("vit_tiny").state_dict(), Path(out))
+    sam = build_sam("vit_tiny")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:  # through a file object: the same bytes for the same seed (see train.engine.save_atomic)
+            torch.save(sam.state_dict(), f)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
 
 
 def write_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
