@@ -333,6 +333,10 @@ class PretrainConfig(_Section):
     augment: bool = True
     seed: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="batches an epoch (a fresh shuffle each); null = every image once")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="the detection steps' forward: fp32, or bf16 under torch.autocast (the weights, the optimiser and the "
+        "losses stay fp32)",
+    )
     loss: LossConfig = Field(LossConfig(), description="matcher costs and loss weights (phase 1's defaults; the region contrast is not used)")
 
     @model_validator(mode="after")

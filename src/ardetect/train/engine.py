@@ -425,16 +425,25 @@ def train_steps(
     clip_grad: float, regulariser: Callable[[], Tensor] | None = None, lambda_reg: float = 0.0,
     on_checkpoint: Callable[[], None] | None = None, checkpoint_every: int = 50,
     log: Callable[[dict], None] | None = None, progress: Callable[[int, int, dict], None] | None = None,
-    device: torch.device | None = None,
+    device: torch.device | None = None, autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
     """The optimisation steps of one epoch: ``batches`` yields (step, batch) from ``state.step``,
     ``forward(batch)`` gives (outputs, token_mask, targets) for ``criterion``; each batch is moved
-    to ``device`` first (``to_device``). Returns mean losses."""
+    to ``device`` first (``to_device``). ``autocast`` (e.g. ``torch.bfloat16``): ``forward`` runs
+    under ``torch.autocast`` of that dtype and its floating outputs are cast back to fp32 for the
+    matcher and the losses. Returns mean losses."""
+    from torch.utils._pytree import tree_map
+
     rank, _ = distributed()
     totals: dict[str, float] = {}
     count = 0
+    device_type = torch.device(device).type if device is not None else "cpu"
+    to_fp32 = lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
     for step, batch in batches:
-        outputs, token_mask, targets = forward(to_device(batch, device))
+        with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            outputs, token_mask, targets = forward(to_device(batch, device))
+        if autocast is not None:
+            outputs = tree_map(to_fp32, outputs)
         losses = criterion(outputs, targets, token_mask)
         if regulariser is not None and lambda_reg > 0:
             losses["loss_reg"] = regulariser()

@@ -351,7 +351,7 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
             stats = train_steps(
                 criterion, optimizer, (batches[i] for i in range(state.step, n_steps)), lambda b: detection_outputs(model, b, aux=p.loss.aux_loss),
                 n_steps, state, epoch=epoch, clip_grad=p.clip_grad, on_checkpoint=checkpoint, checkpoint_every=p.checkpoint_every,
-                progress=progress, device=device,
+                progress=progress, device=device, autocast=torch.bfloat16 if p.precision == "bf16" else None,
             )
             bar.close()
             scheduler.step()
