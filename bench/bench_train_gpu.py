@@ -42,9 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "mug", "car", "hat", "lamp", "kite"]
 
 
-def config(size: str, image_size: int | None):
+def config(size: str, image_size: int | None, num_queries: int | None):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["model"] = {**raw["model"], "size": size, "image_size": image_size}
+    overrides = {**raw["model"].get("overrides", {}), **({} if num_queries is None else {"num_queries": num_queries})}
+    raw["model"] = {**raw["model"], "size": size, "image_size": image_size, "overrides": overrides}
     return config_from_dict(raw, profiles_dir=REPO / "profiles")
 
 
@@ -96,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="T-B", help="model.size: T-B | B-B | B-L")
     ap.add_argument("--image-size", type=int, default=None, help="model.image_size; default: the world's (params.yaml)")
+    ap.add_argument("--num-queries", type=int, default=300, help="model.overrides.num_queries, as the README's recipe (nano: its own)")
     ap.add_argument("--pretrain-batch", type=int, default=16)
     ap.add_argument("--phase1-batch", type=int, default=8)
     ap.add_argument("--candidate-batch", type=int, default=None, help="evaluate.candidate_batch; default params.yaml's")
@@ -106,14 +108,15 @@ def main() -> None:
     ap.add_argument("--phase1-batches", type=int, default=312)
     ap.add_argument("--queries", type=int, default=584)
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    ap.add_argument("--tiny", action="store_true", help="nano model, 2 steps: checks the script anywhere")
+    ap.add_argument("--tiny", action="store_true", help="nano model, small batches, one step: checks the script anywhere")
     args = ap.parse_args()
-    if args.tiny:
-        args.size, args.steps, args.warmup = "nano", 2, 1
+    if args.tiny:  # a check of the script, not a measurement
+        args.size, args.steps, args.warmup, args.pretrain_batch, args.phase1_batch = "nano", 1, 1, 2, 2
+        args.image_size = args.image_size or 64
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cfg = config(args.size, args.image_size)
+    cfg = config(args.size, args.image_size, None if args.size == "nano" else args.num_queries)
     side = cfg.detector_image_size
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -35,18 +35,30 @@ from ardetect.train.matcher import HungarianMatcher
 Logger = Callable[[dict, int], None]
 
 
+def model_overrides(cfg: Config) -> dict:
+    """``cfg.model.overrides`` with the detector's square input side."""
+    side = cfg.detector_image_size
+    return {**cfg.model.overrides, "image_size": (side, side)}
+
+
+def model_config(cfg: Config):
+    """The ``ModelConfig`` that ``build_model`` builds from (without a ``model.pretrained`` checkpoint):
+    checks a size, its overrides and the input side together (e.g. ``num_queries`` against the
+    encoder tokens of the image size) without building the model."""
+    from ardetect.model import ModelConfig
+
+    return ModelConfig.named(cfg.model.size, **model_overrides(cfg))
+
+
 def build_model(cfg: Config):
     """The detector of ``cfg.model`` (a named size plus overrides), from pretrained weights if named."""
-    from ardetect.model import ModelConfig, build
+    from ardetect.model import build
 
-    overrides = dict(cfg.model.overrides)
-    side = cfg.detector_image_size
-    overrides["image_size"] = (side, side)
     if cfg.model.pretrained:
         from ardetect.model.convert import load_transformers_checkpoint
 
-        return load_transformers_checkpoint(cfg.model.pretrained, **overrides)
-    return build(ModelConfig.named(cfg.model.size, **overrides))
+        return load_transformers_checkpoint(cfg.model.pretrained, **model_overrides(cfg))
+    return build(model_config(cfg))
 
 
 def image_size_of(model) -> int:
