@@ -1,4 +1,4 @@
-"""Every `dvc exp run` recipe in the README's code blocks gives a valid configuration and detector config.
+"""Every `dvc exp run` recipe in the user guides' code blocks (README.md, docs/real_path.md) gives a valid configuration and detector config.
 
 Each command's ``-S`` overrides are applied to a copy of ``params.yaml`` by DVC's own Hydra override
 code (what ``dvc exp run -S`` does), then the result is loaded as the stages load it and the detector's
@@ -19,17 +19,18 @@ from ardetect.config import load_config
 from ardetect.train.phases import model_config
 
 REPO = Path(__file__).resolve().parents[1]
+GUIDES = ("README.md", "docs/real_path.md")  # docs/research.md keeps the commands of their day
 
 
 def recipes() -> list[list[str]]:
-    text = (REPO / "README.md").read_text()
+    text = "\n".join((REPO / name).read_text() for name in GUIDES)
     found = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         block = block.replace("\\\n", " ")
         for line in block.splitlines():
             if "dvc exp run" not in line:
                 continue
-            words = shlex.split(line.replace("$s", "1"))  # the seeds' loop variable
+            words = shlex.split(line.replace("$s", "1"), comments=True)  # the seeds' loop variable
             found.append([words[i + 1] for i, w in enumerate(words) if w in ("-S", "--set-param")])
     return found
 
