@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from ardetect import tracking  # noqa: E402
 from ardetect.config import load_config  # noqa: E402
-from ardetect.pipeline import StageOutcome, record_parent_run, repro_stage, stages_in_order, summarize  # noqa: E402
+from ardetect.pipeline import StageOutcome, preflight, record_parent_run, repro_stage, stages_in_order, summarize  # noqa: E402
 
 
 class StageFailed(RuntimeError):
@@ -62,6 +62,7 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     logger = get_run_logger()
     rootp = Path(root).resolve()
     cfg = load_config(rootp / "params.yaml")
+    preflight(cfg)
     order = stages_in_order(rootp)
     names = stages or order
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, rootp)

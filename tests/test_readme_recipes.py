@@ -75,3 +75,26 @@ def test_a_recipe_that_does_not_fit_is_refused(tmp_path):
     apply_overrides(tmp_path / "params.yaml", ["model.size=T-B", "model.image_size=null"])
     with pytest.raises(ValueError, match="num_queries=900 exceeds the 534 encoder tokens"):
         model_config(load_config(tmp_path / "params.yaml"))
+
+
+def test_pipeline_run_refuses_a_model_that_does_not_fit_before_any_stage(tmp_path, monkeypatch):
+    """`ard pipeline run` checks the detector's config first: no stage (and no MLflow run) starts."""
+    from dvc.utils.hydra import apply_overrides
+    from typer.testing import CliRunner
+
+    import ardetect.pipeline as pipeline
+    from ardetect.cli import app
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    apply_overrides(tmp_path / "params.yaml", ["model.size=T-B", "model.image_size=null"])
+    started = []
+    monkeypatch.setattr(pipeline, "repro_with_retries", lambda *a, **k: started.append(a))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = CliRunner().invoke(app, ["pipeline", "run", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2 and not started and not (tmp_path / "mlflow.db").exists()
+    assert "size='T-B'" in result.output and "num_queries=900 exceeds the 534 encoder tokens of image_size=[160, 160]" in result.output
+    assert "input_value" not in result.output  # the message, not pydantic's dump of the inputs
+    # the same settings with the README's num_queries pass the check
+    apply_overrides(tmp_path / "params.yaml", ["++model.overrides.num_queries=300"])
+    pipeline.preflight(load_config(tmp_path / "params.yaml"))

@@ -41,12 +41,13 @@ def pipeline_run(
     """Run every DVC stage in order (`dvc repro <stage>` each); stale stages run, the rest are skipped."""
     from ardetect import tracking
     from ardetect.config import ConfigError, load_config
-    from ardetect.pipeline import record_parent_run, repro_with_retries, stages_in_order, summarize
+    from ardetect.pipeline import preflight, record_parent_run, repro_with_retries, stages_in_order, summarize
 
     root = params.resolve().parent
     try:
         cfg = load_config(params)
-    except ConfigError as err:
+        preflight(cfg)
+    except (ConfigError, ValueError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
     order = stages_in_order(root)
