@@ -33,10 +33,8 @@ from ardetect.config import config_from_dict  # noqa: E402
 from ardetect.model import param_groups  # noqa: E402
 from ardetect.model.detector import region_candidates  # noqa: E402
 from ardetect.train.engine import Batch, TrainState, model_outputs, train_steps  # noqa: E402
-from ardetect.train.losses import SetCriterion  # noqa: E402
-from ardetect.train.matcher import HungarianMatcher  # noqa: E402
 from ardetect.train.phases import build_model, criterion_of  # noqa: E402
-from ardetect.train.pretrain import DetectionBatch, detection_outputs  # noqa: E402
+from ardetect.train.pretrain import DetectionBatch, detection_outputs, pretrain_criterion  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "mug", "car", "hat", "lamp", "kite"]
@@ -126,15 +124,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"{args.size} at {side} px on {name}, torch {torch.__version__}, bf16 autocast {'on' if args.bf16 else 'off'}")
     autocast = torch.bfloat16 if args.bf16 else None
-    p, l1 = cfg.pretrain, cfg.pretrain.loss
+    p = cfg.pretrain
     optimizer = torch.optim.AdamW(param_groups(model, p.lr, p.lr_backbone, p.lr_linear_proj_mult), lr=p.lr, fused=cuda)
 
     def steps_of(criterion, forward, batch):
         return lambda: train_steps(criterion, optimizer, iter([(0, batch)]), forward, 1, TrainState(), epoch=0, clip_grad=p.clip_grad,
                                    device=device, autocast=autocast)
 
-    pre_criterion = SetCriterion(HungarianMatcher(l1.cost_class, l1.cost_bbox, l1.cost_giou, l1.focal_alpha, l1.focal_gamma),
-                                 l1.weight_class, l1.weight_bbox, l1.weight_giou, l1.focal_alpha, l1.focal_gamma)
+    pre_criterion = pretrain_criterion(p.loss)
     pre_batch = pretrain_batch(model, args.pretrain_batch, side, g)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

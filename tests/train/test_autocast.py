@@ -18,7 +18,7 @@ class Recorder(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.linear = torch.nn.Linear(4, 3)
-        self.seen: list[tuple[torch.dtype, torch.dtype]] = []
+        self.seen: list[tuple[torch.dtype, torch.dtype, torch.dtype]] = []
 
     def forward(self, batch):
         logits = self.linear(batch)

@@ -279,6 +279,12 @@ def pretrain_fingerprint(cfg: Config, model, objects: pd.DataFrame, images: list
     return h.hexdigest()[:16]
 
 
+def pretrain_criterion(loss) -> SetCriterion:
+    """Pre-training's matcher and losses (``pretrain.loss``: phase 1's, without the region contrast)."""
+    return SetCriterion(HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma),
+                        loss.weight_class, loss.weight_bbox, loss.weight_giou, loss.focal_alpha, loss.focal_gamma)
+
+
 def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_root: Path, out_dir: Path,
                  log=None, resume: bool = True, stop_after_steps: int | None = None):
     """Pre-train the detector of ``cfg.model`` on the training split's objects; write ``out_dir/model.pt``.
@@ -311,9 +317,7 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
         optimizer = torch.optim.AdamW(param_groups(model, p.lr, p.lr_backbone, p.lr_linear_proj_mult), lr=p.lr,
                                       weight_decay=p.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, p.lr_drop_epochs, p.lr_gamma)
-        loss = p.loss
-        criterion = SetCriterion(HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma),
-                                 loss.weight_class, loss.weight_bbox, loss.weight_giou, loss.focal_alpha, loss.focal_gamma)
+        criterion = pretrain_criterion(p.loss)
         latest = out_dir / "latest.pt"
         state = TrainState()
         resumed = False
