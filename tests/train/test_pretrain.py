@@ -155,6 +155,25 @@ def test_a_checkpoint_without_the_region_classifier_is_not_resumed(tiny_world, t
 
 
 @pytest.mark.slow
+def test_unreadable_checkpoints_are_set_aside_and_pretraining_starts_afresh(tiny_world, tmp_path, capsys):
+    tuples, root = tiny_world
+    cfg, objects = pretrain_config(), objects_of(tuples)
+    with pytest.raises(KeyboardInterrupt, match="test hook"):
+        run_pretrain(cfg, objects, tuples, root, tmp_path, stop_after_steps=3)
+    for name in ("latest.pt", "classify.pt"):  # both resume points cut short
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 3])
+    capsys.readouterr()
+    run_pretrain(cfg, objects, tuples, root, tmp_path)
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'latest.pt'} cannot be read" in out and f"{tmp_path / 'classify.pt'} cannot be read" in out
+    assert "resuming from" not in out and "backbone classification:" in out  # the crop classification ran again
+    assert (tmp_path / "latest.pt.unreadable").exists() and (tmp_path / "classify.pt.unreadable").exists()
+    history = torch.load(tmp_path / "model.pt", weights_only=False)["history"]
+    assert [r["epoch"] for r in history if "epoch" in r] == [1, 2]
+
+
+@pytest.mark.slow
 def test_phase1_starts_from_the_pretrained_detector_and_refuses_another(tiny_world, tmp_path, monkeypatch):
     tuples, root = tiny_world
     cfg = pretrain_config(epochs=1, max_steps_per_epoch=2)

@@ -1,4 +1,4 @@
-"""Checkpoints are written atomically and byte for byte the same for the same weights."""
+"""Checkpoints are written atomically, byte for byte the same for the same weights, and an unreadable resume point is set aside."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from ardetect.train.engine import save_atomic
+from ardetect.train.engine import read_resume_point, save_atomic
 
 
 def _digest(path) -> str:
@@ -45,3 +45,31 @@ def test_failed_save_keeps_the_old_file(tmp_path):
         save_atomic({"model": Unpicklable()}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "not a dict"])
+def test_unreadable_resume_point_is_moved_aside_not_lost(tmp_path, capsys, how):
+    # a resume checkpoint cut short or overwritten from outside would fail every later run of the
+    # stage: it is set aside (its bytes kept) and the stage starts afresh
+    latest = save_atomic(_state(0), tmp_path / "latest.pt")
+    data = latest.read_bytes()
+    if how == "truncated":
+        latest.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        latest.write_bytes(b"not a checkpoint at all")
+    else:
+        torch.save([1, 2, 3], latest)
+    bad = latest.read_bytes()
+    assert read_resume_point(latest, "phase 1") is None
+    assert not latest.exists()
+    assert (tmp_path / "latest.pt.unreadable").read_bytes() == bad
+    out = capsys.readouterr().out
+    assert f"[phase 1] {latest} cannot be read" in out and "starting afresh" in out
+
+
+def test_readable_or_missing_resume_point(tmp_path):
+    assert read_resume_point(tmp_path / "latest.pt", "pretrain") is None  # none yet
+    latest = save_atomic(_state(1), tmp_path / "latest.pt")
+    ck = read_resume_point(latest, "pretrain")
+    assert torch.equal(ck["model"]["w"], _state(1)["model"]["w"]) and ck["epochs"] == 3
+    assert latest.exists() and not (tmp_path / "latest.pt.unreadable").exists()

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ardetect import tracking
-from ardetect.config import Config, ConfigError, load_config
+from ardetect.config import Config, load_config
+from ardetect.pipeline import preflight
 
 log = logging.getLogger("ardetect")
 DATA = Path("data")
@@ -97,7 +98,10 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     signal.signal(signal.SIGTERM, _terminated)
     try:
         cfg = load_config("params.yaml")
-    except ConfigError as err:
+        # the detector's settings too, whichever stage runs first: a `dvc repro` or `dvc exp run` stops here,
+        # not when the first training stage reaches them after the data stages (hours on the real path)
+        preflight(cfg)
+    except ValueError as err:  # a ConfigError too
         print(f"[{name}] {err}", file=sys.stderr)
         raise SystemExit(2) from None
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, tracking.repo_root())

@@ -347,6 +347,30 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState, 
     )
 
 
+def read_resume_point(path: Path, who: str) -> dict | None:
+    """The contents of the resume checkpoint ``path``; None when there is none or it cannot be read.
+
+    Checkpoints are written atomically, but a file cut short or overwritten from outside
+    would otherwise fail every later run of the stage. An unreadable one is moved aside to
+    ``<name>.unreadable`` (kept for a look, never deleted) and the stage starts afresh.
+    """
+    if not path.exists():
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ck, dict):
+            raise TypeError(f"it holds a {type(ck).__name__}, not a checkpoint's dict")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: pickle, zip and EOF errors all occur
+        aside = path.with_name(path.name + ".unreadable")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:  # another rank of a distributed run moved it first
+            pass
+        print(f"[{who}] {path} cannot be read ({type(exc).__name__}: {exc}); moved it to {aside} and starting afresh")
+        return None
+    return ck
+
+
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, ck: dict | None = None) -> tuple[TrainState, list[dict], dict]:
     """Restore a checkpoint written by ``save_checkpoint`` (``ck``: its already loaded contents)."""
     if ck is None:

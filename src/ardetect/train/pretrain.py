@@ -35,7 +35,8 @@ from tqdm import tqdm
 from ardetect.config import Config
 from ardetect.data.datasets import build_transform, load_uint8, transform_with_boxes
 from ardetect.train.engine import (
-    StepProgress, TrainState, epoch_order, load_checkpoint, model_file_state, sample_seed, save_atomic, save_checkpoint, train_steps,
+    StepProgress, TrainState, epoch_order, load_checkpoint, model_file_state, read_resume_point, sample_seed, save_atomic, save_checkpoint,
+    train_steps,
 )
 from ardetect.devices import device_of, resolve_device, to_device
 from ardetect.train.losses import SetCriterion
@@ -321,8 +322,8 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
         latest = out_dir / "latest.pt"
         state = TrainState()
         resumed = False
-        if resume and latest.exists():
-            ck = torch.load(latest, map_location="cpu", weights_only=False)
+        ck = read_resume_point(latest, "pretrain") if resume else None
+        if ck is not None:
             classifier_kept = model.region_classifier is None or "region_classifier" in ck
             if ck.get("fingerprint") == fingerprint and classifier_kept:
                 state, history, _ = load_checkpoint(latest, model, optimizer, scheduler, ck=ck)
@@ -381,8 +382,8 @@ def classify_step(model, p, objects: pd.DataFrame, images: list[str], tuples: pd
     from ardetect.train.phases import image_size_of
 
     classifier = model.region_classifier
-    if resume and path.exists():
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = read_resume_point(path, "pretrain") if resume else None
+    if ck is not None:
         if ck.get("fingerprint") == fingerprint and "region_classifier" in ck:
             model.backbone.load_state_dict(ck["backbone"])
             classifier.load_state_dict(ck["region_classifier"])
