@@ -67,3 +67,78 @@ def test_resolve_run_by_prefix(tmp_path, monkeypatch):
         tracking.resolve_run("exp-r", uri, shared[0])
     with pytest.raises(tracking.RunNotFound, match="'zz'"):
         tracking.resolve_run("exp-r", uri, "zz")
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_is_named_at_once(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    start = time.perf_counter()
+    with pytest.raises(tracking.TrackingUnreachable, match=rf"the MLflow tracking server {uri} \(tracking.tracking_uri\) does not answer"):
+        with tracking.stage_run("tuples", "exp-test", uri):
+            pass
+    assert time.perf_counter() - start < 10  # not MLflow's minutes of retries
+    # a stage process: a one-line message and exit 1, before any work
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
+    (tmp_path / "profiles").symlink_to(repo / "profiles")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(repo / "src")}
+    run = subprocess.run([sys.executable, "-m", "ardetect.stages.tuples"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert f"[tuples] FAILED: the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "data").exists()
+
+
+def test_a_tracking_server_that_answers_passes_the_check():
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking.check_reachable(f"http://127.0.0.1:{server.server_port}")
+        tracking.check_reachable(f"http://127.0.0.1:{server.server_port}/prefix")  # a 404 is an answer too
+    finally:
+        server.shutdown()
+    tracking.check_reachable("sqlite:////nowhere/mlflow.db")  # nothing to reach
+
+
+def test_pipeline_run_refuses_an_unreachable_tracking_server_before_any_stage(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import ardetect.pipeline as pipeline
+    from ardetect.cli import app
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
+    (tmp_path / "profiles").symlink_to(repo / "profiles")
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = []
+    monkeypatch.setattr(pipeline, "repro_with_retries", lambda *a, **k: started.append(a))
+    result = CliRunner().invoke(app, ["pipeline", "run", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2 and not started
+    assert f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer" in result.output

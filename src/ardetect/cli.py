@@ -47,12 +47,13 @@ def pipeline_run(
     try:
         cfg = load_config(params)
         preflight(cfg)
-    except (ConfigError, ValueError) as err:
+        uri = tracking.tracking_uri(cfg.tracking.tracking_uri, root)
+        tracking.check_reachable(uri)
+    except (ConfigError, ValueError, tracking.TrackingUnreachable) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
     order = stages_in_order(root)
     stages = stage or order
-    uri = tracking.tracking_uri(cfg.tracking.tracking_uri, root)
     start = time.perf_counter()
     outcomes = []
     tags = {"ard.profile": cfg.profile, "ard.orchestrator": "cli", "ard.stages_requested": ",".join(stages)}

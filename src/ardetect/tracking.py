@@ -44,7 +44,35 @@ def is_primary() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class TrackingUnreachable(ConnectionError):
+    """The configured MLflow tracking server does not answer."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking server must answer within ``timeout`` seconds, else ``TrackingUnreachable``
+    names it at once (MLflow itself retries for minutes, then fails with a traceback). A file or
+    database URI has nothing to reach."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:  # it answered (a proxy asking for credentials, a server without /health): MLflow takes it from here
+        return
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.tracking_uri"
+        raise TrackingUnreachable(
+            f"the MLflow tracking server {uri} ({source}) does not answer within {timeout:g} s ({reason}); start it, or set "
+            f"{source} to a server that runs{'' if source == 'MLFLOW_TRACKING_URI' else ' (null: the sqlite mlflow.db at the repository root)'}"
+        ) from None
+
+
 def _mlflow(uri: str, experiment: str):
+    check_reachable(uri)
     import mlflow  # imported lazily: it takes seconds
 
     mlflow.set_tracking_uri(uri)

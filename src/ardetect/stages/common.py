@@ -113,7 +113,7 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
             metrics = body(cfg) or {}
             metrics["stage_seconds"] = time.perf_counter() - start
             tracking.log_metrics(metrics)
-    except (StageError, ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as err:
+    except (StageError, ValueError, FileNotFoundError, NotImplementedError, FloatingPointError, tracking.TrackingUnreachable) as err:
         print(f"[{name}] FAILED: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     log.info("stage %s done in %.1f s", name, time.perf_counter() - start)
