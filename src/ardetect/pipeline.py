@@ -80,7 +80,7 @@ def preflight(cfg) -> None:
     hours). A ``model.pretrained`` checkpoint brings its own config, checked when it is loaded."""
     if cfg.model.pretrained:
         return
-    from ardetect.model.config import params_model_config as model_config  # no torch: every stage runs this check
+    from ardetect.train.phases import model_config
 
     try:
         model_config(cfg)

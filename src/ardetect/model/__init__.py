@@ -15,22 +15,11 @@ tokens and adapters (paper section 3; DESIGN.md "The detector").
 Weights: ``ardetect.model.convert`` reads transformers' and original GroundingDINO checkpoints.
 """
 
-from importlib import import_module
-
 from .config import SIZES, ModelConfig
-
-_DEFINED_IN = {  # imported on first use: ``ardetect.model.config`` alone (the configuration checks of every stage) needs no torch
-    **dict.fromkeys(["MASKED_LOGIT", "ARDetector", "ARDOutput", "ImageCache", "QueryCache", "build", "count_parameters", "param_groups",
-                     "predict_region_variants"], ".detector"),
-    **dict.fromkeys(["TokenizedPrompts", "tokenize_prompts"], ".text"),
-}
-
-
-def __getattr__(name: str):
-    if name in _DEFINED_IN:
-        return getattr(import_module(_DEFINED_IN[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from .detector import (
+    MASKED_LOGIT, ARDetector, ARDOutput, ImageCache, QueryCache, build, count_parameters, param_groups, predict_region_variants,
+)
+from .text import TokenizedPrompts, tokenize_prompts
 
 __all__ = [
     "SIZES",

@@ -211,18 +211,6 @@ class ModelConfig(BaseModel):
         return self.freeze_backbones if self.freeze_backbones is not None else self.text_pretrained_loaded
 
 
-def params_overrides(cfg) -> dict:
-    """``cfg.model.overrides`` (``params.yaml``) with the detector's square input side."""
-    side = cfg.detector_image_size
-    return {**cfg.model.overrides, "image_size": (side, side)}
-
-
-def params_model_config(cfg) -> ModelConfig:
-    """The ``ModelConfig`` that ``cfg.model`` names (without a ``model.pretrained`` checkpoint): checks
-    a size, its overrides and the input side together (e.g. ``num_queries`` against the encoder
-    tokens of the image size) without building the model, and without importing torch."""
-    return ModelConfig.named(cfg.model.size, **params_overrides(cfg))
-
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 

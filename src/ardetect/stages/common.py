@@ -14,8 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ardetect import tracking
-from ardetect.config import Config, load_config
-from ardetect.pipeline import preflight
+from ardetect.config import Config, ConfigError, load_config
 
 log = logging.getLogger("ardetect")
 DATA = Path("data")
@@ -98,10 +97,7 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     signal.signal(signal.SIGTERM, _terminated)
     try:
         cfg = load_config("params.yaml")
-        # the detector's settings too, whichever stage runs first: a `dvc repro` or `dvc exp run` stops here,
-        # not when the first training stage reaches them after the data stages (hours on the real path)
-        preflight(cfg)
-    except ValueError as err:  # a ConfigError too
+    except ConfigError as err:
         print(f"[{name}] {err}", file=sys.stderr)
         raise SystemExit(2) from None
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, tracking.repo_root())

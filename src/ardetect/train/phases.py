@@ -25,7 +25,6 @@ from ardetect.data.datasets import NegativeSampler, TupleDataset
 from ardetect.devices import resolve_device
 from ardetect.evaluation.ard import ARDMethod
 from ardetect.evaluation.harness import evaluate_method
-from ardetect.model.config import params_model_config, params_overrides
 from ardetect.train.engine import (
     StepProgress, TrainState, distributed, load_checkpoint, load_model_file_state, model_file_state, read_resume_point, save_atomic,
     save_checkpoint, steps_per_epoch, train_one_epoch, wrap_ddp,
@@ -36,8 +35,19 @@ from ardetect.train.matcher import HungarianMatcher
 Logger = Callable[[dict, int], None]
 
 
-model_overrides = params_overrides  # cfg.model.overrides with the detector's square input side
-model_config = params_model_config  # the ModelConfig that build_model builds from
+def model_overrides(cfg: Config) -> dict:
+    """``cfg.model.overrides`` with the detector's square input side."""
+    side = cfg.detector_image_size
+    return {**cfg.model.overrides, "image_size": (side, side)}
+
+
+def model_config(cfg: Config):
+    """The ``ModelConfig`` that ``build_model`` builds from (without a ``model.pretrained`` checkpoint):
+    checks a size, its overrides and the input side together (e.g. ``num_queries`` against the
+    encoder tokens of the image size) without building the model."""
+    from ardetect.model import ModelConfig
+
+    return ModelConfig.named(cfg.model.size, **model_overrides(cfg))
 
 
 def build_model(cfg: Config):
