@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from ardetect import tracking  # noqa: E402
 from ardetect.config import load_config  # noqa: E402
-from ardetect.pipeline import StageOutcome, preflight, record_parent_run, repro_stage, stages_in_order, summarize  # noqa: E402
+from ardetect.pipeline import StageOutcome, record_parent_run, repro_stage, stages_in_order, summarize  # noqa: E402
+from ardetect.stages.check import preflight  # noqa: E402
 
 
 class StageFailed(RuntimeError):

@@ -365,7 +365,7 @@ def test_failed_stage_marks_the_parent_run(piped, tmp_path):
     parent = runs[runs["tags.ard.kind"] == "pipeline"].sort_values("start_time").iloc[-1]
     assert parent["status"] == "FAILED" and parent["tags.ard.status"] == "failed"
     assert parent["tags.ard.stages_failed"] == "validate" and not parent["tags.ard.stages_ran"]
-    assert parent["tags.ard.stages_up_to_date"].split(",") == ["exemplars", "generate", "tuples"]
+    assert parent["tags.ard.stages_up_to_date"].split(",") == ["check", "exemplars", "generate", "tuples"]
     assert parent["params.validate.min_negatives"] == "10000"
     assert pd.isna(parent.get("metrics.test.ARD.recall_at_10"))  # evaluate was not reached: no headline
 
@@ -407,3 +407,44 @@ def test_dvc_experiment_with_another_world_seed(piped, tmp_path):
     row = next(line for line in shown.splitlines() if "seed3" in line)
     header = shown.splitlines()[0].split(",")
     assert row.split(",")[header.index("world.seed")] == "3"
+
+
+def _set_params(ws, **dotted) -> None:
+    import yaml
+
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    for key, value in dotted.items():
+        *path, last = key.split("__")
+        node = params
+        for part in path:
+            node = node[part]
+        node[last] = value
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_dvc_repro_stops_at_the_check_stage_before_the_data(piped, tmp_path):
+    """`dvc repro` / `dvc exp run` bypass `ard pipeline run`'s own check: the first stage, `check`, stops them."""
+    ws = _copy_ws(piped[0], tmp_path / "repo")
+    for p in ("data/exemplars", "data/generated", "data/world2"):
+        shutil.rmtree(ws / p)  # the data stages would run now, were they reached
+    _set_params(ws, model__pretrained=str(tmp_path / "no-such-checkpoint"))
+    proc = dvc(ws, "repro", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "[check] FAILED: model.pretrained=" in out and "no-such-checkpoint' does not exist on this machine" in out, out
+    assert "Running stage 'exemplars'" not in out and "Running stage 'world2'" not in out
+    assert not (ws / "data/exemplars").exists() and not (ws / "data/world2").exists()
+
+
+@pytest.mark.slow
+def test_a_changed_model_setting_reruns_the_check_alone(piped, tmp_path):
+    ws = _copy_ws(piped[0], tmp_path / "repo")
+    before = digest(ws / "data/check.json")
+    _set_params(ws, model__device="cpu")  # a model setting: the check's param, not the data stages'
+    proc = dvc(ws, "repro", "validate", "world2")
+    assert "Running stage 'check'" in proc.stdout
+    for stage in ("exemplars", "generate", "tuples", "validate", "world2"):
+        assert f"Running stage '{stage}'" not in proc.stdout, stage  # the check's output is the same file: nothing cascades
+    assert digest(ws / "data/check.json") == before
+    assert json.loads((ws / "data/check.json").read_text())["passed"]

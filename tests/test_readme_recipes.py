@@ -84,6 +84,7 @@ def test_pipeline_run_refuses_a_model_that_does_not_fit_before_any_stage(tmp_pat
 
     import ardetect.pipeline as pipeline
     from ardetect.cli import app
+    from ardetect.stages.check import preflight
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(REPO / "profiles", tmp_path / "profiles")
@@ -97,4 +98,4 @@ def test_pipeline_run_refuses_a_model_that_does_not_fit_before_any_stage(tmp_pat
     assert "input_value" not in result.output  # the message, not pydantic's dump of the inputs
     # the same settings with the README's num_queries pass the check
     apply_overrides(tmp_path / "params.yaml", ["++model.overrides.num_queries=300"])
-    pipeline.preflight(load_config(tmp_path / "params.yaml"))
+    preflight(load_config(tmp_path / "params.yaml"))

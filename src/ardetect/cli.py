@@ -41,7 +41,8 @@ def pipeline_run(
     """Run every DVC stage in order (`dvc repro <stage>` each); stale stages run, the rest are skipped."""
     from ardetect import tracking
     from ardetect.config import ConfigError, load_config
-    from ardetect.pipeline import preflight, record_parent_run, repro_with_retries, stages_in_order, summarize
+    from ardetect.pipeline import record_parent_run, repro_with_retries, stages_in_order, summarize
+    from ardetect.stages.check import preflight
 
     root = params.resolve().parent
     try:

@@ -73,24 +73,6 @@ class StageOutcome:
         }
 
 
-def preflight(cfg) -> None:
-    """Checks of ``params.yaml`` that the stages would otherwise make only when they reach them:
-    the detector's size, overrides and input side must fit together (``model_config``), else a
-    ``ValueError`` naming the settings before any stage runs (the data stages of the real path take
-    hours). A ``model.pretrained`` checkpoint brings its own config, checked when it is loaded."""
-    if cfg.model.pretrained:
-        return
-    from ardetect.train.phases import model_config
-
-    try:
-        model_config(cfg)
-    except ValueError as err:
-        errors = getattr(err, "errors", None)  # pydantic's ValidationError: its messages without the input dump
-        detail = "; ".join(e["msg"].removeprefix("Value error, ") for e in errors()) if callable(errors) else str(err)
-        raise ValueError(f"params model (size={cfg.model.size!r}, image_size={cfg.model.image_size!r}, overrides={dict(cfg.model.overrides)}): "
-                         f"{detail}") from None
-
-
 def stages_in_order(root: Path) -> list[str]:
     """Stage names as ``dvc.yaml`` lists them (its order is the pipeline's order)."""
     spec = yaml.safe_load((root / "dvc.yaml").read_text())

@@ -190,3 +190,19 @@ def test_load_transformers_checkpoint_from_a_saved_folder(tmp_path):
         got = model(images, model.encode_text_ids(ids))
     assert (want.logits[..., :5] - got.pred_logits).abs().max() <= 1e-4
     assert (want.pred_boxes - got.pred_boxes).abs().max() <= 1e-4
+
+
+def test_a_missing_checkpoint_is_named_by_its_setting(tmp_path, monkeypatch):
+    from ardetect.model.convert import load_transformers_checkpoint
+    from ardetect.weights import WeightsError, local_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match=r"model\.pretrained='.*no-such-folder' does not exist on this machine"):
+        load_transformers_checkpoint(str(tmp_path / "no-such-folder"))
+    with pytest.raises(WeightsError, match=r"model\.pretrained='IDEA-Research/not-a-cached-model' is not in the local Hugging Face cache"):
+        load_transformers_checkpoint("IDEA-Research/not-a-cached-model")  # a hub id, not in the cache: nothing downloaded
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match=r"generate\.customization\.base_model=.*has no model_index\.json"):
+        local_folder(str(tmp_path / "empty"), "generate.customization.base_model", "model_index.json")
+    (tmp_path / "empty" / "model_index.json").write_text("{}")
+    assert local_folder(str(tmp_path / "empty"), "generate.customization.base_model", "model_index.json") == tmp_path / "empty"

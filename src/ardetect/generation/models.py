@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ardetect.weights import WeightsError, resolve as _resolve  # noqa: F401 (WeightsError: this module's error too)
+
 SAM_TYPES = ("vit_h", "vit_l", "vit_b", "vit_tiny")
 
 # transformers and diffusers build models under process-wide init contexts (meta device, skipped init):
@@ -31,29 +33,11 @@ SAM_TYPES = ("vit_h", "vit_l", "vit_b", "vit_tiny")
 LOAD_LOCK = threading.RLock()
 
 
-class WeightsError(FileNotFoundError):
-    """Weights named by a parameter are missing or are not what the parameter says."""
-
-
 def pick_device(device: str | None = None) -> torch.device:
     """``device`` as given, else the first CUDA device when there is one, else the CPU."""
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _resolve(value: str | None, field: str) -> tuple[str, bool]:
-    """(what to pass to ``from_pretrained``, whether it is a local folder); raise naming ``field`` if neither."""
-    if value is None or not str(value).strip():
-        raise WeightsError(f"{field} is not set; give a local folder or a hub id already in the local Hugging Face cache")
-    p = Path(value).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise WeightsError(f"{field}={value!r} is a file; a from_pretrained folder is needed")
-        return str(p), True
-    if value.startswith(("/", ".", "~")) or value.count("/") != 1:
-        raise WeightsError(f"{field}={value!r} does not exist on this machine (and is not a hub id 'owner/name')")
-    return value, False
 
 
 def _from_pretrained(loader, value: str, field: str, **kw):

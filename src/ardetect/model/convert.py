@@ -218,16 +218,13 @@ def load_converted(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> 
         raise ValueError(f"converted weights do not fit: missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}")
 
 
-def load_transformers_checkpoint(path_or_id: str, **overrides: Any):
+def load_transformers_checkpoint(path_or_id: str, field: str = "model.pretrained", **overrides: Any):
     """An ``ARDetector`` from a local transformers GroundingDINO folder or a cached hub id
     (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``; never downloads)."""
+    from ..weights import local_folder
     from .detector import build
 
-    folder = Path(path_or_id)
-    if not folder.exists():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(path_or_id, local_files_only=True))
+    folder = local_folder(path_or_id, field, "config.json")
     hf_config = json.loads((folder / "config.json").read_text())
     if (folder / "model.safetensors").exists():
         from safetensors.torch import load_file

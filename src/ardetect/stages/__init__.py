@@ -3,4 +3,4 @@
 Each stage is run as ``python -m ardetect.stages.<name>`` from the repository root.
 """
 
-STAGES = ("exemplars", "generate", "tuples", "validate", "world2", "pretrain", "train_phase1", "train_phase2", "train_abc", "train_abc_ard", "evaluate", "export")
+STAGES = ("check", "exemplars", "generate", "tuples", "validate", "world2", "pretrain", "train_phase1", "train_phase2", "train_abc", "train_abc_ard", "evaluate", "export")

@@ -1,0 +1,108 @@
+"""Stage ``check``: the checks of ``params.yaml`` that later stages would otherwise make only
+when they reach them, run first so that a bad setting stops the pipeline in seconds, before
+the data stages (hours on the real path).
+
+- the detector's size, ``overrides`` and input side fit together (``num_queries`` against
+  the encoder tokens of the image size, for one), as ``pretrain`` will build it;
+- a ``model.pretrained`` checkpoint is an existing folder or a hub id in the local cache,
+  with its ``config.json`` (its own config is checked when it is loaded);
+- on the real path, the inputs the data stages will load: the annotation file and image
+  folder, GroundingDINO (``config.json``) and the SAM checkpoint for COCO/LVIS exemplars or
+  Break-a-Scene, and the Stable Diffusion pipeline (``model_index.json``) for Break-a-Scene.
+  Skipped when ``exemplars.real.fixtures`` is set: the exemplars stage writes those first.
+
+Every problem found is reported, not only the first. ``ard pipeline run`` and the Prefect flow
+call :func:`preflight` before any stage too; this stage is what ``dvc repro`` and
+``dvc exp run`` meet. Its output, ``data/check.json``, names the checks and nothing of the
+settings, so it is the same file whatever passes: the data stages depend on it for their
+order only, and a changed setting re-runs this stage alone, not them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ardetect import tracking
+from ardetect.config import Config
+from ardetect.stages.common import DATA, run_stage
+
+OUT = DATA / "check.json"
+CHECKS = (
+    "model: the size, its overrides and the input side fit together",
+    "model.pretrained: an existing folder or a hub id in the local cache, with its config.json",
+    "real path: annotations, images, GroundingDINO, SAM and Stable Diffusion are on this machine",
+)
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    from ardetect.weights import WeightsError, local_folder
+
+    if cfg.model.pretrained:
+        try:
+            local_folder(cfg.model.pretrained, "model.pretrained", "config.json")
+        except WeightsError as err:
+            return [str(err)]
+        return []
+    from ardetect.train.phases import model_config
+
+    try:
+        model_config(cfg)
+    except ValueError as err:
+        errors = getattr(err, "errors", None)  # pydantic's ValidationError: its messages without the input dump
+        detail = "; ".join(e["msg"].removeprefix("Value error, ") for e in errors()) if callable(errors) else str(err)
+        return [f"params model (size={cfg.model.size!r}, image_size={cfg.model.image_size!r}, overrides={dict(cfg.model.overrides)}): "
+                f"{detail}"]
+    return []
+
+
+def _real_path_problems(cfg: Config) -> list[str]:
+    from ardetect.weights import WeightsError, local_folder
+
+    real, bas = cfg.exemplars.real, cfg.generate.backend == "break_a_scene"
+    if real.fixtures or (cfg.exemplars.source == "synthetic" and not bas):
+        return []
+    problems = []
+    if cfg.exemplars.source != "synthetic":
+        for field, value, is_there, what in (("annotations", real.annotations, Path.is_file, "a COCO/LVIS instances JSON"),
+                                             ("images", real.images, Path.is_dir, "the folder of its images")):
+            if value is None:
+                problems.append(f"exemplars.real.{field} is null; {what} is needed (exemplars.source={cfg.exemplars.source!r})")
+            elif not is_there(Path(value).expanduser()):
+                problems.append(f"exemplars.real.{field}={value!r} is not {what} on this machine")
+    weights = [(real.grounding_dino, "exemplars.real.grounding_dino", "config.json")]
+    if bas:
+        weights.append((cfg.generate.customization.base_model, "generate.customization.base_model", "model_index.json"))
+    for value, field, marker in weights:
+        try:
+            local_folder(value, field, marker)
+        except WeightsError as err:
+            problems.append(str(err))
+    if real.sam_checkpoint is None:
+        problems.append("exemplars.real.sam_checkpoint is null; a segment-anything checkpoint (.pth) is needed")
+    elif not Path(real.sam_checkpoint).expanduser().is_file():
+        problems.append(f"exemplars.real.sam_checkpoint={real.sam_checkpoint!r} is not a file on this machine")
+    return problems
+
+
+def preflight(cfg: Config) -> None:
+    """Raise a ``ValueError`` naming every setting that a later stage would fail on."""
+    problems = _model_problems(cfg) + _real_path_problems(cfg)
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError(f"{len(problems)} settings cannot work:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def build(cfg: Config) -> dict:
+    preflight(cfg)
+    tracking.write_json_atomic({"passed": list(CHECKS)}, OUT)
+    return {"checks_passed": len(CHECKS)}
+
+
+def main() -> None:
+    run_stage("check", build, lambda c: {"model": c.model.model_dump(mode="json"), "exemplars": c.exemplars.model_dump(mode="json"),
+                                          "generate.backend": c.generate.backend, "generate.base_model": c.generate.customization.base_model})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The ``check`` stage's preflight: every setting a later stage would fail on, named at once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ardetect.config import config_from_dict
+from ardetect.stages.check import preflight
+
+
+def _real(tmp_path, **real) -> dict:
+    return {"exemplars": {"source": "coco", "real": real}, "generate": {"backend": "break_a_scene"}}
+
+
+def test_the_default_world_passes():
+    preflight(config_from_dict({}))
+
+
+def test_every_missing_real_input_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    raw = _real(tmp_path, annotations=str(tmp_path / "lvis_v1_val.json"), images=str(tmp_path / "val2017"),
+                grounding_dino="nobody/no-such-grounding-dino", sam_checkpoint=str(tmp_path / "sam.pth"))
+    raw["generate"]["customization"] = {"base_model": str(tmp_path / "sd")}
+    with pytest.raises(ValueError) as info:
+        preflight(config_from_dict(raw))
+    msg = str(info.value)
+    assert msg.startswith("5 settings cannot work:")
+    for needle in ("exemplars.real.annotations=", "lvis_v1_val.json' is not a COCO/LVIS instances JSON on this machine",
+                   "exemplars.real.images=", "exemplars.real.grounding_dino='nobody/no-such-grounding-dino' is not in the local Hugging Face cache",
+                   "generate.customization.base_model=", "sd' does not exist on this machine",
+                   "exemplars.real.sam_checkpoint=", "sam.pth' is not a file on this machine"):
+        assert needle in msg, (needle, msg)
+
+
+def test_real_inputs_that_are_there_pass(tmp_path):
+    (tmp_path / "ann.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    (tmp_path / "images").mkdir()
+    for folder, marker in (("gd", "config.json"), ("sd", "model_index.json")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / marker).write_text("{}")
+    (tmp_path / "sam.pth").write_bytes(b"weights")
+    raw = _real(tmp_path, annotations=str(tmp_path / "ann.json"), images=str(tmp_path / "images"), grounding_dino=str(tmp_path / "gd"),
+                sam_checkpoint=str(tmp_path / "sam.pth"))
+    raw["generate"]["customization"] = {"base_model": str(tmp_path / "sd")}
+    preflight(config_from_dict(raw))
+    (tmp_path / "sd" / "model_index.json").unlink()  # a folder that is not a diffusers pipeline
+    with pytest.raises(ValueError, match=r"^generate\.customization\.base_model=.*has no model_index\.json$"):
+        preflight(config_from_dict(raw))
+
+
+def test_fixtures_are_written_by_the_exemplars_stage_so_they_are_not_checked(tmp_path):
+    raw = _real(tmp_path, fixtures=str(tmp_path / "fixtures"), annotations=str(tmp_path / "fixtures/coco/annotations.json"),
+                images=str(tmp_path / "fixtures/coco/images"), grounding_dino=str(tmp_path / "fixtures/gd"),
+                sam_checkpoint=str(tmp_path / "fixtures/sam.pth"))
+    preflight(config_from_dict(raw))
+
+
+def test_a_model_problem_and_a_real_path_problem_are_both_named(tmp_path):
+    raw = {"model": {"pretrained": str(tmp_path / "gdino")}, "exemplars": {"source": "lvis", "real": {"grounding_dino": str(tmp_path / "gd")}},
+           "generate": {"backend": "break_a_scene", "customization": {"base_model": str(tmp_path / "sd")}}}
+    with pytest.raises(ValueError) as info:
+        preflight(config_from_dict(raw))
+    msg = str(info.value)
+    assert msg.startswith("6 settings cannot work:")  # the checkpoint; annotations, images and SAM unset; GroundingDINO and SD missing
+    assert "model.pretrained=" in msg and "gdino' does not exist on this machine" in msg
+    assert "exemplars.real.annotations is null" in msg and "exemplars.real.sam_checkpoint is null" in msg
