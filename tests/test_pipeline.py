@@ -188,6 +188,7 @@ def test_pipeline_outputs_and_up_to_date(piped):
     assert "up to date" in status.stdout, status.stdout
     assert "Running stage" not in second.stdout
     assert "stages run: none (all up to date)" in second.stdout
+    assert not (ws / "reports/.evaluate-work").exists()  # the kept scores of a run that did not finish: none after a finished one
     metrics = json.loads((ws / "reports/metrics.json").read_text())
     details_path = ws / "reports/details.json"
     if "class_rprecision" in metrics["test"]["ARD"]:  # the evaluation's older layout: everything in metrics.json
@@ -448,3 +449,29 @@ def test_a_changed_model_setting_reruns_the_check_alone(piped, tmp_path):
         assert f"Running stage '{stage}'" not in proc.stdout, stage  # the check's output is the same file: nothing cascades
     assert digest(ws / "data/check.json") == before
     assert json.loads((ws / "data/check.json").read_text())["passed"]
+
+
+@pytest.mark.slow
+def test_a_killed_evaluation_goes_on_from_the_queries_it_scored(piped, tmp_path):
+    import os
+    import signal
+    import time
+
+    ws = _copy_ws(piped[0], tmp_path / "repo")
+    want = json.loads((ws / "reports/metrics.json").read_text())
+    kept = ws / "reports/.evaluate-work"
+    cmd = [str(BIN / "python"), "-m", "ardetect.stages.evaluate"]
+    proc = subprocess.Popen(cmd, cwd=ws, env=run_env(ws), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(kept.rglob("*.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "evaluate ended before it kept a block of scored queries"
+    os.kill(proc.pid, signal.SIGTERM)  # as a cancelled `dvc repro` would
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    assert list(kept.rglob("*.pt")) and json.loads((ws / "reports/metrics.json").read_text()) == want  # the last results stand
+    again = subprocess.run(cmd, cwd=ws, env=run_env(ws), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "queries read back from reports/.evaluate-work/" in again.stdout, again.stdout[-3000:]
+    assert json.loads((ws / "reports/metrics.json").read_text()) == want  # the same figures as the run never killed
+    assert not kept.exists()  # gone once the evaluation is written

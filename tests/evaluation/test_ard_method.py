@@ -154,7 +154,7 @@ def test_fit_identity_weight_takes_the_best_recall_and_the_smaller_weight_on_tie
     class Trunk:
         grids = (1, 2)
 
-        def prefetch(self, tuples, negatives, workers=None, progress=False):  # the scores are made up: nothing to run ahead
+        def prefetch(self, tuples, negatives, workers=None, progress=False, keep=None):  # the scores are made up: nothing to run ahead
             pass
 
         def method(self, label, variant, w, grid, class_weight=0.0):
@@ -240,7 +240,7 @@ def test_fit_tries_each_class_weight_and_prefers_the_smaller_on_ties():
     class Trunk:
         grids = (1,)
 
-        def prefetch(self, tuples, negatives, workers=None, progress=False):
+        def prefetch(self, tuples, negatives, workers=None, progress=False, keep=None):
             pass
 
         def method(self, label, variant, w, grid, class_weight=0.0):
@@ -261,3 +261,78 @@ def test_fit_tries_each_class_weight_and_prefers_the_smaller_on_ties():
     assert set(recalls) == set(firsts) and recalls[(1, 4.0, 1.0)] == 0.75
     assert (w, g, a) == (4.0, 1, 1.0)  # (4, 1) and (4, 2) tie at 0.75: the smaller class weight
     assert fit_identity_weights(Trunk(), ["ARD"], tuples, negatives, [0.0, 4.0])["ARD"][2] == 0.0  # default: no class weight
+
+
+def test_prefetch_keeps_its_blocks_so_a_killed_evaluation_goes_on(tmp_path, capsys):
+    """Blocks of scored queries are kept on disk: a run killed after the first block scores only the
+    rest when run again, with the same scores; a changed image, a cut file or other weights are scored again."""
+    from ardetect.evaluation.ard import SharedTrunkARD
+    from ardetect.evaluation.harness import evaluate_method
+
+    ard, minus, tuples, negatives = _variants(tmp_path)
+    tuples = pd.concat([tuples.assign(tuple_id=tuples["tuple_id"] + f"_{i}") for i in range(3)], ignore_index=True)
+    negatives = pd.concat([negatives.assign(tuple_id=negatives["tuple_id"] + f"_{i}") for i in range(3)], ignore_index=True)
+    kept = tmp_path / "kept"
+    make = lambda a=ard: SharedTrunkARD({"ARD": a, "ARD-": minus}, tmp_path, 64, batch=2, top_k=3, identity=True, grids=[1, 2])  # noqa: E731
+
+    def counted(trunk, fail_after=None):
+        calls, run = [], trunk.runner.candidates_variants
+
+        def one(*a, **k):
+            if fail_after is not None and len(calls) >= fail_after:
+                raise KeyboardInterrupt("killed")
+            calls.append(a[1]["tuple_id"])
+            return run(*a, **k)
+
+        trunk.runner.candidates_variants = one
+        return calls
+
+    lazy = make()
+    expected = {m.name: evaluate_method(m, tuples, negatives, progress=False) for m in lazy.methods({"ARD": (4.0, 2)})}
+
+    killed = make()
+    counted(killed, fail_after=5)
+    with pytest.raises(KeyboardInterrupt):
+        killed.prefetch(tuples, negatives, workers=1, progress=False, keep=kept, block=4)
+    files = sorted(kept.rglob("*.pt"))
+    assert len(files) == 1 and files[0].parent.name == killed.fingerprint()  # the first block of 4; the second was cut short
+
+    again = make()
+    methods = again.methods({"ARD": (4.0, 2)})
+    calls = counted(again)
+    again.prefetch(tuples, negatives, workers=2, progress=False, keep=kept, block=4)
+    assert calls == list(tuples["tuple_id"].iloc[4:])  # only the block that was not kept
+    assert f"4 of 6 queries read back from {kept / again.fingerprint()}" in capsys.readouterr().out
+    got = {m.name: evaluate_method(m, tuples, negatives, progress=False) for m in methods}
+    assert calls == list(tuples["tuple_id"].iloc[4:])  # the methods read the kept and the new results alike
+    for name in expected:
+        np.testing.assert_allclose(got[name].per_query["score"], expected[name].per_query["score"], atol=1e-5)
+        assert got[name].summary == expected[name].summary
+    assert len(sorted(kept.rglob("*.pt"))) == 2
+
+    # a changed candidate image: the blocks that name it are scored again
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "x3.png")
+    changed = make()
+    calls = counted(changed)
+    changed.prefetch(tuples, negatives, workers=1, progress=False, keep=kept, block=4)
+    assert calls == list(tuples["tuple_id"])  # x3 is a candidate of every query
+    # a kept file cut short: said, and scored again
+    victim = sorted(kept.rglob("*.pt"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    cut = make()
+    calls = counted(cut)
+    cut.prefetch(tuples, negatives, workers=1, progress=False, keep=kept, block=4)
+    assert len(calls) == 4 and "cannot be read" in capsys.readouterr().out
+    # other weights: another folder, everything scored again
+    import copy
+
+    other = copy.deepcopy(ard)
+    with torch.no_grad():
+        other.adapter_text.bias.add_(0.1)
+    retrained = make(other)
+    assert retrained.fingerprint() != cut.fingerprint()
+    calls = counted(retrained)
+    retrained.prefetch(tuples, negatives, workers=1, progress=False, keep=kept, block=4)
+    assert calls == list(tuples["tuple_id"])
+    with pytest.raises(ValueError, match="block=0"):
+        make().prefetch(tuples, negatives, keep=kept, block=0)

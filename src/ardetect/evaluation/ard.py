@@ -14,8 +14,10 @@ for every query.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
+from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from ardetect.data.datasets import build_transform, load_rgb, transform_with_box
 from ardetect.devices import device_of
 from ardetect.evaluation.harness import Scores
+from ardetect.train.engine import save_atomic
 
 
 class ARDMethod:
@@ -167,12 +170,15 @@ class SharedTrunkARD:
         check_variants(first, self.models)  # once, not per query
         self._labels: set[str] = set()
         self._pending: dict[tuple, tuple[dict, set[str]]] = {}  # (tuple_id, *candidates) -> (candidates of each variant, labels still to read)
+        self._fingerprint: str | None = None
+        self._digests: dict[str, bytes] = {}  # image path -> SHA-256 of its file (the kept blocks' names)
 
     def _run(self, query: pd.Series, candidates: list[str]) -> dict:
         return self.runner.candidates_variants(self.models, query, candidates, check=False, identity=self.identity, grids=self.grids,
                                                classes=self.classes)
 
-    def prefetch(self, tuples: pd.DataFrame, negatives: pd.DataFrame, workers: int | None = None, progress: bool = True) -> None:
+    def prefetch(self, tuples: pd.DataFrame, negatives: pd.DataFrame, workers: int | None = None, progress: bool = True,
+                 keep: Path | None = None, block: int = 32) -> None:
         """Run the detector on every query of ``tuples`` ahead of the methods reading them,
         ``workers`` queries side by side (default: one per core), each on one intra-op thread.
 
@@ -180,6 +186,11 @@ class SharedTrunkARD:
         partly busy; queries scored side by side keep every core busy (``bench/bench_eval_cpu.py``).
         Every query is scored on one thread whichever worker takes it, so the scores do
         not depend on ``workers``. Make every method first: each reads its queries once.
+
+        ``keep``: a folder where the results are written ``block`` queries at a time, and read back
+        instead of scored when a later call (a stage run again after a kill) meets the same block:
+        the same detectors' weights and scoring settings (a subfolder each), the same queries and
+        the same candidates, their image files' bytes included (the block's name).
         """
         from ardetect.evaluation.harness import candidates_of
 
@@ -190,17 +201,69 @@ class SharedTrunkARD:
         workers = torch.get_num_threads() if workers is None else int(workers)
         if workers < 1:
             raise ValueError(f"workers={workers}: give at least 1 (or None: one per core)")
+        if block < 1:
+            raise ValueError(f"block={block}: give at least 1 query a block")
         labels = set(self._labels)
+        parts = [todo[i : i + block] for i in range(0, len(todo), block)] if keep is not None else [todo]
+        if keep is not None:
+            keep = Path(keep) / self.fingerprint()
         threads = torch.get_num_threads()
-        self.runner.block(todo[0][1], self.identity)  # the candidates' features: once, before the workers share them
-        torch.set_num_threads(1)
+        bar = tqdm(total=len(todo), desc="score queries", disable=not progress)
+        read = 0
         try:
             with ThreadPoolExecutor(workers) as pool:
-                done = pool.map(lambda qc: self._run(*qc), todo)
-                for (q, c), found in tqdm(zip(todo, done), total=len(todo), desc="score queries", disable=not progress):
-                    self._pending[(str(q["tuple_id"]), *c)] = (found, set(labels))
+                for part in parts:
+                    path = None if keep is None else keep / f"{self._block_key(part)}.pt"
+                    found = None if path is None else _read_block(path, len(part))
+                    if found is None:
+                        self.runner.block(part[0][1], self.identity)  # the candidates' features, on every thread, before the workers share them
+                        torch.set_num_threads(1)
+                        found = []
+                        for one in pool.map(lambda qc: self._run(*qc), part):
+                            found.append(one)
+                            bar.update(1)
+                        torch.set_num_threads(threads)
+                        if path is not None:
+                            save_atomic([{name: asdict(c) for name, c in one.items()} for one in found], path)
+                    else:
+                        read += len(part)
+                        bar.update(len(part))
+                    for (q, c), one in zip(part, found):
+                        self._pending[(str(q["tuple_id"]), *c)] = (one, set(labels))
         finally:
             torch.set_num_threads(threads)
+            bar.close()
+        if read:
+            print(f"[evaluate] {read} of {len(todo)} queries read back from {keep} (scored by an earlier run that did not finish)")
+
+    def fingerprint(self) -> str:
+        """A digest of what the scores depend on besides the queries: every detector's weights and the scoring settings."""
+        if self._fingerprint is None:
+            r = self.runner
+            h = hashlib.sha256(repr((r.size, r.batch, r.top_k, str(r.device), self.identity, self.grids, self.classes)).encode())
+            for name in sorted(self.models):
+                h.update(name.encode())
+                for key, value in self.models[name].state_dict().items():
+                    h.update(key.encode())
+                    h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:24]
+        return self._fingerprint
+
+    def _block_key(self, part: list) -> str:
+        """A block of queries' name: a digest of each query (its fields the detector reads) and its candidates, in order,
+        with the bytes of every image file they name."""
+        h = hashlib.sha256()
+        for q, cands in part:
+            fields = [str(q[k]) for k in ("tuple_id", "query_image", "query_box", "prompt", "concept_phrase")]
+            h.update("\x1f".join([*fields, *map(str, cands)]).encode() + b"\x1e")
+            for path in (q["query_image"], *cands):
+                h.update(self._file_digest(str(path)))
+        return h.hexdigest()[:24]
+
+    def _file_digest(self, rel: str) -> bytes:
+        if rel not in self._digests:
+            self._digests[rel] = hashlib.sha256((self.runner.root / rel).read_bytes()).digest()
+        return self._digests[rel]
 
     def candidates(self, label: str, variant: str, query: pd.Series, candidates: list[str]):
         key = (str(query["tuple_id"]), *candidates)
@@ -248,7 +311,7 @@ class _Variant:
 def fit_identity_weights(
     trunk: SharedTrunkARD, variants: Sequence[str], tuples: pd.DataFrame, negatives: pd.DataFrame, grid: Sequence[float],
     iou_threshold: float = 0.5, progress: bool = False, metric: str | Sequence[str] = "recall@10", summaries: dict | None = None,
-    workers: int | None = None, class_weights: Sequence[float] = (0.0,),
+    workers: int | None = None, class_weights: Sequence[float] = (0.0,), keep: Path | None = None,
 ) -> dict[str, tuple[float, int, float, dict[tuple[int, float, float], float]]]:
     """For each of ``variants``, the identity weight of ``grid`` and the pooling grid of the
     trunk's ``grids`` with the best ``metric`` (a summary key of the harness, Recall@10 by
@@ -261,7 +324,8 @@ def fit_identity_weights(
     The detector runs once per query for every variant, weight and pooling grid. Returns
     {variant: (weight, pooling grid, class weight, {(pooling grid, weight, class weight): metric (the mean of several)})};
     ``summaries``, when given, receives every combination's whole harness summary under (variant,
-    grid, weight, class weight); ``workers`` queries are scored side by side (``SharedTrunkARD.prefetch``).
+    grid, weight, class weight); ``workers`` queries are scored side by side (``SharedTrunkARD.prefetch``), and
+    ``keep`` keeps their results for a run again after a kill (the same).
     """
     from ardetect.evaluation.harness import evaluate_method
 
@@ -274,7 +338,7 @@ def fit_identity_weights(
     classes = sorted(set(float(a) for a in class_weights)) or [0.0]
     combos = [(g, w, a) for g in sorted(trunk.grids) for w in weights for a in classes if w > 0 or g == min(trunk.grids)]
     methods = {v: [trunk.method(f"{v}@fit{w:g}x{g}a{a:g}", v, w, g, a) for g, w, a in combos] for v in variants}  # all made before any runs
-    trunk.prefetch(tuples, negatives, workers, progress=progress)
+    trunk.prefetch(tuples, negatives, workers, progress=progress, keep=keep)
     out = {}
     for v, ms in methods.items():
         recalls = {}
@@ -289,3 +353,19 @@ def fit_identity_weights(
         g, w, a = max(recalls, key=lambda gwa: (recalls[gwa], -gwa[0], -gwa[1], -gwa[2]))
         out[v] = (w, g, a, recalls)
     return out
+
+
+def _read_block(path: Path, n: int) -> list[dict] | None:
+    """A kept block's ``RegionCandidates`` per query, or None when it is not there or cannot be read (it is then scored again)."""
+    from ardetect.model.detector import RegionCandidates
+
+    if not path.exists():
+        return None
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(raw, list) or len(raw) != n:
+            raise TypeError(f"it holds {type(raw).__name__} of {len(raw) if isinstance(raw, list) else '?'} entries, not {n} queries")
+        return [{name: RegionCandidates(**fields) for name, fields in one.items()} for one in raw]
+    except Exception as exc:  # noqa: BLE001 - a file cut short or overwritten: score the block again, and overwrite it
+        print(f"[evaluate] kept scores {path} cannot be read ({type(exc).__name__}: {exc}); scoring its queries again")
+        return None

@@ -12,6 +12,7 @@ Recall@K plot data and figures; and logs them all to MLflow.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ardetect.stages.common import DATA, EXCLUSIONS, atomic_dir, run_stage
 
 OUT = Path("reports")
 PHASE2 = Path("models/phase2/model.pt")
+KEPT = OUT / ".evaluate-work"  # the detector's results on the queries scored so far: a killed run goes on from them
 SCORES = OUT / "ard_scores.parquet"  # the ARD row's score and box for every (test query, candidate)
 PAPER = " paper score"
 ABC_ROWS = {"AbC": Path("models/abc/abc.pt"), "AbC (ARD backbone)": Path("models/abc_ard/abc.pt")}
@@ -241,7 +243,7 @@ def build(cfg: Config) -> dict:
                 *[shared.method(name + PAPER, name) for name in detectors],
                 *oracles[world],
             ]
-            shared.prefetch(tuples, negatives, ev.workers or None)
+            shared.prefetch(tuples, negatives, ev.workers or None, keep=KEPT)
             if world == "test":  # the ARD row's every score and box: what the export's parity is held against
                 i = [m.name for m in methods].index("ARD")
                 recorded = methods[i] = Recording(methods[i])
@@ -325,6 +327,7 @@ def build(cfg: Config) -> dict:
         write_parquet_atomic(pd.concat(per_query_all, ignore_index=True), tmp / "per_query.parquet")
         tracking.write_json_atomic(headline, tmp / "metrics.json")
         tracking.write_json_atomic(details, tmp / "details.json")
+    shutil.rmtree(KEPT, ignore_errors=True)  # (atomic_dir replaced the folder it was in; this names the intent)
     for f in sorted(OUT.rglob("*")):
         if f.is_file():
             tracking.log_artifact(f, artifact_path="evaluation" + ("/figures" if f.parent.name == "figures" else ""))
@@ -366,7 +369,8 @@ def fit_weights(
                            classes=classes and max(class_weights) > 0)
     summaries: dict = {}
     fitted = fit_identity_weights(trunk, list(detectors), val, negatives, ev.identity_weights, ev.iou_threshold, progress=True,
-                                  metric=ev.fit_metrics, summaries=summaries, workers=ev.workers or None, class_weights=class_weights)
+                                  metric=ev.fit_metrics, summaries=summaries, workers=ev.workers or None, class_weights=class_weights,
+                                  keep=KEPT)
     label = lambda gg, aa: f"{gg}x{gg}" if aa == 0 else f"{gg}x{gg}, a={aa:g}"  # noqa: E731
     out, rows = {}, []
     for name, (w, g, a, recalls) in fitted.items():
