@@ -63,7 +63,7 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     logger = get_run_logger()
     rootp = Path(root).resolve()
     cfg = load_config(rootp / "params.yaml")
-    preflight(cfg)
+    preflight(cfg, rootp)
     order = stages_in_order(rootp)
     names = stages or order
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, rootp)

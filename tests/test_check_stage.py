@@ -66,3 +66,20 @@ def test_a_model_problem_and_a_real_path_problem_are_both_named(tmp_path):
     assert msg.startswith("6 settings cannot work:")  # the checkpoint; annotations, images and SAM unset; GroundingDINO and SD missing
     assert "model.pretrained=" in msg and "gdino' does not exist on this machine" in msg
     assert "exemplars.real.annotations is null" in msg and "exemplars.real.sam_checkpoint is null" in msg
+
+
+def test_relative_paths_are_read_from_the_repository_root(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "in" / "images").mkdir(parents=True)
+    (repo / "in" / "ann.json").write_text("{}")
+    (repo / "in" / "sam.pth").write_bytes(b"weights")
+    for folder, marker in (("gd", "config.json"), ("sd", "model_index.json")):
+        (repo / "in" / folder).mkdir()
+        (repo / "in" / folder / marker).write_text("{}")
+    raw = _real(repo, annotations="in/ann.json", images="in/images", grounding_dino="in/gd", sam_checkpoint="in/sam.pth")
+    raw["generate"]["customization"] = {"base_model": "in/sd"}
+    cfg = config_from_dict(raw)
+    monkeypatch.chdir(tmp_path)  # `ard pipeline run --params repo/params.yaml` from the folder above
+    preflight(cfg, repo)
+    with pytest.raises(ValueError, match="^5 settings cannot work"):  # read from here, none of them is there
+        preflight(cfg)

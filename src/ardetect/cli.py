@@ -47,7 +47,7 @@ def pipeline_run(
     root = params.resolve().parent
     try:
         cfg = load_config(params)
-        preflight(cfg)
+        preflight(cfg, root)
         uri = tracking.tracking_uri(cfg.tracking.tracking_uri, root)
         tracking.check_reachable(uri)
     except (ConfigError, ValueError, tracking.TrackingUnreachable) as err:

@@ -34,12 +34,20 @@ CHECKS = (
 )
 
 
-def _model_problems(cfg: Config) -> list[str]:
+def _at(root: Path, value: str | None) -> str | None:
+    """``value`` as the stages, run from the repository ``root``, will read it: a relative path that
+    exists there joined to it; anything else (absolute, missing, a hub id) as it is."""
+    if value is None or Path(value).expanduser().is_absolute() or not (root / value).exists():
+        return value
+    return str(root / value)
+
+
+def _model_problems(cfg: Config, root: Path) -> list[str]:
     from ardetect.weights import WeightsError, local_folder
 
     if cfg.model.pretrained:
         try:
-            local_folder(cfg.model.pretrained, "model.pretrained", "config.json")
+            local_folder(_at(root, cfg.model.pretrained), "model.pretrained", "config.json")
         except WeightsError as err:
             return [str(err)]
         return []
@@ -55,7 +63,7 @@ def _model_problems(cfg: Config) -> list[str]:
     return []
 
 
-def _real_path_problems(cfg: Config) -> list[str]:
+def _real_path_problems(cfg: Config, root: Path) -> list[str]:
     from ardetect.weights import WeightsError, local_folder
 
     real, bas = cfg.exemplars.real, cfg.generate.backend == "break_a_scene"
@@ -67,26 +75,28 @@ def _real_path_problems(cfg: Config) -> list[str]:
                                              ("images", real.images, Path.is_dir, "the folder of its images")):
             if value is None:
                 problems.append(f"exemplars.real.{field} is null; {what} is needed (exemplars.source={cfg.exemplars.source!r})")
-            elif not is_there(Path(value).expanduser()):
+            elif not is_there(Path(_at(root, value)).expanduser()):
                 problems.append(f"exemplars.real.{field}={value!r} is not {what} on this machine")
     weights = [(real.grounding_dino, "exemplars.real.grounding_dino", "config.json")]
     if bas:
         weights.append((cfg.generate.customization.base_model, "generate.customization.base_model", "model_index.json"))
     for value, field, marker in weights:
         try:
-            local_folder(value, field, marker)
+            local_folder(_at(root, value), field, marker)
         except WeightsError as err:
             problems.append(str(err))
     if real.sam_checkpoint is None:
         problems.append("exemplars.real.sam_checkpoint is null; a segment-anything checkpoint (.pth) is needed")
-    elif not Path(real.sam_checkpoint).expanduser().is_file():
+    elif not Path(_at(root, real.sam_checkpoint)).expanduser().is_file():
         problems.append(f"exemplars.real.sam_checkpoint={real.sam_checkpoint!r} is not a file on this machine")
     return problems
 
 
-def preflight(cfg: Config) -> None:
-    """Raise a ``ValueError`` naming every setting that a later stage would fail on."""
-    problems = _model_problems(cfg) + _real_path_problems(cfg)
+def preflight(cfg: Config, root: str | Path = ".") -> None:
+    """Raise a ``ValueError`` naming every setting that a later stage would fail on; relative paths
+    are read from ``root``, the repository root the stages run in."""
+    root = Path(root)
+    problems = _model_problems(cfg, root) + _real_path_problems(cfg, root)
     if len(problems) == 1:
         raise ValueError(problems[0])
     if problems:
