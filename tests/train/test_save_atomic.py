@@ -73,3 +73,17 @@ def test_readable_or_missing_resume_point(tmp_path):
     ck = read_resume_point(latest, "pretrain")
     assert torch.equal(ck["model"]["w"], _state(1)["model"]["w"]) and ck["epochs"] == 3
     assert latest.exists() and not (tmp_path / "latest.pt.unreadable").exists()
+
+
+def test_out_of_memory_while_reading_keeps_the_resume_point(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    save_atomic(_state(0), path)
+    before = _digest(path)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(MemoryError):
+        read_resume_point(path, "pretrain")
+    assert _digest(path) == before and not (tmp_path / "latest.pt.unreadable").exists()

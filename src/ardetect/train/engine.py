@@ -360,6 +360,8 @@ def read_resume_point(path: Path, who: str) -> dict | None:
         ck = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(ck, dict):
             raise TypeError(f"it holds a {type(ck).__name__}, not a checkpoint's dict")
+    except MemoryError:  # the machine, not the file: a good resume point is not set aside for it
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file: pickle, zip and EOF errors all occur
         aside = path.with_name(path.name + ".unreadable")
         try:
