@@ -12,7 +12,6 @@ Recall@K plot data and figures; and logs them all to MLflow.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from ardetect.stages.common import DATA, EXCLUSIONS, atomic_dir, run_stage
 
 OUT = Path("reports")
 PHASE2 = Path("models/phase2/model.pt")
-KEPT = OUT / ".evaluate-work"  # the detector's results on the queries scored so far: a killed run goes on from them
+KEPT = OUT / ".evaluate-work"  # the detector's results on the queries scored so far: a killed run goes on from them;
+# a finished run's atomic_dir replaces the whole of OUT, so the folder goes with the old one
 SCORES = OUT / "ard_scores.parquet"  # the ARD row's score and box for every (test query, candidate)
 PAPER = " paper score"
 ABC_ROWS = {"AbC": Path("models/abc/abc.pt"), "AbC (ARD backbone)": Path("models/abc_ard/abc.pt")}
@@ -327,7 +327,6 @@ def build(cfg: Config) -> dict:
         write_parquet_atomic(pd.concat(per_query_all, ignore_index=True), tmp / "per_query.parquet")
         tracking.write_json_atomic(headline, tmp / "metrics.json")
         tracking.write_json_atomic(details, tmp / "details.json")
-    shutil.rmtree(KEPT, ignore_errors=True)  # (atomic_dir replaced the folder it was in; this names the intent)
     for f in sorted(OUT.rglob("*")):
         if f.is_file():
             tracking.log_artifact(f, artifact_path="evaluation" + ("/figures" if f.parent.name == "figures" else ""))
