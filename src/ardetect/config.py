@@ -330,6 +330,10 @@ class PretrainConfig(_Section):
     min_area: int = Field(64, ge=1, description="objects with fewer visible pixels are left out (mostly covered distractors)")
     images: Literal["all", "exemplars", "generated"] = Field("all", description="which training-split images to pre-train on")
     checkpoint_every: int = Field(100, ge=1)
+    diagnostics_every: int | None = Field(
+        1, ge=1, description="the val diagnostics (grounding, class R-precision) after every N-th detection epoch and always after "
+        "the last; null = after the last only. They read the detector and never change its weights",
+    )
     augment: bool = True
     seed: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="batches an epoch (a fresh shuffle each); null = every image once")

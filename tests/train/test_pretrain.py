@@ -136,6 +136,26 @@ def test_killed_pretraining_resumes_to_the_same_weights(tiny_world, tmp_path):
 
 
 @pytest.mark.slow
+def test_diagnostics_cadence_changes_no_weight_and_a_run_resumes_under_another(tiny_world, tmp_path, capsys):
+    tuples, root = tiny_world
+    objects = objects_of(tuples)
+    run_pretrain(pretrain_config(epochs=3, diagnostics_every=1), objects, tuples, root, tmp_path / "every")
+    with pytest.raises(KeyboardInterrupt, match="test hook"):  # killed in the second detection epoch, diagnosing only the last
+        run_pretrain(pretrain_config(epochs=3, diagnostics_every=None), objects, tuples, root, tmp_path / "sparse", stop_after_steps=6)
+    capsys.readouterr()
+    run_pretrain(pretrain_config(epochs=3, diagnostics_every=2), objects, tuples, root, tmp_path / "sparse")
+    assert "resuming from" in capsys.readouterr().out  # the cadence is not part of the run's fingerprint
+    every, sparse = (torch.load(tmp_path / d / "model.pt", weights_only=False) for d in ("every", "sparse"))
+    assert every["model"].keys() == sparse["model"].keys()
+    assert all(torch.equal(every["model"][k], sparse["model"][k]) for k in every["model"])
+    diagnosed = [[r["epoch"] for r in f["history"] if "val_grounding" in r] for f in (every, sparse)]
+    assert diagnosed == [[1, 2, 3], [2, 3]]  # epoch 1 ran under null (the last only), epochs 2 and 3 under 2
+    assert [r["epoch"] for r in sparse["history"] if "epoch" in r] == [1, 2, 3]
+    last = [f["history"][-1] for f in (every, sparse)]
+    assert last[0]["val_class_rprecision"] == last[1]["val_class_rprecision"]
+
+
+@pytest.mark.slow
 def test_a_checkpoint_without_the_region_classifier_is_not_resumed(tiny_world, tmp_path, capsys):
     """A mid-run checkpoint of an earlier version holds no region classifier (frozen, so not in the
     trainable state): resuming from it would leave the classifier at its initial weights."""

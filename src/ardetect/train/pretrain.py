@@ -271,9 +271,15 @@ def training_images(tuples: pd.DataFrame, which: str = "all", split: str = "trai
     return sorted(out)
 
 
+def diagnosed(epoch: int, epochs: int, every: int | None) -> bool:
+    """Whether the val diagnostics run after (1-based) ``epoch`` of ``epochs``: every ``every``-th and the last."""
+    return epoch == epochs or (every is not None and epoch % every == 0)
+
+
 def pretrain_fingerprint(cfg: Config, model, objects: pd.DataFrame, images: list[str]) -> str:
     h = hashlib.sha256()
-    parts = {"pretrain": cfg.pretrain.model_dump(mode="json"), "model": model.cfg.model_dump(mode="json"), "pretrained": cfg.model.pretrained}
+    # the diagnostics' cadence changes no weight: a run may resume under another one
+    parts = {"pretrain": cfg.pretrain.model_dump(mode="json", exclude={"diagnostics_every"}), "model": model.cfg.model_dump(mode="json"), "pretrained": cfg.model.pretrained}
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     h.update("\n".join(images).encode())
     h.update(pd.util.hash_pandas_object(objects[["image", "object", "base_class", "area"]], index=False).to_numpy().tobytes())
@@ -361,7 +367,7 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
             bar.close()
             scheduler.step()
             record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()}, "lr": optimizer.param_groups[0]["lr"]}
-            if val_ds is not None:  # a diagnostic: the last epoch is kept whatever it says
+            if val_ds is not None and diagnosed(epoch + 1, p.epochs, p.diagnostics_every):  # the last epoch is kept whatever they say
                 record.update(grounding_metrics(model, val_ds, vocabulary, p.absent_classes, p.seed))
             history.append(record)
             state.epoch, state.step = epoch + 1, 0
