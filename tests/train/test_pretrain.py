@@ -135,15 +135,18 @@ def test_killed_pretraining_resumes_to_the_same_weights(tiny_world, tmp_path):
         (1, None, None), (None, 1, None), (None, None, 1), (None, None, 2)]
 
 
+NO_CROPS = {"classify_epochs": 0, "region_classifier_epochs": None}  # the detection epochs alone
+
+
 @pytest.mark.slow
 def test_diagnostics_cadence_changes_no_weight_and_a_run_resumes_under_another(tiny_world, tmp_path, capsys):
     tuples, root = tiny_world
     objects = objects_of(tuples)
-    run_pretrain(pretrain_config(epochs=3, diagnostics_every=1), objects, tuples, root, tmp_path / "every")
+    run_pretrain(pretrain_config(epochs=3, diagnostics_every=1, **NO_CROPS), objects, tuples, root, tmp_path / "every")
     with pytest.raises(KeyboardInterrupt, match="test hook"):  # killed in the second detection epoch, diagnosing only the last
-        run_pretrain(pretrain_config(epochs=3, diagnostics_every=None), objects, tuples, root, tmp_path / "sparse", stop_after_steps=6)
+        run_pretrain(pretrain_config(epochs=3, diagnostics_every=None, **NO_CROPS), objects, tuples, root, tmp_path / "sparse", stop_after_steps=6)
     capsys.readouterr()
-    run_pretrain(pretrain_config(epochs=3, diagnostics_every=2), objects, tuples, root, tmp_path / "sparse")
+    run_pretrain(pretrain_config(epochs=3, diagnostics_every=2, **NO_CROPS), objects, tuples, root, tmp_path / "sparse")
     assert "resuming from" in capsys.readouterr().out  # the cadence is not part of the run's fingerprint
     every, sparse = (torch.load(tmp_path / d / "model.pt", weights_only=False) for d in ("every", "sparse"))
     assert every["model"].keys() == sparse["model"].keys()
