@@ -9,18 +9,29 @@ materialised. Both run on the same module and inputs; the script checks they agr
 prints the time of each and their ratio, at the sizes of one evaluation chunk of the
 ``nano`` detector (64 candidates, 534 image tokens at 160 px) and of one training batch.
 
+A second reference is our own earlier form, for training: the same in-place sum with one
+slice per point (``sampled[:, :, p]``), whose backward fills a zero tensor of the whole
+[B*H, Dh, P, Q] per point and adds the P of them up. Ours takes the points from ``unbind``,
+whose backward stacks their gradients once; the two give the same numbers bit for bit
+(``tests/model/test_model_layers.py``), so the script checks equality, not closeness.
+The training batch's forward+backward of both is timed interleaved (round by round) and
+their ratio printed.
+
 Run: ``PYTHONPATH=src .venv/bin/python bench/bench_deformable_cpu.py [--threads N]``
 """
 
 from __future__ import annotations
 
 
+from unittest import mock
+
 import torch
 import torch.nn.functional as F
 
+from ardetect.model import layers
 from ardetect.model.layers import DeformableAttention
 
-from _timing import apply_threads, parser_with_threads, timed  # noqa: E402  (bench/ is the script's folder)
+from _timing import apply_threads, parser_with_threads, timed, timed_interleaved  # noqa: E402  (bench/ is the script's folder)
 
 
 def reference_forward(attn: DeformableAttention, query, reference_points, value, shapes):
@@ -48,6 +59,48 @@ def reference_forward(attn: DeformableAttention, query, reference_points, value,
     return attn.output_proj(out)
 
 
+
+def per_point_slices(value, shapes, grids, weights):
+    """Our earlier sampling sum: one slice per point (the second reference, for the backward)."""
+    b, _, nh, dh = value.shape
+    _, _, _, npt, nq, _ = grids.shape
+    per_level = value.split([h * w for h, w in shapes], dim=1)
+    grids, weights = grids.to(value.dtype), weights.to(value.dtype)
+    out = None
+    for lvl, (h, w) in enumerate(shapes):
+        v = per_level[lvl].permute(0, 2, 3, 1).reshape(b * nh, dh, h, w)
+        sampled = F.grid_sample(v, grids[lvl].reshape(b * nh, npt, nq, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
+        wl = weights[lvl].reshape(b * nh, 1, npt, nq)
+        for p in range(npt):
+            if out is None:
+                out = sampled[:, :, p] * wl[:, :, p]
+            else:
+                out.addcmul_(sampled[:, :, p], wl[:, :, p])
+    return out.view(b, nh * dh, nq).transpose(1, 2).contiguous()
+
+
+def slices_against_unbind(attn: DeformableAttention, shapes, tokens: int, dim: int, levels: int, repeats: int) -> None:
+    """Forward+backward of a training batch with the per-point slices and with ours, checked equal, timed interleaved."""
+    x = torch.randn(8, tokens, dim, requires_grad=True)
+    ref = torch.rand(8, tokens, levels, 2)
+
+    def step(slices: bool):
+        attn.zero_grad(set_to_none=True)
+        x.grad = None
+        if slices:
+            with mock.patch.object(layers, "multi_scale_deformable_attention", per_point_slices):
+                out = attn(x, ref, x, None, shapes)
+        else:
+            out = attn(x, ref, x, None, shapes)
+        (out * out).sum().backward()
+        return [out.detach(), x.grad.clone(), *(p.grad.clone() for p in attn.parameters())]
+
+    ours, theirs = step(False), step(True)
+    if not all(torch.equal(a, b) for a, b in zip(ours, theirs)):
+        raise SystemExit("encoder, batch 8: the per-point slices and ours differ (they must be equal bit for bit)")
+    t = timed_interleaved({"ours": lambda: step(False), "slices": lambda: step(True)}, repeats * 4)
+    print(f"{'encoder, batch 8, forward+backward':38s} ours {t['ours'] * 1000:7.1f} ms   per-point slices {t['slices'] * 1000:7.1f} ms   "
+          f"ratio ours/slices = {t['ours'] / t['slices']:.2f}   (equal bit for bit; medians of {repeats * 4} interleaved rounds)")
 
 
 def main() -> None:
@@ -86,6 +139,7 @@ def main() -> None:
         t_ref = timed(lambda: run(theirs_fn), args.repeats)
         print(f"{label:38s} ours {t_ours * 1000:7.1f} ms   reference {t_ref * 1000:7.1f} ms   "
               f"ratio reference/ours = {t_ref / t_ours:.2f}x   (max abs difference {diff:.1e})")
+    slices_against_unbind(attn, shapes, tokens, dim, levels, args.repeats)
 
 
 if __name__ == "__main__":

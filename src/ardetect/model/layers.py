@@ -104,11 +104,14 @@ def multi_scale_deformable_attention(value: Tensor, shapes: list[tuple[int, int]
             part = (sampled * wl).sum(2)
             out = part if out is None else out + part
             continue
-        for p in range(npt):  # accumulate in place: no [B*H, Dh, P, Q] product is ever materialised (6x faster on CPU)
+        # accumulate in place: no [B*H, Dh, P, Q] product is ever materialised (6x faster on CPU). The points come
+        # from unbind, not one slice each: a slice's backward fills a zero tensor of the whole [B*H, Dh, P, Q] and the
+        # P of them are added up, where unbind's stacks the P gradients once (the same values, bit for bit)
+        for s, wp in zip(sampled.unbind(2), wl.unbind(2)):  # [B*H, Dh, Q], [B*H, 1, Q]
             if out is None:
-                out = sampled[:, :, p] * wl[:, :, p]  # [B*H, Dh, Q]
+                out = s * wp
             else:
-                out.addcmul_(sampled[:, :, p], wl[:, :, p])
+                out.addcmul_(s, wp)
     return out.view(b, nh * dh, nq).transpose(1, 2).contiguous()  # [B, Q, H*Dh]
 
 
