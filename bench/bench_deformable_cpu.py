@@ -60,35 +60,30 @@ def reference_forward(attn: DeformableAttention, query, reference_points, value,
 
 
 
-def per_point_slices(value, shapes, grids, weights):
-    """Our earlier sampling sum: one slice per point (the second reference, for the backward)."""
-    b, _, nh, dh = value.shape
-    _, _, _, npt, nq, _ = grids.shape
-    per_level = value.split([h * w for h, w in shapes], dim=1)
-    grids, weights = grids.to(value.dtype), weights.to(value.dtype)
-    out = None
-    for lvl, (h, w) in enumerate(shapes):
-        v = per_level[lvl].permute(0, 2, 3, 1).reshape(b * nh, dh, h, w)
-        sampled = F.grid_sample(v, grids[lvl].reshape(b * nh, npt, nq, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
-        wl = weights[lvl].reshape(b * nh, 1, npt, nq)
-        for p in range(npt):
-            if out is None:
-                out = sampled[:, :, p] * wl[:, :, p]
-            else:
-                out.addcmul_(sampled[:, :, p], wl[:, :, p])
-    return out.view(b, nh * dh, nq).transpose(1, 2).contiguous()
+def per_point_slices():
+    """Our earlier sampling sum, one slice per point (the second reference, for the backward): the form the
+    shipped one is held equal to, bit for bit, by ``tests/model/test_model_layers.py``, read from there."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "model" / "test_model_layers.py"
+    spec = importlib.util.spec_from_file_location("_test_model_layers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.per_point_slices
 
 
 def slices_against_unbind(attn: DeformableAttention, shapes, tokens: int, dim: int, levels: int, repeats: int) -> None:
     """Forward+backward of a training batch with the per-point slices and with ours, checked equal, timed interleaved."""
     x = torch.randn(8, tokens, dim, requires_grad=True)
     ref = torch.rand(8, tokens, levels, 2)
+    slices_form = per_point_slices()
 
     def step(slices: bool):
         attn.zero_grad(set_to_none=True)
         x.grad = None
         if slices:
-            with mock.patch.object(layers, "multi_scale_deformable_attention", per_point_slices):
+            with mock.patch.object(layers, "multi_scale_deformable_attention", slices_form):
                 out = attn(x, ref, x, None, shapes)
         else:
             out = attn(x, ref, x, None, shapes)
