@@ -17,14 +17,14 @@ exemplar for the full recipe (400 + 400 steps, 10 images), against the anchor
 REFERENCE.md gives for a plain bf16-autocast recipe on an H100 (115 ms, 187 ms, 1.9 s
 per 4 images: 2.1 min).
 
-One row per setting, each adding one change to the row above, so each change's effect
-shows: plain (explicit attention probabilities in every cross-attention layer, every
+One row per setting, printed as it is measured (a run cut short keeps its rows), each of
+the first four adding one change to the row above, so each change's effect shows: plain (explicit attention probabilities in every cross-attention layer, every
 step encoding its prompts, one image per sampling call: the recipe as first built), +
 fused attention (``scaled_dot_product_attention`` wherever the attention loss does not
 read the probabilities), + cached text encodings (those that cannot change within a
-phase encoded once per phase), + batched sampling (4 images to a call), + torch.compile
-of the UNet for the steps (GPU only; a warm-up run first, so both timed runs find it
-compiled), and the lora joint phase with the speed-ups but compile.
+phase encoded once per phase), + batched sampling (4 images to a call); then the lora joint phase on that row, and
+last that row with torch.compile of the UNet for the steps (GPU only; a warm-up run
+first, so both timed runs find it compiled), whose compilation takes the longest.
 
 Run on the device machine: ``PYTHONPATH=src python3 bench/bench_customize_gpu.py``.
 Without CUDA (or with ``--tiny``) it runs the tiny test models on the CPU and prints the
@@ -127,14 +127,15 @@ def per_image(folder: Path, cfg: CustomizationConfig, device: str, n: int) -> fl
     return (time.perf_counter() - t) / n
 
 
-# each row adds one change to the row above; the customization flags are customize()'s speed-up switches
+# each row adds one change to the row above (the lora row changes the joint phase of the batched-sampling row, and
+# torch.compile is added to that row); the customization flags are customize()'s speed-up switches
 SETTINGS = [
     ("plain", dict(fused_attention=False, cache_text=False), dict(sample_batch=1)),
     ("+ fused attention", dict(fused_attention=True, cache_text=False), dict(sample_batch=1)),
     ("+ cached text encodings", dict(fused_attention=True, cache_text=True), dict(sample_batch=1)),
     ("+ batched sampling (4)", dict(fused_attention=True, cache_text=True), dict(sample_batch=4)),
-    ("+ torch.compile", dict(fused_attention=True, cache_text=True), dict(sample_batch=4, compile=True)),
     ("lora joint phase", dict(fused_attention=True, cache_text=True), dict(sample_batch=4, method="lora")),
+    ("batched + torch.compile", dict(fused_attention=True, cache_text=True), dict(sample_batch=4, compile=True)),  # last: its compile is the longest
 ]
 
 
@@ -150,7 +151,13 @@ def main() -> int:
     n_images = 4 if tiny else 8
     steps: dict[tuple, tuple[float, float, float]] = {}  # measured once per distinct customization setting
     images: dict[int, float] = {}  # and once per sampling batch
-    rows = []
+    anchor_min = (RECIPE["ti"] * ANCHOR["ti"] + RECIPE["joint"] * ANCHOR["joint"] + RECIPE["images"] * ANCHOR["image"]) / 60
+    print(f"customization at {'tiny test size, CPU' if tiny else 'Stable Diffusion 2.1-base size, ' + torch.cuda.get_device_name()}"
+          f" ({k} vs {2 * k} steps, least of {args.repeats}; {n_images} images; {'fp32' if device == 'cpu' else 'bf16 autocast'})")
+    print(f"anchor (H100, plain bf16): {ANCHOR['ti']:.3f} s, {ANCHOR['joint']:.3f} s, {ANCHOR['image']:.3f} s/image: "
+          f"{anchor_min:.2f} min/exemplar; goal <= 1 min")
+    print(f"{'setting':26s} {'TI s/step':>10s} {'joint s/step':>13s} {'s/image':>9s} {'min/exemplar':>13s} "
+          f"{'vs H100 anchor':>15s} {'one-off s':>10s}", flush=True)  # each row as it is measured: a run cut short keeps its rows
     with tempfile.TemporaryDirectory() as tmp:
         if tiny:
             from ardetect.generation.tiny import write_tiny_stable_diffusion
@@ -165,7 +172,7 @@ def main() -> int:
         for name, speedups, over in SETTINGS:
             cfg = CustomizationConfig(**base, **over, mixed_precision="bf16", device=device, prior_images=1)
             if cfg.compile and device == "cpu":
-                rows.append((name, None))
+                print(f"{name:26s} {'not run on CPU (GPU only)':>52s}", flush=True)
                 continue
             key = (cfg.method, cfg.compile, *sorted(speedups.items()))
             if key not in steps:
@@ -175,20 +182,7 @@ def main() -> int:
             ti, joint, once = steps[key]
             img = images[cfg.sample_batch]
             minutes = (RECIPE["ti"] * ti + RECIPE["joint"] * joint + RECIPE["images"] * img) / 60
-            rows.append((name, (ti, joint, img, minutes, once)))
-    print(f"customization at {'tiny test size, CPU' if tiny else 'Stable Diffusion 2.1-base size, ' + torch.cuda.get_device_name()}"
-          f" ({k} vs {2 * k} steps, least of {args.repeats}; {n_images} images; {'fp32' if device == 'cpu' else 'bf16 autocast'})")
-    print(f"{'setting':26s} {'TI s/step':>10s} {'joint s/step':>13s} {'s/image':>9s} {'min/exemplar':>13s} "
-          f"{'vs H100 anchor':>15s} {'one-off s':>10s}")
-    anchor_min = (RECIPE["ti"] * ANCHOR["ti"] + RECIPE["joint"] * ANCHOR["joint"] + RECIPE["images"] * ANCHOR["image"]) / 60
-    for name, figs in rows:
-        if figs is None:
-            print(f"{name:26s} {'not run on CPU (GPU only)':>52s}")
-            continue
-        ti, joint, img, minutes, once = figs
-        print(f"{name:26s} {ti:10.4f} {joint:13.4f} {img:9.3f} {minutes:13.2f} {anchor_min / minutes:14.2f}x {once:10.1f}")
-    print(f"anchor (H100, plain bf16): {ANCHOR['ti']:.3f} s, {ANCHOR['joint']:.3f} s, {ANCHOR['image']:.3f} s/image: "
-          f"{anchor_min:.2f} min/exemplar; goal <= 1 min")
+            print(f"{name:26s} {ti:10.4f} {joint:13.4f} {img:9.3f} {minutes:13.2f} {anchor_min / minutes:14.2f}x {once:10.1f}", flush=True)
     if tiny:
         print("GPU figures not measured: this run used the tiny test models on the CPU and checks the script only")
     return 0

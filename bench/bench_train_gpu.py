@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--pretrain-batch", type=int, default=16)
     ap.add_argument("--phase1-batch", type=int, default=8)
     ap.add_argument("--candidate-batch", type=int, default=None, help="evaluate.candidate_batch; default params.yaml's")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast of the training forwards (pretrain.precision: bf16)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast of the pre-training step's forward (pretrain.precision: bf16); "
+                    "phase 1 runs fp32, as the pipeline's does")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--pretrain-images", type=int, default=3328)
@@ -122,12 +123,12 @@ def main() -> None:
     model.to(device).set_phase(1).train()
     g = torch.Generator().manual_seed(0)
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    print(f"{args.size} at {side} px on {name}, torch {torch.__version__}, bf16 autocast {'on' if args.bf16 else 'off'}")
+    print(f"{args.size} at {side} px on {name}, torch {torch.__version__}, bf16 autocast {'on' if args.bf16 else 'off'} (pre-training)")
     autocast = torch.bfloat16 if args.bf16 else None
     p = cfg.pretrain
     optimizer = torch.optim.AdamW(param_groups(model, p.lr, p.lr_backbone, p.lr_linear_proj_mult), lr=p.lr, fused=cuda)
 
-    def steps_of(criterion, forward, batch):
+    def steps_of(criterion, forward, batch, autocast=None):
         return lambda: train_steps(criterion, optimizer, iter([(0, batch)]), forward, 1, TrainState(), epoch=0, clip_grad=p.clip_grad,
                                    device=device, autocast=autocast)
 
@@ -135,7 +136,7 @@ def main() -> None:
     pre_batch = pretrain_batch(model, args.pretrain_batch, side, g)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    pre = median_step(steps_of(pre_criterion, lambda b: detection_outputs(model, b), pre_batch), args.steps, args.warmup, sync)
+    pre = median_step(steps_of(pre_criterion, lambda b: detection_outputs(model, b), pre_batch, autocast), args.steps, args.warmup, sync)
     pre_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
 
     loss = cfg.train_phase1.loss

@@ -31,3 +31,15 @@ def test_bench_train_gpu_tiny_prints_steps_and_projection():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert int(projected.group(1)) == 1664 * params["pretrain"]["epochs"]
     assert int(projected.group(3)) == 312 * 4 * params["train_phase1"]["epochs"]
+
+
+def test_gpu_checks_runs_the_named_checks_within_its_budget(tmp_path):
+    """bench/gpu_checks.sh: CHECKS picks checks by name, and a check that would not fit the time left is skipped, saying so."""
+    env = {**os.environ, "PYTHON": sys.executable, "BUDGET_S": "0", "CHECKS": "cuda_test customize"}
+    out = subprocess.run(["bash", str(REPO / "bench" / "gpu_checks.sh"), str(tmp_path / "logs")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^== cuda_test: skipped, -?\d+ s of the budget left$", out.stdout, re.M), out.stdout
+    assert re.search(r"^== customize: skipped", out.stdout, re.M), out.stdout
+    assert "train_tb" not in out.stdout and "model_bb" not in out.stdout  # not named: not run, not mentioned
+    assert (tmp_path / "logs" / "gpu.txt").exists() and not list((tmp_path / "logs").glob("*.log"))
