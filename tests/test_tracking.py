@@ -142,3 +142,50 @@ def test_pipeline_run_refuses_an_unreachable_tracking_server_before_any_stage(tm
     result = CliRunner().invoke(app, ["pipeline", "run", "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 2 and not started
     assert f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer" in result.output
+
+
+def _stage_dir(tmp_path, profile: str = "smoke"):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text().replace("profile: default", f"profile: {profile}", 1))
+    (tmp_path / "profiles").symlink_to(repo / "profiles")
+    return repo
+
+
+@pytest.mark.slow
+def test_tracking_off_runs_a_stage_without_mlflow_and_a_bad_value_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    repo = _stage_dir(tmp_path)
+    uri = f"http://127.0.0.1:{_closed_port()}"  # a stage that tracked would stop at once on it
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(repo / "src"), tracking.TRACKING_ENV: "maybe"}
+    cmd = [sys.executable, "-m", "ardetect.stages.exemplars"]
+    bad = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "[exemplars] FAILED: ARD_TRACKING='maybe': use 'on' or 'off'" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "data").exists()
+    run = subprocess.run(cmd, cwd=tmp_path, env={**env, tracking.TRACKING_ENV: "off"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(pd.read_parquet(tmp_path / "data" / "exemplars" / "exemplars.parquet")) == 20  # the smoke world's concepts
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_pipeline_run_refuses_tracking_off_before_any_stage(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import ardetect.pipeline as pipeline
+    from ardetect.cli import app
+
+    _stage_dir(tmp_path, "default")
+    monkeypatch.setenv(tracking.TRACKING_ENV, "off")
+    started = []
+    monkeypatch.setattr(pipeline, "repro_with_retries", lambda *a, **k: started.append(a))
+    result = CliRunner().invoke(app, ["pipeline", "run", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2 and not started
+    assert "ARD_TRACKING=off, but ard pipeline run records every run to MLflow" in result.output
+    monkeypatch.setenv(tracking.TRACKING_ENV, "on")
+    with tracking.stage_run("tuples", "exp-test", f"sqlite:///{tmp_path / 'mlflow.db'}") as run:  # on: it tracks again
+        assert run is not None

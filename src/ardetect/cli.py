@@ -48,6 +48,7 @@ def pipeline_run(
     try:
         cfg = load_config(params)
         preflight(cfg, root)
+        tracking.require_enabled("ard pipeline run")
         uri = tracking.tracking_uri(cfg.tracking.tracking_uri, root)
         tracking.check_reachable(uri)
     except (ConfigError, ValueError, tracking.TrackingUnreachable) as err:

@@ -44,6 +44,31 @@ def is_primary() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+TRACKING_ENV = "ARD_TRACKING"
+
+
+def enabled() -> bool:
+    """MLflow tracking is on unless ``ARD_TRACKING=off``: a stage run alone (``python -m
+    ardetect.stages.<name>``) on a machine without MLflow or its store still writes every output,
+    and logs nothing (``export`` then registers nothing). Any other value than on/off is refused."""
+    value = os.environ.get(TRACKING_ENV, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{TRACKING_ENV}={os.environ[TRACKING_ENV]!r}: use 'on' or 'off'")
+    return value == "on"
+
+
+def tracks() -> bool:
+    """Whether this process logs to MLflow: the first process of a job, with tracking on."""
+    return is_primary() and enabled()
+
+
+def require_enabled(what: str) -> None:
+    """``what`` records to MLflow throughout: refuse it, saying what to do, when tracking is off."""
+    if not enabled():
+        raise ValueError(f"{TRACKING_ENV}=off, but {what} records every run to MLflow: unset {TRACKING_ENV}, or run the "
+                         f"stages one by one (python -m ardetect.stages.<name>)")
+
+
 class TrackingUnreachable(ConnectionError):
     """The configured MLflow tracking server does not answer."""
 
@@ -107,6 +132,7 @@ def pipeline_run(
     ``params`` (the effective configuration, nested) is logged flattened, so parent
     runs compare param by param (``world.seed``, ``train_phase1.epochs``, ...).
     """
+    require_enabled("a pipeline run")
     mlflow = _mlflow(uri, experiment)
     previous = os.environ.get(PARENT_ENV)
     with mlflow.start_run(run_name=run_name, tags={"ard.kind": "pipeline", **(tags or {})}) as run:
@@ -126,8 +152,9 @@ def pipeline_run(
 def stage_run(
     stage: str, experiment: str, uri: str, params: Mapping[str, Any] | None = None, system_metrics: bool = False
 ) -> Iterator[Any]:
-    """A child run for one stage (nested under the pipeline's parent run when there is one)."""
-    if not is_primary():
+    """A child run for one stage (nested under the pipeline's parent run when there is one); none when
+    this process does not track (``tracks``)."""
+    if not tracks():
         yield None
         return
     mlflow = _mlflow(uri, experiment)
@@ -148,7 +175,7 @@ def metric_key(key: str) -> str:
 
 
 def log_params(params: Mapping[str, Any]) -> None:
-    if not is_primary():
+    if not tracks():
         return
     import mlflow
 
@@ -159,7 +186,7 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    if not is_primary():
+    if not tracks():
         return
     import mlflow
 
@@ -171,7 +198,7 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
-    if not is_primary():
+    if not tracks():
         return
     import mlflow
 
@@ -179,7 +206,7 @@ def set_tags(tags: Mapping[str, Any]) -> None:
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    if not is_primary():
+    if not tracks():
         return
     import mlflow
 
@@ -187,7 +214,7 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
 
 
 def log_dict(data: Mapping[str, Any], name: str) -> None:
-    if not is_primary():
+    if not tracks():
         return
     import mlflow
 

@@ -60,7 +60,7 @@ def build(cfg: Config) -> dict:
     negatives = read_table(DATA / "tuples" / "negatives.parquet", NEGATIVE_COLUMNS, "negatives")
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, tracking.repo_root())
     done = build_export(PHASE2, OUT, opts, phase1=Path("models/phase1/model.pt"), tuples=tuples,
-                        negatives=negatives, data_root=DATA, metrics=metrics, register=ex.registry and tracking.is_primary(), uri=uri,
+                        negatives=negatives, data_root=DATA, metrics=metrics, register=ex.registry and tracking.tracks(), uri=uri,
                         model_name=ex.model_name, progress=True, reference=reference)
     parity = done["parity"]
     for name in ("manifest.json", "parity.json"):

@@ -16,10 +16,12 @@ OUT = DATA / "generated"
 def log_batches(summaries: list[dict], table, data_root, batch_size: int) -> int:
     """One MLflow child run per ``batch_size`` exemplars: timings, kept and dropped counts by reason, a sample image
     of each exemplar. Needs an active run (the stage's); returns how many child runs were logged."""
+    if not tracking.tracks():
+        return 0
     import mlflow
     from PIL import Image
 
-    if not tracking.is_primary() or mlflow.active_run() is None:
+    if mlflow.active_run() is None:
         return 0
     first = table.drop_duplicates("concept_id").set_index("concept_id")["image"] if len(table) else {}
     n = 0
