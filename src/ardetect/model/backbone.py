@@ -7,11 +7,10 @@ input projections and the region tokens read the same features.
 
 from __future__ import annotations
 
-import types
-
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
 
 from .config import BUNDLED_MINILM, ModelConfig, bundled_minilm_path
@@ -43,6 +42,16 @@ def _swin_attn_pad_then_shift(self, x: Tensor) -> Tensor:
     return out[:, :h, :w, :].contiguous()
 
 
+class PadThenShiftSwinBlock(SwinTransformerBlock):
+    """timm's Swin block whose window attention pads before the shift (``_swin_attn_pad_then_shift``).
+
+    ``SwinBackbone`` sets its blocks' class to it. A class, not a method bound to each block:
+    a model pickled whole (AbC on ARD's backbone, ``save_abc``) then loads back, where a bound
+    method was pickled as a lookup of its name on the block, which fails."""
+
+    _attn = _swin_attn_pad_then_shift
+
+
 class SwinBackbone(nn.Module):
     """timm Swin Transformer; stages 2-4 (strides 8/16/32), each with its own LayerNorm."""
 
@@ -66,7 +75,7 @@ class SwinBackbone(nn.Module):
         self.body.norm = nn.Identity()  # the classification norm is unused
         for stage in self.body.layers:
             for block in stage.blocks:
-                block._attn = types.MethodType(_swin_attn_pad_then_shift, block)
+                block.__class__ = PadThenShiftSwinBlock
         self.channels = [cfg.swin_embed_dim * 2**i for i in (1, 2, 3)]
         self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels)
 

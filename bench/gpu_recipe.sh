@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The README's GPU recipe, stage by stage, each stage timed: for a lent GPU machine that has neither DVC
+# nor MLflow. The stages run as DVC runs them (python -m ardetect.stages.<name>, in dvc.yaml's order),
+# with tracking off (ARD_TRACKING=off: every output written, nothing logged) and the recipe's settings
+# written into params.yaml for the run; params.yaml is put back as it was when the script ends.
+#
+# Usage: PYTHONPATH=src bench/gpu_recipe.sh OUTDIR [STAGE...]   (default: exemplars through evaluate; name export
+#   to run it too: with tracking off it writes the ONNX graphs and registers nothing)
+#   RECIPE="key=value ..."  the settings (default: the README's recipe, "On a GPU"); a value is YAML
+#   STOP_AFTER_S=N          start no stage after N seconds (the run can go on in a second call: outputs stay)
+# Writes OUTDIR/<stage>.log, OUTDIR/times.tsv (stage, exit code, seconds) and, after evaluate, a copy of
+# reports/results.md and reports/metrics.json. Stops at the first stage that fails.
+set -u
+out=${1:?usage: bench/gpu_recipe.sh OUTDIR [STAGE...]}
+shift
+stages=("$@")
+((${#stages[@]})) || stages=(exemplars generate tuples validate world2 pretrain train_phase1 train_phase2 train_abc train_abc_ard evaluate)
+RECIPE=${RECIPE:-"model.size=T-B model.image_size=null model.overrides.num_queries=300 model.device=cuda pretrain.batch_size=64 pretrain.precision=bf16 train_phase1.batch_size=32 train_phase1.loader_workers=4 train_phase2.loader_workers=4"}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export ARD_TRACKING=off HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 GX_ANALYTICS_ENABLED=False
+
+cp params.yaml "$out/params.yaml.orig" || exit 1
+trap 'cp "$out/params.yaml.orig" params.yaml' EXIT
+# shellcheck disable=SC2086
+"$py" - $RECIPE <<'EOF' || exit 1
+import sys, yaml
+from ardetect.config import load_config
+params = yaml.safe_load(open("params.yaml"))
+for item in sys.argv[1:]:
+    key, sep, value = item.removeprefix("++").partition("=")
+    if not sep:
+        sys.exit(f"RECIPE: {item!r} is not key=value")
+    *parents, leaf = key.split(".")
+    node = params
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = yaml.safe_load(value)
+with open("params.yaml", "w") as f:
+    yaml.safe_dump(params, f, sort_keys=False)
+load_config("params.yaml")  # a setting the configuration refuses stops here, naming it
+print("recipe:", " ".join(sys.argv[1:]))
+EOF
+
+start_all=$(date +%s)
+for stage in "${stages[@]}"; do
+  if [[ -n "${STOP_AFTER_S:-}" ]] && (( $(date +%s) - start_all >= STOP_AFTER_S )); then
+    echo "== $stage: not started, ${STOP_AFTER_S} s spent"; exit 0
+  fi
+  start=$(date +%s)
+  "$py" -m "ardetect.stages.$stage" >"$out/$stage.log" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  printf '%s\t%s\t%s\n' "$stage" "$rc" "$secs" >>"$out/times.tsv"
+  echo "== $stage: exit $rc after $secs s"
+  if ((rc != 0)); then tail -n 20 "$out/$stage.log"; exit "$rc"; fi
+done
+if [[ -f reports/results.md && " ${stages[*]} " == *" evaluate "* ]]; then
+  cp reports/results.md reports/metrics.json "$out/"
+  head -n 40 reports/results.md
+fi
