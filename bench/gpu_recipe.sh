@@ -22,6 +22,8 @@ export ARD_TRACKING=off HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED
 
 cp params.yaml "$out/params.yaml.orig" || exit 1
 trap 'cp "$out/params.yaml.orig" params.yaml' EXIT
+trap 'exit 143' TERM  # a stopped run puts params.yaml back too (the stage itself exits cleanly on SIGTERM)
+trap 'exit 130' INT
 # shellcheck disable=SC2086
 "$py" - $RECIPE <<'EOF' || exit 1
 import sys, yaml
