@@ -7,7 +7,8 @@
 # Usage: PYTHONPATH=src bench/gpu_recipe.sh OUTDIR [STAGE...]   (default: exemplars through evaluate; name export
 #   to run it too: with tracking off it writes the ONNX graphs and registers nothing)
 #   RECIPE="key=value ..."  the settings (default: the README's recipe, "On a GPU"); a value is YAML
-#   STOP_AFTER_S=N          start no stage after N seconds (the run can go on in a second call: outputs stay)
+#   STOP_AFTER_S=N          start no stage after N seconds; a second call with the same OUTDIR goes on from there
+#                           (a stage that finished in OUTDIR/times.tsv is not run again; a stopped pretrain resumes)
 # Writes OUTDIR/<stage>.log, OUTDIR/times.tsv (stage, exit code, seconds) and, after evaluate, a copy of
 # reports/results.md and reports/metrics.json. Stops at the first stage that fails.
 set -u
@@ -18,6 +19,9 @@ stages=("$@")
 RECIPE=${RECIPE:-"model.size=T-B model.image_size=null model.overrides.num_queries=300 model.device=cuda pretrain.batch_size=64 pretrain.precision=bf16 train_phase1.batch_size=32 train_phase1.loader_workers=4 train_phase2.loader_workers=4"}
 py=${PYTHON:-python3}
 mkdir -p "$out"
+if [[ -f "$out/recipe.txt" && "$(cat "$out/recipe.txt")" != "$RECIPE" ]]; then
+  echo "$out holds a run of another recipe ($(cat "$out/recipe.txt")): give this one another OUTDIR" >&2; exit 1
+fi
 export ARD_TRACKING=off HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 GX_ANALYTICS_ENABLED=False
 
 cp params.yaml "$out/params.yaml.orig" || exit 1
@@ -43,9 +47,13 @@ with open("params.yaml", "w") as f:
 load_config("params.yaml")  # a setting the configuration refuses stops here, naming it
 print("recipe:", " ".join(sys.argv[1:]))
 EOF
+echo "$RECIPE" >"$out/recipe.txt"  # the stages in times.tsv are this recipe's
 
 start_all=$(date +%s)
 for stage in "${stages[@]}"; do
+  if [[ -f "$out/times.tsv" ]] && awk -F'\t' -v s="$stage" '$1 == s && $2 == 0 {f = 1} END {exit !f}' "$out/times.tsv"; then
+    echo "== $stage: done in an earlier call ($out/times.tsv)"; continue
+  fi
   if [[ -n "${STOP_AFTER_S:-}" ]] && (( $(date +%s) - start_all >= STOP_AFTER_S )); then
     echo "== $stage: not started, ${STOP_AFTER_S} s spent"; exit 0
   fi

@@ -41,9 +41,12 @@ def test_the_stages_run_in_order_without_mlflow_and_params_yaml_is_put_back(tmp_
     assert [r[0] for r in rows] == ["exemplars", "generate", "tuples", "validate"] and all(r[1] == "0" for r in rows)
     assert (ws / "data" / "validation" / "summary.json").exists() and not (ws / "mlflow.db").exists()
     assert (ws / "params.yaml").read_bytes() == before  # put back after the run
-    # a time budget: the next stage is not started, and the outputs stay for a second call
-    again = _run(ws, out, "world2", RECIPE="profile=smoke model.device=cpu", STOP_AFTER_S="0")
+    # a time budget: the next stage is not started; a finished one is not run again
+    again = _run(ws, out, "exemplars", "world2", RECIPE="profile=smoke model.device=cpu pretrain.epochs=1", STOP_AFTER_S="0")
     assert again.returncode == 0 and "== world2: not started, 0 s spent" in again.stdout
+    assert "== exemplars: done in an earlier call" in again.stdout  # a second call goes on where the first stopped
+    other = _run(ws, out, "world2", RECIPE="profile=smoke model.device=cpu pretrain.epochs=2")
+    assert other.returncode == 1 and "holds a run of another recipe" in other.stderr  # its finished stages are not this one's
     assert (ws / "params.yaml").read_bytes() == before
 
 
