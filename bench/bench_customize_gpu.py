@@ -18,13 +18,15 @@ REFERENCE.md gives for a plain bf16-autocast recipe on an H100 (115 ms, 187 ms, 
 per 4 images: 2.1 min).
 
 One row per setting, printed as it is measured (a run cut short keeps its rows), each of
-the first four adding one change to the row above, so each change's effect shows: plain (explicit attention probabilities in every cross-attention layer, every
-step encoding its prompts, one image per sampling call: the recipe as first built), +
-fused attention (``scaled_dot_product_attention`` wherever the attention loss does not
-read the probabilities), + cached text encodings (those that cannot change within a
-phase encoded once per phase), + batched sampling (4 images to a call); then the lora joint phase on that row, and
-last that row with torch.compile of the UNet for the steps (GPU only; a warm-up run
-first, so both timed runs find it compiled), whose compilation takes the longest.
+the first four adding one change to the row above, so each change's effect shows: plain
+(explicit attention probabilities in every cross-attention layer, every step encoding its
+prompts, one image per sampling call: the recipe as first built), + fused attention
+(``scaled_dot_product_attention`` wherever the attention loss does not read the
+probabilities), + cached text encodings (those that cannot change within a phase encoded
+once per phase), + batched sampling (4 images to a call). Then two variants of the
+batched-sampling row: its joint phase as lora, and last torch.compile of the UNet for the
+steps (GPU only; a warm-up run first, so both timed runs find it compiled), whose
+compilation takes the longest.
 
 Run on the device machine: ``PYTHONPATH=src python3 bench/bench_customize_gpu.py``.
 Without CUDA (or with ``--tiny``) it runs the tiny test models on the CPU and prints the
@@ -127,8 +129,8 @@ def per_image(folder: Path, cfg: CustomizationConfig, device: str, n: int) -> fl
     return (time.perf_counter() - t) / n
 
 
-# each row adds one change to the row above (the lora row changes the joint phase of the batched-sampling row, and
-# torch.compile is added to that row); the customization flags are customize()'s speed-up switches
+# each of the first four rows adds one change to the row above; the last two are variants of the batched-sampling
+# row (its joint phase as lora; torch.compile added); the customization flags are customize()'s speed-up switches
 SETTINGS = [
     ("plain", dict(fused_attention=False, cache_text=False), dict(sample_batch=1)),
     ("+ fused attention", dict(fused_attention=True, cache_text=False), dict(sample_batch=1)),

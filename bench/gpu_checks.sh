@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements in one command, for a CUDA machine held for a few minutes:
-#   1. tests/train/test_device.py's GPU check (pre-training, both phases and their validation on cuda,
-#      their losses against the same run on the CPU);
-#   2. bench/bench_train_gpu.py: the README's GPU recipe (T-B fp32 and bf16, a larger batch, B-B bf16);
+#   1. tests/train/test_device.py (its GPU tests: the whole training on cuda, and one step against the CPU's);
+#   2. bench/bench_train_gpu.py: the README's GPU recipe (T-B fp32 and bf16 at batches 16 and 64, B-B bf16
+#      at 16 and fp32 at 64);
 #   3. bench/bench_model_gpu.py: B-B at 800x1333 against transformers' GroundingDINO;
 #   4. bench/bench_customize_gpu.py: the customization steps at Stable Diffusion 2.1-base size.
-# CHECKS="name ..." runs only those named (the names below). Each runs under its own time limit, the whole within BUDGET_S seconds (default 480); one that would
-# not fit the time left is skipped and says so. Each one's whole output goes to OUTDIR/<name>.log,
-# and the lines that carry its figures are printed.
+# CHECKS="name ..." runs only those named (the names below). Each runs under its own time limit, the
+# whole within BUDGET_S seconds (default 480); one that would not fit the time left is skipped and
+# says so. Each one's whole output goes to OUTDIR/<name>.log, and the lines that carry its figures
+# are printed.
 #
 # Usage: bench/gpu_checks.sh [OUTDIR]   with python3 (or $PYTHON) holding the project's packages
 # and src/ on PYTHONPATH, e.g. `PYTHONPATH=src bench/gpu_checks.sh gpu-checks`.

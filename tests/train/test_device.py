@@ -26,8 +26,8 @@ from ardetect.train.pretrain import detection_outputs, pretrain_criterion, run_p
 
 from tiny_world import fast_config, objects_of
 
-no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 REPO = Path(__file__).resolve().parents[2]
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU check runs on a GPU machine only")
 
 
