@@ -14,6 +14,14 @@ from workspace import dvc, make_workspace
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Registered versions a test downloads go to the run's temporary folder, not the user's cache."""
+    if "ARD_MODEL_CACHE" not in os.environ:
+        os.environ["ARD_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    return Path(os.environ["ARD_MODEL_CACHE"])
+
+
 @pytest.fixture(scope="session")
 def smoke_workspace(tmp_path_factory) -> Path:
     """A smoke-profile workspace with the data stages run once (shared, treat as read-only)."""

@@ -176,9 +176,10 @@ def test_providers_fall_back_to_the_cpu(served, monkeypatch):
 
 
 @pytest.mark.slow
-def test_model_from_the_registry(served, tmp_path):
+def test_model_from_the_registry(served, tmp_path, monkeypatch):
     import mlflow
 
+    from ardetect.export.onnx_export import ExportError
     from ardetect.export.registry import log_and_register
     from ardetect.serve import ModelNotFound, load_model
 
@@ -187,15 +188,51 @@ def test_model_from_the_registry(served, tmp_path):
     mlflow.set_experiment("serve-test")
     with mlflow.start_run():
         reg = log_and_register(served.export, uri, {"test_recall_at_10": 0.5})
-    model = load_model("models:/ardetect-detector@champion", tracking_uri=uri)
+    downloads = []
+    real = mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: downloads.append(kw) or real(**kw))
+    cache = tmp_path / "cache"
+    model = load_model("models:/ardetect-detector@champion", tracking_uri=uri, cache=cache)
     assert (model.name, model.version, model.alias) == ("ardetect-detector", reg.version, "champion")
     assert model.fingerprint == served.model.fingerprint  # the same graphs: the index built from the folder fits
     CandidateIndex(served.index, fingerprint=model.fingerprint)
-    assert load_model(f"models:/ardetect-detector/{reg.version}", tracking_uri=uri).version == reg.version
+    assert model.folder.is_relative_to(cache) and len(downloads) == 1
+
+    # a second start opens the cached copy: no download, no second folder, no temporary one left
+    again = load_model(f"models:/ardetect-detector/{reg.version}", tracking_uri=uri, cache=cache)
+    assert again.version == reg.version and again.folder == model.folder and len(downloads) == 1
+    assert [p.name for p in cache.iterdir()] == [model.folder.relative_to(cache).parts[0]]
+
+    # a cached copy altered since is fetched again, whole
+    graph = model.folder / "image_encoder.onnx"
+    graph.write_bytes(graph.read_bytes()[:-10])
+    healed = load_model("models:/ardetect-detector@champion", tracking_uri=uri, cache=cache)
+    assert len(downloads) == 2 and healed.fingerprint == served.model.fingerprint
+
+    # the default cache is ARD_MODEL_CACHE's folder
+    monkeypatch.setenv("ARD_MODEL_CACHE", str(tmp_path / "env-cache"))
+    assert load_model("models:/ardetect-detector@champion", tracking_uri=uri).folder.is_relative_to(tmp_path / "env-cache")
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ExportError, match=r"model cache .*file/cache: cannot write there.*ARD_MODEL_CACHE"):
+        load_model("models:/ardetect-detector@champion", tracking_uri=uri, cache=tmp_path / "file" / "cache")
     with pytest.raises(ModelNotFound, match="no alias 'staging'"):
         load_model("models:/ardetect-detector@staging", tracking_uri=uri)
     with pytest.raises(ModelNotFound, match="no such folder"):
         load_model(tmp_path / "nowhere")
+
+
+def test_model_cache_keeps_the_last_used_versions(tmp_path):
+    from ardetect.serve.loader import _prune
+
+    now = time.time()
+    for i, name in enumerate(["m-v1-a", "m-v2-b", "m-v3-c", "m-v4-d", ".m-v5-e.tmp-x", ".m-v6-f.tmp-y"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(name)
+        age = 2 * 86400 if name == ".m-v5-e.tmp-x" else 100 * (10 - i)  # v1 the oldest use; one download killed days ago
+        os.utime(tmp_path / name, (now - age, now - age))
+    _prune(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m-v6-f.tmp-y", "m-v2-b", "m-v3-c", "m-v4-d"]
 
 
 @pytest.mark.slow

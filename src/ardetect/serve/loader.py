@@ -1,22 +1,35 @@
 """The served model: an export folder, or a version of the registered model fetched from MLflow.
 
 ``load_model("models:/ardetect-detector@champion")`` resolves the alias to a version,
-downloads that version's artifacts (the export folder the registry logged) and opens
-them with ``OnnxDetector``, which checks the manifest and every graph's SHA-256 and picks
+downloads that version's artifacts (the export folder the registry logged) into the
+model cache and opens them with ``OnnxDetector``, which checks the manifest and every graph's SHA-256 and picks
 the providers (TensorRT, CUDA, CPU: the first that can run here). A folder is opened as
 it is. Either way ``LoadedModel`` says what was loaded and which providers run it.
+
+The cache (``ARD_MODEL_CACHE``, else ``$XDG_CACHE_HOME/ardetect/models``, else
+``~/.cache/ardetect/models``) keeps one folder a registered version, named by the model,
+the version and the run that logged it, so every later start opens it without a download
+and repeated starts take no more disk. A copy whose files fail the manifest's SHA-256 is
+fetched again; a download goes to a temporary folder that is renamed into place only when
+complete, so a killed download leaves no half copy.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ardetect.export.onnx_export import ExportError, sha256
 from ardetect.export.runtime import OnnxDetector
 
+CACHE_KEEP = 3  # registered versions kept downloaded in the model cache
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -83,11 +96,74 @@ def load_model(source: str | Path, providers: Sequence[str] | None = None, threa
         what = f"alias {alias!r}" if alias else f"version {version}"
         raise ModelNotFound(f"model {text!r}: the registry at {tracking_uri or mlflow.get_tracking_uri()} has no {what} of "
                             f"{name!r} ({str(err).splitlines()[0][:200]}); run the export stage, or give an export folder") from None
-    dst = Path(tempfile.mkdtemp(prefix=f"ard-{name}-v{mv.version}-", dir=cache))
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst))
-    folder = find_export(Path(local))
+    root = Path(cache) if cache is not None else model_cache()
+    entry = root / _entry_name(name, str(mv.version), mv.run_id)
+    folder = _fetch_version(name, str(mv.version), entry)
     det = OnnxDetector(folder, precision=precision, providers=providers, threads=threads)
     return LoadedModel(det, text, folder, name, str(mv.version), alias, {"run_id": mv.run_id, "tags": dict(mv.tags)})
+
+
+def model_cache() -> Path:
+    """Where registered versions are kept once downloaded: ARD_MODEL_CACHE, else the user's cache folder."""
+    if os.environ.get("ARD_MODEL_CACHE"):
+        return Path(os.environ["ARD_MODEL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ardetect" / "models"
+
+
+def _entry_name(name: str, version: str, run_id: str | None) -> str:
+    # the run that logged the version tells two stores' "version 1" apart (a new mlflow.db restarts the numbers)
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{name}-v{version}-{run_id or 'norun'}")
+
+
+def _fetch_version(name: str, version: str, entry: Path) -> Path:
+    """The export folder of a registered version in the cache, downloaded first when absent."""
+    import mlflow
+
+    if entry.is_dir():
+        if _intact(entry):
+            os.utime(entry)  # the last use, which the pruning goes by
+            return find_export(entry)
+        shutil.rmtree(entry, ignore_errors=True)  # altered or damaged since it was downloaded: fetched again
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    except OSError as err:
+        raise ExportError(f"model cache {entry.parent}: cannot write there ({err.strerror}); "
+                          "set ARD_MODEL_CACHE to a writable folder") from None
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+        find_export(tmp)  # a version without an export is refused before it takes the cache's name
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process put the same version there first: theirs is as good
+            if not entry.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _prune(entry.parent, keep=CACHE_KEEP)
+    return find_export(entry)
+
+
+def _intact(entry: Path) -> bool:
+    """Whether a cached copy holds an export whose every file has the SHA-256 its manifest lists."""
+    try:
+        folder = find_export(entry)
+        listed = json.loads((folder / "manifest.json").read_text())["sha256"]
+        return all((folder / f).is_file() and sha256(folder / f) == digest for f, digest in listed.items())
+    except (ModelNotFound, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _prune(root: Path, keep: int, stale_s: float = 86400.0) -> None:
+    """Remove all but the ``keep`` most recently used versions (a process already serving one keeps its sessions),
+    and the temporary folders of downloads killed more than ``stale_s`` ago."""
+    now = time.time()
+    folders = [p for p in root.iterdir() if p.is_dir()]
+    entries = sorted((p for p in folders if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True)
+    stale = [p for p in folders if p.name.startswith(".") and ".tmp-" in p.name and now - p.stat().st_mtime > stale_s]
+    for old in entries[keep:] + stale:
+        shutil.rmtree(old, ignore_errors=True)
