@@ -28,7 +28,13 @@ help:
 	@echo "make flow   - run the pipeline as a Prefect flow"
 	@echo "make bench  - run the CPU benchmarks in bench/"
 
+# the installed environment takes about 7.5 GB (torch, onnxruntime-gpu, ...): refused up front on a fuller disk
+MIN_FREE_GB ?= 8
+
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ ! -x $(BIN)/python ] && [ "$$free" -lt $(MIN_FREE_GB) ]; then \
+	  echo "cannot set up $(VENV): $$free GB free on $$(df -P . | awk 'NR==2 {print $$6}'), the environment needs about $(MIN_FREE_GB) GB (MIN_FREE_GB)"; exit 1; fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
