@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -79,7 +80,7 @@ def test_registered_model_ranks_like_the_export(trained, tmp_path):
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("registry-test")
     with mlflow.start_run():
-        done = build_export(p2, tmp_path / "export", ExportOptions(5.0, 2, 3, parity_queries=2, fp16=False, int8=False), tuples=tuples,
+        done = build_export(p2, tmp_path / "det-export", ExportOptions(5.0, 2, 3, parity_queries=2, fp16=False, int8=False), tuples=tuples,
                             negatives=negatives, data_root=root, metrics={"test_recall_at_10": 0.3}, register=True, uri=uri, model_name="det")
     reg = done["registration"]
     assert reg.alias == "champion"
@@ -92,3 +93,7 @@ def test_registered_model_ranks_like_the_export(trained, tmp_path):
     out = model.predict(example)
     assert list(out["rank"]) == [1, 2] and set(out["candidate"]) == set(example.iloc[0]["candidates"])
     assert (out["score"].diff().dropna() <= 0).all()  # ranked by score
+    # the logged folder is named "export", not after the build's temporary folder
+    logged = Path(mlflow.artifacts.download_artifacts("models:/det@champion", dst_path=str(tmp_path / "logged")))
+    assert [p.name for p in (logged / "artifacts").iterdir()] == ["export"]
+    assert (logged / "artifacts" / "export" / "manifest.json").is_file()

@@ -129,7 +129,9 @@ def build_export(
     model = load_pair(phase2, phase1)
     sources = {"phase2": Path(phase2), **({"phase1": Path(phase1)} if phase1 is not None else {})}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging / "export"  # the registered model's artifact takes this folder's name
+    tmp.mkdir()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     try:
@@ -164,7 +166,7 @@ def build_export(
             seconds["registration"] = time.perf_counter() - start
         _install(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     missing = [f"{g}.onnx" for g in GRAPHS if not (out / f"{g}.onnx").is_file()]
     if missing:  # pragma: no cover - a failed rename raises before this
         raise ExportError(f"{out} lacks {missing} after the install")
