@@ -16,7 +16,6 @@ complete, so a killed download leaves no half copy.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ardetect.export.onnx_export import ExportError, sha256
-from ardetect.export.runtime import OnnxDetector
+from ardetect.export.runtime import OnnxDetector, load_manifest
 
 CACHE_KEEP = 3  # registered versions kept downloaded in the model cache
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -102,7 +101,7 @@ def load_model(source: str | Path, providers: Sequence[str] | None = None, threa
     root = Path(cache) if cache is not None else model_cache()
     entry = root / _entry_name(name, str(mv.version), mv.run_id)
     folder = _fetch_version(name, str(mv.version), entry)
-    det = OnnxDetector(folder, precision=precision, providers=providers, threads=threads)
+    det = OnnxDetector(folder, precision=precision, providers=providers, threads=threads, verify=False)  # _fetch_version checked every file
     return LoadedModel(det, text, folder, name, str(mv.version), alias, {"run_id": mv.run_id, "tags": dict(mv.tags)})
 
 
@@ -120,7 +119,8 @@ def _entry_name(name: str, version: str, run_id: str | None) -> str:
 
 
 def _fetch_version(name: str, version: str, entry: Path) -> Path:
-    """The export folder of a registered version in the cache, downloaded first when absent."""
+    """The export folder of a registered version in the cache, downloaded first when absent; either way every
+    file the manifest lists has its SHA-256."""
     import mlflow
 
     if entry.is_dir():
@@ -138,6 +138,8 @@ def _fetch_version(name: str, version: str, entry: Path) -> Path:
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
         find_export(tmp)  # a version without an export is refused before it takes the cache's name
+        if not _intact(tmp):
+            raise ExportError(f"models:/{name}/{version}: the downloaded files differ from its manifest's SHA-256")
         try:
             tmp.rename(entry)
         except OSError:  # another process put the same version there first: theirs is as good
@@ -153,9 +155,9 @@ def _intact(entry: Path) -> bool:
     """Whether a cached copy holds an export whose every file has the SHA-256 its manifest lists."""
     try:
         folder = find_export(entry)
-        listed = json.loads((folder / "manifest.json").read_text())["sha256"]
+        listed = load_manifest(folder)["sha256"]
         return all((folder / f).is_file() and sha256(folder / f) == digest for f, digest in listed.items())
-    except (ModelNotFound, OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ModelNotFound, ExportError, OSError, KeyError, TypeError, AttributeError):
         return False
 
 
