@@ -89,6 +89,7 @@ from ardetect.data.schema import (
     TUPLE_COLUMNS,
 )
 from ardetect.procs import fork_context, reset_signals
+from ardetect.tmpdirs import temp_dir_beside
 
 __all__ = [
     "FAMILIES",
@@ -365,7 +366,7 @@ class ValidationResult:
             raise RuntimeError("no Great Expectations context kept with this result; Data Docs cannot be built")
         site = _docs_dir(self._ge_context)
         self._ge_context.build_data_docs()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        tmp = temp_dir_beside(dest, prefix=f".{dest.name}.", suffix=".tmp")
         try:
             shutil.copytree(site, tmp, dirs_exist_ok=True)
             old = dest.with_name(f".{dest.name}.old")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from ardetect.export.onnx_export import GRAPHS, ExportError, export_detector
+from ardetect.tmpdirs import temp_dir_beside
 
 PARITY_FILE = "parity.json"
 
@@ -129,7 +129,7 @@ def build_export(
     model = load_pair(phase2, phase1)
     sources = {"phase2": Path(phase2), **({"phase1": Path(phase1)} if phase1 is not None else {})}
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = temp_dir_beside(out)
     tmp = staging / "export"  # the registered model's artifact takes this folder's name
     tmp.mkdir()
     seconds: dict[str, float] = {}

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -33,6 +32,7 @@ from ardetect.data.templates import fill, templates_for
 from ardetect.generation.detect import detect, label_map, mask_box, segment
 from ardetect.generation.exemplars import object_rows
 from ardetect.generation.models import load_grounding_dino, load_sam, load_stable_diffusion
+from ardetect.tmpdirs import temp_dir_beside
 
 log = logging.getLogger("ardetect.generation")
 
@@ -102,7 +102,7 @@ def class_priors(pipe, base_class: str, c, root: Path, prior_class_images) -> li
         seed = int(np.random.SeedSequence([37, *base_class.encode()]).generate_state(1)[0] >> 1)
         images = prior_class_images(pipe, base_class, c.prior_images, seed, c)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        tmp = temp_dir_beside(folder)
         try:
             for i, im in enumerate(images):
                 im.save(tmp / f"{i:03d}.png", format="PNG")
@@ -135,7 +135,7 @@ def run_exemplar(job: ExemplarJob, cfg: Config, root: Path) -> dict:
     if (final / DONE).is_file():
         return {**json.loads((final / DONE).read_text()), "resumed": True}
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{job.concept_id}.tmp-", dir=root))
+    tmp = temp_dir_beside(root / job.concept_id)
     try:
         summary = _build(job, cfg, tmp, customize, prior_class_images, sample_many)
         if final.exists():  # a folder without its done marker cannot come from a rename; clear it

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from ardetect.tmpdirs import temp_dir_beside
 
 # segment-anything's pixel statistics (ImageNet, 0-255), as in its builders
 SAM_PIXEL_MEAN = [123.675, 116.28, 103.53]
@@ -94,7 +95,7 @@ def write_clip_tokenizer_files(out: Path, words: Iterable[str]) -> None:
 def _atomic_folder(out: Path):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return temp_dir_beside(out)
 
 
 def _publish(tmp: Path, out: Path) -> Path:

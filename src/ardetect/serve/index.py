@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from ardetect.serve.images import IMAGE_SUFFIXES, open_image
+from ardetect.tmpdirs import temp_dir_beside
 
 INDEX_FORMAT = 2
 ENCODER_ARRAYS = ("features", "region_map")  # what every image encoder gives; ``index.json`` "arrays" lists any more
@@ -226,7 +227,7 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
 def _assemble(work: Path, out: Path, entries, n_chunks: int, root: Path, fingerprint: str, det, examples, source: str, encode_s: float) -> dict:
     first = np.load(work / "chunk-00000.npz")
     n = len(entries)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the index from a service running as another user
     try:
         arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=np.float32, shape=(n, *first[k].shape[1:]))

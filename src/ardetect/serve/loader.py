@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Sequence
 
 from ardetect.export.onnx_export import ExportError, sha256
 from ardetect.export.runtime import OnnxDetector, load_manifest
+from ardetect.tmpdirs import temp_dir_beside
 
 CACHE_KEEP = 3  # registered versions kept downloaded in the model cache
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -130,7 +130,7 @@ def _fetch_version(name: str, version: str, entry: Path) -> Path:
         shutil.rmtree(entry, ignore_errors=True)  # altered or damaged since it was downloaded: fetched again
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+        tmp = temp_dir_beside(entry)
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache (ARD_MODEL_CACHE) from a service run as another user
     except OSError as err:
         raise ExportError(f"model cache {entry.parent}: cannot write there ({err.strerror}); "

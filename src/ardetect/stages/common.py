@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from ardetect import tracking
 from ardetect.config import Config, ConfigError, load_config
+from ardetect.tmpdirs import temp_dir_beside
 
 log = logging.getLogger("ardetect")
 DATA = Path("data")
@@ -34,7 +34,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
         yield tmp
         old = None
