@@ -323,3 +323,46 @@ def test_region_classifier_of_its_own_leaves_the_detector_as_it_was(tiny_world, 
     region = [k for k in a if k.startswith("region_classifier.")]
     assert region and any(not torch.equal(a[k], b[k]) for k in region)
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("region_classifier."))
+
+
+def test_crop_classification_that_does_not_learn_is_warned(caplog):
+    """Labels drawn at random cannot be learned: the val accuracy stays near the most frequent class's share, and the
+    run says so, naming the lr; separable crops give no warning (the GPU recipe's Swin at lr 0.002 ended at chance unwarned)."""
+    import logging
+
+    from ardetect.train.classify import classify_backbone, not_learned
+
+    assert not_learned(0.9, torch.tensor([0, 1] * 60), 2e-3) is None
+    assert not_learned(0.5, torch.tensor([0, 1] * 20), 2e-3) is None  # 40 val crops: too few to tell
+    message = not_learned(0.045, torch.tensor([0] * 7 + list(range(1, 26)) * 5), 2e-3)
+    assert "0.045" in message and "0.053" in message and "lr=0.002" in message and "pretrain.classify_lr" in message
+
+    torch.manual_seed(0)
+    model = build_model(pretrain_config())
+    g = torch.Generator().manual_seed(0)
+    crops = (torch.rand(160, 3, 32, 32, generator=g) * 255).to(torch.uint8)
+    labels = torch.randint(0, 2, (160,), generator=g)
+    with caplog.at_level(logging.WARNING, logger="ardetect"):
+        history, _ = classify_backbone(model, (crops[:48], labels[:48]), (crops[48:], labels[48:]), 2, epochs=1, batch_size=8, lr=2e-3, seed=0)
+    assert history[-1]["val_classify_accuracy"] <= 0.75
+    assert any("did not learn" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    labels = torch.arange(160) % 2
+    crops[labels == 0, 0] = 240
+    crops[labels == 1, 2] = 240
+    crops[labels == 0, 2] = 0
+    crops[labels == 1, 0] = 0
+    with caplog.at_level(logging.WARNING, logger="ardetect"):
+        history, _ = classify_backbone(model, (crops[:48], labels[:48]), (crops[48:], labels[48:]), 2, epochs=3, batch_size=8, lr=2e-3, seed=0)
+    assert history[-1]["val_classify_accuracy"] > 0.75
+    assert not [r for r in caplog.records if "did not learn" in r.getMessage()]
+
+
+def test_saturated_class_loss_is_warned():
+    from ardetect.train.pretrain import saturated
+
+    message = saturated({"epoch": 1, "train_loss_class": 2571.03}, 1.0, 0.0, 256, 1e-3)
+    assert "pretrain epoch 1" in message and "2571" in message and "0.0625" in message and "pretrain.lr (now 0.001)" in message
+    assert "train_phase1.lr (now 0.001)" in saturated({"epoch": 1, "train_loss_class": 5486.6}, 1.0, 0.0, 256, 1e-3, "train_phase1")
+    assert saturated({"epoch": 4, "train_loss_class": 0.8}, 0.0625, -4.595, 256, 1e-4) is None
+    assert saturated({"epoch": 4}, 1.0, 0.0, 256, 1e-3) is None

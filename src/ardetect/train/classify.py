@@ -18,6 +18,7 @@ crop, so that it classifies the boxes it is later given as it was trained.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,23 @@ from tqdm import tqdm
 from ardetect.data.datasets import build_transform, load_rgb, transform_with_boxes
 from ardetect.devices import device_of
 from ardetect.model.region_classifier import crop_regions
+
+log = logging.getLogger("ardetect")
+
+
+def not_learned(accuracy: float, labels: torch.Tensor, lr: float, min_crops: int = 100) -> str | None:
+    """The warning for a crop classification whose val accuracy is no better than naming the most
+    frequent class every time (within 1.5x of it), or None. Fewer than ``min_crops`` val crops are too
+    few to tell. A randomly initialised Swin at the CNN's lr (0.002) ends there: its loss settles at
+    log(classes) (docs/research.md, "The GPU recipe, from scratch")."""
+    if len(labels) < min_crops:
+        return None
+    majority = float(torch.bincount(labels.long()).max()) / len(labels)
+    if accuracy > 1.5 * majority:
+        return None
+    return (f"the crop classification did not learn: val accuracy {accuracy:.3f}, and the most frequent class alone "
+            f"scores {majority:.3f}; lr={lr:g} is likely too high for this backbone (a Swin from scratch learns at 0.0003: "
+            f"pretrain.classify_lr)")
 
 
 def object_crops(objects: pd.DataFrame, images: Sequence[str], data_root: Path, vocabulary: Sequence[str], crop: int, image_size: int,
@@ -109,6 +127,10 @@ def classify_backbone(model, train: tuple[torch.Tensor, torch.Tensor], val: tupl
             print("[pretrain] classify " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
     finally:
         backbone.train(was_training)
+    if history and "val_classify_accuracy" in history[-1]:
+        warning = not_learned(history[-1]["val_classify_accuracy"], val[1], lr)
+        if warning:
+            log.warning(warning)
     return history, head
 
 

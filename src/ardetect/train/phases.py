@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -226,6 +227,12 @@ def _run(
             record.update(validation_metrics(model, tuples, data_root, size, p.validation, seed=p.seed))
             record["lr"] = optimizer.param_groups[0]["lr"]
         history.append(record)
+        if phase == 1 and rank == 0:
+            from ardetect.train.pretrain import saturated
+
+            warning = saturated(record, model.cfg.logit_scale, model.cfg.logit_bias, model.cfg.hidden_dim, p.lr, "train_phase1")
+            if warning:
+                logging.getLogger("ardetect").warning(warning)
         state.epoch, state.step = epoch + 1, 0
         metric = record.get("val_select", -math.inf)  # the score the model is read with (validation_metrics)
         if rank == 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -286,6 +287,22 @@ def pretrain_fingerprint(cfg: Config, model, objects: pd.DataFrame, images: list
     return h.hexdigest()[:16]
 
 
+SATURATED_CLASS_LOSS = 10.0  # an epoch's mean focal class loss; the default recipe's first epoch: 0.53, the Swin recipe's (lr 1e-4): under 1
+
+
+def saturated(record: dict, logit_scale: float, logit_bias: float, hidden_dim: int, lr: float, stage: str = "pretrain") -> str | None:
+    """The warning for a training epoch (``stage``: pretrain or train_phase1) whose mean class loss is
+    above ``SATURATED_CLASS_LOSS``, or None: the contrastive logits saturate, and the run ends no
+    better than chance at grounding. A detector from scratch with GroundingDINO's head (logit scale 1, bias 0) at lr 0.001 does that
+    (docs/research.md, "The GPU recipe, from scratch")."""
+    loss = record.get("train_loss_class")
+    if loss is None or loss <= SATURATED_CLASS_LOSS:
+        return None
+    return (f"{stage} epoch {record.get('epoch')}: the mean class loss is {loss:.4g} (a run that learns stays near 1): the "
+            f"contrastive logits saturate. From scratch, start the head at model.overrides logit_scale {hidden_dim ** -0.5:g} "
+            f"(1/sqrt(hidden_dim)) and logit_bias -4.595 (now {logit_scale:g} and {logit_bias:g}), and lower {stage}.lr (now {lr:g})")
+
+
 def pretrain_criterion(loss) -> SetCriterion:
     """Pre-training's matcher and losses (``pretrain.loss``: phase 1's, without the region contrast)."""
     return SetCriterion(HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.focal_alpha, loss.focal_gamma),
@@ -370,6 +387,9 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
             if val_ds is not None and diagnosed(epoch + 1, p.epochs, p.diagnostics_every):  # the last epoch is kept whatever they say
                 record.update(grounding_metrics(model, val_ds, vocabulary, p.absent_classes, p.seed))
             history.append(record)
+            warning = saturated(record, model.cfg.logit_scale, model.cfg.logit_bias, model.cfg.hidden_dim, p.lr)
+            if warning:
+                logging.getLogger("ardetect").warning(warning)
             state.epoch, state.step = epoch + 1, 0
             checkpoint()
             if log is not None:
