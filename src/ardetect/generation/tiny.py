@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
 from ardetect.tmpdirs import temp_dir_beside
 
 # segment-anything's pixel statistics (ImageNet, 0-255), as in its builders
