@@ -1,3 +1,5 @@
+import math
+
 import pytest
 from pydantic import ValidationError
 
@@ -16,6 +18,20 @@ def test_named_sizes_match_the_paper():
     assert nano.image_size == (160, 160) and 64 <= nano.hidden_dim <= 128 and nano.encoder_layers <= 2
     assert nano.text_backbone == "minilm-l6" and nano.text_pretrained is not None
     assert set(SIZES) == {"nano", "T-B", "B-B", "B-L"}
+
+
+@pytest.mark.parametrize("size", ["nano", "T-B", "B-B", "B-L"])
+def test_named_sizes_start_the_contrastive_head_unsaturated(size):
+    """A named size is trained from scratch: its head starts at 1/sqrt(hidden) and the prior bias
+    (sigmoid 0.01), not GroundingDINO's scale 1 and bias 0, which saturate random weights."""
+    cfg = ModelConfig.named(size)
+    assert cfg.logit_scale == pytest.approx(cfg.hidden_dim ** -0.5)
+    assert cfg.logit_bias == pytest.approx(-math.log(99.0))
+    assert 1 / (1 + math.exp(-cfg.logit_bias)) == pytest.approx(0.01)
+    wider = ModelConfig.named(size, hidden_dim=128, num_heads=8, ffn_dim=512)
+    assert wider.logit_scale == pytest.approx(128 ** -0.5)
+    given = ModelConfig.named(size, logit_scale=1.0, logit_bias=0.0)
+    assert (given.logit_scale, given.logit_bias) == (1.0, 0.0)
 
 
 def test_overrides_apply():

@@ -91,6 +91,13 @@ def test_legacy_swin_key_layout_is_read():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_converted_config_keeps_groundingdinos_head_start():
+    """GroundingDINO's checkpoints hold no logit scale or bias: a converted model starts them at its
+    scale 1 and bias 0, unlike a named size from scratch."""
+    cfg = config_from_transformers(tiny_hf_config())
+    assert (cfg.logit_scale, cfg.logit_bias) == (1.0, 0.0)
+
+
 def test_unsupported_configs_raise():
     with pytest.raises(ValueError, match="two_stage"):
         config_from_transformers(tiny_hf_config(two_stage=False))

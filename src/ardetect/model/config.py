@@ -105,8 +105,8 @@ class ModelConfig(BaseModel):
         1.0, gt=0, description="contrastive head: logits = scale * <query, token> + bias, both learnable from these values"
     )
     logit_bias: float = Field(
-        0.0, description="GroundingDINO: scale 1, bias 0 (converted weights keep them); from scratch (nano): 1/sqrt(hidden) "
-        "and the prior-probability bias -log(99), so training starts at sigmoid 0.01 instead of saturated logits",
+        0.0, description="GroundingDINO: scale 1, bias 0 (converted weights keep them); a named size (from scratch): "
+        "1/sqrt(hidden) and the prior-probability bias -log(99), so training starts at sigmoid 0.01 instead of saturated logits",
     )
     share_bbox_head: bool = Field(True, description="one box head for all decoder layers (GroundingDINO)")
     image_size: tuple[int, int] = Field((800, 1333), description="nominal input (height, width) in pixels")
@@ -134,8 +134,7 @@ class ModelConfig(BaseModel):
             base = dict(
                 image_backbone="cnn", cnn_name="regnetx_002", text_backbone="minilm-l6", text_pretrained=BUNDLED_MINILM,
                 max_text_len=64, hidden_dim=64, num_heads=4, encoder_layers=2, decoder_layers=2, ffn_dim=256,
-                num_queries=64, image_size=(160, 160), fusion_droppath=0.0, logit_scale=64**-0.5, logit_bias=-math.log(99.0),
-                phrase_position_start=1,
+                num_queries=64, image_size=(160, 160), fusion_droppath=0.0, phrase_position_start=1,
             )
         else:
             swin = "swin-t" if size == "T-B" else "swin-b"
@@ -148,6 +147,11 @@ class ModelConfig(BaseModel):
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)} for size={size!r}")
         base.update(overrides)
+        # A named size is built from scratch (converted GroundingDINO weights take their config from the
+        # checkpoint, with the field defaults scale 1, bias 0): start the contrastive head at 1/sqrt(hidden)
+        # with the prior-probability bias, sigmoid 0.01, where GroundingDINO's start saturates random weights.
+        base.setdefault("logit_scale", base["hidden_dim"] ** -0.5)
+        base.setdefault("logit_bias", -math.log(99.0))
         return cls(size=size, **base)
 
     @model_validator(mode="after")
