@@ -16,7 +16,7 @@ out=${1:?usage: bench/gpu_recipe.sh OUTDIR [STAGE...]}
 shift
 stages=("$@")
 ((${#stages[@]})) || stages=(exemplars generate tuples validate world2 pretrain train_phase1 train_phase2 train_abc train_abc_ard evaluate)
-RECIPE=${RECIPE:-"model.size=T-B model.image_size=null model.overrides.num_queries=300 model.device=cuda pretrain.batch_size=64 pretrain.precision=bf16 pretrain.lr=0.0001 pretrain.lr_backbone=0.0001 pretrain.classify_lr=0.0003 train_phase1.batch_size=32 train_phase1.lr=0.0001 train_phase1.lr_backbone=0.0001 train_phase1.loader_workers=4 train_phase2.loader_workers=4"}
+RECIPE=${RECIPE:-"model.size=T-B model.image_size=null model.overrides.num_queries=300 model.device=cuda pretrain.batch_size=64 pretrain.precision=bf16 pretrain.lr=0.0001 pretrain.lr_backbone=0.0001 pretrain.classify_lr=0.0003 pretrain.loader_workers=4 train_phase1.batch_size=32 train_phase1.lr=0.0001 train_phase1.lr_backbone=0.0001 train_phase1.loader_workers=4 train_phase2.loader_workers=4"}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 if [[ -f "$out/recipe.txt" && "$(cat "$out/recipe.txt")" != "$RECIPE" ]]; then

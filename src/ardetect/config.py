@@ -337,6 +337,10 @@ class PretrainConfig(_Section):
     augment: bool = True
     seed: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="batches an epoch (a fresh shuffle each); null = every image once")
+    loader_workers: int = Field(
+        0, ge=0, description="DataLoader processes building the detection steps' batches ahead of training (the same batches); 0 = "
+        "in the training process. Beside a GPU the batches' augmentation and prompts otherwise take about half of a step",
+    )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="the detection steps' forward: fp32, or bf16 under torch.autocast (the weights, the optimiser and the "
         "losses stay fp32)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -139,15 +140,20 @@ NO_CROPS = {"classify_epochs": 0, "region_classifier_epochs": None}  # the detec
 
 
 @pytest.mark.slow
-def test_diagnostics_cadence_changes_no_weight_and_a_run_resumes_under_another(tiny_world, tmp_path, capsys):
+def test_diagnostics_cadence_and_loader_workers_change_no_weight_and_a_run_resumes_under_others(tiny_world, tmp_path, capsys):
+    """The val diagnostics' cadence and the loader's processes are not part of the run: killed in its
+    second epoch (one loader process) and resumed mid-epoch (two), a run ends with the weights of one
+    that built every batch in its own process."""
     tuples, root = tiny_world
     objects = objects_of(tuples)
     run_pretrain(pretrain_config(epochs=3, diagnostics_every=1, **NO_CROPS), objects, tuples, root, tmp_path / "every")
     with pytest.raises(KeyboardInterrupt, match="test hook"):  # killed in the second detection epoch, diagnosing only the last
-        run_pretrain(pretrain_config(epochs=3, diagnostics_every=None, **NO_CROPS), objects, tuples, root, tmp_path / "sparse", stop_after_steps=6)
+        run_pretrain(pretrain_config(epochs=3, diagnostics_every=None, loader_workers=1, **NO_CROPS), objects, tuples, root,
+                     tmp_path / "sparse", stop_after_steps=7)
     capsys.readouterr()
-    run_pretrain(pretrain_config(epochs=3, diagnostics_every=2, **NO_CROPS), objects, tuples, root, tmp_path / "sparse")
-    assert "resuming from" in capsys.readouterr().out  # the cadence is not part of the run's fingerprint
+    run_pretrain(pretrain_config(epochs=3, diagnostics_every=2, loader_workers=2, **NO_CROPS), objects, tuples, root, tmp_path / "sparse")
+    resumed = re.search(r"resuming from .*: epoch (\d+), step (\d+)", capsys.readouterr().out)
+    assert resumed and int(resumed[2]) > 0  # mid-epoch: the loader starts at that step
     every, sparse = (torch.load(tmp_path / d / "model.pt", weights_only=False) for d in ("every", "sparse"))
     assert every["model"].keys() == sparse["model"].keys()
     assert all(torch.equal(every["model"][k], sparse["model"][k]) for k in every["model"])

@@ -135,18 +135,24 @@ def iter_batches(
     ``workers`` > 0 builds the batches in that many DataLoader processes, a few steps ahead
     of training (the same batches as ``workers=0``, which builds them in this process).
     """
-    if workers < 0:
-        raise ValueError(f"workers={workers}: give 0 (build batches in this process) or more")
     batches = EpochBatches(ds, shard(epoch_order(len(ds), seed, epoch), rank, world), seed, epoch, batch_size, negatives)
     steps = len(batches) if max_steps is None else min(len(batches), max_steps)
+    yield from batches_by_step(batches, start, steps, workers)
+
+
+def batches_by_step(batches, start: int, stop: int, workers: int = 0) -> Iterator:
+    """``batches[start]`` .. ``batches[stop - 1]`` of a dataset indexed by step, in order: built in this
+    process (``workers`` 0), or in that many DataLoader processes a few steps ahead (the same batches)."""
+    if workers < 0:
+        raise ValueError(f"workers={workers}: give 0 (build batches in this process) or more")
     if workers == 0:
-        for step in range(start, steps):
+        for step in range(start, stop):
             yield batches[step]
         return
-    if start >= steps:
+    if start >= stop:
         return
     yield from torch.utils.data.DataLoader(
-        batches, batch_size=None, sampler=range(start, steps), num_workers=workers, collate_fn=_as_is, prefetch_factor=4,
+        batches, batch_size=None, sampler=range(start, stop), num_workers=workers, collate_fn=_as_is, prefetch_factor=4,
     )
 
 

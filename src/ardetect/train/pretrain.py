@@ -36,8 +36,8 @@ from tqdm import tqdm
 from ardetect.config import Config
 from ardetect.data.datasets import build_transform, load_uint8, transform_with_boxes
 from ardetect.train.engine import (
-    StepProgress, TrainState, epoch_order, load_checkpoint, model_file_state, read_resume_point, sample_seed, save_atomic, save_checkpoint,
-    train_steps,
+    StepProgress, TrainState, batches_by_step, epoch_order, load_checkpoint, model_file_state, read_resume_point, sample_seed, save_atomic,
+    save_checkpoint, train_steps,
 )
 from ardetect.devices import device_of, resolve_device, to_device
 from ardetect.train.losses import SetCriterion
@@ -279,8 +279,8 @@ def diagnosed(epoch: int, epochs: int, every: int | None) -> bool:
 
 def pretrain_fingerprint(cfg: Config, model, objects: pd.DataFrame, images: list[str]) -> str:
     h = hashlib.sha256()
-    # the diagnostics' cadence changes no weight: a run may resume under another one
-    parts = {"pretrain": cfg.pretrain.model_dump(mode="json", exclude={"diagnostics_every"}), "model": model.cfg.model_dump(mode="json"), "pretrained": cfg.model.pretrained}
+    # the diagnostics' cadence and the loader's processes change no weight: a run may resume under others
+    parts = {"pretrain": cfg.pretrain.model_dump(mode="json", exclude={"diagnostics_every", "loader_workers"}), "model": model.cfg.model_dump(mode="json"), "pretrained": cfg.model.pretrained}
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     h.update("\n".join(images).encode())
     h.update(pd.util.hash_pandas_object(objects[["image", "object", "base_class", "area"]], index=False).to_numpy().tobytes())
@@ -377,7 +377,7 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
 
             model.train()
             stats = train_steps(
-                criterion, optimizer, (batches[i] for i in range(state.step, n_steps)), lambda b: detection_outputs(model, b, aux=p.loss.aux_loss),
+                criterion, optimizer, batches_by_step(batches, state.step, n_steps, p.loader_workers), lambda b: detection_outputs(model, b, aux=p.loss.aux_loss),
                 n_steps, state, epoch=epoch, clip_grad=p.clip_grad, on_checkpoint=checkpoint, checkpoint_every=p.checkpoint_every,
                 progress=progress, device=device, autocast=torch.bfloat16 if p.precision == "bf16" else None,
             )
