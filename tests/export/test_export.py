@@ -250,7 +250,7 @@ def test_ard_export_on_a_checkpoint_of_another_model_size(trained, tmp_path):
     tuples, negatives, root, _, _ = trained
     overrides = dict(swin_embed_dim=16, swin_depths=[1, 1, 1, 1], swin_num_heads=[1, 1, 1, 1], swin_window_size=4,
                      swin_pretrain_image_size=64, text_backbone="custom", text_custom=[32, 1, 2, 64], text_pretrained=None,
-                     hidden_dim=32, num_heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=64, num_queries=16, max_text_len=64)
+                     hidden_dim=64, num_heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=64, num_queries=16, max_text_len=64)
     cfg = fast_config(model={"size": "T-B", "overrides": overrides}, train_phase1={"epochs": 1, "max_steps_per_epoch": 2},
                       train_phase2={"max_steps_per_epoch": 1})
     p1, p2 = train_pair(cfg, tuples, root, tmp_path / "tb")

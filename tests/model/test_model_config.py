@@ -43,6 +43,7 @@ def test_overrides_apply():
     "overrides, field",
     [
         (dict(hidden_dim=100), "hidden_dim"),
+        (dict(hidden_dim=32, num_heads=2, ffn_dim=64, image_size=(64, 64), num_queries=16), "coarsest feature level"),
         (dict(num_heads=3), "num_heads"),
         (dict(num_queries=100000), "num_queries"),
         (dict(max_text_len=1000), "max_text_len"),
@@ -53,6 +54,16 @@ def test_overrides_apply():
 def test_incompatible_settings_raise_naming_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         ModelConfig.named("nano", **overrides)
+
+
+def test_a_coarsest_level_of_one_value_per_group_is_refused_only_there():
+    """GroupNorm(32) of a 1 x 1 level with 32 channels sees one value a group: the level is a constant."""
+    small = dict(num_heads=2, ffn_dim=64, num_queries=16)
+    assert ModelConfig.named("nano", hidden_dim=64, image_size=(64, 64), **small)  # two channels a group
+    assert ModelConfig.named("nano", hidden_dim=32, image_size=(96, 96), **small)  # a 2 x 2 coarsest level
+    assert ModelConfig.named("nano", hidden_dim=32, image_size=(64, 64), num_feature_levels=3, **small)  # stride 32: 2 x 2
+    with pytest.raises(ValueError, match=r"image_size=\[64, 64\] with hidden_dim=32: the coarsest feature level \(stride 64\)"):
+        ModelConfig.named("T-B", hidden_dim=32, image_size=(64, 64), **small)
 
 
 def test_unknown_key_and_size_rejected():

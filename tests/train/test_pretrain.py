@@ -228,8 +228,8 @@ def test_phase1_starts_from_the_pretrained_detector_and_refuses_another(tiny_wor
     for k, v in pre.state_dict().items():
         assert torch.equal(seen["state"][k], v), k
     monkeypatch.undo()
-    other = fast_config(model={"overrides": {"num_queries": 16, "hidden_dim": 32}})
-    with pytest.raises(ValueError, match=r"pre-trained for another detector \(hidden_dim: file 64 vs model 32"):
+    other = fast_config(model={"overrides": {"num_queries": 16, "hidden_dim": 96}})
+    with pytest.raises(ValueError, match=r"pre-trained for another detector \(hidden_dim: file 64 vs model 96"):
         run_phase1(other, tuples, root, tmp_path / "p1b", init=tmp_path / "pre" / "model.pt")
     with pytest.raises(FileNotFoundError, match="run the pretrain stage first"):
         run_phase1(cfg, tuples, root, tmp_path / "p1c", init=tmp_path / "missing.pt")

@@ -184,6 +184,13 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 f"num_queries={self.num_queries} exceeds the {n_tokens} encoder tokens of image_size={list(self.image_size)}"
             )
+        coarsest = _level_strides(self.num_feature_levels)[-1]
+        if (d // 32) * _ceil_div(h, coarsest) * _ceil_div(w, coarsest) < 2:
+            raise ValueError(
+                f"image_size={list(self.image_size)} with hidden_dim={d}: the coarsest feature level (stride {coarsest}) is 1 x 1, "
+                "one value per GroupNorm group of 32, which normalises to a constant; give a larger image_size, hidden_dim >= 64 "
+                "or fewer num_feature_levels"
+            )
         if (self.text_backbone == "custom") != (self.text_custom is not None):
             raise ValueError(f"text_custom={self.text_custom!r} must be given exactly when text_backbone='custom' (got {self.text_backbone!r})")
         if self.text_pretrained == BUNDLED_MINILM and self.text_backbone != "minilm-l6":
