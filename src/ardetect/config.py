@@ -339,7 +339,8 @@ class PretrainConfig(_Section):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="batches an epoch (a fresh shuffle each); null = every image once")
     loader_workers: int = Field(
         0, ge=0, description="DataLoader processes building the detection steps' batches ahead of training (the same batches); 0 = "
-        "in the training process. Beside a GPU the batches' augmentation and prompts otherwise take about half of a step",
+        "in the training process. Beside a GPU, use 2-4: a batch of 64 took 0.14-0.21 s to build on one CPU core, against 0.34 s "
+        "for a whole step on an H200",
     )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="the detection steps' forward: fp32, or bf16 under torch.autocast (the weights, the optimiser and the "
