@@ -89,6 +89,10 @@ def test_valid_data_passes_every_family(valid_result, tuple_data, tmp_path):
     assert "**Status: PASSED**" in report
     for c in r.checks:
         assert c.expectation in report
+    # the summary (the validate stage's tracked checks.json) is the same file for the same data: no run time in it
+    again = run(tuple_data).write_report(tmp_path / "again")["summary"]
+    assert again.read_bytes() == paths["summary"].read_bytes()
+    assert f"checked in {r.runtime_s:.1f} s" in report
 
 
 def test_placeholder_template_checked_when_given(tuple_data):

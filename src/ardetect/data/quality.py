@@ -248,8 +248,7 @@ class ValidationResult:
                     for c in self.checks
                 ],
                 "counts": self.counts,
-                "params": self.params,
-                "runtime_s": round(self.runtime_s, 3),
+                "params": self.params,  # no run time: the summary is the same file for the same data (the report has it)
                 "great_expectations": self.ge_version,
             }
         )

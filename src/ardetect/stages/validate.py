@@ -93,6 +93,7 @@ def build(cfg: Config) -> dict:
     metrics["success"] = float(result.success)
     metrics["failed_expectations"] = float(len(result.failures))
     metrics["memorisation_events"] = float(len(result.memorisation))
+    metrics["runtime_s"] = round(result.runtime_s, 3)  # in the run and report.md, not in checks.json (a tracked file)
     tracking.log_metrics(metrics)
     if not result.success:
         print(result.message(), file=sys.stderr)
