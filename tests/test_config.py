@@ -69,8 +69,10 @@ def test_unknown_section_is_named():
         (("train_phase1", "loss", "align_negatives"), -1, r"train_phase1\.loss\.align_negatives.*got -1"),
         (("train_phase2", "rank_grid"), 9, r"train_phase2\.rank_grid.*got 9"),
         (("train_phase2", "lambda_rank"), -1, r"train_phase2\.lambda_rank.*got -1"),
-        (("train_phase2", "same_class_negatives"), 5, r"train_phase2.*same_class_negatives=5 is above k_negatives=4"),
-        (("train_phase1", "same_class_negatives"), 2, r"train_phase1.*same_class_negatives=2 is above k_negatives=1"),
+        (("train_phase2", "same_class_negatives"), 5, r"train_phase2.*same_class_negatives=5 and distractor_class_negatives=0 add up to 5, above k_negatives=4"),
+        (("train_phase1", "same_class_negatives"), 2, r"train_phase1.*same_class_negatives=2 and distractor_class_negatives=0 add up to 2, above k_negatives=1"),
+        (("train_phase1", "distractor_class_negatives"), 2, r"train_phase1.*distractor_class_negatives=2 add up to 2, above k_negatives=1"),
+        (("train_phase2", "distractor_class_negatives"), -1, r"train_phase2\.distractor_class_negatives"),
         (("train_phase1", "k_negatives"), -1, r"train_phase1\.k_negatives.*got -1"),
     ],
 )

@@ -77,3 +77,29 @@ def test_negative_sampler_draws_same_class_negatives_first(tmp_path):
     assert set(all3[:3]) == {"x1.png", "x2.png", "x3.png"} and len(set(all3)) == 4 and "x0.png" not in all3
     with pytest.raises(ValueError, match="same_class=5"):
         NegativeSampler(t, "train", k=4, seed=7, same_class=5)
+
+
+def test_negative_sampler_draws_images_holding_a_distractor_of_the_query_class(tmp_path):
+    t = _tuples(tmp_path, n_concepts=12)
+    t["split"] = "train"
+    t["base_class"] = ["cat" if int(c[1:]) < 4 else "mug" for c in t["concept_id"]]  # c0..c3 cats, c4..c11 mugs
+    objects = pd.DataFrame({  # concept objects of every image; cat distractors in x5 and x7 (mugs), a mug distractor in x1 (a cat)
+        "image": [f"x{c}.png" for c in range(12)] + ["x5.png", "x7.png", "x1.png", "x9.png"],
+        "role": ["concept"] * 12 + ["distractor"] * 4,
+        "base_class": t.drop_duplicates("concept_id")["base_class"].tolist() + ["cat", "cat", "mug", "mug"],
+    })
+    s = NegativeSampler(t, "train", k=3, seed=7, distractor_class=2, objects=objects)
+    cat_tuple = 0  # concept c0, a cat: the images of mugs with a cat beside them are x5 and x7
+    mug_tuple = int(np.flatnonzero(t["concept_id"] == "c9")[0])  # a mug: only x1 is another class's image with a mug distractor
+    for e in range(5):
+        d = s.draw(cat_tuple, e)
+        assert set(d[:2]) == {"x5.png", "x7.png"} and len(set(d)) == 3 and "x0.png" not in d
+        m = s.draw(mug_tuple, e)
+        assert m[0] == "x1.png" and len(set(m)) == 3 and "x9.png" not in m  # x9 is its own image; one such image, the rest uniform
+        assert s.draw(cat_tuple, e) == d  # reproducible
+    both = NegativeSampler(t, "train", k=3, seed=7, same_class=1, distractor_class=1, objects=objects).draw(cat_tuple, 0)
+    assert both[0] in {"x1.png", "x2.png", "x3.png"} and both[1] in {"x5.png", "x7.png"} and len(set(both)) == 3
+    with pytest.raises(ValueError, match="needs the objects table"):
+        NegativeSampler(t, "train", k=3, seed=7, distractor_class=1)
+    with pytest.raises(ValueError, match="distractor_class=3 must be >= 0 and add up to at most k=3"):
+        NegativeSampler(t, "train", k=3, seed=7, same_class=1, distractor_class=3, objects=objects)

@@ -37,6 +37,35 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
     assert_kill_and_resume_match([sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(root)], tmp_path)
 
 
+def test_phase1_draws_negatives_that_hold_a_distractor_of_the_query_class(tmp_path):
+    """train_phase1.distractor_class_negatives reads the exemplars' objects table under the data root and
+    trains on the images of other classes' concepts that hold a distractor of the query's class."""
+    from ardetect.train.phases import negative_sampler
+
+    from tiny_world import draw_world, objects_of
+
+    root = tmp_path / "w"
+    tuples = draw_world(root)
+    cfg = fast_config(train_phase1={"epochs": 1, "batch_size": 2, "checkpoint_every": 2, "max_steps_per_epoch": 3, "k_negatives": 1,
+                                    "distractor_class_negatives": 1})
+    with pytest.raises(FileNotFoundError, match="exemplars objects"):
+        negative_sampler(cfg.train_phase1, tuples, root)
+    # img/x1.png is a mug concept's training image (train split); give it a cat beside the mug
+    objects = objects_of(tuples)
+    row = objects[objects["image"] == "img/x1.png"].iloc[0].to_dict()
+    objects.loc[len(objects)] = {**row, "object": 2, "role": "distractor", "base_class": "cat", "concept_id": None}
+    (root / "exemplars").mkdir()
+    objects.to_parquet(root / "exemplars" / "objects.parquet", index=False)
+    train = tuples[tuples["split"] == "train"].reset_index(drop=True)
+    sampler = negative_sampler(cfg.train_phase1, tuples, root)
+    cats = [i for i in range(len(train)) if train["base_class"][i] == "cat"]
+    own = [i for i in range(len(train)) if train["train_image"][i] == "img/x1.png"]
+    assert cats and all(sampler.draw(i, e) == ["img/x1.png"] for i in cats for e in range(3))
+    assert own and all(sampler.draw(i, e) != ["img/x1.png"] for i in own for e in range(3))  # never its own concept's image
+    _, result = run_phase1(cfg, tuples, root, tmp_path / "p1", resume=False)
+    assert len(result.history) == 1 and result.history[0]["train_loss"] > 0
+
+
 def test_non_finite_loss_stops_training(tiny_world, tmp_path, monkeypatch):
     tuples, root = tiny_world
     from ardetect.train import losses

@@ -125,32 +125,50 @@ class NegativeSampler:
     The pool of a tuple is the training images of every other concept in its split;
     ``same_class`` of the k (ours; 0 = the paper's uniform draw) come from the concepts of
     the tuple's own base class, the hard negatives the ranking has to tell apart, as far as
-    there are any. Draws depend on (seed, epoch, tuple index) only, so they differ between
-    epochs, repeat exactly when an interrupted run resumes, and are the same under DDP.
+    there are any. ``distractor_class`` of the k (ours; needs ``objects``, the record's
+    objects table) come from images whose concept is of another class but which hold a
+    distractor of the tuple's base class: the images a score that reads the class alone
+    ranks with the concept's own, as far as there are any. Draws depend on (seed, epoch,
+    tuple index) only, so they differ between epochs, repeat exactly when an interrupted
+    run resumes, and are the same under DDP.
     """
 
-    def __init__(self, tuples: pd.DataFrame, split: str, k: int, seed: int, same_class: int = 0):
+    def __init__(self, tuples: pd.DataFrame, split: str, k: int, seed: int, same_class: int = 0, distractor_class: int = 0,
+                 objects: pd.DataFrame | None = None):
         if k < 0:
             raise ValueError(f"NegativeSampler: k={k} must be >= 0")
-        if not 0 <= same_class <= k:
-            raise ValueError(f"NegativeSampler: same_class={same_class} must be between 0 and k={k}")
+        if same_class < 0 or distractor_class < 0 or same_class + distractor_class > k:
+            raise ValueError(f"NegativeSampler: same_class={same_class} and distractor_class={distractor_class} must be >= 0 "
+                             f"and add up to at most k={k}")
+        if distractor_class and objects is None:
+            raise ValueError(f"NegativeSampler: distractor_class={distractor_class} needs the objects table (objects=...)")
         rows = tuples[tuples["split"] == split].reset_index(drop=True)
         pool = rows.drop_duplicates("concept_id")
         self.images = pool["train_image"].to_numpy()
         self.concepts = pool["concept_id"].to_numpy()
         self.row_concepts = rows["concept_id"].to_numpy()
-        if same_class:
+        if same_class or distractor_class:
             self.classes, self.row_classes = pool["base_class"].to_numpy(), rows["base_class"].to_numpy()
+        if distractor_class:
+            held = objects[(objects["role"] == "distractor") & objects["image"].isin(set(self.images))]
+            held = held.groupby("image")["base_class"].agg(frozenset).to_dict()  # image -> classes of its distractors
+            self.distractors = np.array([held.get(i, frozenset()) for i in self.images], dtype=object)
         if k > len(self.images) - 1:
             raise ValueError(f"NegativeSampler: k={k} but split {split!r} has only {len(self.images) - 1} negatives per tuple")
-        self.k, self.seed, self.same_class = k, seed, same_class
+        self.k, self.seed, self.same_class, self.distractor_class = k, seed, same_class, distractor_class
 
     def draw(self, index: int, epoch: int) -> list[str]:
         rng = np.random.default_rng([self.seed, epoch, index])
         allowed = self.concepts != self.row_concepts[index]
-        if not self.same_class:
+        if not (self.same_class or self.distractor_class):
             return list(self.images[rng.choice(np.flatnonzero(allowed), size=self.k, replace=False)])
-        near = np.flatnonzero(allowed & (self.classes == self.row_classes[index]))
-        hard = rng.choice(near, size=min(self.same_class, len(near)), replace=False)
+        cls = self.row_classes[index]
+        hard = np.zeros(0, dtype=int)
+        if self.same_class:
+            near = np.flatnonzero(allowed & (self.classes == cls))
+            hard = rng.choice(near, size=min(self.same_class, len(near)), replace=False)
+        if self.distractor_class:
+            near = np.flatnonzero(allowed & (self.classes != cls) & np.array([cls in d for d in self.distractors]))
+            hard = np.concatenate([hard, rng.choice(near, size=min(self.distractor_class, len(near)), replace=False)])
         rest = np.setdiff1d(np.flatnonzero(allowed), hard)
         return list(self.images[np.concatenate([hard, rng.choice(rest, size=self.k - len(hard), replace=False)])])

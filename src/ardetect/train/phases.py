@@ -150,6 +150,18 @@ def run_fingerprint(cfg: Config, phase: int, model, tuples: pd.DataFrame, start_
     return h.hexdigest()[:16]
 
 
+def negative_sampler(p, tuples: pd.DataFrame, data_root: Path) -> NegativeSampler:
+    """The phase's ``NegativeSampler`` over the training split; the distractor-class draw reads the
+    exemplars' objects table (``data_root/exemplars/objects.parquet``)."""
+    objects = None
+    if p.distractor_class_negatives:
+        from ardetect.data.schema import OBJECT_COLUMNS, read_table
+
+        objects = read_table(data_root / "exemplars" / "objects.parquet", OBJECT_COLUMNS, "exemplars objects")
+    return NegativeSampler(tuples, "train", p.k_negatives, p.seed, same_class=p.same_class_negatives,
+                           distractor_class=p.distractor_class_negatives, objects=objects)
+
+
 @dataclass
 class PhaseResult:
     history: list[dict]
@@ -174,11 +186,11 @@ def _run(
 
         groups = param_groups(model, p.lr, p.lr_backbone, p.lr_linear_proj_mult)
         batch_size, reg, lam = p.batch_size, None, 0.0  # batch_size groups: a positive and its k negatives (k = 0: the paper's phase 1)
-        negatives = NegativeSampler(tuples, "train", p.k_negatives, p.seed, same_class=p.same_class_negatives) if p.k_negatives else None
+        negatives = negative_sampler(p, tuples, data_root) if p.k_negatives else None
     else:
         groups = [{"params": model.adapter_parameters(), "lr": p.lr, "name": "adapters"}]
         batch_size = p.groups_per_step  # groups: one positive and its k negatives share the query (paper: 1 group a step)
-        negatives = NegativeSampler(tuples, "train", p.k_negatives, p.seed, same_class=p.same_class_negatives)
+        negatives = negative_sampler(p, tuples, data_root)
         reg = lambda: adapter_regulariser(model.adapter_query.weight, model.adapter_text.weight)  # noqa: E731
         lam = p.lambda_reg
     # the fused implementation updates every tensor of a group in one kernel: 34 -> 6 ms a phase-1 step on
