@@ -359,6 +359,12 @@ class PretrainConfig(_Section):
         return self
 
 
+_DISTRACTOR_CLASS_NEGATIVES = (  # both phases' setting
+    "of the k, how many come from images of another class's concept that hold a distractor of the query's base class (ours; the "
+    "record's objects table): the images a score reading the class alone confuses with the concept's; 0 = none"
+)
+
+
 def _same_class_within_k(section):
     """A phase's negatives: the same-class and distractor-class shares together cannot exceed k."""
     hard = section.same_class_negatives + section.distractor_class_negatives
@@ -390,10 +396,7 @@ class Phase1Config(_Section):
         "loss, so the whole detector learns to score an image without the concept low; 0 = the paper's positives-only phase 1",
     )
     same_class_negatives: int = Field(0, ge=0, description="of the k, how many come from the query's base class; 0 = a uniform draw")
-    distractor_class_negatives: int = Field(
-        0, ge=0, description="of the k, how many come from images of another class's concept that hold a distractor of the query's "
-        "base class (ours; the record's objects table): the images a score reading the class alone confuses with the concept's; 0 = none",
-    )
+    distractor_class_negatives: int = Field(0, ge=0, description=_DISTRACTOR_CLASS_NEGATIVES)
     validation: ValidationConfig = ValidationConfig()
     loss: LossConfig = LossConfig()
 
@@ -408,10 +411,7 @@ class Phase2Config(_Section):
     epochs: int = Field(2, ge=1)
     k_negatives: int = Field(4, ge=1, description="negatives per positive (paper: 4)")
     same_class_negatives: int = Field(0, ge=0, description="of the k, how many come from the query's base class (ours); 0 = the paper's uniform draw")
-    distractor_class_negatives: int = Field(
-        0, ge=0, description="of the k, how many come from images of another class's concept that hold a distractor of the query's "
-        "base class (ours; the record's objects table): the images a score reading the class alone confuses with the concept's; 0 = none",
-    )
+    distractor_class_negatives: int = Field(0, ge=0, description=_DISTRACTOR_CLASS_NEGATIVES)
     lambda_reg: float = Field(0.05, ge=0, description="weight of the adapters' orthogonality regulariser")
     lambda_cls: float = Field(1.0, gt=0)
     lr: float = Field(1e-3, gt=0)

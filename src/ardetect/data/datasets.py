@@ -152,7 +152,9 @@ class NegativeSampler:
         if distractor_class:
             held = objects[(objects["role"] == "distractor") & objects["image"].isin(set(self.images))]
             held = held.groupby("image")["base_class"].agg(frozenset).to_dict()  # image -> classes of its distractors
-            self.distractors = np.array([held.get(i, frozenset()) for i in self.images], dtype=object)
+            # per query class, the pool images of another class's concept that hold a distractor of it (computed once, not per draw)
+            self.holding = {c: (self.classes != c) & np.array([c in held.get(i, ()) for i in self.images], dtype=bool)
+                            for c in set(self.row_classes)}
         if k > len(self.images) - 1:
             raise ValueError(f"NegativeSampler: k={k} but split {split!r} has only {len(self.images) - 1} negatives per tuple")
         self.k, self.seed, self.same_class, self.distractor_class = k, seed, same_class, distractor_class
@@ -168,7 +170,7 @@ class NegativeSampler:
             near = np.flatnonzero(allowed & (self.classes == cls))
             hard = rng.choice(near, size=min(self.same_class, len(near)), replace=False)
         if self.distractor_class:
-            near = np.flatnonzero(allowed & (self.classes != cls) & np.array([cls in d for d in self.distractors]))
+            near = np.flatnonzero(allowed & self.holding[cls])
             hard = np.concatenate([hard, rng.choice(near, size=min(self.distractor_class, len(near)), replace=False)])
         rest = np.setdiff1d(np.flatnonzero(allowed), hard)
         return list(self.images[np.concatenate([hard, rng.choice(rest, size=self.k - len(hard), replace=False)])])
