@@ -371,4 +371,7 @@ def test_saturated_class_loss_is_warned():
     assert "pretrain epoch 1" in message and "2571" in message and "0.0625" in message and "pretrain.lr (now 0.001)" in message
     assert "train_phase1.lr (now 0.001)" in saturated({"epoch": 1, "train_loss_class": 5486.6}, 1.0, 0.0, 256, 1e-3, "train_phase1")
     assert saturated({"epoch": 4, "train_loss_class": 0.8}, 0.0625, -4.595, 256, 1e-4) is None
+    # a head that already starts where the advice would put it: only the lr is advised
+    started = saturated({"epoch": 2, "train_loss_class": 40.0}, 0.0625, -4.59512, 256, 1e-3)
+    assert "pretrain.lr (now 0.001)" in started and "already starts unsaturated" in started and "model.overrides" not in started
     assert saturated({"epoch": 4}, 1.0, 0.0, 256, 1e-3) is None

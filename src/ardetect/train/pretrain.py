@@ -294,13 +294,19 @@ def saturated(record: dict, logit_scale: float, logit_bias: float, hidden_dim: i
     """The warning for a training epoch (``stage``: pretrain or train_phase1) whose mean class loss is
     above ``SATURATED_CLASS_LOSS``, or None: the contrastive logits saturate, and the run ends no
     better than chance at grounding. A detector from scratch with GroundingDINO's head (logit scale 1, bias 0) at lr 0.001 does that
-    (docs/research.md, "The GPU recipe, from scratch")."""
+    (docs/research.md, "The GPU recipe, from scratch"). The head's start is advised only where it is not already the
+    named sizes' (1/sqrt(hidden_dim), the prior bias -log 99); the lower lr always."""
     loss = record.get("train_loss_class")
     if loss is None or loss <= SATURATED_CLASS_LOSS:
         return None
-    return (f"{stage} epoch {record.get('epoch')}: the mean class loss is {loss:.4g} (a run that learns stays near 1): the "
-            f"contrastive logits saturate. From scratch, start the head at model.overrides logit_scale {hidden_dim ** -0.5:g} "
-            f"(1/sqrt(hidden_dim)) and logit_bias -4.595 (now {logit_scale:g} and {logit_bias:g}), and lower {stage}.lr (now {lr:g})")
+    scale, bias = hidden_dim**-0.5, -math.log(99.0)
+    message = (f"{stage} epoch {record.get('epoch')}: the mean class loss is {loss:.4g} (a run that learns stays near 1): "
+               "the contrastive logits saturate. ")
+    if math.isclose(logit_scale, scale, rel_tol=1e-3) and math.isclose(logit_bias, bias, abs_tol=1e-3):
+        return message + (f"The head already starts unsaturated (logit_scale {logit_scale:g}, logit_bias {logit_bias:g}): "
+                          f"lower {stage}.lr (now {lr:g})")
+    return message + (f"From scratch, start the head at model.overrides logit_scale {scale:g} (1/sqrt(hidden_dim)) and logit_bias "
+                      f"{bias:.4g} (now {logit_scale:g} and {logit_bias:g}), and lower {stage}.lr (now {lr:g})")
 
 
 def pretrain_criterion(loss) -> SetCriterion:
