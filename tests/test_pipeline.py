@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,7 +83,8 @@ def _tiny_dvc_repo(root):
             outs: [out2.txt]
     """))
     _git(root, "init", "-q")
-    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True)
+    # no analytics: without a network their report would stay behind in the system's temp folder
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     _git(root, "add", "-A")
     _git(root, "commit", "-q", "-m", "init")
     return root

@@ -136,7 +136,9 @@ def test_ddp_two_processes_gloo(tiny_world, tmp_path):
     cfg_path.write_bytes(pickle.dumps(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
            str(cfg_path), str(tmp_path / "tuples.parquet"), str(root), str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    # TMPDIR: torchrun's log folder goes under the test's own folder, not the system's temp folder
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     w0 = torch.load(tmp_path / "ddp" / "final.pt", weights_only=False)
     w1 = torch.load(tmp_path / "ddp" / "final_rank1.pt", weights_only=False)
