@@ -14,6 +14,30 @@ from workspace import dvc, make_workspace
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def worker_threads() -> int | None:
+    """Intra-op threads for each of a parallel run's workers: the cores divided among them (None outside
+    pytest-xdist). Each worker's torch, and every process it starts (the stages, through OMP_NUM_THREADS), would
+    otherwise take every core: two smoke pipelines side by side on 2 cores took 184-202 s that way, 110-127 s
+    with one thread each."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers < 2:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers)
+
+
+THREADS = worker_threads()
+if THREADS is not None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # read by torch when it is first imported, here or in a subprocess
+
+
+def pytest_configure(config):
+    if THREADS is not None:
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch before this file
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
     """Registered versions a test downloads go to the run's temporary folder, not the user's cache."""

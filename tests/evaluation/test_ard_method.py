@@ -216,8 +216,12 @@ def test_prefetch_side_by_side_scores_as_one_query_at_a_time(tmp_path):
     run = ahead.runner.candidates_variants
     ahead.runner.candidates_variants = lambda *a, **k: calls.append(torch.get_num_threads()) or run(*a, **k)
     threads = torch.get_num_threads()
-    ahead.prefetch(tuples, negatives, workers=2, progress=False)
-    assert torch.get_num_threads() == threads
+    torch.set_num_threads(2)  # (a parallel suite gives each worker one): the caller's count must come back
+    try:
+        ahead.prefetch(tuples, negatives, workers=2, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert calls == [1] * len(tuples)  # each query once, on one intra-op thread
     assert len(ahead._pending) == len(tuples)
     got = {m.name: evaluate_method(m, tuples, negatives, progress=False) for m in methods}
