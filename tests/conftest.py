@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ardetect.procs import usable_cores
 from workspace import dvc, make_workspace
 
 # Prefect's ephemeral API server migrates its database on its first start: more than its 20-s default
@@ -22,8 +23,7 @@ def worker_threads() -> int | None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
     if workers < 2:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // workers)
+    return max(1, usable_cores() // workers)
 
 
 THREADS = worker_threads()

@@ -12,6 +12,14 @@ import sys
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it ends
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the platform reports one (a container
+    or `taskset` limits it below ``os.cpu_count()``, the machine's count), else ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def fork_context():
     """The ``fork`` start method where the platform has it (workers inherit the loaded modules), else its default."""
     methods = multiprocessing.get_all_start_methods()

@@ -88,7 +88,7 @@ from ardetect.data.schema import (
     SPLITS,
     TUPLE_COLUMNS,
 )
-from ardetect.procs import fork_context, reset_signals
+from ardetect.procs import fork_context, reset_signals, usable_cores
 from ardetect.tmpdirs import temp_dir_beside
 
 __all__ = [
@@ -500,7 +500,7 @@ def _map_files(fn, items: list[tuple], workers: int | None) -> list[Any]:
 
     Decoding and measuring a file is mostly Python and numpy holding the GIL, so threads do not
     run it side by side; forked processes do."""
-    n = workers or os.cpu_count() or 1
+    n = workers or usable_cores()
     if n <= 1 or len(items) < INLINE_BELOW:
         return [fn(*item) for item in items]
     with ProcessPoolExecutor(max_workers=n, mp_context=fork_context(), initializer=reset_signals) as pool:

@@ -27,7 +27,7 @@ from ardetect.data.schema import EXEMPLAR_COLUMNS, GENERATED_COLUMNS, OBJECT_COL
 from ardetect.data.templates import SCENES, Template, fill, templates_for
 from ardetect.data.world_scenes import background, stylize
 from ardetect.data.world_shapes import MARK_REGION, SHAPES
-from ardetect.procs import fork_context, reset_signals
+from ardetect.procs import fork_context, reset_signals, usable_cores
 
 WORLD_CLASSES: dict[str, str] = {
     "cat": "living_creatures", "dog": "living_creatures", "bird": "living_creatures", "fish": "living_creatures",
@@ -422,7 +422,7 @@ def _generated_job(item: tuple[int, str, str], cfg: WorldConfig, out_dir: Path, 
 
 
 def _run(fn, items: list, workers: int, desc: str) -> list:
-    n = workers or os.cpu_count() or 1
+    n = workers or usable_cores()
     if n <= 1 or len(items) <= 1:
         return [fn(x) for x in tqdm(items, desc=desc, unit="img")]
     chunk = max(1, min(32, len(items) // (n * 4)))

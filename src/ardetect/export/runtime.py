@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ardetect.export.onnx_export import FORMAT_VERSION, GRAPHS, ExportError, sha256
+from ardetect.procs import usable_cores
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -116,7 +116,7 @@ class OnnxDetector:
         self.manifest = m = load_manifest(self.folder)
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads!r}")
-        self.threads = int(threads or os.cpu_count() or 1)
+        self.threads = int(threads or usable_cores())
         self.verify = verify
         self._providers = choose_providers(providers)
         self.sessions = {name: self._open(name, m["graphs"][name]["file"]) for name in GRAPHS if name != "scorer"}
