@@ -31,6 +31,12 @@ if THREADS is not None:
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # read by torch when it is first imported, here or in a subprocess
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (the Makefile's default): one worker a usable core, a cgroup's CPU quota included, where
+    pytest-xdist would count the machine's cores."""
+    return usable_cores()
+
+
 def pytest_configure(config):
     if THREADS is not None:
         import torch

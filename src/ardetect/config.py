@@ -83,7 +83,7 @@ class WorldConfig(_Section):
     pose_jitter: float = Field(0.35, ge=0.0, le=3.2, description="max rotation of a re-rendered concept, radians")
     identity_drift: float = Field(0.06, ge=0.0, le=1.0, description="how far a generated instance drifts from its identity")
     distractors: DistractorConfig = DistractorConfig()
-    workers: int = Field(0, ge=0, description="worker processes; 0 = every core this process may use (its CPU affinity)")
+    workers: int = Field(0, ge=0, description="worker processes; 0 = every core this process may use (its CPU affinity, and no more than its CPU quota)")
 
     @field_validator("placeholder")
     @classmethod

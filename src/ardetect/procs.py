@@ -1,23 +1,103 @@
-"""Worker processes for the data stages: forked, killable by the pool that started them, and ended with their stage."""
+"""The cores a stage may use (affinity and cgroup quota), and the data stages' worker processes: forked, killable by
+the pool that started them, and ended with their stage."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import multiprocessing
 import os
 import signal
 import sys
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it ends
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
 def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity where the platform reports one (a container
-    or `taskset` limits it below ``os.cpu_count()``, the machine's count), else ``os.cpu_count()``."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    """The cores this process may run on: its CPU affinity where the platform reports one (a container's
+    cpuset or `taskset` limits it below ``os.cpu_count()``, the machine's count), else ``os.cpu_count()``;
+    and no more than its cgroup's CPU quota (``docker run --cpus 2``, a Kubernetes CPU limit), rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def cgroup_cpu_quota(root: Path | None = None, proc_cgroup: Path | None = None) -> float | None:
+    """The CPUs' worth of time per period this process's cgroup may use (quota / period), the smallest of
+    its own and every cgroup above it: cgroup v2's ``cpu.max``, or v1's ``cpu.cfs_quota_us`` and
+    ``cpu.cfs_period_us``. None when no cgroup on the path sets one, or there is none to read (not Linux).
+
+    The affinity does not show a quota: a container given 2 CPUs' time on a 64-core host sees 64 cores,
+    and a pool or a thread team of 64 on it spends its time waiting for its turn."""
+    root = CGROUP_ROOT if root is None else Path(root)
+    try:
+        lines = (PROC_CGROUP if proc_cgroup is None else Path(proc_cgroup)).read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one hierarchy, mounted at the root
+            quotas += _along(root, path, _v2_quota)
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
+            mount = next((root / name for name in (controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu") if (root / name).is_dir()), None)
+            if mount is not None:
+                quotas += _along(mount, path, _v1_quota)
+    return min(quotas) if quotas else None
+
+
+def _along(mount: Path, path: str, read) -> list[float]:
+    """The quotas that ``read`` finds in the cgroup at ``path`` under ``mount`` and every cgroup above it. In a
+    container the mount is often the container's own cgroup, whose path is the host's: the mount itself is read too."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    folders = {mount} | {mount.joinpath(*parts[:n]) for n in range(1, len(parts) + 1)}
+    return [q for q in (read(f) for f in folders if f.is_dir()) if q is not None]
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else _ratio(quota, period)
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota, period = ((folder / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period"))
+    except OSError:
+        return None
+    return _ratio(quota, period)
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    try:
+        q, t = int(quota), int(period)
+    except ValueError:
+        return None
+    return q / t if q > 0 and t > 0 else None  # v1 writes -1 for no quota
+
+
+def match_threads() -> int | None:
+    """Torch's intra-op threads down to ``usable_cores()`` where they are more and nothing chose them
+    (no ``OMP_NUM_THREADS``); returns the new count, or None when nothing changed. Torch sizes its thread
+    team by the affinity and does not see a cgroup's quota. Only lowers: never starts more threads."""
+    if "OMP_NUM_THREADS" in os.environ or "torch" not in sys.modules:
+        return None
+    torch = sys.modules["torch"]
+    cores = usable_cores()
+    if torch.get_num_threads() <= cores:
+        return None
+    torch.set_num_threads(cores)
+    return cores
 
 
 def fork_context():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ardetect import tracking
 from ardetect.config import Config, ConfigError, load_config
+from ardetect.procs import match_threads
 from ardetect.tmpdirs import temp_dir_beside
 
 log = logging.getLogger("ardetect")
@@ -95,6 +96,9 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     half-written is left beside the outputs, and the MLflow run is closed as failed."""
     setup_logging()
     signal.signal(signal.SIGTERM, _terminated)
+    threads = match_threads()  # a cgroup's CPU quota below the cores torch counted (a container given fewer CPUs' time)
+    if threads is not None:
+        log.info("stage %s: %d intra-op threads, the CPU quota this process has (set OMP_NUM_THREADS to choose)", name, threads)
     try:
         cfg = load_config("params.yaml")
     except ConfigError as err:
