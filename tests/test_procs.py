@@ -96,37 +96,46 @@ def test_usable_cores_round_a_quota_up_and_never_exceed_the_affinity(monkeypatch
 
 
 STAGE = textwrap.dedent("""
+    import os, subprocess, sys
     from pathlib import Path
-    import torch
     from ardetect import procs
     from ardetect.stages.common import run_stage
 
     procs.CGROUP_ROOT, procs.PROC_CGROUP = Path("fs"), Path("cgroup")  # a container given one CPU's time
-    torch.set_num_threads(2)  # as torch would count two cores
+    procs._affinity_cores = lambda: 2  # on a machine of two cores or more
+    if sys.argv[1] == "before":  # a stage module that imports torch at its top
+        import torch
+        torch.set_num_threads(2)  # as torch would count two cores
 
     def body(cfg):
+        import torch  # a stage that imports it in its body: torch counts from the environment
         Path("threads").write_text(str(torch.get_num_threads()))
+        child = "import torch; print(torch.get_num_threads(), end='')"  # a process the stage starts
+        Path("child").write_text(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
         return {}
 
     run_stage("probe", body, lambda cfg: {})
 """)
 
 
+@pytest.mark.parametrize("imported", ["before", "in the body"])
 @pytest.mark.parametrize("chosen", [None, "2"])
-def test_a_stage_takes_the_quota_as_its_threads_unless_the_user_chose(tmp_path, chosen):
+def test_a_stage_takes_the_quota_as_its_threads_unless_the_user_chose(tmp_path, chosen, imported):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(REPO / "profiles", tmp_path / "profiles")
     _write(tmp_path / "cgroup", "0::/\n")
     _write(tmp_path / "fs" / "cpu.max", "100000 100000\n")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(REPO / "src"), **({"OMP_NUM_THREADS": chosen} if chosen else {}))
-    done = subprocess.run([sys.executable, "-c", STAGE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", STAGE, imported], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     if chosen is None:
         assert (tmp_path / "threads").read_text() == "1"
+        assert (tmp_path / "child").read_text() == "1"
         assert "1 intra-op threads, the CPU quota" in done.stderr + done.stdout
     else:
         assert (tmp_path / "threads").read_text() == "2"
+        assert (tmp_path / "child").read_text() == "2"
         assert "CPU quota" not in done.stderr + done.stdout
 
 
@@ -157,3 +166,14 @@ def test_usable_cores_under_a_real_cgroup_quota():
         assert out.split() == ["0.5", "1"]
     finally:
         child.rmdir()  # its one process has ended
+
+
+def test_match_threads_changes_nothing_without_a_quota(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(procs, "cgroup_cpu_quota", lambda: None)
+    before = torch.get_num_threads()
+    assert procs.match_threads() is None
+    assert "OMP_NUM_THREADS" not in os.environ
+    assert torch.get_num_threads() == before

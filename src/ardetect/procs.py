@@ -23,11 +23,15 @@ def usable_cores() -> int:
     """The cores this process may run on: its CPU affinity where the platform reports one (a container's
     cpuset or `taskset` limits it below ``os.cpu_count()``, the machine's count), else ``os.cpu_count()``;
     and no more than its cgroup's CPU quota (``docker run --cpus 2``, a Kubernetes CPU limit), rounded up."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _affinity_cores()
     quota = cgroup_cpu_quota()
     if quota is not None:
         cores = min(cores, math.ceil(quota))
     return max(1, cores)
+
+
+def _affinity_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def cgroup_cpu_quota(root: Path | None = None, proc_cgroup: Path | None = None) -> float | None:
@@ -87,17 +91,21 @@ def _ratio(quota: str, period: str) -> float | None:
 
 
 def match_threads() -> int | None:
-    """Torch's intra-op threads down to ``usable_cores()`` where they are more and nothing chose them
-    (no ``OMP_NUM_THREADS``); returns the new count, or None when nothing changed. Torch sizes its thread
-    team by the affinity and does not see a cgroup's quota. Only lowers: never starts more threads."""
-    if "OMP_NUM_THREADS" in os.environ or "torch" not in sys.modules:
+    """Threads down to ``usable_cores()`` where a cgroup's CPU quota holds it below the affinity and nothing chose
+    them (no ``OMP_NUM_THREADS``): ``OMP_NUM_THREADS`` for a torch imported from here on and for every process this
+    one starts, and torch's intra-op threads if it is already imported. Torch sizes its thread team by the affinity
+    and does not see a quota. Returns the new count, or None when nothing changed; never raises a count."""
+    if "OMP_NUM_THREADS" in os.environ:
         return None
-    torch = sys.modules["torch"]
-    cores = usable_cores()
-    if torch.get_num_threads() <= cores:
-        return None
-    torch.set_num_threads(cores)
-    return cores
+    cores, changed = usable_cores(), None
+    if cores < _affinity_cores():
+        os.environ["OMP_NUM_THREADS"] = str(cores)
+        changed = cores
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() > cores:
+        torch.set_num_threads(cores)
+        changed = cores
+    return changed
 
 
 def fork_context():
