@@ -132,7 +132,7 @@ def test_a_stage_takes_the_quota_as_its_threads_unless_the_user_chose(tmp_path, 
     if chosen is None:
         assert (tmp_path / "threads").read_text() == "1"
         assert (tmp_path / "child").read_text() == "1"
-        assert "1 intra-op threads, the CPU quota" in done.stderr + done.stdout
+        assert "1 thread(s), the CPU quota" in done.stderr + done.stdout
     else:
         assert (tmp_path / "threads").read_text() == "2"
         assert (tmp_path / "child").read_text() == "2"

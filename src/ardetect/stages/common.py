@@ -98,7 +98,7 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     signal.signal(signal.SIGTERM, _terminated)
     threads = match_threads()  # a cgroup's CPU quota below the cores torch counted (a container given fewer CPUs' time)
     if threads is not None:
-        log.info("stage %s: %d intra-op threads, the CPU quota this process has (set OMP_NUM_THREADS to choose)", name, threads)
+        log.info("stage %s: %d thread(s), the CPU quota this process has (set OMP_NUM_THREADS to choose)", name, threads)
     try:
         cfg = load_config("params.yaml")
     except ConfigError as err:
