@@ -83,6 +83,11 @@ def test_cgroup_quota_unreadable_or_garbled_means_none(tmp_path):
     _write(tmp_path / "cgroup", "0::/\n")
     _write(tmp_path / "fs" / "cpu.max", "garbled\n")
     assert cgroup_cpu_quota(tmp_path / "fs", tmp_path / "cgroup") is None
+    _write(tmp_path / "fs" / "cpu.max", "-5 100000\n")
+    assert cgroup_cpu_quota(tmp_path / "fs", tmp_path / "cgroup") is None
+    _write(tmp_path / "cgroup", "not a cgroup line\n\n0::/\n")  # lines it cannot read are passed over
+    _write(tmp_path / "fs" / "cpu.max", "300000 100000\n")
+    assert cgroup_cpu_quota(tmp_path / "fs", tmp_path / "cgroup") == 3.0
 
 
 def test_usable_cores_round_a_quota_up_and_never_exceed_the_affinity(monkeypatch):

@@ -48,7 +48,10 @@ def cgroup_cpu_quota(root: Path | None = None, proc_cgroup: Path | None = None) 
         return None
     quotas = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:  # not a cgroup line: nothing to read from it
+            continue
+        _, controllers, path = fields
         if controllers == "":  # v2: one hierarchy, mounted at the root
             quotas += _along(root, path, _v2_quota)
         elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
