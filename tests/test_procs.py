@@ -4,6 +4,7 @@ cgroup's CPU quota), not the machine's."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,7 @@ def test_a_stage_takes_the_quota_as_its_threads_unless_the_user_chose(tmp_path, 
         assert (tmp_path / "threads").read_text() == "2"
         assert (tmp_path / "child").read_text() == "2"
         assert "CPU quota" not in done.stderr + done.stdout
+    assert re.search(r"stage probe done in [\d.]+ s; peak memory \d+ MiB \(its largest child process \d+ MiB\)", done.stderr + done.stdout)
 
 
 def _writable_v1_cpu_cgroup() -> Path | None:
@@ -182,3 +184,14 @@ def test_match_threads_changes_nothing_without_a_quota(monkeypatch):
     assert procs.match_threads() is None
     assert "OMP_NUM_THREADS" not in os.environ
     assert torch.get_num_threads() == before
+
+
+def test_peak_memory_counts_the_process_and_its_largest_child():
+    """A child that holds 300 MiB shows as the largest child; this process's own peak is its own."""
+    own, child = procs.peak_memory_mib()
+    assert 20 < own < 64 * 1024
+    code = "import numpy as np; a = np.ones(300 * 2**20 // 8); print(a.sum() > 0)"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+    after_own, after_child = procs.peak_memory_mib()
+    assert after_child >= 300
+    assert after_own < own + 200  # the child's memory is not counted as this process's

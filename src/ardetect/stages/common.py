@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ardetect import tracking
 from ardetect.config import Config, ConfigError, load_config
-from ardetect.procs import match_threads
+from ardetect.procs import match_threads, peak_memory_mib
 from ardetect.tmpdirs import temp_dir_beside
 
 log = logging.getLogger("ardetect")
@@ -112,11 +112,14 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
         ):
             metrics = body(cfg) or {}
             metrics["stage_seconds"] = time.perf_counter() - start
+            metrics["peak_memory_mib"], metrics["peak_child_memory_mib"] = peak_memory_mib()
             tracking.log_metrics(metrics)
     except (StageError, ValueError, FileNotFoundError, NotImplementedError, FloatingPointError, tracking.TrackingUnreachable) as err:
         print(f"[{name}] FAILED: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    log.info("stage %s done in %.1f s", name, time.perf_counter() - start)
+    own, child = peak_memory_mib()
+    log.info("stage %s done in %.1f s; peak memory %.0f MiB%s", name, time.perf_counter() - start, own,
+             f" (its largest child process {child:.0f} MiB)" if child else "")
 
 
 def write_history(result, out: Path, artifact_path: str) -> None:
