@@ -111,15 +111,13 @@ def match_threads() -> int | None:
     return changed
 
 
-def peak_memory_mib() -> tuple[float, float]:
-    """(this process's peak resident memory, the largest peak of the processes it started and waited for: a data
-    stage's workers), in MiB; 0 where none ran. Forked workers share their parent's pages until they write them,
-    so the two do not add up to what the stage held at once."""
+def peak_memory_mib() -> float:
+    """This process's peak resident memory, MiB. Not its children's: a child's peak counts the pages it shared
+    with this process when forked (a ``git`` a library starts, a data stage's workers), so it tells little."""
     import resource
 
     unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    own, children = (resource.getrusage(who).ru_maxrss * unit / 2**20 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return own, children
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
 
 
 def fork_context():

@@ -112,14 +112,12 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
         ):
             metrics = body(cfg) or {}
             metrics["stage_seconds"] = time.perf_counter() - start
-            metrics["peak_memory_mib"], metrics["peak_child_memory_mib"] = peak_memory_mib()
+            metrics["peak_memory_mib"] = peak_memory_mib()
             tracking.log_metrics(metrics)
     except (StageError, ValueError, FileNotFoundError, NotImplementedError, FloatingPointError, tracking.TrackingUnreachable) as err:
         print(f"[{name}] FAILED: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    own, child = peak_memory_mib()
-    log.info("stage %s done in %.1f s; peak memory %.0f MiB%s", name, time.perf_counter() - start, own,
-             f" (its largest child process {child:.0f} MiB)" if child else "")
+    log.info("stage %s done in %.1f s; peak memory %.0f MiB", name, time.perf_counter() - start, peak_memory_mib())
 
 
 def write_history(result, out: Path, artifact_path: str) -> None:
