@@ -186,13 +186,31 @@ def test_match_threads_changes_nothing_without_a_quota(monkeypatch):
     assert torch.get_num_threads() == before
 
 
-def test_peak_memory_is_the_process_own_peak():
-    """A process that held 300 MiB reports at least that; one that did not, far less."""
-    code = ("import numpy as np; from ardetect.procs import peak_memory_mib; a = np.ones({n} * 2**20 // 8); a += 1; "
-            "del a; print(peak_memory_mib())")
+PEAK = textwrap.dedent("""
+    import subprocess, sys
+    import numpy as np
+    from ardetect.procs import peak_memory_mib
+    if sys.argv[1] == "parent":  # a large process (DVC, a test worker) starting a small one
+        big = np.ones(600 * 2**20 // 8)
+        big += 1
+        print(subprocess.run([sys.executable, __file__, "1"], capture_output=True, text=True, check=True).stdout, end="")
+    else:
+        a = np.ones(int(sys.argv[1]) * 2**20 // 8)
+        a += 1
+        del a
+        print(peak_memory_mib())
+""")
+
+
+def test_peak_memory_is_the_process_own_peak(tmp_path):
+    """A process that held 300 MiB reports at least that; one that did not, far less, even when a 600-MiB process
+    started it (``ru_maxrss`` would read the parent's size there)."""
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    held, idle = (float(subprocess.run([sys.executable, "-c", code.format(n=n)], check=True, capture_output=True, text=True,
-                                       env=env, timeout=120).stdout) for n in (300, 1))
+    held, idle, small_child = (float(subprocess.run([sys.executable, str(script), arg], check=True, capture_output=True, text=True,
+                                                    env=env, timeout=120).stdout) for arg in ("300", "1", "parent"))
     assert held >= 300
     assert idle < 200
+    assert small_child < 200
     assert procs.peak_memory_mib() > 0

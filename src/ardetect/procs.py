@@ -112,8 +112,15 @@ def match_threads() -> int | None:
 
 
 def peak_memory_mib() -> float:
-    """This process's peak resident memory, MiB. Not its children's: a child's peak counts the pages it shared
-    with this process when forked (a ``git`` a library starts, a data stage's workers), so it tells little."""
+    """This process's peak resident memory since it started its program, MiB: Linux's ``VmHWM``. ``ru_maxrss``
+    is not that: Linux keeps it across ``execve``, so a stage started by a large process (DVC, a test worker)
+    reads its parent's size at the fork; it serves only where ``/proc`` is missing. Children are not counted."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
     unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
