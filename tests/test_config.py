@@ -86,6 +86,17 @@ def test_out_of_range_values_are_named(path, value, pattern):
         load(raw)
 
 
+
+@pytest.mark.parametrize("name", ["train", "val", "test"])
+def test_a_split_of_no_share_is_refused_before_anything_runs(name):
+    """The pipeline trains on train, chooses checkpoints and the re-ranking's weights on val and evaluates
+    on test: a split given no share would fail only after the trainings (phase 1 without a val checkpoint)."""
+    raw = raw_params()
+    raw["tuples"]["split"] = {"train": 0.5, "val": 0.25, "test": 0.25, name: 0.0}
+    raw["tuples"]["split"][next(k for k in ("train", "val", "test") if k != name)] += 0.5 if name == "train" else 0.25
+    with pytest.raises(ConfigError, match=rf"tuples\.split.*{name}=0: every split needs concepts"):
+        load(raw)
+
 def test_distractor_bounds_ordered():
     raw = raw_params()
     raw["world"]["distractors"] = {"min_count": 3, "max_count": 1, "same_class_prob": 0.5}

@@ -188,6 +188,10 @@ class SplitConfig(_Section):
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split fractions train+val+test={total:.4f} must sum to 1")
+        for name, why in (("train", "the trainings"), ("val", "each training's checkpoint and the re-ranking's weights are chosen on it"),
+                          ("test", "the evaluation")):
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name}=0: every split needs concepts ({name}: {why}); give it a share above 0")
         return self
 
 
@@ -298,7 +302,7 @@ class PretrainConfig(_Section):
     epochs: int = Field(2, ge=0, description="0 = no pre-training: phase 1 starts from the built (random or model.pretrained) weights")
     classify_epochs: int = Field(
         5, ge=0, description="before detection: the image backbone classifies the training split's object crops (ours: the "
-        "ImageNet start GroundingDINO's Swin has); 0 = none",
+        "ImageNet start GroundingDINO's Swin has); 0 = none. A world of one base class has nothing to classify: passed over",
     )
     classify_crop: int = Field(64, ge=32, description="object crops' side, pixels")
     classify_batch_size: int = Field(64, ge=2)

@@ -304,3 +304,15 @@ def test_phase1_negatives_join_each_positive_without_targets(tiny_world, tmp_pat
     seen.clear()
     run_phase1(fast_config(train_phase1={"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 2}), tuples, root, tmp_path / "p0", resume=False)
     assert len(seen) == 1 and bool(seen[0].positive.all()) and len(seen[0].images) == 2  # the paper's phase 1: positives only
+
+
+def test_without_val_tuples_the_last_epoch_is_the_checkpoint(tiny_world, tmp_path, capsys):
+    """No val tuple to choose by (every val query set aside): each epoch's weights become best.pt in turn,
+    so the last is kept, with a line saying why; the run does not end without a checkpoint."""
+    tuples, root = tiny_world
+    tuples = tuples[tuples["split"] != "val"].reset_index(drop=True)
+    model, result = run_phase1(fast_config(train_phase1={"epochs": 2, "max_steps_per_epoch": 1}), tuples, root, tmp_path / "p1", resume=False)
+    assert "no val tuples to choose the checkpoint by: epoch 2 is kept" in capsys.readouterr().out
+    assert result.best_epoch == 2
+    best = load_model(tmp_path / "p1" / "best.pt")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in best.state_dict().items())

@@ -375,3 +375,19 @@ def test_saturated_class_loss_is_warned():
     started = saturated({"epoch": 2, "train_loss_class": 40.0}, 0.0625, -4.59512, 256, 1e-3)
     assert "pretrain.lr (now 0.001)" in started and "already starts unsaturated" in started and "model.overrides" not in started
     assert saturated({"epoch": 4}, 1.0, 0.0, 256, 1e-3) is None
+
+
+def test_a_world_of_one_base_class_pretrains_without_the_crop_classification(tiny_world, tmp_path, capsys):
+    """One base class leaves nothing for the crop classification or the region classifier to tell apart
+    (a classifier of one class is refused): both are passed over, with a line saying so, and the detection
+    epochs run."""
+    tuples, root = tiny_world
+    tuples = tuples.assign(base_class="cat")
+    objects = objects_of(tuples)
+    assert set(objects["base_class"]) == {"cat"}
+    model, history = run_pretrain(pretrain_config(epochs=1, max_steps_per_epoch=2), objects, tuples, root, tmp_path)
+    assert "one base class (cat): no class to tell apart" in capsys.readouterr().out
+    assert model.region_classifier is None
+    assert [r.get("epoch") for r in history] == [1]  # no classification epochs before the detection epoch
+    saved = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert not saved["model_config"].get("region_classes")

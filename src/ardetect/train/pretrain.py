@@ -330,7 +330,12 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
     torch.manual_seed(p.seed)
     model = build_model(cfg)
     vocabulary = sorted(objects["base_class"].astype(str).unique())
-    if p.epochs > 0 and p.classify_epochs > 0:  # the crop classification becomes the region classifier (its weights: classify_step)
+    classify = p.epochs > 0 and p.classify_epochs > 0
+    if classify and len(vocabulary) < 2:
+        print(f"[pretrain] one base class ({', '.join(vocabulary) or 'none'}): no class to tell apart, so no crop classification and "
+              f"no region classifier (pretrain.classify_epochs={p.classify_epochs} is passed over)")
+        classify = False
+    if classify:  # the crop classification becomes the region classifier (its weights: classify_step)
         model.add_region_classifier(vocabulary, p.classify_crop)
     device = resolve_device(cfg.model.device)
     model.to(device).set_phase(1)
@@ -365,7 +370,7 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
                 print(f"[pretrain] {latest} is from another run (fingerprint {ck.get('fingerprint')} != {fingerprint}): starting afresh")
             else:
                 print(f"[pretrain] {latest} lacks the region classifier's weights (written by an earlier version): starting afresh")
-        if p.classify_epochs and not resumed:
+        if classify and not resumed:
             history = classify_step(model, p, objects, images, tuples, data_root, vocabulary, out_dir / "classify.pt", fingerprint, resume)
         n_steps = math.ceil(len(ds) / p.batch_size)
         if p.max_steps_per_epoch is not None:
