@@ -49,6 +49,8 @@ def test_unknown_section_is_named():
         (("world", "n_concepts"), 1, r"world\.n_concepts.*greater than or equal to 3.*got 1"),
         (("world", "image_size"), 20, r"world\.image_size.*got 20"),
         (("world", "placeholder"), "V*", r"world\.placeholder.*exactly one"),
+        (("world", "base_classes"), [], r"world\.base_classes.*name at least one class, or null"),
+        (("world", "base_classes"), ["cat", "car", "cat"], r"world\.base_classes.*\['cat'\] twice"),
         (("world", "object_scale"), [0.6, 0.2], r"world\.object_scale"),
         (("world", "distractors", "same_class_prob"), 1.5, r"world\.distractors\.same_class_prob.*got 1\.5"),
         (("world", "distractors", "scale"), [0.5, 0.1], r"world\.distractors.*scale=\[0\.5, 0\.1\]"),

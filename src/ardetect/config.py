@@ -85,6 +85,15 @@ class WorldConfig(_Section):
     distractors: DistractorConfig = DistractorConfig()
     workers: int = Field(0, ge=0, description="worker processes; 0 = every core this process may use (its CPU affinity, and no more than its CPU quota)")
 
+    @field_validator("base_classes")
+    @classmethod
+    def _base_classes(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("base_classes=[]: name at least one class, or null for every shape family")
+        if v is not None and len(set(v)) < len(v):
+            raise ValueError(f"base_classes={v} names {sorted({c for c in v if v.count(c) > 1})} twice: name each class once")
+        return v
+
     @field_validator("placeholder")
     @classmethod
     def _placeholder(cls, v: str) -> str:
