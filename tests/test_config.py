@@ -88,16 +88,19 @@ def test_out_of_range_values_are_named(path, value, pattern):
         load(raw)
 
 
-
-@pytest.mark.parametrize("name", ["train", "val", "test"])
-def test_a_split_of_no_share_is_refused_before_anything_runs(name):
+@pytest.mark.parametrize("name, split", [
+    ("train", {"train": 0.0, "val": 0.5, "test": 0.5}),
+    ("val", {"train": 0.9, "val": 0.0, "test": 0.1}),
+    ("test", {"train": 0.9, "val": 0.1, "test": 0.0}),
+])
+def test_a_split_of_no_share_is_refused_before_anything_runs(name, split):
     """The pipeline trains on train, chooses checkpoints and the re-ranking's weights on val and evaluates
     on test: a split given no share would fail only after the trainings (phase 1 without a val checkpoint)."""
     raw = raw_params()
-    raw["tuples"]["split"] = {"train": 0.5, "val": 0.25, "test": 0.25, name: 0.0}
-    raw["tuples"]["split"][next(k for k in ("train", "val", "test") if k != name)] += 0.5 if name == "train" else 0.25
+    raw["tuples"]["split"] = split
     with pytest.raises(ConfigError, match=rf"tuples\.split.*{name}=0: every split needs concepts"):
         load(raw)
+
 
 def test_distractor_bounds_ordered():
     raw = raw_params()

@@ -248,9 +248,10 @@ def _run(
         state.epoch, state.step = epoch + 1, 0
         metric = record.get("val_select", -math.inf)  # the score the model is read with (validation_metrics)
         if rank == 0:
-            if "val_select" not in record:  # no val tuples to choose by: the last epoch is the checkpoint
+            unchosen = "val_select" not in record  # no val tuples to choose by: the last epoch is the checkpoint
+            if unchosen:
                 print(f"[phase {phase}] no val tuples to choose the checkpoint by: epoch {epoch + 1} is kept as the latest")
-            if metric > state.best or "val_select" not in record:
+            if unchosen or metric > state.best:
                 state.best, state.best_epoch = metric, epoch + 1
                 save_atomic({**model_file_state(model), **meta, "epoch": epoch + 1, "metric": metric}, best_path)
             checkpoint()
