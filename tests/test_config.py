@@ -51,6 +51,7 @@ def test_unknown_section_is_named():
         (("world", "placeholder"), "V*", r"world\.placeholder.*exactly one"),
         (("world", "base_classes"), [], r"world\.base_classes.*name at least one class, or null"),
         (("world", "base_classes"), ["cat", "car", "cat"], r"world\.base_classes.*\['cat'\] twice"),
+        (("world", "base_classes"), ["cat", "unicorn"], r"world\.base_classes.*\['unicorn'\] not among the world's shape families"),
         (("world", "object_scale"), [0.6, 0.2], r"world\.object_scale"),
         (("world", "distractors", "same_class_prob"), 1.5, r"world\.distractors\.same_class_prob.*got 1\.5"),
         (("world", "distractors", "scale"), [0.5, 0.1], r"world\.distractors.*scale=\[0\.5, 0\.1\]"),

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ardetect.data.classes import WORLD_CLASSES
+
 PROFILES = ("default", "smoke", "paper", "tiny_real")
 
 
@@ -92,6 +94,9 @@ class WorldConfig(_Section):
             raise ValueError("base_classes=[]: name at least one class, or null for every shape family")
         if v is not None and len(set(v)) < len(v):
             raise ValueError(f"base_classes={v} names {sorted({c for c in v if v.count(c) > 1})} twice: name each class once")
+        unknown = [c for c in v or () if c not in WORLD_CLASSES]
+        if unknown:
+            raise ValueError(f"base_classes={v}: {unknown} not among the world's shape families {list(WORLD_CLASSES)}")
         return v
 
     @field_validator("placeholder")

@@ -1,4 +1,5 @@
-"""Base classes and their template groups (ARD supplement C, table 6), and the COCO classes.
+"""Base classes and their template groups: the synthetic world's shape families, ARD supplement C's
+table 6, and the COCO classes.
 
 ``LVIS_GROUP_CLASSES`` is table 6 as printed: LVIS category names per template group. The
 printed table ends before its ``misc_objects`` row, so every LVIS class it does not list falls in
@@ -9,6 +10,20 @@ for every class); their group is looked up by name in table 6.
 from __future__ import annotations
 
 import re
+
+# The synthetic world's base classes (shape families) and their template group.
+WORLD_CLASSES: dict[str, str] = {
+    "cat": "living_creatures", "dog": "living_creatures", "bird": "living_creatures", "fish": "living_creatures",
+    "hat": "wearables", "shoe": "wearables",
+    "chair": "furniture_decor", "lamp": "furniture_decor", "vase": "furniture_decor", "clock": "furniture_decor",
+    "hammer": "tools_objects", "key": "tools_objects",
+    "car": "transportation", "boat": "transportation", "bicycle": "transportation",
+    "phone": "tech_electronics", "camera": "tech_electronics",
+    "mug": "food_drink", "bottle": "food_drink", "apple": "food_drink",
+    "tree": "outdoor_nature", "flower": "outdoor_nature",
+    "ball": "sports_play", "kite": "sports_play",
+    "book": "misc_objects", "umbrella": "misc_objects",
+}
 
 LVIS_GROUP_CLASSES: dict[str, tuple[str, ...]] = {
     "living_creatures": (

@@ -23,24 +23,12 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from ardetect.config import WorldConfig
+from ardetect.data.classes import WORLD_CLASSES
 from ardetect.data.schema import EXEMPLAR_COLUMNS, GENERATED_COLUMNS, OBJECT_COLUMNS
 from ardetect.data.templates import SCENES, Template, fill, templates_for
 from ardetect.data.world_scenes import background, stylize
 from ardetect.data.world_shapes import MARK_REGION, SHAPES
 from ardetect.procs import fork_context, reset_signals, usable_cores
-
-WORLD_CLASSES: dict[str, str] = {
-    "cat": "living_creatures", "dog": "living_creatures", "bird": "living_creatures", "fish": "living_creatures",
-    "hat": "wearables", "shoe": "wearables",
-    "chair": "furniture_decor", "lamp": "furniture_decor", "vase": "furniture_decor", "clock": "furniture_decor",
-    "hammer": "tools_objects", "key": "tools_objects",
-    "car": "transportation", "boat": "transportation", "bicycle": "transportation",
-    "phone": "tech_electronics", "camera": "tech_electronics",
-    "mug": "food_drink", "bottle": "food_drink", "apple": "food_drink",
-    "tree": "outdoor_nature", "flower": "outdoor_nature",
-    "ball": "sports_play", "kite": "sports_play",
-    "book": "misc_objects", "umbrella": "misc_objects",
-}
 
 TEXTURES = ("solid", "stripes", "dots", "checker", "gradient", "rings", "zigzag")
 MARK_SHAPES = ("circle", "square", "triangle", "cross", "diamond")
