@@ -53,6 +53,39 @@ def test_lvis_layout_and_bad_files(tmp_path):
         read_candidates(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(images={"7": {}}), r"'images' is a dict, not a list"),
+        (lambda d: d["annotations"][1].pop("bbox"), r"entry 1 of 'annotations' has no 'bbox' key"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, 10]), r"entry 0 of 'annotations' is malformed: not enough values"),
+        (lambda d: d["annotations"][0].update(category_id=None), r"entry 0 of 'annotations' is malformed"),
+        (lambda d: d["categories"][0].pop("name"), r"entry 0 of 'categories' has no 'name' key"),
+        (lambda d: d["images"][0].pop("width"), r"the entry of image id 7 of 'images' has no 'width' key"),
+        (lambda d: d["images"][0].pop("coco_url"), r"image 7 of the annotation file has neither file_name nor coco_url"),
+    ],
+    ids=["images-not-a-list", "no-bbox", "short-bbox", "null-category", "nameless-category", "no-width", "no-file-name"],
+)
+def test_a_malformed_entry_is_named_with_its_list_and_position(tmp_path, change, message):
+    doc = {
+        "images": [{"id": 7, "coco_url": "http://x/000000000007.jpg", "width": 64, "height": 48}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 3, "bbox": [1, 2, 10, 20]},
+            {"id": 2, "image_id": 7, "category_id": 3, "bbox": [30, 2, 20, 20]},
+            {"id": 3, "image_id": 7, "category_id": 3, "bbox": [5, 5, 0, 20], "area": 9999},  # degenerate: passed over
+        ],
+        "categories": [{"id": 3, "name": "bat_(animal)"}],
+    }
+    p = tmp_path / "instances.json"
+    p.write_text(json.dumps(doc))
+    (c,) = read_candidates(p)
+    assert c.annotation_id == 2  # the degenerate third box, its recorded area the largest, is no candidate
+    change(doc)
+    p.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"exemplars\.real\.annotations=.*instances\.json.*" + message):
+        read_candidates(p)
+
+
 def _check_record(res, root):
     t, o = res.table, res.objects
     assert list(t.columns) == list(EXEMPLAR_COLUMNS) and list(o.columns) == list(OBJECT_COLUMNS)

@@ -42,6 +42,22 @@ def _file_name(img: dict) -> str:
     raise ValueError(f"image {img.get('id')!r} of the annotation file has neither file_name nor coco_url")
 
 
+class _entry:
+    """Turns a malformed entry of the annotation file into an error naming the file, the list and the entry."""
+
+    def __init__(self, where: str, key: str):
+        self.where, self.key, self.entry = where, key, "?"
+
+    def __enter__(self) -> _entry:
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if kind in (KeyError, TypeError, ValueError) and not str(err).startswith(self.where):
+            what = f"has no {err} key" if kind is KeyError else f"is malformed: {err}"
+            raise ValueError(f"{self.where}: {self.entry} of {self.key!r} {what}") from None
+        return False
+
+
 def read_candidates(annotations: str | Path, field: str = "exemplars.real.annotations") -> list[Candidate]:
     """Every (image, category) pair with at least one non-crowd instance, largest instance first per pair."""
     path = Path(annotations)
@@ -51,27 +67,44 @@ def read_candidates(annotations: str | Path, field: str = "exemplars.real.annota
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{field}={str(annotations)!r} is not valid JSON: {err}") from None
+    where = f"{field}={str(annotations)!r}"
     for key in ("images", "annotations", "categories"):
-        if key not in doc:
-            raise ValueError(f"{field}={str(annotations)!r} has no {key!r} list; a COCO or LVIS instances file is needed")
-    cats = {int(c["id"]): str(c["name"]) for c in doc["categories"]}
-    imgs = {int(i["id"]): i for i in doc["images"]}
+        if not isinstance(doc, dict) or key not in doc:
+            raise ValueError(f"{where} has no {key!r} list; a COCO or LVIS instances file is needed")
+        if not isinstance(doc[key], list):
+            raise ValueError(f"{where}: {key!r} is a {type(doc[key]).__name__}, not a list")
+    cats: dict[int, str] = {}
+    with _entry(where, "categories") as at:
+        for k, c in enumerate(doc["categories"]):
+            at.entry = f"entry {k}"
+            cats[int(c["id"])] = str(c["name"])
+    imgs: dict[int, dict] = {}
+    with _entry(where, "images") as at:
+        for k, i in enumerate(doc["images"]):
+            at.entry = f"entry {k}"
+            imgs[int(i["id"])] = i
     best: dict[tuple[int, int], dict] = {}
-    for a in doc["annotations"]:
-        if a.get("iscrowd", 0):
-            continue
-        key = (int(a["image_id"]), int(a["category_id"]))
-        area = float(a.get("area", a["bbox"][2] * a["bbox"][3]))
-        if key not in best or area > best[key]["_area"]:
-            best[key] = {**a, "_area": area}
+    with _entry(where, "annotations") as at:
+        for k, a in enumerate(doc["annotations"]):
+            at.entry = f"entry {k}"
+            if a.get("iscrowd", 0):
+                continue
+            key = (int(a["image_id"]), int(a["category_id"]))
+            x, y, w, h = (float(v) for v in a["bbox"])
+            if not (np.isfinite([x, y, w, h]).all() and w > 0 and h > 0):
+                continue  # a degenerate box names no instance to crop (COCO files hold a few)
+            area = float(a.get("area", w * h))
+            if key not in best or area > best[key]["_area"]:
+                best[key] = {**a, "_area": area, "_box": (x, y, x + w, y + h)}
     out = []
-    for (image_id, cat_id), a in sorted(best.items()):
-        img = imgs.get(image_id)
-        if img is None or cat_id not in cats:
-            continue
-        x, y, w, h = (float(v) for v in a["bbox"])
-        out.append(Candidate(image_id, _file_name(img), int(img["width"]), int(img["height"]), cats[cat_id],
-                             int(a["id"]), (x, y, x + w, y + h)))
+    with _entry(where, "images") as at:
+        for (image_id, cat_id), a in sorted(best.items()):
+            img = imgs.get(image_id)
+            if img is None or cat_id not in cats:
+                continue
+            at.entry = f"the entry of image id {image_id}"
+            out.append(Candidate(image_id, _file_name(img), int(img["width"]), int(img["height"]), cats[cat_id],
+                                 int(a["id"]), a["_box"]))
     return out
 
 
