@@ -33,13 +33,13 @@ MIN_FREE_GB ?= 8
 
 $(STAMP): pyproject.toml
 	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
-	if [ ! -x $(BIN)/python ] && [ "$$free" -lt $(MIN_FREE_GB) ]; then \
+	if [ ! -x "$(BIN)/python" ] && [ "$$free" -lt $(MIN_FREE_GB) ]; then \
 	  echo "cannot set up $(VENV): $$free GB free on $$(df -P . | awk 'NR==2 {print $$6}'), the environment needs about $(MIN_FREE_GB) GB (MIN_FREE_GB)"; exit 1; fi
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@test -x "$(BIN)/python" || $(PYTHON) -m venv $(VENV)
+	"$(BIN)/python" -m pip install -q --upgrade pip
+	"$(BIN)/python" -m pip install -q -e '.[dev]'
 	@# onnxruntime-gpu owns the onnxruntime module; plain onnxruntime must never sit beside it
-	@! $(BIN)/python -m pip show -q onnxruntime 2>/dev/null || { echo "plain onnxruntime is installed beside onnxruntime-gpu"; exit 1; }
+	@! "$(BIN)/python" -m pip show -q onnxruntime 2>/dev/null || { echo "plain onnxruntime is installed beside onnxruntime-gpu"; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP)

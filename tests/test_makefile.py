@@ -1,4 +1,5 @@
-"""The Makefile's set-up refuses a disk too full for the environment up front, naming the space and the need."""
+"""The Makefile's set-up: it refuses a disk too full for the environment up front, naming the space and the need,
+and it works from a folder whose path holds a space."""
 
 from __future__ import annotations
 
@@ -28,3 +29,22 @@ def test_install_refuses_a_disk_without_room_for_the_environment(tmp_path):
 
     passed = install(0)  # room enough: the check lets the set-up go on, which then fails at `false -m venv`
     assert passed.returncode != 0 and "cannot set up" not in passed.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_install_runs_from_a_path_with_a_space(tmp_path):
+    root = tmp_path / "my projects" / "ardetect"
+    root.mkdir(parents=True)
+    shutil.copy(REPO / "Makefile", root / "Makefile")
+    (root / "pyproject.toml").write_text("")
+    # a stand-in for the venv's python: logs each call; `pip show onnxruntime` finds nothing, as on a good set-up
+    log = tmp_path / "calls.log"
+    fake = root / ".venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\ncase "$*" in *" show "*) exit 1;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    done = subprocess.run(["make", "install", "MIN_FREE_GB=0"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = log.read_text().splitlines()
+    assert calls == ["-m pip install -q --upgrade pip", "-m pip install -q -e .[dev]", "-m pip show -q onnxruntime"]
+    assert (root / ".venv" / ".installed-stamp").is_file()
