@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import pytest
 from ardetect import tracking
 from ardetect.pipeline import OutputRelay, collate, headline_metrics, repro_stage, repro_with_retries, stages_in_order
 from ardetect.stages import STAGES
+from ardetect.tmpdirs import current_umask
 
 from workspace import BIN, _git, dvc, make_workspace, run_env
 
@@ -253,6 +255,23 @@ def test_pipeline_outputs_and_up_to_date(piped):
 
     versions = list_versions(f"sqlite:///{ws / 'mlflow.db'}")
     assert list(versions["version"]) == [1] and versions.iloc[0]["aliases"] == "champion"
+
+
+@pytest.mark.slow
+def test_what_the_pipeline_writes_is_as_readable_as_the_umask_lets_it(piped):
+    # written atomically (a temp file or folder, then a rename), the outputs were 0600 and their folders 0700 whatever
+    # the umask: another user (a service, a container, a colleague) could not read metrics.json or the checkpoints
+    ws = piped[0]
+    read, enter = 0o444 & ~current_umask(), 0o111 & ~current_umask()
+    unreadable = []
+    for top in ("data", "models", "reports", "mlruns"):
+        for path in [ws / top, *(ws / top).rglob("*")]:
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            want = read | enter if path.is_dir() else read
+            if not stat.S_ISLNK(path.lstat().st_mode) and mode & want != want:
+                unreadable.append(f"{path.relative_to(ws)} {oct(mode)}")
+    assert len(list((ws / "models").rglob("*.pt"))) >= 3 and (ws / "reports/metrics.json").is_file()
+    assert not unreadable, unreadable
 
 
 def _leaves(d) -> int:

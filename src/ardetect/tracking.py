@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from ardetect.tmpdirs import replaced_atomically
 
 PARENT_ENV = "ARD_MLFLOW_PARENT_RUN_ID"
 
@@ -224,16 +225,9 @@ def log_dict(data: Mapping[str, Any], name: str) -> None:
 def write_json_atomic(data: Any, path: str | Path) -> Path:
     """Write JSON through a temp file in the same folder, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replaced_atomically(path) as tmp, open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
     return path
 
 

@@ -89,7 +89,7 @@ from ardetect.data.schema import (
     TUPLE_COLUMNS,
 )
 from ardetect.procs import fork_context, reset_signals, usable_cores
-from ardetect.tmpdirs import temp_dir_beside
+from ardetect.tmpdirs import replaced_atomically, temp_dir_beside
 
 __all__ = [
     "FAMILIES",
@@ -1562,12 +1562,6 @@ def _md_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _write_text_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replaced_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
     return path

@@ -7,11 +7,11 @@ Boxes at rest are absolute pixel ``xyxy`` floats, stored as a list of 4 floats.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from ardetect.tmpdirs import replaced_atomically
 
 BOX_PARTS = ("x0", "y0", "x1", "y1")
 
@@ -131,15 +131,8 @@ def expand_boxes(df: pd.DataFrame, column: str) -> pd.DataFrame:
 def write_parquet_atomic(df: pd.DataFrame, path: str | Path) -> Path:
     """Write ``df`` to ``path`` through a temp file in the same folder, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with replaced_atomically(path) as tmp:
         df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -9,9 +9,9 @@ from an annotation and finds the box itself with GroundingDINO.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from ardetect.tmpdirs import replaced_atomically
 
 # (scikit-image data file, COCO category, xyxy box in the file's pixels)
 SAMPLE_PHOTOS: tuple[tuple[str, str, tuple[float, float, float, float]], ...] = (
@@ -71,10 +71,8 @@ def write_sample_coco(out: str | Path, max_side: int = 128, photos=SAMPLE_PHOTOS
         "categories": [{"id": cat_id[n], "name": n, "supercategory": "object"} for n in names],
     }
     ann = out / "annotations.json"
-    fd, tmp = tempfile.mkstemp(prefix=".annotations.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w") as f:
+    with replaced_atomically(ann) as tmp, open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
-    os.replace(tmp, ann)
     return {"annotations": ann, "images": img_dir}
 
 

@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from ardetect.tmpdirs import temp_dir_beside
+from ardetect.tmpdirs import replaced_atomically, temp_dir_beside
 
 # segment-anything's pixel statistics (ImageNet, 0-255), as in its builders
 SAM_PIXEL_MEAN = [123.675, 116.28, 103.53]
@@ -195,14 +194,8 @@ def write_tiny_sam(out: str | Path, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     sam = build_sam("vit_tiny")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # through a file object: the same bytes for the same seed (see train.engine.save_atomic)
-            torch.save(sam.state_dict(), f)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replaced_atomically(out) as tmp, open(tmp, "wb") as f:  # a file object: the same bytes for the same seed (see train.engine.save_atomic)
+        torch.save(sam.state_dict(), f)
     return out
 
 

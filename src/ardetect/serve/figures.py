@@ -3,13 +3,12 @@ region (red) and, for the query's true training image when it is known, that ima
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from ardetect.serve.images import draw_boxes, open_image
+from ardetect.tmpdirs import replaced_atomically
 
 TILE = 192
 CAPTION = 30
@@ -40,8 +39,6 @@ def result_grid(query: Image.Image, box, results: list[dict], index, out: Path, 
         sheet.paste(t, ((i % cols) * (TILE + 6), (i // cols) * (TILE + CAPTION + 6)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with replaced_atomically(out, suffix=".png") as tmp:
+        sheet.save(tmp, format="PNG")
     return out

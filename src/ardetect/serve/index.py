@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ardetect.serve.images import IMAGE_SUFFIXES, open_image
-from ardetect.tmpdirs import temp_dir_beside
+from ardetect.tmpdirs import replaced_atomically, temp_dir_beside
 
 INDEX_FORMAT = 2
 ENCODER_ARRAYS = ("features", "region_map")  # what every image encoder gives; ``index.json`` "arrays" lists any more
@@ -155,16 +154,10 @@ def _plan_key(fingerprint: str, root: Path, entries: list[ImageEntry], chunk: in
 
 
 def _save_atomic_npz(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def build_index(model, root: Path, entries: list[ImageEntry], out: Path, examples: pd.DataFrame | None = None,
@@ -228,7 +221,6 @@ def _assemble(work: Path, out: Path, entries, n_chunks: int, root: Path, fingerp
     first = np.load(work / "chunk-00000.npz")
     n = len(entries)
     tmp = temp_dir_beside(out)
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the index from a service running as another user
     try:
         arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=np.float32, shape=(n, *first[k].shape[1:]))
                   for k in first.files if k != "sizes"}

@@ -131,7 +131,6 @@ def _fetch_version(name: str, version: str, entry: Path) -> Path:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir_beside(entry)
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache (ARD_MODEL_CACHE) from a service run as another user
     except OSError as err:
         raise ExportError(f"model cache {entry.parent}: cannot write there ({err.strerror}); "
                           "set ARD_MODEL_CACHE to a writable folder") from None

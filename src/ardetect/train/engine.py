@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torchvision.ops import box_convert, box_iou
 
 from ardetect.data.datasets import NegativeSampler, Sample, TupleDataset
 from ardetect.devices import to_device
+from ardetect.tmpdirs import replaced_atomically
 from ardetect.train.losses import SetCriterion
 from ardetect.train.matcher import Target
 
@@ -257,15 +257,8 @@ def save_atomic(obj, path: Path) -> Path:
     a changed output, and re-run every stage after it); through a file object the root is
     always ``archive``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return path
 
 
