@@ -36,7 +36,7 @@ def _pipeline_run(root, uri, seed: int, ard: float, abc: float, ran: list[str]) 
     params = {"profile": "smoke", "world": {"seed": seed, "n_concepts": 20}, "evaluate": {"max_queries": None}}
     with tracking.pipeline_run(EXPERIMENT, uri, run_name="pipeline [smoke]", tags={"ard.profile": "smoke"}, params=params) as run:
         with tracking.stage_run("tuples", EXPERIMENT, uri):
-            tracking.log_metrics({"tuples": 40, "stage_seconds": 1.5, "peak_memory_mib": 812.4})
+            tracking.log_metrics({"tuples": 40, "stage_seconds": 1.5, "peak_memory_mib": 812.4, "peak_child_memory_mib": 350.2})
         up = [s for s in STAGES if s not in ran]
         record_parent_run([StageOutcome("evaluate", 0, ran=ran, up_to_date=up)], root, 100.0 + seed, STAGES)
     return run.info.run_id
@@ -146,9 +146,9 @@ def test_list_stage_runs_and_limit(store):
     _, a, b = store
     out = ard("runs", "list", "--stage", "tuples", "--params", str(REPO / "params.yaml")).output
     header = next(line for line in out.splitlines() if "stage" in line and "secs" in line)
-    assert re.findall(r"\S+", header) == ["run", "stage", "status", "start", "secs", "MiB", "parent"]
+    assert re.findall(r"\S+", header) == ["run", "stage", "status", "start", "secs", "MiB", "worker", "parent"]
     rows = [line for line in out.splitlines() if " tuples " in line]
-    assert len(rows) == 2 and all(r.split()[-3:-1] == ["1.5", "812"] for r in rows)
+    assert len(rows) == 2 and all(r.split()[-4:-1] == ["1.5", "812", "350"] for r in rows)
     assert {r.split()[-1] for r in rows} == {a[:8], b[:8]}  # each under its parent run
     one = ard("runs", "list", "--limit", "1", "--params", str(REPO / "params.yaml")).output
     assert b[:8] in one and a[:8] not in one

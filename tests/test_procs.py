@@ -143,7 +143,9 @@ def test_a_stage_takes_the_quota_as_its_threads_unless_the_user_chose(tmp_path, 
         assert (tmp_path / "threads").read_text() == "2"
         assert (tmp_path / "child").read_text() == "2"
         assert "CPU quota" not in done.stderr + done.stdout
-    assert re.search(r"stage probe done in [\d.]+ s; peak memory \d+ MiB\n", done.stderr + done.stdout)
+    # the body's child process ended before the stage did: its peak is given beside the stage's own
+    assert re.search(r"stage probe done in [\d.]+ s; peak memory \d+ MiB \(its largest worker process \d+ MiB\)\n",
+                     done.stderr + done.stdout)
 
 
 def _writable_v1_cpu_cgroup() -> Path | None:
@@ -214,3 +216,31 @@ def test_peak_memory_is_the_process_own_peak(tmp_path):
     assert idle < 200
     assert small_child < 200
     assert procs.peak_memory_mib() > 0
+
+
+CHILD_PEAK = textwrap.dedent("""
+    from ardetect.procs import fork_context, peak_child_memory_mib, peak_memory_mib
+
+    def work(mib):
+        import numpy as np
+        a = np.ones(mib * 2**20 // 8)
+        a += 1
+        return 0
+
+    if __name__ == "__main__":
+        before = peak_child_memory_mib()
+        with fork_context().Pool(2) as pool:
+            pool.map(work, [300, 20], chunksize=1)
+        print(before, peak_child_memory_mib(), peak_memory_mib())
+""")
+
+
+def test_the_largest_worker_peak_is_read_after_the_pool_ends(tmp_path):
+    """A data stage's forked workers are not in its own peak: the largest worker's is read apart (300 MiB held)."""
+    script = tmp_path / "workers.py"
+    script.write_text(CHILD_PEAK)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    before, child, own = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True, env=env,
+                                        timeout=120).stdout.split()
+    assert before == "None"  # no child had ended yet
+    assert float(child) >= 300 and float(own) < 200

@@ -164,13 +164,14 @@ def runs_list(
             table.add_column(name, no_wrap=name != "start")
         table.add_column("secs", justify="right", no_wrap=True)
         table.add_column("MiB", justify="right", no_wrap=True)  # the stage process's peak resident memory
+        table.add_column("worker", justify="right", no_wrap=True)  # its largest worker process's, MiB ("-": none)
         table.add_column("parent", no_wrap=True)
         for _, row in df.iterrows():
             parent = row.get("tags.mlflow.parentRunId")
             cells = (
                 row["run_id"][:8], _cell(row, "tags.ard.stage"), _cell(row, "status"), _start(row.get("start_time")),
                 _cell(row, "metrics.stage_seconds", "{:.1f}"), _cell(row, "metrics.peak_memory_mib", "{:.0f}"),
-                parent[:8] if isinstance(parent, str) and parent else "-",
+                _cell(row, "metrics.peak_child_memory_mib", "{:.0f}"), parent[:8] if isinstance(parent, str) and parent else "-",
             )
             table.add_row(*(Text(c) for c in cells))  # Text: a name like "pipeline [smoke]" is not markup
     else:

@@ -127,6 +127,18 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
 
 
+def peak_child_memory_mib() -> float | None:
+    """The largest peak resident memory of this process's finished children (a data stage's worker pool), MiB, or
+    None when none has ended. Linux's ``ru_maxrss`` of ``RUSAGE_CHILDREN``: the largest one child's (and its own
+    children's), not their sum; a forked worker's counts the pages it still shares with the stage that forked it."""
+    import resource
+
+    if sys.platform == "darwin":
+        return None  # bytes there, and forks are not the default start method
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return peak / 1024 if peak > 0 else None
+
+
 def fork_context():
     """The ``fork`` start method where the platform has it (workers inherit the loaded modules), else its default."""
     methods = multiprocessing.get_all_start_methods()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ardetect import tracking
 from ardetect.config import Config, ConfigError, load_config
-from ardetect.procs import match_threads, peak_memory_mib
+from ardetect.procs import match_threads, peak_child_memory_mib, peak_memory_mib
 from ardetect.tmpdirs import temp_dir_beside
 
 log = logging.getLogger("ardetect")
@@ -113,11 +113,16 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
             metrics = body(cfg) or {}
             metrics["stage_seconds"] = time.perf_counter() - start
             metrics["peak_memory_mib"] = peak_memory_mib()
+            child = peak_child_memory_mib()
+            if child is not None:
+                metrics["peak_child_memory_mib"] = child
             tracking.log_metrics(metrics)
     except (StageError, ValueError, FileNotFoundError, NotImplementedError, FloatingPointError, tracking.TrackingUnreachable) as err:
         print(f"[{name}] FAILED: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    log.info("stage %s done in %.1f s; peak memory %.0f MiB", name, time.perf_counter() - start, peak_memory_mib())
+    child = peak_child_memory_mib()
+    workers = "" if child is None else f" (its largest worker process {child:.0f} MiB)"
+    log.info("stage %s done in %.1f s; peak memory %.0f MiB%s", name, time.perf_counter() - start, peak_memory_mib(), workers)
 
 
 def write_history(result, out: Path, artifact_path: str) -> None:
