@@ -496,3 +496,56 @@ def test_a_killed_evaluation_goes_on_from_the_queries_it_scored(piped, tmp_path)
     assert "queries read back from reports/.evaluate-work/" in again.stdout, again.stdout[-3000:]
     assert json.loads((ws / "reports/metrics.json").read_text()) == want  # the same figures as the run never killed
     assert not kept.exists()  # gone once the evaluation is written
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_stage_cleanly_and_the_next_run_goes_on(piped, tmp_path):
+    """SIGINT to `ard pipeline run` alone (`kill -INT`; a terminal's Ctrl-C reaches every process of the group): the
+    stage below DVC still gets it (DVC ignores SIGINT while its stage runs) and ends leaving nothing half-written, the
+    runs end as KILLED, not FAILED, no process is left behind, and the next run goes on."""
+    import signal
+    import time
+
+    import mlflow
+    import psutil
+
+    ws = _copy_ws(piped[0], tmp_path / "repo")
+    _set_params(ws, pretrain__seed=1)  # pretrain is stale: it runs again
+    before = digest(ws / "models/pretrain/model.pt")
+    proc = subprocess.Popen([str(BIN / "ard"), "pipeline", "run", "--stage", "pretrain"], cwd=ws, env=run_env(ws),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, started, deadline = [], False, time.monotonic() + 300
+    for line in proc.stdout:  # the stage is in its body (its handlers set) once it loads the text encoder's weights
+        lines.append(line)
+        started = started or "Running stage 'pretrain'" in line
+        if started and "Loading weights" in line:
+            below = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    assert started, "".join(lines)
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=300) == 128 + signal.SIGINT, out
+    assert "[pretrain] interrupted after" in out and "interrupted (Ctrl-C) at `dvc repro pretrain`" in out, out
+    assert "Traceback" not in out, out
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in below if _alive(p)), below
+    assert not [p for p in ws.rglob("*.tmp-*")], list(ws.rglob("*.tmp-*"))  # nothing half-written
+    assert not (ws / "models/pretrain/model.pt").exists()  # DVC clears a stage's outputs before it runs the stage ...
+    dvc(ws, "checkout", "models/pretrain/model.pt")
+    assert digest(ws / "models/pretrain/model.pt") == before  # ... and its cache gives back the last ones
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ardetect"], order_by=["start_time DESC"], max_results=2)
+    assert sorted(runs["status"]) == ["KILLED", "KILLED"], runs[["status", "tags.mlflow.runName"]]
+    assert set(runs["tags.mlflow.runName"]) == {"pipeline [smoke]", "pretrain"}
+    again = ard(ws, "pipeline", "run", "--stage", "pretrain")
+    assert "stages run: pretrain" in again.stdout
+    assert digest(ws / "models/pretrain/model.pt") != before  # the new seed's pre-training, finished
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running()
+    except psutil.Error:
+        return False

@@ -1,4 +1,4 @@
-"""A stage stopped by SIGTERM leaves its outputs as they were: no temp folder, no half-written output."""
+"""A stage stopped by SIGTERM or Ctrl-C leaves its outputs as they were: no temp folder, no half-written output."""
 
 from __future__ import annotations
 
@@ -50,6 +50,39 @@ def test_sigterm_mid_stage_removes_the_temp_folder_and_keeps_the_old_output(tmp_
     assert not list(tmp_path.glob(".out.*")), sorted(p.name for p in tmp_path.iterdir())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
     assert (tmp_path / "out" / "keep.txt").read_text() == "the previous output"
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    assert list(mlflow.search_runs(search_all_experiments=True)["status"]) == ["KILLED"]  # stopped, not failed
+
+
+def test_ctrl_c_twice_mid_stage_ends_it_once_cleanly_and_the_run_is_killed(tmp_path):
+    """The terminal's SIGINT and the one `ard pipeline run` passes on both reach the stage: the first ends it, the
+    second cannot cut short its clean-up. Its MLflow run ends KILLED (an interruption, not a failure)."""
+    import mlflow
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("the previous output")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO / "src")}
+    env.pop("ARD_MLFLOW_PARENT_RUN_ID", None)
+    proc = subprocess.Popen([sys.executable, "-c", BODY], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the stage never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "[probe] interrupted after" in err and "Traceback" not in err, err
+    assert not list(tmp_path.glob(".out.*")) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert list(runs["status"]) == ["KILLED"] and list(runs["tags.mlflow.runName"]) == ["probe"]
 
 
 def _worker_sigterm(*_) -> tuple[int, object]:

@@ -64,9 +64,19 @@ def pipeline_run(
     ):
         for name in stages:
             typer.echo(f"==> dvc repro {name}")
-            outcome = repro_with_retries(
-                name, root, retries=retries, write=_terminal_write, notify=lambda m: typer.echo(m, err=True)
-            )
+            try:
+                outcome = repro_with_retries(
+                    name, root, retries=retries, write=_terminal_write, notify=lambda m: typer.echo(m, err=True)
+                )
+            except KeyboardInterrupt:  # the DVC child and its stage have ended (pipeline._stop_child)
+                record_parent_run(outcomes, root, time.perf_counter() - start, order)
+                if outcomes:
+                    typer.echo(summarize(outcomes))
+                typer.echo(f"interrupted (Ctrl-C) at `dvc repro {name}` after {time.perf_counter() - start:.1f} s: the stages "
+                           "that finished are kept and nothing half-written is. Run the same command again to go on from there "
+                           "(a training resumes from its last resume point); `dvc checkout` brings back the outputs DVC "
+                           "cleared for the interrupted stage, as they were before it started", err=True)
+                raise  # inside the run: it ends as KILLED
             outcomes.append(outcome)
             if not outcome.ok:
                 break

@@ -14,9 +14,12 @@ what happened.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -195,11 +198,15 @@ def repro_stage(
         assert proc.stdout is not None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         fileno = proc.stdout.fileno()
-        while True:
-            chunk = os.read(fileno, 65536)
-            if not chunk:
-                break
-            relay.feed(decoder.decode(chunk))
+        try:
+            while True:
+                chunk = os.read(fileno, 65536)
+                if not chunk:
+                    break
+                relay.feed(decoder.decode(chunk))
+        except KeyboardInterrupt:
+            _stop_child(proc, fileno, relay, decoder)
+            raise
         relay.feed(decoder.decode(b"", final=True))
         relay.close()
         proc.stdout.close()
@@ -224,6 +231,45 @@ def repro_stage(
         error_type=record.get("error_type"),
         lock_error=bool(record.get("lock_error", False)),
     )
+
+
+def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder, grace_s: float = 120.0) -> None:
+    """After Ctrl-C: let the DVC child and its stage end as they end on SIGINT (temp folders removed, the stage's run
+    closed as KILLED, DVC's lock released) and relay what they still print, before the pipeline says it stopped.
+
+    A terminal sends SIGINT to them too; DVC ignores it while its stage runs, and the stage takes only the first
+    (``stages.common``). So the signal is passed on to every process below the DVC child, which reaches the stage
+    when this process alone was interrupted (``kill -INT``). What has not ended after ``grace_s`` is terminated.
+    """
+    import psutil
+
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        below = []
+    for p in [psutil.Process(proc.pid), *below] if proc.poll() is None else below:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(KeyboardInterrupt, OSError):  # a second Ctrl-C ends the waiting, not the clean-up
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fileno], [], [], max(0.0, min(1.0, deadline - time.monotonic())))
+            if ready:
+                chunk = os.read(fileno, 65536)
+                if not chunk:
+                    break
+                relay.feed(decoder.decode(chunk))
+            elif proc.poll() is not None:
+                break
+    for p in below:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    if proc.poll() is None:
+        proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+        proc.wait(timeout=30)
+    relay.feed(decoder.decode(b"", final=True))
+    relay.close()
 
 
 def repro_with_retries(

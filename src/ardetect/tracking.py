@@ -141,7 +141,8 @@ def pipeline_run(
         if params:
             log_params(params)
         try:
-            yield run
+            with _killed_on_interrupt(mlflow):
+                yield run
         finally:
             if previous is None:
                 os.environ.pop(PARENT_ENV, None)
@@ -167,7 +168,27 @@ def stage_run(
     ) as run:
         if params:
             log_params(params)
-        yield run
+        with _killed_on_interrupt(mlflow):
+            yield run
+
+
+# exit codes of a process ended by SIGINT or SIGTERM (the stages turn SIGTERM into SystemExit(143))
+_SIGNAL_EXITS = (128 + 2, 128 + 15)
+
+
+@contextmanager
+def _killed_on_interrupt(mlflow) -> Iterator[None]:
+    """End the active run as KILLED, not FAILED, when Ctrl-C or a SIGTERM stops the block: nothing in the
+    run went wrong, and running the pipeline again goes on from there."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except SystemExit as stop:
+        if stop.code in _SIGNAL_EXITS:
+            mlflow.end_run("KILLED")
+        raise
 
 
 def metric_key(key: str) -> str:

@@ -88,6 +88,13 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C: raise once, then ignore the next SIGINT, so that one sent again (the terminal's, then the one
+    ``ard pipeline run`` passes on) cannot cut short the clean-up the first one started."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def run_stage(name: str, body: Callable[[Config], dict], params_section: Callable[[Config], dict], system_metrics: bool = False) -> None:
     """Load the config, open the stage's MLflow run, run ``body`` and exit non-zero with a clear message on failure.
 
@@ -96,6 +103,7 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     half-written is left beside the outputs, and the MLflow run is closed as failed."""
     setup_logging()
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, _interrupted)
     threads = match_threads()  # a cgroup's CPU quota below the cores torch counted (a container given fewer CPUs' time)
     if threads is not None:
         log.info("stage %s: %d thread(s), the CPU quota this process has (set OMP_NUM_THREADS to choose)", name, threads)
@@ -120,6 +128,10 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     except (StageError, ValueError, FileNotFoundError, NotImplementedError, FloatingPointError, tracking.TrackingUnreachable) as err:
         print(f"[{name}] FAILED: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(f"[{name}] interrupted after {time.perf_counter() - start:.1f} s: nothing half-written is left; run it again "
+              "to go on (a training from its last resume point)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     child = peak_child_memory_mib()
     workers = "" if child is None else f" (its largest worker process {child:.0f} MiB)"
     log.info("stage %s done in %.1f s; peak memory %.0f MiB%s", name, time.perf_counter() - start, peak_memory_mib(), workers)
