@@ -31,42 +31,14 @@ BODY = textwrap.dedent("""
 """)
 
 
-def test_sigterm_mid_stage_removes_the_temp_folder_and_keeps_the_old_output(tmp_path):
+def _stop_probe_stage(tmp_path, *signals: int) -> tuple[subprocess.Popen, str]:
+    """Start the probe stage over an earlier output, send ``signals`` once its temp folder holds a half-written
+    output, and return the ended process and its stderr; the MLflow store is ``tmp_path/mlflow.db``."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(REPO / "profiles", tmp_path / "profiles")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("the previous output")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen([sys.executable, "-c", BODY], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "started").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the stage never started"
-        time.sleep(0.1)
-    assert [p.name for p in tmp_path.glob(".out.tmp-*")]  # the half-written output is there while it runs
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert not list(tmp_path.glob(".out.*")), sorted(p.name for p in tmp_path.iterdir())
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
-    assert (tmp_path / "out" / "keep.txt").read_text() == "the previous output"
-    import mlflow
-
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    assert list(mlflow.search_runs(search_all_experiments=True)["status"]) == ["KILLED"]  # stopped, not failed
-
-
-def test_ctrl_c_twice_mid_stage_ends_it_once_cleanly_and_the_run_is_killed(tmp_path):
-    """The terminal's SIGINT and the one `ard pipeline run` passes on both reach the stage: the first ends it, the
-    second cannot cut short its clean-up. Its MLflow run ends KILLED (an interruption, not a failure)."""
-    import mlflow
-
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("the previous output")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO / "src")}
     env.pop("ARD_MLFLOW_PARENT_RUN_ID", None)
     proc = subprocess.Popen([sys.executable, "-c", BODY], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -74,14 +46,37 @@ def test_ctrl_c_twice_mid_stage_ends_it_once_cleanly_and_the_run_is_killed(tmp_p
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the stage never started"
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGINT)
+    assert [p.name for p in tmp_path.glob(".out.tmp-*")]  # the half-written output is there while it runs
+    for signum in signals:
+        proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
+    return proc, err
+
+
+def _probe_runs(tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.search_runs(search_all_experiments=True)
+
+
+def test_sigterm_mid_stage_removes_the_temp_folder_and_keeps_the_old_output(tmp_path):
+    proc, err = _stop_probe_stage(tmp_path, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert not list(tmp_path.glob(".out.*")), sorted(p.name for p in tmp_path.iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "the previous output"
+    assert list(_probe_runs(tmp_path)["status"]) == ["KILLED"]  # stopped, not failed
+
+
+def test_ctrl_c_twice_mid_stage_ends_it_once_cleanly_and_the_run_is_killed(tmp_path):
+    """The terminal's SIGINT and the one `ard pipeline run` passes on both reach the stage: the first ends it, the
+    second cannot cut short its clean-up. Its MLflow run ends KILLED (an interruption, not a failure)."""
+    proc, err = _stop_probe_stage(tmp_path, signal.SIGINT, signal.SIGINT)
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "[probe] interrupted after" in err and "Traceback" not in err, err
     assert not list(tmp_path.glob(".out.*")) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(search_all_experiments=True)
+    runs = _probe_runs(tmp_path)
     assert list(runs["status"]) == ["KILLED"] and list(runs["tags.mlflow.runName"]) == ["probe"]
 
 
