@@ -512,8 +512,11 @@ def test_ctrl_c_ends_the_stage_cleanly_and_the_next_run_goes_on(piped, tmp_path)
     ws = _copy_ws(piped[0], tmp_path / "repo")
     _set_params(ws, pretrain__seed=1)  # pretrain is stale: it runs again
     before = digest(ws / "models/pretrain/model.pt")
+    # SIGINT as a terminal's session has it: a suite started as a background job inherits it ignored, and every
+    # process below would keep it ignored (as Python and the stages do)
     proc = subprocess.Popen([str(BIN / "ard"), "pipeline", "run", "--stage", "pretrain"], cwd=ws, env=run_env(ws),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines, started, deadline = [], False, time.monotonic() + 300
     for line in proc.stdout:  # the stage is in its body (its handlers set) once it loads the text encoder's weights
         lines.append(line)

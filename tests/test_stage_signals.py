@@ -31,16 +31,19 @@ BODY = textwrap.dedent("""
 """)
 
 
-def _stop_probe_stage(tmp_path, *signals: int) -> tuple[subprocess.Popen, str]:
-    """Start the probe stage over an earlier output, send ``signals`` once its temp folder holds a half-written
-    output, and return the ended process and its stderr; the MLflow store is ``tmp_path/mlflow.db``."""
+def _stop_probe_stage(tmp_path, *signals: int, sigint=signal.SIG_DFL) -> tuple[subprocess.Popen, str]:
+    """Start the probe stage over an earlier output, with SIGINT's disposition ``sigint``, send ``signals`` once its
+    temp folder holds a half-written output, and return the ended process and its stderr; the MLflow store is
+    ``tmp_path/mlflow.db``."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(REPO / "profiles", tmp_path / "profiles")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("the previous output")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO / "src")}
     env.pop("ARD_MLFLOW_PARENT_RUN_ID", None)
-    proc = subprocess.Popen([sys.executable, "-c", BODY], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's session has it, unless told (a suite started as a background job inherits it ignored)
+    proc = subprocess.Popen([sys.executable, "-c", BODY], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     deadline = time.monotonic() + 120
     while not (tmp_path / "started").exists():
         assert proc.poll() is None, proc.communicate()
@@ -49,6 +52,7 @@ def _stop_probe_stage(tmp_path, *signals: int) -> tuple[subprocess.Popen, str]:
     assert [p.name for p in tmp_path.glob(".out.tmp-*")]  # the half-written output is there while it runs
     for signum in signals:
         proc.send_signal(signum)
+        time.sleep(0.2)
     _, err = proc.communicate(timeout=60)
     return proc, err
 
@@ -78,6 +82,14 @@ def test_ctrl_c_twice_mid_stage_ends_it_once_cleanly_and_the_run_is_killed(tmp_p
     assert not list(tmp_path.glob(".out.*")) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
     runs = _probe_runs(tmp_path)
     assert list(runs["status"]) == ["KILLED"] and list(runs["tags.mlflow.runName"]) == ["probe"]
+
+
+def test_a_stage_started_with_sigint_ignored_keeps_it_ignored(tmp_path):
+    """A background job of a script starts with SIGINT ignored: the stage keeps it so (as Python itself does), and
+    only SIGTERM ends it."""
+    proc, err = _stop_probe_stage(tmp_path, signal.SIGINT, signal.SIGTERM, sigint=signal.SIG_IGN)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted" not in err and not list(tmp_path.glob(".out.*"))
 
 
 def _worker_sigterm(*_) -> tuple[int, object]:

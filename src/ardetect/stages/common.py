@@ -103,7 +103,8 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     half-written is left beside the outputs, and the MLflow run is closed as failed."""
     setup_logging()
     signal.signal(signal.SIGTERM, _terminated)
-    signal.signal(signal.SIGINT, _interrupted)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with SIGINT ignored (a background job): keep it so
+        signal.signal(signal.SIGINT, _interrupted)
     threads = match_threads()  # a cgroup's CPU quota below the cores torch counted (a container given fewer CPUs' time)
     if threads is not None:
         log.info("stage %s: %d thread(s), the CPU quota this process has (set OMP_NUM_THREADS to choose)", name, threads)
