@@ -41,9 +41,14 @@ def _stop_probe_stage(tmp_path, *signals: int, sigint=signal.SIG_DFL) -> tuple[s
     (tmp_path / "out" / "keep.txt").write_text("the previous output")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO / "src")}
     env.pop("ARD_MLFLOW_PARENT_RUN_ID", None)
-    # SIGINT as a terminal's session has it, unless told (a suite started as a background job inherits it ignored)
+    # SIGINT and SIGHUP as a terminal's session has them, unless told (a suite started as a background job inherits
+    # SIGINT ignored, one under nohup SIGHUP)
+    def dispositions():
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-c", BODY], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+                            preexec_fn=dispositions)
     deadline = time.monotonic() + 120
     while not (tmp_path / "started").exists():
         assert proc.poll() is None, proc.communicate()
@@ -82,6 +87,14 @@ def test_ctrl_c_twice_mid_stage_ends_it_once_cleanly_and_the_run_is_killed(tmp_p
     assert not list(tmp_path.glob(".out.*")) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
     runs = _probe_runs(tmp_path)
     assert list(runs["status"]) == ["KILLED"] and list(runs["tags.mlflow.runName"]) == ["probe"]
+
+
+def test_a_closed_terminal_ends_a_stage_cleanly(tmp_path):
+    """SIGHUP (the terminal or SSH session closed) ended a stage at once, its temp folder left and its run RUNNING."""
+    proc, err = _stop_probe_stage(tmp_path, signal.SIGHUP)
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    assert not list(tmp_path.glob(".out.*")) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    assert list(_probe_runs(tmp_path)["status"]) == ["KILLED"]
 
 
 def test_a_stage_started_with_sigint_ignored_keeps_it_ignored(tmp_path):

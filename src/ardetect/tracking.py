@@ -172,13 +172,13 @@ def stage_run(
             yield run
 
 
-# exit codes of a process ended by SIGINT or SIGTERM (the stages turn SIGTERM into SystemExit(143))
-_SIGNAL_EXITS = (128 + 2, 128 + 15)
+# exit codes of a process ended by SIGHUP, SIGINT or SIGTERM (the stages turn SIGTERM into SystemExit(143))
+_SIGNAL_EXITS = (128 + 1, 128 + 2, 128 + 15)
 
 
 @contextmanager
 def _killed_on_interrupt(mlflow) -> Iterator[None]:
-    """End the active run as KILLED, not FAILED, when Ctrl-C or a SIGTERM stops the block: nothing in the
+    """End the active run as KILLED, not FAILED, when Ctrl-C, SIGTERM or SIGHUP stops the block: nothing in the
     run went wrong, and running the pipeline again goes on from there."""
     try:
         yield

@@ -98,13 +98,15 @@ def _interrupted(signum, frame) -> None:
 def run_stage(name: str, body: Callable[[Config], dict], params_section: Callable[[Config], dict], system_metrics: bool = False) -> None:
     """Load the config, open the stage's MLflow run, run ``body`` and exit non-zero with a clear message on failure.
 
-    SIGTERM (a cancelled ``dvc repro``, ``kill``, a scheduler stopping the job) exits the
-    same way as an error, through every ``finally``: temp folders are removed, nothing
-    half-written is left beside the outputs, and the MLflow run is closed as failed."""
+    SIGTERM (a cancelled ``dvc repro``, ``kill``, a scheduler stopping the job) and SIGHUP (the terminal or SSH
+    session closed) exit the same way as an error, through every ``finally``: temp folders are removed, nothing
+    half-written is left beside the outputs, and the MLflow run is closed as KILLED. So does Ctrl-C (SIGINT)."""
     setup_logging()
     signal.signal(signal.SIGTERM, _terminated)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with SIGINT ignored (a background job): keep it so
         signal.signal(signal.SIGINT, _interrupted)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # a closed terminal or SSH session, unless under nohup
+        signal.signal(signal.SIGHUP, _terminated)
     threads = match_threads()  # a cgroup's CPU quota below the cores torch counted (a container given fewer CPUs' time)
     if threads is not None:
         log.info("stage %s: %d thread(s), the CPU quota this process has (set OMP_NUM_THREADS to choose)", name, threads)
