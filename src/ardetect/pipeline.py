@@ -244,10 +244,11 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
     import psutil
 
     try:
-        below = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        below = []
-    for p in [psutil.Process(proc.pid), *below] if proc.poll() is None else below:
+        child = psutil.Process(proc.pid)
+        below = child.children(recursive=True)
+    except psutil.Error:  # the DVC child has ended already
+        child, below = None, []
+    for p in [child, *below] if child is not None else below:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGINT)
     deadline = time.monotonic() + grace_s
@@ -268,6 +269,13 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
         proc.terminate()
     with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
         proc.wait(timeout=30)
+    # what the child printed as it ended (the stage's "interrupted" line) may reach the pipe after the last wait
+    with contextlib.suppress(KeyboardInterrupt, OSError):
+        while select.select([fileno], [], [], 0.5)[0]:
+            chunk = os.read(fileno, 65536)
+            if not chunk:
+                break
+            relay.feed(decoder.decode(chunk))
     relay.feed(decoder.decode(b"", final=True))
     relay.close()
 
