@@ -30,7 +30,7 @@ from ardetect.stages.check import preflight  # noqa: E402
 
 class StageFailed(RuntimeError):
     def __init__(self, outcome: StageOutcome):
-        detail = f"{outcome.error_type}: {outcome.error}" if outcome.error else f"exit {outcome.returncode}"
+        detail = f"{outcome.error_type}: {outcome.describe_failure()}" if outcome.error else outcome.describe_failure()
         super().__init__(f"stage {outcome.stage!r} failed ({detail}):\n{outcome.output[-4000:]}")
         self.outcome = outcome
 

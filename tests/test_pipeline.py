@@ -70,6 +70,9 @@ def _tiny_dvc_repo(root):
             pass
         if open("input.txt").read().strip() == "fail":
             sys.exit(3)
+        if open("input.txt").read().strip() == "oom":  # as the kernel's out-of-memory killer ends a process
+            import os, signal
+            os.kill(os.getpid(), signal.SIGKILL)
         open("out.txt", "w").write(open("input.txt").read())
     """))
     (root / "input.txt").write_text("one\n")
@@ -128,6 +131,11 @@ def test_repro_stage_failure_and_lock_contention(tmp_path):
     assert not failed.ok and failed.failed == ["first"] and failed.ran == []
     assert failed.error_type == "ReproductionError" and "exited with 3" in failed.error
     assert not failed.transient  # a bad input is not retried
+    assert failed.command_exit == 3 and failed.command_signal is None and failed.describe_failure() == failed.error
+    (root / "input.txt").write_text("oom\n")
+    killed = repro_stage("second", root)
+    assert not killed.ok and killed.command_exit == -9 and killed.command_signal == 9 and not killed.transient
+    assert "out-of-memory killer" in killed.describe_failure() and killed.describe_failure().startswith(killed.error)
     (root / "input.txt").write_text("one\n")
 
     lock = zc.lockfile.LockFile(str(root / ".dvc/tmp/lock"))  # another DVC process holds the repo
@@ -141,6 +149,96 @@ def test_repro_stage_failure_and_lock_contention(tmp_path):
     assert not retried.ok and len(notes) == 1 and "retry 1/1" in notes[0]
     ok = repro_with_retries("second", root, retries=1, delay_s=0.1)
     assert ok.ok and ok.ran == ["first", "second"]
+
+
+SLEEPY = textwrap.dedent("""
+    import sys, time
+    open("started", "w").write("1")
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:
+        open("interrupted", "w").write("1")
+        sys.exit(130)
+""")
+DRIVER = "import sys; from pathlib import Path; from ardetect.pipeline import repro_stage; repro_stage('sleepy', Path(sys.argv[1]))"
+
+
+def test_a_stage_whose_pipeline_was_killed_outright_is_stopped(tmp_path):
+    """`kill -9` of `ard pipeline run` (or of the flow's process): the DVC child passes SIGINT on to the stage, which
+    ends as on Ctrl-C, instead of running on with no one to read what it prints."""
+    import signal
+    import time
+
+    import psutil
+
+    root = _tiny_dvc_repo(tmp_path / "repo")
+    (root / "sleepy.py").write_text(SLEEPY)
+    (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text() + "  sleepy:\n    cmd: python sleepy.py\n    deps: [sleepy.py]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's session has it
+    deadline = time.monotonic() + 120
+    while not (root / "started").exists():
+        assert driver.poll() is None and time.monotonic() < deadline, "the stage never started"
+        time.sleep(0.1)
+    below = psutil.Process(driver.pid).children(recursive=True)
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 30
+    while not (root / "interrupted").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (root / "interrupted").exists(), "the stage was not told"
+    gone, alive = psutil.wait_procs(below, timeout=30)
+    assert not alive, alive
+    assert not (root / ".dvc/tmp/lock").exists() or _lock_free(root)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_to_the_pipeline_ends_it_as_ctrl_c_does(tmp_path, signame):
+    """`kill`, `docker stop` or a scheduler (SIGTERM), or the terminal closing (SIGHUP), used to end `ard pipeline run`
+    at once, its run left RUNNING and the DVC child and its stage going on alone. Now the stage is told, ends
+    cleanly, and the pipeline exits 128 + the signal with its run KILLED."""
+    import signal
+    import time
+
+    import mlflow
+
+    signum = getattr(signal, signame)
+    ws = make_workspace(tmp_path / "repo")
+    import yaml
+
+    (ws / "sleepy.py").write_text(SLEEPY)
+    pipeline = yaml.safe_load((ws / "dvc.yaml").read_text())
+    pipeline["stages"]["sleepy"] = {"cmd": "python sleepy.py", "deps": ["sleepy.py"]}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+
+    def dispositions():  # as a terminal's session has them (a suite run as a background job has SIGINT ignored)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    proc = subprocess.Popen([str(BIN / "ard"), "pipeline", "run", "--stage", "sleepy"], cwd=ws, env=run_env(ws),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=dispositions)
+    deadline = time.monotonic() + 300
+    while not (ws / "started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signum, out
+    assert (ws / "interrupted").exists() and f"interrupted ({signame}" in out and "at `dvc repro sleepy`" in out, out
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ardetect"])
+    assert list(runs["status"]) == ["KILLED"] and list(runs["tags.ard.kind"]) == ["pipeline"], runs
+
+
+def _lock_free(root) -> bool:
+    import zc.lockfile
+
+    try:
+        zc.lockfile.LockFile(str(root / ".dvc/tmp/lock")).close()
+    except zc.lockfile.LockError:
+        return False
+    return True
 
 
 def test_headline_metrics_read_old_and_new_layouts():

@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 BODY = textwrap.dedent("""
+    import os
     import time
     from pathlib import Path
     from ardetect.stages.common import atomic_dir, run_stage
@@ -24,7 +25,7 @@ BODY = textwrap.dedent("""
         with atomic_dir(Path("out")) as tmp:
             (tmp / "half.txt").write_text("half-written")
             Path("started").write_text("1")
-            time.sleep(120)
+            time.sleep(float(os.environ.get("PROBE_SLEEP", "120")))
         return {}
 
     run_stage("probe", body, lambda cfg: {})
@@ -103,6 +104,27 @@ def test_a_stage_started_with_sigint_ignored_keeps_it_ignored(tmp_path):
     proc, err = _stop_probe_stage(tmp_path, signal.SIGINT, signal.SIGTERM, sigint=signal.SIG_IGN)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted" not in err and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_stage_killed_outright_is_cleaned_up_by_the_next_one(tmp_path):
+    """SIGKILL (``kill -9``, the out-of-memory killer) leaves no chance to clean up: the temp folder stays and the
+    MLflow run reads RUNNING. The next run of the stage removes the folder and ends the run KILLED, saying why."""
+    proc, err = _stop_probe_stage(tmp_path, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, err
+    left = [p.name for p in tmp_path.glob(".out.tmp-*")]
+    assert len(left) == 1 and (tmp_path / left[0] / "half.txt").exists()
+    assert list(_probe_runs(tmp_path)["status"]) == ["RUNNING"]
+    (tmp_path / "started").unlink()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO / "src"), "PROBE_SLEEP": "0"}
+    env.pop("ARD_MLFLOW_PARENT_RUN_ID", None)
+    again = subprocess.run([sys.executable, "-c", BODY], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"removed {left[0]}: left by process {proc.pid}, which no longer runs" in again.stderr
+    assert not list(tmp_path.glob(".out.*")) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["half.txt"]
+    runs = _probe_runs(tmp_path).sort_values("start_time")
+    assert list(runs["status"]) == ["KILLED", "FINISHED"]
+    assert runs["tags.ard.abandoned"].iloc[0].startswith(f"process {proc.pid} ended without closing this run")
+    assert runs["tags.ard.pid"].iloc[0] == str(proc.pid)
 
 
 def _worker_sigterm(*_) -> tuple[int, object]:

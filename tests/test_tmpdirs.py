@@ -80,3 +80,38 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         assert tmp.endswith(".png") and Path(tmp).parent == tmp_path
         Path(tmp).write_bytes(b"new")
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_nothing_else(tmp_path, caplog):
+    """A process killed before its clean-up (kill -9, out of memory) leaves its temp file or folder; the next write
+    of the same target removes it. Kept: a live process's (another writer at work), another host's or container's
+    (its process ids mean nothing here), another target's, and names this project did not make."""
+    from ardetect.tmpdirs import HOST_TAG, swap_into_place
+
+    dead = _dead_pid()
+    mine, other_host = f"{HOST_TAG}-{dead}-", f"{'0' if HOST_TAG[0] != '0' else '1'}{HOST_TAG[1:]}-{dead}-"
+    left = {
+        f".model.pt.{mine}abc.tmp": "file", f".exemplars.tmp-{mine}xyz": "dir", f".exemplars.old-{mine}": "dir",
+    }
+    kept = {
+        f".model.pt.{HOST_TAG}-{os.getpid()}-live.tmp": "file", f".model.pt.{other_host}abc.tmp": "file",
+        f".other.pt.{mine}abc.tmp": "file", ".model.pt.legacy.tmp": "file", f".exemplars.tmp-{other_host}xyz": "dir",
+    }
+    for name, kind in {**left, **kept}.items():
+        (tmp_path / name).mkdir() if kind == "dir" else (tmp_path / name).write_text("half")
+    with caplog.at_level("WARNING", logger="ardetect"), replaced_atomically(tmp_path / "model.pt") as tmp:
+        Path(tmp).write_text("new")
+    assert not (tmp_path / f".model.pt.{mine}abc.tmp").exists() and f"left by process {dead}, which no longer runs" in caplog.text
+    made = temp_dir_beside(tmp_path / "exemplars")
+    assert made.name.startswith(f".exemplars.tmp-{HOST_TAG}-{os.getpid()}-")
+    (tmp_path / "exemplars").mkdir()
+    swap_into_place(made, tmp_path / "exemplars")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "model.pt", "exemplars"])

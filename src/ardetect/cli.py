@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,9 +28,27 @@ except ImportError:  # pragma: no cover - only while the model package is absent
 
 
 def _terminal_write(text: str) -> None:
-    """Stage output as it comes, carriage returns kept: a progress bar redraws in place."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    """Stage output as it comes, carriage returns kept: a progress bar redraws in place. A terminal that is gone
+    (closed: SIGHUP) ends the writing, not the pipeline's clean-up."""
+    global _terminal_gone
+    if _terminal_gone:
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError:
+        _terminal_gone = True
+
+
+_terminal_gone = False
+
+
+def _say(text: str, err: bool = False) -> None:
+    """``typer.echo`` that a closed terminal does not turn into an error."""
+    try:
+        typer.echo(text, err=err)
+    except OSError:
+        pass
 
 
 @pipeline_app.command("run")
@@ -41,7 +60,7 @@ def pipeline_run(
     """Run every DVC stage in order (`dvc repro <stage>` each); stale stages run, the rest are skipped."""
     from ardetect import tracking
     from ardetect.config import ConfigError, load_config
-    from ardetect.pipeline import record_parent_run, repro_with_retries, stages_in_order, summarize
+    from ardetect.pipeline import STOP_SIGNALS, record_parent_run, repro_with_retries, stages_in_order, stop_signals_interrupt, summarize
     from ardetect.stages.check import preflight
 
     root = params.resolve().parent
@@ -59,36 +78,37 @@ def pipeline_run(
     start = time.perf_counter()
     outcomes = []
     tags = {"ard.profile": cfg.profile, "ard.orchestrator": "cli", "ard.stages_requested": ",".join(stages)}
-    with tracking.pipeline_run(
+    with stop_signals_interrupt(), tracking.pipeline_run(
         cfg.tracking.experiment, uri, run_name=f"pipeline [{cfg.profile}]", tags=tags, params=cfg.model_dump(by_alias=True)
     ):
         for name in stages:
-            typer.echo(f"==> dvc repro {name}")
+            _say(f"==> dvc repro {name}")
             try:
-                outcome = repro_with_retries(
-                    name, root, retries=retries, write=_terminal_write, notify=lambda m: typer.echo(m, err=True)
-                )
-            except KeyboardInterrupt:  # the DVC child and its stage have ended (pipeline._stop_child)
+                outcome = repro_with_retries(name, root, retries=retries, write=_terminal_write, notify=lambda m: _say(m, err=True))
+            except KeyboardInterrupt as stop:  # the DVC child and its stage have ended (pipeline._stop_child)
+                signum = getattr(stop, "signum", signal.SIGINT)
                 record_parent_run(outcomes, root, time.perf_counter() - start, order)
                 if outcomes:
-                    typer.echo(summarize(outcomes))
-                typer.echo(f"interrupted (Ctrl-C) at `dvc repro {name}` after {time.perf_counter() - start:.1f} s: the stages "
-                           "that finished are kept and nothing half-written is. Run the same command again to go on from there "
-                           "(a training resumes from its last resume point); `dvc checkout` brings back the outputs DVC "
-                           "cleared for the interrupted stage, as they were before it started", err=True)
-                raise  # inside the run: it ends as KILLED
+                    _say(summarize(outcomes))
+                _say(f"interrupted ({STOP_SIGNALS[signum]}) at `dvc repro {name}` after {time.perf_counter() - start:.1f} s: the "
+                     "stages that finished are kept and nothing half-written is. Run the same command again to go on from there "
+                     "(a training resumes from its last resume point); `dvc checkout` brings back the outputs DVC "
+                     "cleared for the interrupted stage, as they were before it started", err=True)
+                if signum == signal.SIGINT:
+                    raise  # inside the run: it ends as KILLED; typer exits 130
+                raise SystemExit(128 + signum) from None  # 143 or 129, the run KILLED as well
             outcomes.append(outcome)
             if not outcome.ok:
                 break
         summary = summarize(outcomes)
         done = record_parent_run(outcomes, root, time.perf_counter() - start, order)
         tracking.log_dict({"summary": summary}, "pipeline_summary.json")
-        typer.echo(summary)
+        _say(summary)
         ran = done["ran"]
-        typer.echo(f"pipeline wall time: {time.perf_counter() - start:.1f} s; stages run: {', '.join(ran) or 'none (all up to date)'}")
+        _say(f"pipeline wall time: {time.perf_counter() - start:.1f} s; stages run: {', '.join(ran) or 'none (all up to date)'}")
         if not all(o.ok for o in outcomes):
             failed = next(o for o in outcomes if not o.ok)
-            typer.echo(f"stage {failed.stage!r} failed: {failed.error or f'exit {failed.returncode}'}", err=True)
+            _say(f"stage {failed.stage!r} failed: {failed.describe_failure()}", err=True)
             raise typer.Exit(1)  # inside the run: MLflow marks the parent run FAILED
 
 

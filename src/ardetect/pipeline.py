@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,10 +54,34 @@ class StageOutcome:
     error: str | None = None
     error_type: str | None = None
     lock_error: bool = False
+    command_exit: int | None = None  # the stage command's exit status, as DVC saw it (negative: ended by that signal)
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+    @property
+    def command_signal(self) -> int | None:
+        """The signal that ended the stage's command, if one did (-N from DVC, or 128 + N from a shell or a stage
+        that turned the signal into its exit status)."""
+        status = self.command_exit
+        if status is None or status == 0:
+            return None
+        number = -status if status < 0 else status - 128
+        return number if number in set(signal.Signals) else None
+
+    def describe_failure(self) -> str:
+        """What failed, and for a stage killed outright what most likely killed it and what to do."""
+        text = self.error or f"exit {self.returncode}"
+        number = self.command_signal
+        if number == signal.SIGKILL:
+            text += (". SIGKILL ended the stage: where no one sent it (`kill -9`), it is the kernel's out-of-memory killer, "
+                     "which ends the largest process when memory runs out (`dmesg | grep -i 'killed process'` tells). Give it "
+                     "more memory, or lower its batch size or worker count in params.yaml; run the same command again to go "
+                     "on from the stage's last resume point")
+        elif number is not None:
+            text += f" ({signal.Signals(number).name} ended the stage)"
+        return text
 
     @property
     def skipped(self) -> list[str]:  # the older name of up_to_date
@@ -73,6 +98,7 @@ class StageOutcome:
         return {
             "stage": self.stage, "returncode": self.returncode, "ran": self.ran, "up_to_date": self.up_to_date,
             "failed": self.failed, "error": self.error, "error_type": self.error_type, "lock_error": self.lock_error,
+            "command_exit": self.command_exit,
         }
 
 
@@ -230,7 +256,41 @@ def repro_stage(
         error=record.get("error"),
         error_type=record.get("error_type"),
         lock_error=bool(record.get("lock_error", False)),
+        command_exit=record.get("command_exit"),
     )
+
+
+class PipelineStopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP stopped the pipeline: it ends as Ctrl-C ends it (:func:`_stop_child`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP (its terminal closed)"}
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """In the block, SIGTERM (``kill``, ``docker stop``, a scheduler cancelling the job) and SIGHUP (the terminal or
+    SSH session closed) stop the pipeline as Ctrl-C does: its stage ends cleanly and the runs end KILLED. Without
+    this, either ends the process at once and the DVC child and its stage go on alone (``docker stop`` of a
+    container whose first process is the pipeline kills it 10 s later). A signal ignored from the start (``nohup``)
+    stays ignored. Main thread only."""
+
+    def stop(signum, frame):
+        raise PipelineStopped(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder, grace_s: float = 120.0) -> None:
@@ -300,9 +360,29 @@ def repro_with_retries(
     return outcome
 
 
+def _watch_parent(parent: int, every_s: float = 1.0) -> threading.Thread:
+    """Start a daemon thread that, once the process that started this one is gone (``kill -9`` of ``ard pipeline
+    run``, or of the Prefect flow's process), passes SIGINT on to every process below this one: the stage ends as on
+    Ctrl-C (temp folders removed, its run KILLED) instead of running on with no one to read what it prints."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        import psutil
+
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGINT)
+
+    thread = threading.Thread(target=watch, name="ard-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def _reproduce_child(argv: list[str]) -> int:
     """In the child process: ``Repo(root).reproduce(stage)``, recording what DVC did with each stage."""
     root, stage, result_path = argv[0], argv[1], argv[2]
+    _watch_parent(os.getppid())
     force = "--force" in argv[3:]
     os.chdir(root)
     import logging
@@ -350,6 +430,10 @@ def _reproduce_child(argv: list[str]) -> int:
         record["error"] = re.sub(r"\x1b\[[0-9;]*m", "", ": ".join(str(c) for c in chain if str(c)))  # no colour codes
         record["error_type"] = type(exc).__name__
         record["lock_error"] = any(isinstance(c, LockError) for c in chain)
+        for c in chain:  # DVC's StageCmdFailedError keeps the status in its message only
+            status = re.search(r", exited with (-?\d+)$", str(c))
+            if status:
+                record["command_exit"] = int(status[1])
         logging.getLogger("dvc").exception("")  # "ERROR: failed to reproduce ...", as the dvc command prints it
     except KeyboardInterrupt:
         rc = 252
@@ -424,10 +508,15 @@ def record_parent_run(outcomes: list[StageOutcome], root: Path, seconds: float, 
     writes it was part of this execution and is current (ran or up to date), so every
     full pipeline run carries them; absent file, nothing logged.
     """
+    import mlflow
+
     from ardetect import tracking
 
     root = Path(root)
     done = collate(outcomes, order)
+    active = mlflow.active_run()
+    if active is not None and not all(o.ok for o in outcomes):  # a stage killed (out of memory) could not close its run
+        tracking.close_abandoned_runs(mlflow.get_tracking_uri(), experiment_id=active.info.experiment_id)
     tracking.set_tags(
         {
             "ard.stages_ran": ",".join(done["ran"]),

@@ -5,11 +5,23 @@ writes through them (the stages' outputs, the reports, the checkpoints, the inde
 permissions a plain ``open`` or ``mkdir`` would give instead, so that another user (a service,
 a container, a colleague on a shared machine) can read what a run made, as it could before any
 file was written atomically.
+
+A temp name holds its maker's host and process id (``.model.pt.<host>-<pid>-xxxx.tmp``). A process
+killed without its clean-up (``kill -9``, the kernel's out-of-memory killer, a power cut) leaves
+its temp files and folders behind; the next write of the same target removes those whose maker
+ran on this host, in this process namespace, and runs no more, so they cannot pile up beside the
+outputs and fill the disk. One whose maker still runs, or ran on another host (a shared file
+system) or in another container, is left alone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,15 +41,88 @@ def current_umask() -> int:
     return mask
 
 
+log = logging.getLogger("ardetect")
+
+
+def _host_tag() -> str:
+    """Six hex digits naming this host and pid namespace: a process id means something only within both (a
+    container has its own namespace, and a shared file system other hosts)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha1(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:6]
+
+
+HOST_TAG = _host_tag()
+
+
+def owner_tag() -> str:
+    """``<host>-<pid>-``: who made a temp name, read back by :func:`sweep_left_behind`."""
+    return f"{HOST_TAG}-{os.getpid()}-"
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs in this process namespace."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: it runs
+        return False
+    return pid == 0
+
+
+def sweep_left_behind(folder: str | Path, prefix: str) -> list[Path]:
+    """Remove the entries of ``folder`` named ``<prefix><host>-<pid>-…`` whose maker ran on this host and runs no
+    more (killed before its clean-up); return them. Each one removed is logged."""
+    folder = Path(folder)
+    owned = re.compile(re.escape(prefix) + r"(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-")
+    removed = []
+    try:
+        names = [e.name for e in os.scandir(folder) if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for name in names:
+        m = owned.match(name)
+        if m is None or m["host"] != HOST_TAG or not process_gone(int(m["pid"])):
+            continue
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        if not os.path.lexists(path):
+            log.warning("removed %s: left by process %s, which no longer runs (killed before its clean-up)", path, m["pid"])
+            removed.append(path)
+    return removed
+
+
+def swap_into_place(made: Path, target: Path) -> None:
+    """Replace the folder ``target`` (if any) with the folder ``made``: two renames, then the old one is removed
+    (a kill in between leaves it under a temp name the next swap removes)."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{owner_tag()}"
+        sweep_left_behind(target.parent, f".{target.name}.old-")
+        os.replace(target, old)
+    os.replace(made, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def temp_dir_beside(target: Path, prefix: str | None = None, suffix: str = "") -> Path:
-    """Make a fresh folder next to ``target`` (``.<name>.tmp-xxxx`` unless ``prefix`` says otherwise).
+    """Make a fresh folder next to ``target`` (``.<name>.tmp-<host>-<pid>-xxxx`` unless ``prefix`` says otherwise),
+    after removing those of the same name that killed processes left (:func:`sweep_left_behind`).
 
     The result is relative when ``target`` is: from Python 3.12 ``tempfile.mkdtemp`` returns an
     absolute path even for a relative ``dir``, and the stages record their files relative to the
     data root, so they would no longer find the temp folder under it.
     """
     target = Path(target)
-    made = tempfile.mkdtemp(prefix=f".{target.name}.tmp-" if prefix is None else prefix, suffix=suffix, dir=target.parent)
+    prefix = f".{target.name}.tmp-" if prefix is None else prefix
+    sweep_left_behind(target.parent, prefix)
+    made = tempfile.mkdtemp(prefix=prefix + owner_tag(), suffix=suffix, dir=target.parent)
     os.chmod(made, 0o777 & ~current_umask())
     return target.parent / Path(made).name
 
@@ -47,11 +132,13 @@ def replaced_atomically(target: str | Path, suffix: str = ".tmp") -> Iterator[st
     """Yield the path of a fresh temp file beside ``target``; it replaces ``target`` when the block ends.
 
     A block that raises leaves ``target`` as it was and the temp file removed. The file has the
-    permissions ``open(target, "w")`` would give it. The caller writes it by path (or opens it).
+    permissions ``open(target, "w")`` would give it. The caller writes it by path (or opens it). Temp files of the
+    same target that killed processes left are removed first (:func:`sweep_left_behind`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    sweep_left_behind(target.parent, f".{target.name}.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}." + owner_tag(), suffix=suffix, dir=target.parent)
     try:
         try:
             os.fchmod(fd, 0o666 & ~current_umask())

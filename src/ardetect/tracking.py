@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ardetect.tmpdirs import replaced_atomically
+from ardetect.tmpdirs import HOST_TAG, process_gone, replaced_atomically
 
 PARENT_ENV = "ARD_MLFLOW_PARENT_RUN_ID"
 
@@ -135,8 +135,9 @@ def pipeline_run(
     """
     require_enabled("a pipeline run")
     mlflow = _mlflow(uri, experiment)
+    close_abandoned_runs(uri, experiment)
     previous = os.environ.get(PARENT_ENV)
-    with mlflow.start_run(run_name=run_name, tags={"ard.kind": "pipeline", **(tags or {})}) as run:
+    with mlflow.start_run(run_name=run_name, tags={"ard.kind": "pipeline", **process_tags(), **(tags or {})}) as run:
         os.environ[PARENT_ENV] = run.info.run_id
         if params:
             log_params(params)
@@ -160,8 +161,9 @@ def stage_run(
         yield None
         return
     mlflow = _mlflow(uri, experiment)
+    close_abandoned_runs(uri, experiment)
     parent = os.environ.get(PARENT_ENV)
-    tags = {"ard.kind": "stage", "ard.stage": stage}
+    tags = {"ard.kind": "stage", "ard.stage": stage, **process_tags()}
     nested = mlflow.active_run() is not None  # in-process (the parent is this process's active run)
     with mlflow.start_run(
         run_name=stage, parent_run_id=parent, nested=nested, tags=tags, log_system_metrics=system_metrics or None
@@ -170,6 +172,40 @@ def stage_run(
             log_params(params)
         with _killed_on_interrupt(mlflow):
             yield run
+
+
+def process_tags() -> dict[str, str]:
+    """Which process holds a run open: read back by :func:`close_abandoned_runs`."""
+    return {"ard.host": HOST_TAG, "ard.pid": str(os.getpid())}
+
+
+def close_abandoned_runs(uri: str, experiment: str | None = None, experiment_id: str | None = None) -> list[str]:
+    """End as KILLED the experiment's runs still RUNNING whose process ran on this host and runs no more.
+
+    A process killed without its clean-up (``kill -9``, the kernel's out-of-memory killer, a power cut) cannot
+    close its run, which would read RUNNING for ever. Each run closed gets the tag ``ard.abandoned`` saying so;
+    its end time is when it was found. Returns the run ids closed."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if experiment_id is None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        experiment_id = found.experiment_id
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`ard.host` = '{HOST_TAG}'", max_results=1000
+    )
+    closed = []
+    for run in runs:
+        pid = run.data.tags.get("ard.pid", "")
+        if not pid.isdigit() or int(pid) == os.getpid() or not process_gone(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "ard.abandoned", f"process {pid} ended without closing this run (killed: kill -9, out of "
+                       f"memory or a power cut); found and closed by process {os.getpid()}")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 # exit codes of a process ended by SIGHUP, SIGINT or SIGTERM (the stages turn SIGTERM into SystemExit(143))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from ardetect.export.onnx_export import GRAPHS, ExportError, export_detector
-from ardetect.tmpdirs import temp_dir_beside
+from ardetect.tmpdirs import swap_into_place, temp_dir_beside
 
 PARITY_FILE = "parity.json"
 
@@ -98,11 +98,7 @@ def _install(tmp: Path, out: Path) -> None:
     for name in [n for n in names if n not in last] + last:
         src, dst = tmp / name, out / name
         if src.is_dir():
-            old = out / f".{name}.old-{os.getpid()}"
-            if dst.exists():
-                os.replace(dst, old)
-            os.replace(src, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            swap_into_place(src, dst)
         else:
             os.replace(src, dst)
 

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ardetect.serve.images import IMAGE_SUFFIXES, open_image
-from ardetect.tmpdirs import replaced_atomically, temp_dir_beside
+from ardetect.tmpdirs import replaced_atomically, swap_into_place, temp_dir_beside
 
 INDEX_FORMAT = 2
 ENCODER_ARRAYS = ("features", "region_map")  # what every image encoder gives; ``index.json`` "arrays" lists any more
@@ -254,11 +254,7 @@ def _assemble(work: Path, out: Path, entries, n_chunks: int, root: Path, fingerp
             "encode_seconds": round(encode_s, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta

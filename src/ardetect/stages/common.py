@@ -15,7 +15,7 @@ from pathlib import Path
 from ardetect import tracking
 from ardetect.config import Config, ConfigError, load_config
 from ardetect.procs import match_threads, peak_child_memory_mib, peak_memory_mib
-from ardetect.tmpdirs import temp_dir_beside
+from ardetect.tmpdirs import swap_into_place, temp_dir_beside
 
 log = logging.getLogger("ardetect")
 DATA = Path("data")
@@ -38,13 +38,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp = temp_dir_beside(target)
     try:
         yield tmp
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

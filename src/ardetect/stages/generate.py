@@ -33,7 +33,7 @@ def log_batches(summaries: list[dict], table, data_root, batch_size: int) -> int
         for s in batch:
             seconds.update(s["seconds"])
         with mlflow.start_run(run_name=f"generate {ids[0]}-{ids[-1]}", nested=True,
-                              tags={"ard.kind": "generate_batch", "ard.exemplars": ",".join(ids)}):
+                              tags={"ard.kind": "generate_batch", "ard.exemplars": ",".join(ids), **tracking.process_tags()}):
             tracking.log_metrics({
                 "exemplars": len(batch), "resumed": sum(bool(s.get("resumed")) for s in batch),
                 "kept": sum(s["kept"] for s in batch), "dropped": sum(reasons.values()),
