@@ -273,11 +273,10 @@ STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHU
 
 @contextlib.contextmanager
 def stop_signals_interrupt():
-    """In the block, SIGTERM (``kill``, ``docker stop``, a scheduler cancelling the job) and SIGHUP (the terminal or
+    """In the block, SIGTERM (``kill``, a scheduler cancelling the job) and SIGHUP (the terminal or
     SSH session closed) stop the pipeline as Ctrl-C does: its stage ends cleanly and the runs end KILLED. Without
-    this, either ends the process at once and the DVC child and its stage go on alone (``docker stop`` of a
-    container whose first process is the pipeline kills it 10 s later). A signal ignored from the start (``nohup``)
-    stays ignored. Main thread only."""
+    this, either ends the process at once and the DVC child and its stage go on alone. A signal ignored from the
+    start (``nohup``) stays ignored. Main thread only."""
 
     def stop(signum, frame):
         raise PipelineStopped(signum)
