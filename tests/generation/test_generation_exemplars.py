@@ -126,10 +126,14 @@ def test_skipped_exemplars_are_counted_with_reasons(real_config, sample_coco, tm
     images = tmp_path / "images"
     shutil.copytree(sample_coco["images"], images)
     (images / "coffee.png").unlink()
+    horse = next(images.glob("horse*.png"))
+    horse.write_bytes(horse.read_bytes()[: horse.stat().st_size // 2])  # a truncated download
     res = make_real_exemplars(real_config(images=str(images)), tmp_path / "ex", tmp_path)
-    assert len(res.table) == 7 and res.skip_counts == {"image_missing": 1}
-    assert res.skipped[0]["file_name"] == "coffee.png" and "coffee.png" in res.skipped[0]["detail"]
-    assert "cup" not in set(res.table["base_class"])
+    assert len(res.table) == 6 and res.skip_counts == {"image_missing": 1, "image_unreadable": 1}
+    missing, unreadable = sorted(res.skipped, key=lambda r: r["reason"])
+    assert missing["file_name"] == "coffee.png" and "coffee.png" in missing["detail"]
+    assert unreadable["file_name"] == horse.name and "cannot be decoded" in unreadable["detail"], unreadable
+    assert not {"cup", "horse"} & set(res.table["base_class"])
     few = make_real_exemplars(real_config(max_exemplars=3), tmp_path / "few", tmp_path)
     assert len(few.table) == 3 and list(few.table["concept_id"]) == ["c00000", "c00001", "c00002"]
     with pytest.raises(ValueError, match=r"no exemplar accepted .*8 candidates skipped: \{'no_detection': 8\}"):

@@ -30,7 +30,7 @@ from ardetect.generation.models import load_grounding_dino, load_sam
 
 log = logging.getLogger("ardetect.generation")
 
-SKIP_REASONS = ("image_missing", "no_detection", "empty_mask", "box_too_small")
+SKIP_REASONS = ("image_missing", "image_unreadable", "no_detection", "empty_mask", "box_too_small")
 
 
 @dataclass
@@ -83,8 +83,11 @@ def make_exemplar(cand: Candidate, cid: str, seed: int, gd, sam, real: RealSourc
     src = images_root / cand.file_name
     if not src.is_file():
         return Skipped("image_missing", f"{src} does not exist")
-    with Image.open(src) as im:
-        image = im.convert("RGB")
+    try:  # a truncated download or a corrupt file is one image passed over, not the whole stage's work lost
+        with Image.open(src) as im:
+            image = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return Skipped("image_unreadable", f"{src} cannot be decoded ({type(err).__name__}: {err})")
     word = class_word(cand.category)
     dets = detect(gd, image, word, real.box_threshold, real.text_threshold)
     if not dets:
