@@ -491,6 +491,10 @@ def index_build(
         typer.echo(f"index build failed: {err}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"wrote {out}: {meta['count']} images, features {meta['feature_shape']}, encoded in {meta['encode_seconds']:.1f} s")
+    if meta.get("skipped"):
+        first = json.loads((out / "skipped.json").read_text())[0]
+        typer.echo(f"{meta['skipped']} image file(s) could not be read and are not in the index (listed in {out / 'skipped.json'}); "
+                   f"the first: {first['path']}: {first['reason']}", err=True)
 
 
 @app.command("serve")

@@ -110,6 +110,41 @@ def test_index_refuses_another_model(served, tmp_path):
     assert done["count"] == 6 and not (tmp_path / ".idx.building").exists()
 
 
+def test_unreadable_files_are_passed_over_listed_and_the_rest_indexed_as_without_them(served, tmp_path):
+    """A folder of a user's images can hold a truncated copy or a file that is not an image: the build used to fail
+    at it ("not an image file that PIL can read"), without naming it, after encoding everything before it."""
+    import shutil
+
+    from ardetect.serve import IndexUnusable
+
+    good = sorted((served.data / "img").glob("*.png"))[:5]
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for f in good:
+        shutil.copy(f, folder / f.name)
+    (folder / "sub" / "half.png").write_bytes(good[0].read_bytes()[: good[0].stat().st_size // 2])  # a truncated copy
+    (folder / "notes.jpg").write_text("not an image")
+    model = served.model
+    meta = build_index(model, folder, folder_entries(folder), tmp_path / "idx", chunk=2, progress=False)
+    assert meta["count"] == 5 and meta["skipped"] == 2
+    listed = json.loads((tmp_path / "idx" / "skipped.json").read_text())
+    assert [r["path"] for r in listed] == ["notes.jpg", "sub/half.png"]
+    assert "not an image file" in listed[0]["reason"] and "truncated" in listed[1]["reason"]
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for f in good:
+        shutil.copy(f, clean / f.name)
+    build_index(model, clean, folder_entries(clean), tmp_path / "idx-clean", chunk=2, progress=False)
+    got, want = CandidateIndex(tmp_path / "idx"), CandidateIndex(tmp_path / "idx-clean")
+    assert got.ids == want.ids == [f.stem for f in good]
+    np.testing.assert_array_equal(got.embeddings, want.embeddings)
+    for f in good[1:]:
+        (folder / f.name).unlink()
+    shutil.copy(folder / "sub" / "half.png", folder / good[0].name)
+    with pytest.raises(IndexUnusable, match=r"none of the 3 images could be read; the first: notes.jpg: not an image file"):
+        build_index(model, folder, folder_entries(folder), tmp_path / "idx2", chunk=2, progress=False)
+
+
 @pytest.mark.slow
 def test_index_build_resumes_after_a_kill(served, tmp_path):
     """A build killed with SIGKILL mid-way resumes from its chunks and ends with the arrays of an uninterrupted build."""

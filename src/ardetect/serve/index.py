@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ardetect.serve.images import IMAGE_SUFFIXES, open_image
+from ardetect.serve.images import IMAGE_SUFFIXES, ImageRejected, open_image
 from ardetect.tmpdirs import replaced_atomically, swap_into_place, temp_dir_beside
 
 INDEX_FORMAT = 2
@@ -201,40 +201,63 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
         if c in done:
             continue
         part = entries[c * chunk : (c + 1) * chunk]
-        prepared = []
-        for e in part:
+        prepared, kept, skipped = [], [], []
+        for j, e in enumerate(part):
             if not inside(e.path):
                 raise IndexUnusable(f"{e.path}: leads outside the image root {root}")
-            prepared.append(prepare_image(open_image(root / e.path, max_pixels), det.size))
-        enc = det.encode_images(np.stack([a for a, _ in prepared]))
-        sizes = np.array([s for _, s in prepared], dtype=np.int64)  # (h, w)
-        _save_atomic_npz(work / f"chunk-{c:05d}.npz", **enc, sizes=sizes)
+            try:  # one unreadable file (a truncated copy, a text file named .jpg) is passed over and listed
+                image = open_image(root / e.path, max_pixels)
+            except (ImageRejected, OSError) as err:
+                skipped.append((e.path, str(err)))
+                continue
+            prepared.append(prepare_image(image, det.size))
+            kept.append(j)
+        enc = det.encode_images(np.stack([a for a, _ in prepared])) if prepared else {}
+        sizes = np.array([s for _, s in prepared], dtype=np.int64).reshape(-1, 2)  # (h, w)
+        _save_atomic_npz(work / f"chunk-{c:05d}.npz", **enc, sizes=sizes, kept=np.array(kept, dtype=np.int64),
+                         skipped_paths=np.array([p for p, _ in skipped], dtype=str), skipped_reasons=np.array([r for _, r in skipped], dtype=str))
         bar.update(len(part))
     bar.close()
     encode_s = time.perf_counter() - t0
-    meta = _assemble(work, out, entries, n_chunks, root, fingerprint, det, examples, source, encode_s)
+    meta = _assemble(work, out, entries, chunk, n_chunks, root, fingerprint, det, examples, source, encode_s)
     shutil.rmtree(work, ignore_errors=True)
     return meta
 
 
-def _assemble(work: Path, out: Path, entries, n_chunks: int, root: Path, fingerprint: str, det, examples, source: str, encode_s: float) -> dict:
-    first = np.load(work / "chunk-00000.npz")
-    n = len(entries)
+CHUNK_RECORDS = ("sizes", "kept", "skipped_paths", "skipped_reasons")  # a chunk's entries besides the encoder's arrays
+
+
+def _assemble(work: Path, out: Path, entries, chunk: int, n_chunks: int, root: Path, fingerprint: str, det, examples, source: str,
+              encode_s: float) -> dict:
+    chunks = [np.load(work / f"chunk-{c:05d}.npz") for c in range(n_chunks)]
+    indexed, skipped = [], []
+    for c, z in enumerate(chunks):
+        part = entries[c * chunk : (c + 1) * chunk]
+        kept = z["kept"].tolist() if "kept" in z.files else range(len(z["sizes"]))  # (chunks of a build before skipping)
+        indexed += [part[i] for i in kept]
+        if "skipped_paths" in z.files:
+            skipped += [{"path": p, "reason": r} for p, r in zip(z["skipped_paths"].tolist(), z["skipped_reasons"].tolist())]
+    if not indexed:
+        raise IndexUnusable(f"none of the {len(entries)} images could be read; the first: {skipped[0]['path']}: {skipped[0]['reason']}")
+    first = next(z for z in chunks if len(z["sizes"]))
+    entries, n = indexed, len(indexed)
     tmp = temp_dir_beside(out)
     try:
         arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=np.float32, shape=(n, *first[k].shape[1:]))
-                  for k in first.files if k != "sizes"}
+                  for k in first.files if k not in CHUNK_RECORDS}
         sizes = np.zeros((n, 2), dtype=np.int64)
         s = 0
-        for c in range(n_chunks):
-            z = np.load(work / f"chunk-{c:05d}.npz")
+        for z in chunks:
             m = len(z["sizes"])
             for k in arrays:
-                arrays[k][s : s + m] = z[k]
+                if m:
+                    arrays[k][s : s + m] = z[k]
             sizes[s : s + m] = z["sizes"]
             s += m
         if s != n:
             raise IndexUnusable(f"{work}: the chunks hold {s} images, the plan {n}")
+        if skipped:
+            (tmp / "skipped.json").write_text(json.dumps(skipped, indent=2) + "\n")
         np.save(tmp / "embeddings.npy", normalise(pooled_map(np.asarray(arrays["region_map"]))))
         for a in arrays.values():
             a.flush()
@@ -248,7 +271,8 @@ def _assemble(work: Path, out: Path, entries, n_chunks: int, root: Path, fingerp
             examples.to_parquet(tmp / "examples.parquet", index=False)
         meta = {
             "format_version": INDEX_FORMAT, "model_fingerprint": fingerprint, "image_size": det.size, "count": n, "root": str(root),
-            "source": source, "embedding": "region_map max-pooled, L2-normalised", "arrays": sorted(k for k in first.files if k != "sizes"),
+            "source": source, "embedding": "region_map max-pooled, L2-normalised", "arrays": sorted(k for k in first.files if k not in CHUNK_RECORDS),
+            "skipped": len(skipped),
             "feature_shape": list(np.load(tmp / "features.npy", mmap_mode="r").shape[1:]),
             "region_map_shape": list(np.load(tmp / "region_map.npy", mmap_mode="r").shape[1:]),
             "encode_seconds": round(encode_s, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
