@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ardetect.train.engine import distributed, init_distributed, trainable_state
+from ardetect.train.engine import init_distributed, trainable_state
 from ardetect.train.phases import run_phase1
 
 cfg = pickle.loads(Path(sys.argv[1]).read_bytes())
