@@ -18,13 +18,23 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import TerminationSignal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ardetect import tracking  # noqa: E402
 from ardetect.config import load_config  # noqa: E402
-from ardetect.pipeline import StageOutcome, record_parent_run, repro_stage, stages_in_order, summarize  # noqa: E402
+from ardetect.pipeline import (  # noqa: E402
+    STOP_SIGNALS,
+    PipelineStopped,
+    StageOutcome,
+    record_parent_run,
+    repro_stage,
+    stages_in_order,
+    stop_signals_interrupt,
+    summarize,
+)
 from ardetect.stages.check import preflight  # noqa: E402
 
 
@@ -70,8 +80,11 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     start = time.perf_counter()
     outcomes: list[StageOutcome] = []
     tags = {"ard.profile": cfg.profile, "ard.orchestrator": "prefect", "ard.stages_requested": ",".join(names)}
+    # SIGTERM while the flow runs (`kill`, a cancelled deployment run) raises Prefect's TerminationSignal, not
+    # KeyboardInterrupt: the stage is stopped all the same (repro_stage), and the run ends KILLED, not FAILED
     with tracking.pipeline_run(
-        cfg.tracking.experiment, uri, run_name=f"prefect pipeline [{cfg.profile}]", tags=tags, params=cfg.model_dump(by_alias=True)
+        cfg.tracking.experiment, uri, run_name=f"prefect pipeline [{cfg.profile}]", tags=tags, params=cfg.model_dump(by_alias=True),
+        interruptions=(TerminationSignal,),
     ):
         try:
             for name in names:
@@ -93,4 +106,12 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    pipeline()
+    # SIGTERM (kill, a scheduler) and SIGHUP (the terminal closed) end the flow as Ctrl-C does: the stage is told and
+    # ends cleanly, and the process unwinds, so Prefect's temporary API server stops with it; ended at once by the
+    # signal, the flow left that server running for ever, an orphan holding the terminal's output
+    try:
+        with stop_signals_interrupt():
+            pipeline()
+    except PipelineStopped as stop:
+        print(f"interrupted ({STOP_SIGNALS[stop.signum]}): run it again to go on from there", file=sys.stderr)
+        sys.exit(128 + stop.signum)

@@ -15,7 +15,7 @@ from ardetect import tracking
 from ardetect.pipeline import stages_in_order
 from ardetect.stages import STAGES
 
-from workspace import dvc, make_workspace, run_env
+from workspace import add_sleepy_stage, dvc, make_workspace, run_env
 
 
 @pytest.mark.slow
@@ -47,3 +47,33 @@ def test_prefect_flow_runs_stages_once_then_nothing(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "Running stage" not in second.stdout + second.stderr  # DVC found everything up to date
     assert "Finished in state Completed" in second.stdout + second.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_flow_its_stage_and_prefects_server(tmp_path):
+    """SIGTERM to the flow's process (`kill`, a scheduler) ended it at once: its stage went on alone, both runs were
+    FAILED, and Prefect's temporary API server, a child process, ran on for ever. Now the stage is told and ends,
+    the runs end KILLED, the server stops and the flow exits 143."""
+    import signal
+    import time
+
+    import psutil
+
+    ws = make_workspace(tmp_path / "repo")
+    add_sleepy_stage(ws, alone=True)
+    proc = subprocess.Popen([sys.executable, "flows/pipeline.py"], cwd=ws, env=run_env(ws), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while not (ws / "started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    below = psutil.Process(proc.pid).children(recursive=True)
+    assert any("uvicorn" in " ".join(p.cmdline()) for p in below), [p.cmdline() for p in below]  # Prefect's server
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert (ws / "interrupted").exists() and "interrupted (SIGTERM)" in out, out[-3000:]
+    _, alive = psutil.wait_procs(below, timeout=30)
+    assert not alive, [p.pid for p in alive]
+    runs = tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}")
+    assert list(runs["status"]) == ["KILLED"] and list(runs["tags.ard.orchestrator"]) == ["prefect"], runs

@@ -21,7 +21,7 @@ from ardetect.pipeline import OutputRelay, collate, headline_metrics, repro_stag
 from ardetect.stages import STAGES
 from ardetect.tmpdirs import current_umask
 
-from workspace import BIN, _git, dvc, make_workspace, run_env
+from workspace import BIN, SLEEPY, _git, add_sleepy_stage, dvc, make_workspace, run_env
 
 # A stage's output as tqdm writes it into a pipe: a kept bar (leave=True) redrawn with
 # \r and ended by \n, a cleared bar (leave=False: \r, spaces, \r) followed on the same
@@ -151,15 +151,6 @@ def test_repro_stage_failure_and_lock_contention(tmp_path):
     assert ok.ok and ok.ran == ["first", "second"]
 
 
-SLEEPY = textwrap.dedent("""
-    import sys, time
-    open("started", "w").write("1")
-    try:
-        time.sleep(120)
-    except KeyboardInterrupt:
-        open("interrupted", "w").write("1")
-        sys.exit(130)
-""")
 DRIVER = "import sys; from pathlib import Path; from ardetect.pipeline import repro_stage; repro_stage('sleepy', Path(sys.argv[1]))"
 
 
@@ -205,12 +196,7 @@ def test_sigterm_or_sighup_to_the_pipeline_ends_it_as_ctrl_c_does(tmp_path, sign
 
     signum = getattr(signal, signame)
     ws = make_workspace(tmp_path / "repo")
-    import yaml
-
-    (ws / "sleepy.py").write_text(SLEEPY)
-    pipeline = yaml.safe_load((ws / "dvc.yaml").read_text())
-    pipeline["stages"]["sleepy"] = {"cmd": "python sleepy.py", "deps": ["sleepy.py"]}
-    (ws / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    add_sleepy_stage(ws)
 
     def dispositions():  # as a terminal's session has them (a suite run as a background job has SIGINT ignored)
         signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -67,3 +68,26 @@ def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# A stage that waits to be stopped: it writes `started`, sleeps, and on Ctrl-C writes `interrupted` and exits 130.
+SLEEPY = textwrap.dedent("""
+    import sys, time
+    open("started", "w").write("1")
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:
+        open("interrupted", "w").write("1")
+        sys.exit(130)
+""")
+
+
+def add_sleepy_stage(ws: Path, alone: bool = False) -> None:
+    """Add the stage ``sleepy`` (``SLEEPY``) to the workspace's ``dvc.yaml``; ``alone``: the only stage there."""
+    (ws / "sleepy.py").write_text(SLEEPY)
+    pipeline = yaml.safe_load((ws / "dvc.yaml").read_text())
+    stage = {"cmd": "python sleepy.py", "deps": ["sleepy.py"]}
+    pipeline["stages"] = {"sleepy": stage} if alone else {**pipeline["stages"], "sleepy": stage}
+    if alone:
+        pipeline.pop("plots", None)
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))

@@ -230,8 +230,8 @@ def repro_stage(
                 if not chunk:
                     break
                 relay.feed(decoder.decode(chunk))
-        except KeyboardInterrupt:
-            _stop_child(proc, fileno, relay, decoder)
+        except BaseException:  # Ctrl-C, SIGTERM as an orchestrator raises it (Prefect's TerminationSignal), an error
+            _stop_child(proc, fileno, relay, decoder)  # in the relay: the stage is stopped, not left running alone
             raise
         relay.feed(decoder.decode(b"", final=True))
         relay.close()

@@ -127,11 +127,13 @@ def pipeline_run(
     run_name: str = "pipeline",
     tags: dict[str, str] | None = None,
     params: Mapping[str, Any] | None = None,
+    interruptions: tuple[type[BaseException], ...] = (),
 ) -> Iterator[Any]:
     """Open the parent run of one pipeline execution and export its id to child processes.
 
     ``params`` (the effective configuration, nested) is logged flattened, so parent
     runs compare param by param (``world.seed``, ``train_phase1.epochs``, ...).
+    ``interruptions``: exceptions that end the run KILLED as Ctrl-C does (an orchestrator's own stop signal).
     """
     require_enabled("a pipeline run")
     mlflow = _mlflow(uri, experiment)
@@ -142,7 +144,7 @@ def pipeline_run(
         if params:
             log_params(params)
         try:
-            with _killed_on_interrupt(mlflow):
+            with _killed_on_interrupt(mlflow, interruptions):
                 yield run
         finally:
             if previous is None:
@@ -213,12 +215,12 @@ _SIGNAL_EXITS = (128 + 1, 128 + 2, 128 + 15)
 
 
 @contextmanager
-def _killed_on_interrupt(mlflow) -> Iterator[None]:
-    """End the active run as KILLED, not FAILED, when Ctrl-C, SIGTERM or SIGHUP stops the block: nothing in the
-    run went wrong, and running the pipeline again goes on from there."""
+def _killed_on_interrupt(mlflow, interruptions: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """End the active run as KILLED, not FAILED, when Ctrl-C, SIGTERM or SIGHUP (or one of ``interruptions``) stops
+    the block: nothing in the run went wrong, and running the pipeline again goes on from there."""
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, *interruptions):
         mlflow.end_run("KILLED")
         raise
     except SystemExit as stop:
