@@ -27,6 +27,9 @@ except ImportError:  # pragma: no cover - only while the model package is absent
     pass
 
 
+_terminal_gone = False
+
+
 def _terminal_write(text: str) -> None:
     """Stage output as it comes, carriage returns kept: a progress bar redraws in place. A terminal that is gone
     (closed: SIGHUP) ends the writing, not the pipeline's clean-up."""
@@ -38,9 +41,6 @@ def _terminal_write(text: str) -> None:
         sys.stdout.flush()
     except OSError:
         _terminal_gone = True
-
-
-_terminal_gone = False
 
 
 def _say(text: str, err: bool = False) -> None:

@@ -293,8 +293,9 @@ def stop_signals_interrupt():
 
 
 def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder, grace_s: float = 120.0) -> None:
-    """After Ctrl-C: let the DVC child and its stage end as they end on SIGINT (temp folders removed, the stage's run
-    closed as KILLED, DVC's lock released) and relay what they still print, before the pipeline says it stopped.
+    """After Ctrl-C (or anything else that stops the reading of the child's output): let the DVC child and its stage
+    end as they end on SIGINT (temp folders removed, the stage's run closed as KILLED, DVC's lock released) and relay
+    what they still print, before the pipeline says it stopped.
 
     A terminal sends SIGINT to them too; DVC ignores it while its stage runs, and the stage takes only the first
     (``stages.common``). So the signal is passed on to every process below the DVC child, which reaches the stage

@@ -64,13 +64,15 @@ def owner_tag() -> str:
 
 def process_gone(pid: int) -> bool:
     """Whether no process ``pid`` runs in this process namespace."""
+    if pid <= 0:  # (os.kill would signal a process group)
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # another user's process: it runs
         return False
-    return pid == 0
+    return False
 
 
 def sweep_left_behind(folder: str | Path, prefix: str) -> list[Path]:

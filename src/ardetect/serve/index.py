@@ -249,9 +249,10 @@ def _assemble(work: Path, out: Path, entries, chunk: int, n_chunks: int, root: P
         s = 0
         for z in chunks:
             m = len(z["sizes"])
+            if not m:  # every image of the chunk unreadable: it holds no arrays
+                continue
             for k in arrays:
-                if m:
-                    arrays[k][s : s + m] = z[k]
+                arrays[k][s : s + m] = z[k]
             sizes[s : s + m] = z["sizes"]
             s += m
         if s != n:
