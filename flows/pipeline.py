@@ -29,6 +29,7 @@ from ardetect.pipeline import (  # noqa: E402
     STOP_SIGNALS,
     PipelineStopped,
     StageOutcome,
+    ensure_repository,
     record_parent_run,
     repro_stage,
     stages_in_order,
@@ -74,6 +75,9 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     rootp = Path(root).resolve()
     cfg = load_config(rootp / "params.yaml")
     preflight(cfg, rootp)
+    made = ensure_repository(rootp)
+    if made:
+        logger.warning(made)
     order = stages_in_order(rootp)
     names = stages or order
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, rootp)

@@ -122,6 +122,53 @@ def test_repro_stage_reads_outcomes_from_dvc_and_relays_output(tmp_path):
     assert collate([only_first, after], ["first", "second"]) == {"ran": ["first", "second"], "up_to_date": [], "failed": []}
 
 
+def _git_out(root, *args) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+
+def test_a_tree_without_git_is_made_a_repository_or_run_without_one(tmp_path, monkeypatch):
+    from ardetect import pipeline
+
+    root = _tiny_dvc_repo(tmp_path / "unpacked")
+    shutil.rmtree(root / ".git")  # as a release's zip unpacks: DVC's files without git's
+    before = repro_stage("second", root)
+    assert not before.ok and "not a git repository" in (before.error or "")  # what every stage met before
+    made = pipeline.ensure_repository(root)
+    assert made and "made one" in made and str(root) in made
+    assert _git_out(root, "log", "--format=%s").splitlines() == ["The source tree as ard pipeline run found it (DVC needs a git repository)"]
+    assert {"work.py", "input.txt", "dvc.yaml", ".dvc/config"} <= set(_git_out(root, "ls-files").split())
+    assert repro_stage("second", root).ok
+    assert pipeline.ensure_repository(root) is None  # a repository now: nothing more is done
+    assert len(_git_out(root, "log", "--format=%H").split()) == 1
+
+    outer = tmp_path / "outer"  # a tree unpacked inside the user's own repository is theirs: left as it is
+    outer.mkdir()
+    _git(outer, "init", "-q")
+    nested = _tiny_dvc_repo(tmp_path / "nested")
+    shutil.rmtree(nested / ".git")
+    nested = shutil.move(str(nested), outer / "ard")
+    assert pipeline.ensure_repository(nested) is None and not (outer / "ard" / ".git").exists()
+
+    no_git = _tiny_dvc_repo(tmp_path / "no-git")  # no git on the machine: DVC's no_scm, this machine's setting only
+    shutil.rmtree(no_git / ".git")
+    monkeypatch.setattr(pipeline, "git_executable", lambda: None)
+    said = pipeline.ensure_repository(no_git)
+    assert said and "core.no_scm" in said and "dvc exp run" in said
+    assert "no_scm = true" in (no_git / ".dvc" / "config.local").read_text() and not (no_git / ".git").exists()
+    assert repro_stage("second", no_git).ok and (no_git / "out2.txt").read_text() == "one\n"
+    assert pipeline.ensure_repository(no_git) is None
+
+    broken = tmp_path / "broken-git"  # a git that cannot make the repository: said, naming the step, nothing run
+    broken.write_text("#!/bin/sh\n[ \"$1\" = rev-parse ] && { echo 'fatal: not a git repository' >&2; exit 128; }\n"
+                      "echo 'fatal: cannot write here' >&2; exit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(pipeline, "git_executable", lambda: str(broken))
+    plain = _tiny_dvc_repo(tmp_path / "plain")
+    shutil.rmtree(plain / ".git")
+    with pytest.raises(pipeline.RepositoryError, match=r"`git init` failed making one: fatal: cannot write here"):
+        pipeline.ensure_repository(plain)
+
+
 def test_repro_stage_failure_and_lock_contention(tmp_path):
     import zc.lockfile
 

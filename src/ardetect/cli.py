@@ -60,17 +60,23 @@ def pipeline_run(
     """Run every DVC stage in order (`dvc repro <stage>` each); stale stages run, the rest are skipped."""
     from ardetect import tracking
     from ardetect.config import ConfigError, load_config
-    from ardetect.pipeline import STOP_SIGNALS, record_parent_run, repro_with_retries, stages_in_order, stop_signals_interrupt, summarize
+    from ardetect.pipeline import (
+        STOP_SIGNALS, RepositoryError, ensure_repository, record_parent_run, repro_with_retries, stages_in_order, stop_signals_interrupt,
+        summarize,
+    )
     from ardetect.stages.check import preflight
 
     root = params.resolve().parent
     try:
         cfg = load_config(params)
         preflight(cfg, root)
+        made = ensure_repository(root)
+        if made:
+            _say(made, err=True)
         tracking.require_enabled("ard pipeline run")
         uri = tracking.tracking_uri(cfg.tracking.tracking_uri, root)
         tracking.check_reachable(uri)
-    except (ConfigError, ValueError, tracking.TrackingUnreachable) as err:
+    except (ConfigError, ValueError, tracking.TrackingUnreachable, RepositoryError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
     order = stages_in_order(root)

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +113,56 @@ def dvc_executable() -> str:
     """The ``dvc`` beside the running interpreter (the project's venv), else the one on PATH."""
     candidate = Path(sys.executable).with_name("dvc")
     return str(candidate) if candidate.exists() else "dvc"
+
+
+class RepositoryError(RuntimeError):
+    """The source tree is not a repository DVC can run in, and one could not be made."""
+
+
+def git_executable() -> str | None:
+    return shutil.which("git")
+
+
+def _no_scm_set(root: Path) -> bool:
+    local = root / ".dvc" / "config.local"
+    return local.is_file() and re.search(r"^\s*no_scm\s*=\s*true\s*$", local.read_text(), re.M | re.I) is not None
+
+
+def ensure_repository(root: Path) -> str | None:
+    """Make ``root`` a tree DVC can run in; returns what was done, for the caller to say, or None.
+
+    DVC runs inside a git work tree, or with its ``core.no_scm`` setting. A tree unpacked from
+    an archive (a release's zip, a copy without ``.git``) has neither, and every stage would
+    fail with DVC's bare "not a git repository". With git on this machine the tree becomes a
+    repository whose first commit is the tree as found (``.gitignore`` applies), as the
+    Dockerfile does, so ``dvc exp run`` works too; without git, ``core.no_scm`` is set in
+    ``.dvc/config.local`` (this machine's own DVC settings), where ``dvc repro`` works and
+    ``dvc exp run`` does not. A tree inside another repository's work tree is left as it is.
+    """
+    root = Path(root)
+    if _no_scm_set(root):
+        return None
+    git = git_executable()
+    if git is None:
+        done = subprocess.run([dvc_executable(), "config", "--local", "core.no_scm", "true"], cwd=root, capture_output=True, text=True)
+        if done.returncode:
+            raise RepositoryError(f"{root} is not a git repository and git is not installed; setting DVC's core.no_scm "
+                                  f"failed: {(done.stderr or done.stdout).strip()}")
+        return (f"{root} is not a git repository and git is not installed: set DVC's core.no_scm in .dvc/config.local, "
+                "so the stages run without git; `dvc exp run` (the seeds' command) needs git")
+    inside = subprocess.run([git, "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True, text=True)
+    if inside.returncode == 0 or "not a git repository" not in inside.stderr.lower():
+        return None  # a work tree, or one git refuses for its own reason (ownership, say), which DVC then reports
+    identity = ["-c", "user.name=ardetect", "-c", "user.email=pipeline@ardetect.invalid"]
+    message = "The source tree as ard pipeline run found it (DVC needs a git repository)"
+    for step, args in (("init", ["init", "-q"]), ("add", ["add", "-A"]), ("commit", [*identity, "commit", "-q", "--no-verify", "-m", message])):
+        done = subprocess.run([git, *args], cwd=root, capture_output=True, text=True)
+        if done.returncode:
+            raise RepositoryError(f"{root} is not a git repository, which DVC needs, and `git {step}` "
+                                  f"failed making one: {(done.stderr or done.stdout).strip()}. Run `git init` there yourself, "
+                                  "or `dvc config --local core.no_scm true` to run without git")
+    return (f"{root} was not a git repository, which DVC needs: made one (`git init`), its first commit the tree as found; "
+            "`git log` shows it")
 
 
 # glibc malloc kept from handing freed memory back to the OS between training steps:
