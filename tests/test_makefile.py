@@ -48,3 +48,46 @@ def test_install_runs_from_a_path_with_a_space(tmp_path):
     calls = log.read_text().splitlines()
     assert calls == ["-m pip install -q --upgrade pip", "-m pip install -q -e .[dev]", "-m pip show -q onnxruntime"]
     assert (root / ".venv" / ".installed-stamp").is_file()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_sigterm_to_make_run_reaches_the_pipeline(tmp_path):
+    """`kill` of `make run`, and `docker stop` of the pipeline's image (its CMD is `make run`), send SIGTERM to make:
+    the recipe must hand it to `ard pipeline run`, which then stops its stage cleanly, not leave it running alone."""
+    import os
+    import signal
+    import time
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(REPO / "Makefile", root / "Makefile")
+    (root / "pyproject.toml").write_text("")
+    bin_dir = root / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    python = bin_dir / "python"  # the set-up's stand-in, as above
+    python.write_text('#!/bin/sh\ncase "$*" in *" show "*) exit 1;; esac\nexit 0\n')
+    python.chmod(0o755)
+    said = tmp_path / "ard.log"
+    ard = bin_dir / "ard"  # stands in for `ard pipeline run`: says it started, then what signal ended it
+    ard.write_text(f'#!/bin/sh\ntrap \'echo "TERM $$" >> "{said}"; exit 143\' TERM\necho "started $$ $*" >> "{said}"\n'
+                   'while :; do sleep 0.1; done\n')
+    ard.chmod(0o755)
+    make = subprocess.Popen(["make", "run", "MIN_FREE_GB=0"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (said.exists() and "started" in said.read_text()) and time.monotonic() < deadline and make.poll() is None:
+            time.sleep(0.1)
+        assert said.exists() and "started" in said.read_text(), make.communicate(timeout=10)[0]
+        os.kill(make.pid, signal.SIGTERM)  # to make alone, as docker stop and kill send it
+        out = make.communicate(timeout=30)[0]
+    finally:  # whatever went wrong, nothing of the test's is left running (its own session: one group)
+        try:
+            os.killpg(make.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        make.wait(timeout=10)
+    lines = said.read_text().splitlines()
+    started, ended = lines[0].split(), lines[-1].split()
+    assert started[2:] == ["pipeline", "run"] and ended == ["TERM", started[1]], lines
+    assert make.returncode != 0, out
