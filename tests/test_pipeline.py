@@ -202,16 +202,35 @@ def test_repro_stage_failure_and_lock_contention(tmp_path):
 DRIVER = "import sys; from pathlib import Path; from ardetect.pipeline import repro_stage; repro_stage('sleepy', Path(sys.argv[1]))"
 
 
-def test_a_stage_whose_pipeline_was_killed_outright_is_stopped(tmp_path):
+# a stage that prints all the time: killed outright, `ard pipeline run` leaves it writing into the pipe it read
+CHATTY = textwrap.dedent("""
+    import sys, time
+    open("started", "w").write("1")
+    try:
+        for i in range(2400):
+            print(f"step {i}", flush=True)
+            time.sleep(0.02)
+    except KeyboardInterrupt:
+        open("interrupted", "w").write("1")
+        sys.exit(130)
+    except BrokenPipeError:
+        open("broken", "w").write("1")
+        sys.exit(1)
+""")
+
+
+@pytest.mark.parametrize("script", ["quiet", "chatty"])
+def test_a_stage_whose_pipeline_was_killed_outright_is_stopped(tmp_path, script):
     """`kill -9` of `ard pipeline run` (or of the flow's process): the DVC child passes SIGINT on to the stage, which
-    ends as on Ctrl-C, instead of running on with no one to read what it prints."""
+    ends as on Ctrl-C, instead of running on with no one to read what it prints. A stage that prints all the while
+    does not die of the closed pipe first: it meets a pipe of the DVC child's own (before: BrokenPipeError, FAILED)."""
     import signal
     import time
 
     import psutil
 
     root = _tiny_dvc_repo(tmp_path / "repo")
-    (root / "sleepy.py").write_text(SLEEPY)
+    (root / "sleepy.py").write_text(SLEEPY if script == "quiet" else CHATTY)
     (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text() + "  sleepy:\n    cmd: python sleepy.py\n    deps: [sleepy.py]\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -226,7 +245,7 @@ def test_a_stage_whose_pipeline_was_killed_outright_is_stopped(tmp_path):
     deadline = time.monotonic() + 30
     while not (root / "interrupted").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert (root / "interrupted").exists(), "the stage was not told"
+    assert (root / "interrupted").exists() and not (root / "broken").exists(), "the stage was not told"
     gone, alive = psutil.wait_procs(below, timeout=30)
     assert not alive, alive
     assert not (root / ".dvc/tmp/lock").exists() or _lock_free(root)

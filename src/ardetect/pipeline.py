@@ -430,9 +430,62 @@ def _watch_parent(parent: int, every_s: float = 1.0) -> threading.Thread:
     return thread
 
 
+def _own_output() -> Callable[[], None]:
+    """Put a pipe of this process's own between what runs below it and the caller's pipe; returns what ends it.
+
+    The stage inherits the DVC child's stdout and stderr. Were they the caller's pipe itself, a caller killed
+    outright would leave the stage writing into a closed pipe: a stage that prints often would die of it (a
+    BrokenPipeError, the stage FAILED) before ``_watch_parent`` tells it to stop. Here fds 1 and 2 are a pipe that a
+    thread copies on to the caller's; once the caller is gone, what comes is read and dropped, so the stage always
+    meets the SIGINT and ends cleanly. The returned function lets everything written so far through and ends the copy.
+    """
+    out = os.dup(1)
+    read_end, write_end = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def copy() -> None:
+        caller_there = True
+        while chunk := os.read(read_end, 65536):
+            view = memoryview(chunk)
+            while caller_there and view:
+                try:
+                    view = view[os.write(out, view):]
+                except OSError:  # the caller is gone: drop the rest, keep reading so that no writer below blocks or fails
+                    caller_there = False
+        os.close(read_end)
+
+    thread = threading.Thread(target=copy, name="ard-output-copy", daemon=True)
+    thread.start()
+
+    def finish() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 1)  # the pipe's last write ends here (a process left below, holding it, is not waited on)
+        os.dup2(quiet, 2)
+        os.close(quiet)
+        thread.join(timeout=10)
+
+    return finish
+
+
 def _reproduce_child(argv: list[str]) -> int:
     """In the child process: ``Repo(root).reproduce(stage)``, recording what DVC did with each stage."""
     root, stage, result_path = argv[0], argv[1], argv[2]
+    finish_output = _own_output()
+    try:
+        return _reproduce_in_child(root, stage, result_path, argv)
+    finally:
+        finish_output()
+
+
+def _reproduce_in_child(root: str, stage: str, result_path: str, argv: list[str]) -> int:
     _watch_parent(os.getppid())
     force = "--force" in argv[3:]
     os.chdir(root)
