@@ -135,7 +135,7 @@ def test_a_tree_without_git_is_made_a_repository_or_run_without_one(tmp_path, mo
     assert not before.ok and "not a git repository" in (before.error or "")  # what every stage met before
     made = pipeline.ensure_repository(root)
     assert made and "made one" in made and str(root) in made
-    assert _git_out(root, "log", "--format=%s").splitlines() == ["The source tree as ard pipeline run found it (DVC needs a git repository)"]
+    assert _git_out(root, "log", "--format=%s").splitlines() == ["The source tree as the pipeline found it (DVC needs a git repository)"]
     assert {"work.py", "input.txt", "dvc.yaml", ".dvc/config"} <= set(_git_out(root, "ls-files").split())
     assert repro_stage("second", root).ok
     assert pipeline.ensure_repository(root) is None  # a repository now: nothing more is done

@@ -154,7 +154,7 @@ def ensure_repository(root: Path) -> str | None:
     if inside.returncode == 0 or "not a git repository" not in inside.stderr.lower():
         return None  # a work tree, or one git refuses for its own reason (ownership, say), which DVC then reports
     identity = ["-c", "user.name=ardetect", "-c", "user.email=pipeline@ardetect.invalid"]
-    message = "The source tree as ard pipeline run found it (DVC needs a git repository)"
+    message = "The source tree as the pipeline found it (DVC needs a git repository)"
     for step, args in (("init", ["init", "-q"]), ("add", ["add", "-A"]), ("commit", [*identity, "commit", "-q", "--no-verify", "-m", message])):
         done = subprocess.run([git, *args], cwd=root, capture_output=True, text=True)
         if done.returncode:
