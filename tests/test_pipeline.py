@@ -152,7 +152,10 @@ def test_a_tree_without_git_is_made_a_repository_or_run_without_one(tmp_path, mo
     no_git = _tiny_dvc_repo(tmp_path / "no-git")  # no git on the machine: DVC's no_scm, this machine's setting only
     shutil.rmtree(no_git / ".git")
     monkeypatch.setattr(pipeline, "git_executable", lambda: None)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "system-tmp"))  # DVC's analytics report, were it sent, lands there
+    (tmp_path / "system-tmp").mkdir()
     said = pipeline.ensure_repository(no_git)
+    assert list((tmp_path / "system-tmp").iterdir()) == []
     assert said and "core.no_scm" in said and "dvc exp run" in said
     assert "no_scm = true" in (no_git / ".dvc" / "config.local").read_text() and not (no_git / ".git").exists()
     assert repro_stage("second", no_git).ok and (no_git / "out2.txt").read_text() == "one\n"

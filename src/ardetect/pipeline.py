@@ -144,7 +144,9 @@ def ensure_repository(root: Path) -> str | None:
         return None
     git = git_executable()
     if git is None:
-        done = subprocess.run([dvc_executable(), "config", "--local", "core.no_scm", "true"], cwd=root, capture_output=True, text=True)
+        # no analytics: without a network their report would stay behind in the system's temp folder
+        done = subprocess.run([dvc_executable(), "config", "--local", "core.no_scm", "true"], cwd=root, capture_output=True, text=True,
+                              env={**os.environ, "DVC_NO_ANALYTICS": "1"})
         if done.returncode:
             raise RepositoryError(f"{root} is not a git repository and git is not installed; setting DVC's core.no_scm "
                                   f"failed: {(done.stderr or done.stdout).strip()}")
