@@ -479,15 +479,15 @@ def _own_output() -> Callable[[], None]:
 
 def _reproduce_child(argv: list[str]) -> int:
     """In the child process: ``Repo(root).reproduce(stage)``, recording what DVC did with each stage."""
-    root, stage, result_path = argv[0], argv[1], argv[2]
     finish_output = _own_output()
     try:
-        return _reproduce_in_child(root, stage, result_path, argv)
+        return _reproduce_in_child(argv)
     finally:
         finish_output()
 
 
-def _reproduce_in_child(root: str, stage: str, result_path: str, argv: list[str]) -> int:
+def _reproduce_in_child(argv: list[str]) -> int:
+    root, stage, result_path = argv[0], argv[1], argv[2]
     _watch_parent(os.getppid())
     force = "--force" in argv[3:]
     os.chdir(root)
