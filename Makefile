@@ -35,7 +35,13 @@ $(STAMP): pyproject.toml
 	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	if [ ! -x "$(BIN)/python" ] && [ "$$free" -lt $(MIN_FREE_GB) ]; then \
 	  echo "cannot set up $(VENV): $$free GB free on $$(df -P . | awk 'NR==2 {print $$6}'), the environment needs about $(MIN_FREE_GB) GB (MIN_FREE_GB)"; exit 1; fi
+	@# a venv whose python no longer runs (its interpreter removed or upgraded away) is made again from scratch
+	@if [ -e "$(BIN)/python" ] || [ -L "$(BIN)/python" ]; then "$(BIN)/python" -c "" >/dev/null 2>&1 || { \
+	  echo "$(VENV)/bin/python does not run (its interpreter is gone?): making $(VENV) again"; $(PYTHON) -m venv --clear $(VENV); }; fi
 	@test -x "$(BIN)/python" || $(PYTHON) -m venv $(VENV)
+	@# a venv whose creation was interrupted (Ctrl-C while ensurepip ran) has python but no pip: given it here
+	@"$(BIN)/python" -m pip --version >/dev/null 2>&1 || { \
+	  echo "$(VENV) has no pip (its set-up was interrupted?): installing it with ensurepip"; "$(BIN)/python" -m ensurepip --upgrade >/dev/null; }
 	"$(BIN)/python" -m pip install -q --upgrade pip
 	"$(BIN)/python" -m pip install -q -e '.[dev]'
 	@# onnxruntime-gpu owns the onnxruntime module; plain onnxruntime must never sit beside it

@@ -1,5 +1,5 @@
 """The Makefile's set-up: it refuses a disk too full for the environment up front, naming the space and the need,
-and it works from a folder whose path holds a space."""
+it works from a folder whose path holds a space, and it mends a venv an interrupted set-up or a system upgrade broke."""
 
 from __future__ import annotations
 
@@ -46,8 +46,56 @@ def test_install_runs_from_a_path_with_a_space(tmp_path):
     done = subprocess.run(["make", "install", "MIN_FREE_GB=0"], cwd=root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     calls = log.read_text().splitlines()
-    assert calls == ["-m pip install -q --upgrade pip", "-m pip install -q -e .[dev]", "-m pip show -q onnxruntime"]
+    assert calls == ["-c ", "-m pip --version", "-m pip install -q --upgrade pip", "-m pip install -q -e .[dev]",
+                     "-m pip show -q onnxruntime"]
     assert (root / ".venv" / ".installed-stamp").is_file()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("broken", ["no pip", "interpreter gone"])
+def test_install_mends_a_venv_left_broken(tmp_path, broken):
+    """Ctrl-C while `python -m venv` runs ensurepip leaves a venv with python and no pip (tried: every time); a system
+    upgrade can take away the interpreter a venv links to. Either way `make install` must mend it, saying so, where it
+    used to fail the same way on every later run ("No module named pip") until the user removed the venv by hand."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(REPO / "Makefile", root / "Makefile")
+    (root / "pyproject.toml").write_text("")
+    log = tmp_path / "calls.log"
+    bin_dir = root / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    # the venv's python once mended: logs each call; it has pip only once ensurepip has run or the venv is made anew
+    has_pip = tmp_path / "has-pip"
+    venv_python = (f'#!/bin/sh\necho "venv $*" >> "{log}"\ncase "$*" in\n'
+                   f'  "-m pip --version") [ -e "{has_pip}" ] || exit 1;;\n'
+                   f'  "-m ensurepip "*) touch "{has_pip}";;\n'
+                   '  *" show "*) exit 1;;\nesac\nexit 0\n')
+    # the system's python: `-m venv --clear .venv` writes the venv's python (with pip, as venv installs it)
+    system = tmp_path / "python3"
+    system.write_text(f'#!/bin/sh\necho "system $*" >> "{log}"\ncat > "{bin_dir}/python" <<\'EOF\'\n{venv_python}EOF\n'
+                      f'chmod +x "{bin_dir}/python"\ntouch "{has_pip}"\n')
+    system.chmod(0o755)
+    python = bin_dir / "python"
+    if broken == "no pip":
+        python.write_text(venv_python)
+        python.chmod(0o755)
+    else:
+        python.symlink_to(tmp_path / "python3.9-removed")
+    done = subprocess.run(["make", "install", "MIN_FREE_GB=0", f"PYTHON={system}"], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = log.read_text().splitlines()
+    installs = ["venv -m pip install -q --upgrade pip", "venv -m pip install -q -e .[dev]", "venv -m pip show -q onnxruntime"]
+    if broken == "no pip":
+        assert ".venv has no pip (its set-up was interrupted?): installing it with ensurepip" in done.stdout
+        assert calls == ["venv -c ", "venv -m pip --version", "venv -m ensurepip --upgrade", *installs]
+    else:
+        assert ".venv/bin/python does not run (its interpreter is gone?): making .venv again" in done.stdout
+        assert calls == ["system -m venv --clear .venv", "venv -m pip --version", *installs]
+    assert (root / ".venv" / ".installed-stamp").is_file()
+    again = subprocess.run(["make", "install", "MIN_FREE_GB=0", f"PYTHON={system}"], cwd=root, capture_output=True,
+                           text=True, timeout=60)  # mended: nothing left to do
+    assert again.returncode == 0 and log.read_text().splitlines() == calls, again.stdout
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
