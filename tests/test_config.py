@@ -41,6 +41,40 @@ def test_unknown_section_is_named():
     raw["trainig"] = {}
     with pytest.raises(ConfigError, match=r"unknown key 'trainig'"):
         load(raw)
+    del raw["trainig"]
+    raw["world"]["colours"] = list(range(100))
+    with pytest.raises(ConfigError) as err:
+        load(raw)
+    line = str(err.value).splitlines()[1]  # nothing close enough to offer; the long value shortened
+    assert line == "  - unknown key 'world.colours' (value " + repr(list(range(100)))[:80] + " ...)", line
+
+
+@pytest.mark.parametrize("path,typo,meant", [
+    ((), "pretrian", "pretrain"),  # a whole section: its value is shortened, not dumped
+    (("pretrain",), "epoch", "pretrain.epochs"),
+    (("pretrain", "loss"), "weight_clas", "pretrain.loss.weight_class"),
+    (("validate",), "box_iou_mn", "validate.box_iou_min"),  # the section's YAML key, not its Python field name
+    (("exemplars", "real"), "sam_chekpoint", "exemplars.real.sam_checkpoint"),
+])
+def test_a_mistyped_key_is_given_the_one_it_is_close_to(path, typo, meant):
+    raw = raw_params()
+    section = raw
+    for key in path:
+        section = section[key]
+    section[typo] = section.pop(meant.rsplit(".", 1)[-1])
+    with pytest.raises(ConfigError) as err:
+        load(raw)
+    line = str(err.value).splitlines()[1]
+    assert line.startswith(f"  - unknown key '{'.'.join([*path, typo])}' (value ")
+    assert line.endswith(f"; did you mean '{meant}'?") and len(line) < 200, line
+
+
+def test_a_mistyped_model_override_is_given_the_field_it_is_close_to():
+    from ardetect.model.config import ModelConfig
+
+    with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['num_querys'\] for size='nano' "
+                                         r"\('num_querys': did you mean 'num_queries'\?\)"):
+        ModelConfig.named("nano", num_querys=16)
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,10 @@ fails at load time with a message that names the key path and the value.
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -643,14 +644,35 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _keys_beside(loc: tuple) -> list[str]:
+    """The keys the configuration knows where ``loc``'s last key stands (the section it is in), as written in YAML."""
+    model: Any = Config
+    for part in loc[:-1]:
+        by_key = {(f.alias or name): f for name, f in model.model_fields.items()}
+        field = by_key.get(part) or model.model_fields.get(part)
+        inner = [a for a in (field.annotation, *get_args(field.annotation)) if field is not None]
+        models = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:
+            return []
+        model = models[0]
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{loc}' (value {e['input']!r})")
+            close = difflib.get_close_matches(str(e["loc"][-1]), _keys_beside(e["loc"]), n=1, cutoff=0.75)
+            hint = f"; did you mean '{'.'.join([*map(str, e['loc'][:-1]), close[0]])}'?" if close else ""
+            lines.append(f"  - unknown key '{loc}' (value {_short(e['input'])}){hint}")
         else:
-            lines.append(f"  - {loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  - {loc}: {e['msg']} (got {_short(e.get('input'))})")
     return "\n".join(lines)
 
 

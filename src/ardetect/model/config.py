@@ -22,6 +22,7 @@ max text length 256.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -151,7 +152,10 @@ class ModelConfig(BaseModel):
             )
         unknown = set(overrides) - set(cls.model_fields)
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)} for size={size!r}")
+            close = {k: difflib.get_close_matches(k, cls.model_fields, n=1, cutoff=0.75) for k in sorted(unknown)}
+            hints = [f"'{k}': did you mean '{c[0]}'?" for k, c in close.items() if c]
+            raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)} for size={size!r}"
+                             + (f" ({'; '.join(hints)})" if hints else ""))
         base.update(overrides)
         # A named size is built from scratch (converted GroundingDINO weights take their config from the
         # checkpoint, with the field defaults scale 1, bias 0): start the contrastive head at 1/sqrt(hidden)
