@@ -519,19 +519,51 @@ def serve_cmd(
     from ardetect.serve.app import create_app, token_from_env, uvicorn_log_config
 
     cfg, uri, root = _serve_settings(params)
-    try:
-        attributor = open_attributor(cfg, _serve_path(root, model, cfg.model), _serve_path(root, index, cfg.index), tracking_uri=uri)
-    except (ModelNotFound, IndexUnusable, ExportError) as err:
-        typer.echo(f"serve failed: {err}", err=True)
-        raise typer.Exit(1) from None
-    token = token_from_env(cfg)
-    d = attributor.describe()
     host, port = host or cfg.host, port or cfg.port
-    typer.echo(f"serving {d['source']} ({d['name'] or 'folder'}{' v' + d['version'] if d['version'] else ''}) on "
-               f"{sorted(set(d['providers'].values()))}, index of {d['index_size']} images, at http://{host}:{port}/ "
-               f"({'bearer token required: $' + cfg.token_env if token else 'no token'})")
-    uvicorn.run(create_app(attributor, cfg, token), host=host, port=port, log_level="info", timeout_keep_alive=5,
-                log_config=uvicorn_log_config())
+    sock = _listening_socket(host, port)  # before the model loads: a port in use is said at once, not after it
+    try:
+        try:
+            attributor = open_attributor(cfg, _serve_path(root, model, cfg.model), _serve_path(root, index, cfg.index),
+                                         tracking_uri=uri)
+        except (ModelNotFound, IndexUnusable, ExportError) as err:
+            typer.echo(f"serve failed: {err}", err=True)
+            raise typer.Exit(1) from None
+        token = token_from_env(cfg)
+        d = attributor.describe()
+        typer.echo(f"serving {d['source']} ({d['name'] or 'folder'}{' v' + d['version'] if d['version'] else ''}) on "
+                   f"{sorted(set(d['providers'].values()))}, index of {d['index_size']} images, at "
+                   f"http://{f'[{host}]' if ':' in host else host}:{port}/ "
+                   f"({'bearer token required: $' + cfg.token_env if token else 'no token'})")
+        config = uvicorn.Config(create_app(attributor, cfg, token), host=host, port=port, log_level="info",
+                                timeout_keep_alive=5, log_config=uvicorn_log_config())
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _listening_socket(host: str, port: int):
+    """The service's socket, bound here (as uvicorn binds it) so that a port in use or an address this machine does
+    not have is refused with the option to change, before the model is loaded; uvicorn then serves on it."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (socket.gaierror, UnicodeError) as err:  # a host name that does not resolve
+        sock.close()
+        typer.echo(f"serve failed: cannot listen on {host}:{port}: --host {host!r} does not resolve ({err})", err=True)
+        raise typer.Exit(1) from None
+    except OSError as err:
+        sock.close()
+        why = {errno.EADDRINUSE: "the port is in use (another `ard serve`, or another service): choose one with --port",
+               errno.EADDRNOTAVAIL: "this machine has no such address: choose one with --host (127.0.0.1 or 0.0.0.0)",
+               errno.EACCES: "not allowed (ports below 1024 need privileges): choose another with --port"}
+        typer.echo(f"serve failed: cannot listen on {host}:{port}: {why.get(err.errno, err.strerror or str(err))}", err=True)
+        raise typer.Exit(1) from None
+    return sock
 
 
 @app.command("attribute")

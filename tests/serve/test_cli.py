@@ -52,18 +52,78 @@ def test_index_a_folder_then_attribute(served, tmp_path):
 
 
 def test_serve_binds_loopback_unless_told(served, tmp_path, monkeypatch):
+    import socket
+
     import uvicorn
 
+    import ardetect.cli as cli
+
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(cli, "_listening_socket", lambda host, port: calls.append((host, port)) or socket.socket())
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: calls.append((self.config.host, self.config.port, sockets)))
     monkeypatch.delenv("ARD_SERVE_TOKEN", raising=False)
     runner = CliRunner()
     base = ["serve", "--model", str(served.export), "--index", str(served.index), "--params", str(tmp_path / "params.yaml")]
     first = runner.invoke(app, base)
     assert first.exit_code == 0, first.output
-    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000 and "no token" in first.output
+    assert calls[-2] == ("127.0.0.1", 8000) and calls[-1][:2] == ("127.0.0.1", 8000) and len(calls[-1][2]) == 1
+    assert "no token" in first.output
     monkeypatch.setenv("ARD_SERVE_TOKEN", "t0ken")
     second = runner.invoke(app, [*base, "--host", "0.0.0.0", "--port", "9123"])
-    assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == 9123 and "bearer token required" in second.output
+    assert calls[-1][:2] == ("0.0.0.0", 9123) and "bearer token required" in second.output
     wrong = runner.invoke(app, ["serve", "--model", str(tmp_path / "missing"), "--index", str(served.index), "--params", str(tmp_path / "p.yaml")])
     assert wrong.exit_code == 1 and "no such folder" in wrong.output
+
+
+def test_serve_refuses_a_port_in_use_before_loading_and_serves_on_a_free_one(served, tmp_path):
+    """`ard serve` binds its socket before it loads the model: a port in use (a second `ard serve`), an address the
+    machine does not have, or a host name that does not resolve is refused at once with the option to change (uvicorn
+    said so only after the model had loaded, below the line announcing the service). Then the real command, in its own
+    process, serves on a free port until SIGINT."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    runner = CliRunner()
+    missing = ["--model", str(tmp_path / "missing"), "--index", str(served.index), "--params", str(tmp_path / "p.yaml")]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = runner.invoke(app, ["serve", *missing, "--port", str(port)])
+    assert busy.exit_code == 1 and "no such folder" not in busy.output, busy.output  # refused before the model
+    assert (f"serve failed: cannot listen on 127.0.0.1:{port}: the port is in use (another `ard serve`, or another "
+            "service): choose one with --port") in busy.output
+    absent = runner.invoke(app, ["serve", *missing, "--host", "192.0.2.1", "--port", str(port)])  # TEST-NET-1
+    assert absent.exit_code == 1 and "this machine has no such address: choose one with --host" in absent.output
+    unknown = runner.invoke(app, ["serve", *missing, "--host", "no-such-host.invalid", "--port", str(port)])
+    assert unknown.exit_code == 1 and "--host 'no-such-host.invalid' does not resolve" in unknown.output
+
+    ard = Path(sys.executable).with_name("ard")
+    proc = subprocess.Popen([str(ard), "serve", "--model", str(served.export), "--index", str(served.index),
+                             "--params", str(tmp_path / "p.yaml"), "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "ARD_SERVE_TOKEN": ""})
+    try:
+        deadline, health = time.monotonic() + 120, None
+        while health is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                    health = json.loads(reply.read())
+            except OSError:
+                time.sleep(0.5)
+        assert health is not None, proc.communicate(timeout=30)[0]
+        count = json.loads((served.index / "index.json").read_text())["count"]
+        assert health["status"] == "ok" and health["index_size"] == count > 0, health
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (130, -signal.SIGINT), out  # uvicorn shuts down, then ends as SIGINT ends a program
+    assert f"at http://127.0.0.1:{port}/ (no token)" in out and "Finished server process" in out
