@@ -297,3 +297,27 @@ def test_service_ranks_as_the_evaluation_ranks(served):
         own = scores.pop(Path(q["train_image"]).stem)
         assert abs(own - ev.loc[q["tuple_id"], "score"]) < 1e-5
         assert rank_of_positive(own, list(scores.values())) == ev.loc[q["tuple_id"], "rank"]
+
+
+def test_a_folder_of_linked_folders_is_walked_each_real_folder_once(tmp_path):
+    """`ard index build --images` over a data set put together from links: a linked folder's images are indexed (the
+    walk skipped them before, without a word), while a link back up the tree and a second link to one folder neither
+    loop nor index an image twice."""
+    from PIL import Image
+
+    elsewhere = tmp_path / "elsewhere" / "coco"
+    elsewhere.mkdir(parents=True)
+    folder = tmp_path / "images"
+    (folder / "own").mkdir(parents=True)
+    for path in (folder / "own" / "a.png", elsewhere / "b.png", elsewhere / "c.jpg"):
+        Image.new("RGB", (8, 8), "red").save(path)
+    (elsewhere / "notes.txt").write_text("not an image")
+    (folder / "coco").symlink_to(elsewhere)
+    (folder / "coco again").symlink_to(elsewhere)  # the same folder twice
+    (folder / "own" / "up").symlink_to(folder)  # a loop
+    (folder / "gone").symlink_to(tmp_path / "missing")  # a dangling link: nothing to index, no error
+    (folder / "d.png").symlink_to(elsewhere / "b.png")  # a linked file is an image file like any other
+    entries = folder_entries(folder)
+    assert [(e.id, e.path) for e in entries] == [("coco/b", "coco/b.png"), ("coco/c", "coco/c.jpg"), ("d", "d.png"),
+                                                 ("own/a", "own/a.png")]
+    assert all((folder / e.path).is_file() for e in entries)

@@ -91,11 +91,23 @@ def pipeline_entries(data_root: Path, split: str = "all") -> tuple[list[ImageEnt
 
 
 def folder_entries(folder: Path) -> list[ImageEntry]:
-    """Every image file under ``folder`` (recursively, sorted); ids are the relative paths without suffix."""
+    """Every image file under ``folder`` (recursively, sorted); ids are the relative paths without suffix.
+
+    Linked folders are followed (a data set put together from links, ``images/coco -> /data/coco``), each real folder
+    once: a link back up the tree, or two links to one folder, neither loops nor indexes an image twice."""
     folder = Path(folder)
     if not folder.is_dir():
         raise IndexUnusable(f"--images {folder}: no such folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files, seen_dirs = [], set()
+    for here, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        dirs.sort()  # a fixed walk (sorted, depth first): of two links to one folder, the one it meets first is kept
+        files += [Path(here, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and Path(here, n).is_file()]
+    files.sort()
     entries, seen = [], set()
     for p in files:
         rel = p.relative_to(folder).as_posix()
