@@ -592,7 +592,7 @@ def attribute_cmd(
     limits = Limits.of(cfg)
     try:
         if not image.is_file():
-            raise RequestError("image", f"{image}: no such file")
+            raise RequestError("image", f"{image}: {'a folder, not an image file' if image.is_dir() else 'no such file'}")
         try:
             img = decode_image(image.read_bytes(), limits.max_pixels)
         except ImageRejected as err:

@@ -49,6 +49,9 @@ def test_index_a_folder_then_attribute(served, tmp_path):
     assert bad.exit_code == 2 and "phrase: 'V* dragon' does not occur in the prompt" in bad.output
     outside = runner.invoke(app, ["attribute", query[0], "--box", "0,0,500,20", *query[3:]])
     assert outside.exit_code == 2 and "box: [0.0, 0.0, 500.0, 20.0] lies outside the 64x64" in outside.output
+    for given, said in ((tmp_path / "absent.png", "no such file"), (folder, "a folder, not an image file")):
+        wrong = runner.invoke(app, ["attribute", str(given), *query[1:]])
+        assert wrong.exit_code == 2 and f"image: {given}: {said}" in wrong.output, wrong.output
 
 
 def test_serve_binds_loopback_unless_told(served, tmp_path, monkeypatch):
