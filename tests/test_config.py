@@ -161,6 +161,17 @@ def test_missing_params_file(tmp_path):
         load_config(tmp_path / "params.yaml")
 
 
+@pytest.mark.parametrize("overlay, said", [("world: [unclosed\n", "not valid YAML: "),
+                                           ("- a\n- b\n", "top level must be a mapping, got list")])
+def test_a_broken_profile_overlay_is_named(tmp_path, overlay, said):
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "smoke.yaml").write_text(overlay)  # a traceback from the YAML parser or the merge before
+    (tmp_path / "params.yaml").write_text("profile: smoke\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "params.yaml")
+    assert str(err.value).startswith(f"profile='smoke': {tmp_path / 'profiles' / 'smoke.yaml'}: {said}"), err.value
+
+
 def test_detector_image_size_is_given_once():
     import yaml
     from ardetect.config import ConfigError, config_from_dict

@@ -689,7 +689,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>", profiles_dir: 
         overlay_path = pdir / f"{profile}.yaml"
         if not overlay_path.is_file():
             raise ConfigError(f"profile={profile!r}: overlay file {overlay_path} not found")
-        overlay = yaml.safe_load(overlay_path.read_text()) or {}
+        try:
+            overlay = yaml.safe_load(overlay_path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"profile={profile!r}: {overlay_path}: not valid YAML: {err}") from None
+        if not isinstance(overlay, dict):
+            raise ConfigError(f"profile={profile!r}: {overlay_path}: top level must be a mapping, got {type(overlay).__name__}")
         merged = deep_merge(raw, overlay)
         merged["profile"] = profile
         source = f"{source} + {overlay_path}"
