@@ -152,5 +152,9 @@ def test_list_stage_runs_and_limit(store):
     assert {r.split()[-1] for r in rows} == {a[:8], b[:8]}  # each under its parent run
     one = ard("runs", "list", "--limit", "1", "--params", str(REPO / "params.yaml")).output
     assert b[:8] in one and a[:8] not in one
-    none = ard("runs", "list", "--stage", "nosuch", "--params", str(REPO / "params.yaml")).output
-    assert "no runs of stage 'nosuch'" in none
+    none = ard("runs", "list", "--stage", "evaluate", "--params", str(REPO / "params.yaml"))
+    assert none.exit_code == 0 and "no runs of stage 'evaluate' yet" in none.output  # a stage of dvc.yaml, not run yet
+    for typo in ("pretrian", "x'y"):  # a mistyped stage is named with the pipeline's; a quote once broke MLflow's filter
+        wrong = ard("runs", "list", "--stage", typo, "--params", str(REPO / "params.yaml"))
+        assert wrong.exit_code == 2 and (f"--stage {typo!r}: no runs, and not a stage of the pipeline (its stages: check, "
+                                         "exemplars, generate,") in wrong.output, wrong.output

@@ -178,17 +178,25 @@ def runs_list(
     params: Path = typer.Option(Path("params.yaml")),
 ) -> None:
     """Pipeline runs, newest first, with the figures to compare them by (or one stage's runs with --stage)."""
+    import pandas as pd
     from rich import box
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     from ardetect import tracking
+    from ardetect.pipeline import stages_in_order
 
     experiment, uri = _tracking_target(params)
+    dvc_yaml = params.resolve().parent / "dvc.yaml"
+    known = stages_in_order(dvc_yaml.parent) if stage and dvc_yaml.is_file() else []
     flt = f"tags.`ard.stage` = '{stage}'" if stage else "tags.`ard.kind` = 'pipeline'"
-    df = tracking.find_runs(experiment, uri, flt, max_results=limit)
+    df = tracking.find_runs(experiment, uri, flt, max_results=limit) if "'" not in (stage or "") else pd.DataFrame()
     console = Console()
+    if df.empty and stage and stage not in known:  # runs of a stage no longer in dvc.yaml are still listed
+        typer.echo(f"--stage {stage!r}: no runs, and not a stage of the pipeline"
+                   + (f" (its stages: {', '.join(known)})" if known else ""), err=True)
+        raise typer.Exit(2)
     if df.empty:
         typer.echo(f"no {'runs of stage ' + repr(stage) if stage else 'pipeline runs'} yet in experiment {experiment!r}")
         return
