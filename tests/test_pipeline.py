@@ -235,7 +235,9 @@ def test_a_stage_whose_pipeline_was_killed_outright_is_stopped(tmp_path, script)
     root = _tiny_dvc_repo(tmp_path / "repo")
     (root / "sleepy.py").write_text(SLEEPY if script == "quiet" else CHATTY)
     (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text() + "  sleepy:\n    cmd: python sleepy.py\n    deps: [sleepy.py]\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    temp = tmp_path / "temp"  # the pipeline's own temp folder: its result file must not be left there (it was, twice a run)
+    temp.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "TMPDIR": str(temp)}
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's session has it
     deadline = time.monotonic() + 120
@@ -252,6 +254,7 @@ def test_a_stage_whose_pipeline_was_killed_outright_is_stopped(tmp_path, script)
     gone, alive = psutil.wait_procs(below, timeout=30)
     assert not alive, alive
     assert not (root / ".dvc/tmp/lock").exists() or _lock_free(root)
+    assert not list(temp.glob(".ard-repro-*")), "the DVC child left the killed pipeline's result file"
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])

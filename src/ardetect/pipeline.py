@@ -488,7 +488,8 @@ def _reproduce_child(argv: list[str]) -> int:
 
 def _reproduce_in_child(argv: list[str]) -> int:
     root, stage, result_path = argv[0], argv[1], argv[2]
-    _watch_parent(os.getppid())
+    parent = os.getppid()
+    _watch_parent(parent)
     force = "--force" in argv[3:]
     os.chdir(root)
     import logging
@@ -544,7 +545,12 @@ def _reproduce_in_child(argv: list[str]) -> int:
     except KeyboardInterrupt:
         rc = 252
         record["error"], record["error_type"] = "interrupted", "KeyboardInterrupt"
-    Path(result_path).write_text(json.dumps(record))
+    if os.getppid() != parent:  # the pipeline that asked was killed outright: no one will read or remove its file
+        Path(result_path).unlink(missing_ok=True)
+        return rc
+    with contextlib.suppress(FileNotFoundError):  # a pipeline that stopped waiting removed it: it is not made again
+        with os.fdopen(os.open(result_path, os.O_WRONLY | os.O_TRUNC), "w") as out:
+            out.write(json.dumps(record))
     return rc
 
 
