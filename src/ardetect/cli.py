@@ -415,8 +415,12 @@ def export_cmd(
             if class_weight is None:  # the fit's class weight, unless this detector has no region classifier to weigh with
                 import torch
 
-                ck = torch.load(phase2, map_location="cpu", weights_only=False) if Path(phase2).is_file() else {}
-                class_weight = a if (ck.get("model_config") or {}).get("region_classes") else 0.0
+                try:
+                    ck = torch.load(phase2, map_location="cpu", weights_only=False)
+                except Exception:  # noqa: BLE001 - missing or no checkpoint: the export below says which, naming the path
+                    ck = {}
+                config = ck.get("model_config") if isinstance(ck, dict) else None
+                class_weight = a if (config or {}).get("region_classes") else 0.0
         tuples = negatives = None
         if parity:
             from ardetect.data.schema import NEGATIVE_COLUMNS, TUPLE_COLUMNS, read_table

@@ -239,6 +239,31 @@ def test_export_refuses_a_checkpoint_pair_of_two_trainings(trained, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_a_file_that_is_no_phase_2_checkpoint(trained, tmp_path):
+    """A phase-1 checkpoint given as --phase2 was exported as if it were ARD (ARD- under ARD's name), and a file that is
+    no checkpoint at all ended `ard export` in an UnpicklingError's traceback: each is refused, naming the option."""
+    from typer.testing import CliRunner
+
+    from ardetect.cli import app
+
+    _, _, _, p1, p2 = trained
+    junk = tmp_path / "notes.pt"
+    junk.write_text("not a checkpoint")
+    loose = tmp_path / "loose.pt"  # a torch file, but not a detector's
+    import torch
+
+    torch.save({"weights": torch.zeros(2)}, loose)
+    cases = [(["--phase2", str(p1)], f"--phase2 {p1} is a phase-1 checkpoint, not phase 2's (models/phase2/model.pt)"),
+             (["--phase2", str(p2), "--phase1", str(p2)], f"--phase1 {p2} is a phase-2 checkpoint, not phase 1's"),
+             (["--phase2", str(junk)], f"--phase2 {junk}: not a checkpoint torch can read (UnpicklingError"),
+             (["--phase2", str(loose)], f"--phase2 {loose}: not a detector checkpoint")]
+    for args, said in cases:
+        result = CliRunner().invoke(app, ["export", *args, "--out", str(tmp_path / "out"), "--no-parity", "--identity-weight", "2",
+                                          "--grid", "1", "--class-weight", "0"])
+        assert result.exit_code == 1 and f"export failed: {said}" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_ard_export_on_a_checkpoint_of_another_model_size(trained, tmp_path):
     """`ard export` on a detector of the T-B family (Swin image backbone, BERT-style text encoder), shrunk to test size."""
     from typer.testing import CliRunner

@@ -78,9 +78,9 @@ def load_pair(phase2: Path, phase1: Path | None = None):
     for name, p in (("--phase2", phase2), ("--phase1", phase1)):
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"{name} {p}: no such checkpoint")
-    model = load_model(Path(phase2)).eval()
+    model = load_model(Path(phase2), phase=2, what="--phase2").eval()
     if phase1 is not None:
-        first = load_model(Path(phase1)).eval()
+        first = load_model(Path(phase1), phase=1, what="--phase1").eval()
         if first.cfg != model.cfg:
             raise ExportError(f"--phase1 {phase1} is a {first.cfg.size!r} detector, --phase2 {phase2} a {model.cfg.size!r} one: not a pair")
         try:

@@ -275,11 +275,26 @@ def run_phase1(cfg: Config, tuples: pd.DataFrame, data_root: Path, out_dir: Path
     return model, result
 
 
-def load_model(path: Path):
-    """A detector from a ``best.pt`` / ``model.pt`` file written by a phase."""
+def load_model(path: Path, phase: int | None = None, what: str = "checkpoint"):
+    """A detector from a ``best.pt`` / ``model.pt`` file written by a phase (by phase ``phase``, when given).
+
+    A file that is no detector checkpoint, or one of another phase than asked for, raises ``ValueError`` naming
+    ``what`` (the option or field it came from) and the path."""
     from ardetect.model import ModelConfig, build
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pickle, zip and EOF errors all occur for a file that is no checkpoint
+        raise ValueError(f"{what} {path}: not a checkpoint torch can read ({type(err).__name__}: {err})") from None
+    if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
+        raise ValueError(f"{what} {path}: not a detector checkpoint (a phase's model.pt or best.pt holds 'model' and "
+                         "'model_config')")
+    found = ck.get("phase", 0 if "pretrain" in ck else None)  # None: a file of an older version, which did not say
+    if phase is not None and found is not None and found != phase:
+        was = "the pre-training's" if found == 0 else f"a phase-{found}"
+        raise ValueError(f"{what} {path} is {was} checkpoint, not phase {phase}'s (models/phase{phase}/model.pt)")
     model = build(ModelConfig.model_validate(ck["model_config"]))
     load_model_file_state(model, ck, path)
     return model
