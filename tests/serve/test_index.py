@@ -321,3 +321,26 @@ def test_a_folder_of_linked_folders_is_walked_each_real_folder_once(tmp_path):
     assert [(e.id, e.path) for e in entries] == [("coco/b", "coco/b.png"), ("coco/c", "coco/c.jpg"), ("d", "d.png"),
                                                  ("own/a", "own/a.png")]
     assert all((folder / e.path).is_file() for e in entries)
+
+
+def test_the_index_never_replaces_a_folder_that_is_not_an_index(served, tmp_path):
+    """The finished index replaces its folder whole: `ard index build --out ~/work` deleted what ~/work held (tried:
+    a thesis.txt there was gone). A folder holding anything but an index, or a file, is refused before any encoding;
+    an empty folder and an index's own folder are written."""
+    from ardetect.serve import IndexUnusable
+
+    images = served.data / "img"
+    entries = folder_entries(images)[:2]
+    mine = tmp_path / "work"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    with pytest.raises(IndexUnusable, match=r"--out .*work holds 1 entries that are not an index \(the first: thesis.txt\)"):
+        build_index(served.model, images, entries, mine, chunk=2, progress=False)
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"] and not (tmp_path / ".work.building").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(IndexUnusable, match="a file, not a folder for the index"):
+        build_index(served.model, images, entries, tmp_path / "afile", chunk=2, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert build_index(served.model, images, entries, empty, chunk=2, progress=False)["count"] == 2
+    assert build_index(served.model, images, entries[:1], empty, chunk=2, progress=False)["count"] == 1  # an index's own

@@ -185,6 +185,7 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
 
     det = model.detector
     root, out = Path(root).absolute(), Path(out)
+    _check_out(out)
     fingerprint = model.fingerprint
     work = out.parent / f".{out.name}.building"
     key = _plan_key(fingerprint, root, entries, chunk)
@@ -234,6 +235,18 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
     meta = _assemble(work, out, entries, chunk, n_chunks, root, fingerprint, det, examples, source, encode_s)
     shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+def _check_out(out: Path) -> None:
+    """The finished index replaces ``out`` whole: refuse an ``out`` that holds anything but an index (a user's folder,
+    the image folder itself), whose files the swap would delete."""
+    if out.exists() and not out.is_dir():
+        raise IndexUnusable(f"--out {out}: a file, not a folder for the index")
+    if out.is_dir() and not (out / "index.json").is_file():
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            raise IndexUnusable(f"--out {out} holds {len(held)} entries that are not an index (the first: {held[0]}), which "
+                                "the finished index would replace: choose an empty or new folder, or an index's own")
 
 
 CHUNK_RECORDS = ("sizes", "kept", "skipped_paths", "skipped_reasons")  # a chunk's entries besides the encoder's arrays
