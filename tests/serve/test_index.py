@@ -258,16 +258,28 @@ def test_model_from_the_registry(served, tmp_path, monkeypatch):
 
 
 def test_model_cache_keeps_the_last_used_versions(tmp_path):
-    from ardetect.serve.loader import _prune
+    """The cache keeps the 3 versions used last and removes killed downloads' temp folders, and nothing else:
+    ARD_MODEL_CACHE may name a folder that holds other things (the pruning used to remove every folder in it but
+    the 3 newest, whatever they were)."""
+    from ardetect.serve.loader import CACHE_MARK, _prune
 
     now = time.time()
-    for i, name in enumerate(["m-v1-a", "m-v2-b", "m-v3-c", "m-v4-d", ".m-v5-e.tmp-x", ".m-v6-f.tmp-y"]):
+    names = ["m-v1-a", "m-v2-b", "m-v3-c", "m-v4-d", ".m-v5-e.tmp-x", ".m-v6-f.tmp-y",
+             "photos", "old-v1-x", ".config.tmp-z", "linked"]
+    for i, name in enumerate(names):
+        if name == "linked":
+            (tmp_path / name).symlink_to(tmp_path / "photos")
+            continue
         (tmp_path / name).mkdir()
         (tmp_path / name / "f").write_text(name)
-        age = 2 * 86400 if name == ".m-v5-e.tmp-x" else 100 * (10 - i)  # v1 the oldest use; one download killed days ago
+        if name.startswith("m-v"):
+            (tmp_path / name / CACHE_MARK).write_text("")
+        age = 2 * 86400 if name in (".m-v5-e.tmp-x", ".config.tmp-z") else 100 * (20 - i)  # v1 the oldest use
         os.utime(tmp_path / name, (now - age, now - age))
     _prune(tmp_path, keep=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".m-v6-f.tmp-y", "m-v2-b", "m-v3-c", "m-v4-d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".config.tmp-z", ".m-v6-f.tmp-y", "linked", "m-v2-b", "m-v3-c",
+                                                          "m-v4-d", "old-v1-x", "photos"]
+    assert (tmp_path / "photos" / "f").read_text() == "photos"
 
 
 @pytest.mark.slow

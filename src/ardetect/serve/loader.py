@@ -29,6 +29,8 @@ from ardetect.export.runtime import OnnxDetector, load_manifest
 from ardetect.tmpdirs import temp_dir_beside
 
 CACHE_KEEP = 3  # registered versions kept downloaded in the model cache
+CACHE_MARK = ".ardetect-model-cache"  # in each version's folder: the pruning removes no folder without it
+_ENTRY = re.compile(r"[A-Za-z0-9._-]+-v\d+-[A-Za-z0-9_]+")  # _entry_name's form
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -139,6 +141,7 @@ def _fetch_version(name: str, version: str, entry: Path) -> Path:
         find_export(tmp)  # a version without an export is refused before it takes the cache's name
         if not _intact(tmp):
             raise ExportError(f"models:/{name}/{version}: the downloaded files differ from its manifest's SHA-256")
+        (tmp / CACHE_MARK).write_text(f"models:/{name}/{version}\n")
         try:
             tmp.rename(entry)
         except OSError:  # another process put the same version there first: theirs is as good
@@ -160,12 +163,29 @@ def _intact(entry: Path) -> bool:
         return False
 
 
+def _ours(folder: Path) -> bool:
+    """Whether ``folder`` is a version the cache downloaded: it holds the cache's mark (or, downloaded before the mark
+    was written, it has the cache's name and an export in it). ``ARD_MODEL_CACHE`` may name a folder that holds
+    other things too: nothing else is ever pruned."""
+    if (folder / CACHE_MARK).is_file():
+        return True
+    if not _ENTRY.fullmatch(folder.name):
+        return False
+    try:
+        find_export(folder)
+    except (ModelNotFound, ExportError, OSError):
+        return False
+    return True
+
+
 def _prune(root: Path, keep: int, stale_s: float = 86400.0) -> None:
     """Remove all but the ``keep`` most recently used versions (a process already serving one keeps its sessions),
-    and the temporary folders of downloads killed more than ``stale_s`` ago."""
+    and the temporary folders of downloads killed more than ``stale_s`` ago; nothing that is not the cache's own."""
     now = time.time()
-    folders = [p for p in root.iterdir() if p.is_dir()]
-    entries = sorted((p for p in folders if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True)
-    stale = [p for p in folders if p.name.startswith(".") and ".tmp-" in p.name and now - p.stat().st_mtime > stale_s]
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+    entries = sorted((p for p in folders if not p.name.startswith(".") and _ours(p)), key=lambda p: p.stat().st_mtime,
+                     reverse=True)
+    stale = [p for p in folders if p.name.startswith(".") and ".tmp-" in p.name and _ENTRY.fullmatch(p.name[1:].split(".tmp-")[0])
+             and now - p.stat().st_mtime > stale_s]
     for old in entries[keep:] + stale:
         shutil.rmtree(old, ignore_errors=True)
