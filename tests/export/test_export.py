@@ -239,6 +239,31 @@ def test_export_refuses_a_checkpoint_pair_of_two_trainings(trained, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_writes_only_an_export_folder_and_leaves_no_stale_parity(trained, exported, tmp_path):
+    """--out naming a folder of other things is refused before anything is written (the export's files were mixed
+    into it, its folders replacing theirs of the same name); an export without parity over one with it removes the
+    old parity.json, which described the old graphs (it stayed, beside the new manifest)."""
+    import shutil
+
+    _, _, _, _, p2 = trained
+    mine = tmp_path / "work"
+    (mine / "variants").mkdir(parents=True)
+    (mine / "variants" / "draft.txt").write_text("precious")
+    (mine / "notes.md").write_text("precious")
+    with pytest.raises(ExportError, match=r"--out .*work holds 1 entries that are not an export's \(the first: notes.md\)"):
+        build_export(p2, mine, OPTS)
+    assert (mine / "variants" / "draft.txt").read_text() == "precious" and sorted(p.name for p in mine.iterdir()) == [
+        "notes.md", "variants"]
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ExportError, match="a file, not a folder for the export"):
+        build_export(p2, tmp_path / "afile", OPTS)
+    again = tmp_path / "again"
+    shutil.copytree(exported[0], again)
+    assert (again / "parity.json").is_file()
+    build_export(p2, again, OPTS)  # no tuples: no parity
+    assert not (again / "parity.json").exists() and (again / "manifest.json").is_file()
+
+
 def test_export_refuses_a_file_that_is_no_phase_2_checkpoint(trained, tmp_path):
     """A phase-1 checkpoint given as --phase2 was exported as if it were ARD (ARD- under ARD's name), and a file that is
     no checkpoint at all ended `ard export` in an UnpicklingError's traceback: each is refused, naming the option."""

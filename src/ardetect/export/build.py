@@ -90,8 +90,26 @@ def load_pair(phase2: Path, phase1: Path | None = None):
     return model
 
 
+EXPORT_ENTRIES = frozenset({*(f"{g}.onnx" for g in GRAPHS), "tokenizer", "variants", "manifest.json", PARITY_FILE})
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that is a file, or a folder holding anything an export does not write (a user's folder, the
+    repository's root): the new export's files would be mixed with them, and its folders replace theirs."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: a file, not a folder for the export")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_ENTRIES and not p.name.startswith(".")) \
+        if out.is_dir() else []
+    if foreign:
+        raise ExportError(f"--out {out} holds {len(foreign)} entries that are not an export's (the first: {foreign[0]}): "
+                          "choose an empty or new folder, or an export's own")
+
+
 def _install(tmp: Path, out: Path) -> None:
-    """Move the new export's files over the old ones (graphs and folders first, manifest and parity last)."""
+    """Move the new export's files over the old ones (graphs and folders first, manifest and parity last), and
+    remove what the old export had and the new one has not (its parity.json, when the new one ran none: it
+    described the old graphs)."""
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(p.name for p in tmp.iterdir())
     last = [n for n in ("manifest.json", PARITY_FILE) if n in names]
@@ -101,6 +119,9 @@ def _install(tmp: Path, out: Path) -> None:
             swap_into_place(src, dst)
         else:
             os.replace(src, dst)
+    for stale in sorted(EXPORT_ENTRIES - set(names)):
+        if (out / stale).is_file():
+            (out / stale).unlink()
 
 
 def build_export(
@@ -122,6 +143,7 @@ def build_export(
     from ardetect.export.parity import run_parity
 
     out = Path(out)
+    check_out(out)
     model = load_pair(phase2, phase1)
     sources = {"phase2": Path(phase2), **({"phase1": Path(phase1)} if phase1 is not None else {})}
     out.parent.mkdir(parents=True, exist_ok=True)
