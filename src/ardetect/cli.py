@@ -609,6 +609,10 @@ def attribute_cmd(
             img = decode_image(image.read_bytes(), limits.max_pixels)
         except ImageRejected as err:
             raise RequestError("image", f"{image}: {err}") from None
+        if grid is not None and grid.is_dir():
+            raise RequestError("grid", f"{grid}: a folder; give the PNG file to write (e.g. {grid / 'grid.png'})")
+        if grid is not None and grid.suffix.lower() not in ("", ".png"):
+            raise RequestError("grid", f"{grid}: the grid is written as a PNG; name it .png")
         q_box = parse_box(box)
         q_prompt, q_phrase = check_prompt(prompt, phrase, limits.max_prompt_chars)
         k = check_top_k(top_k or cfg.top_k, limits)

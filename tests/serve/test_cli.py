@@ -52,6 +52,12 @@ def test_index_a_folder_then_attribute(served, tmp_path):
     for given, said in ((tmp_path / "absent.png", "no such file"), (folder, "a folder, not an image file")):
         wrong = runner.invoke(app, ["attribute", str(given), *query[1:]])
         assert wrong.exit_code == 2 and f"image: {given}: {said}" in wrong.output, wrong.output
+    # a folder as --grid was a traceback, after a try to write a temp file in the folder above it; a .jpg got PNG bytes
+    for given, said in ((folder, f"a folder; give the PNG file to write (e.g. {folder / 'grid.png'})"),
+                        (tmp_path / "grid.jpg", "the grid is written as a PNG; name it .png")):
+        wrong = runner.invoke(app, ["attribute", *query, "--grid", str(given)])
+        assert wrong.exit_code == 2 and f"grid: {given}: {said}" in wrong.output, wrong.output
+    assert not (tmp_path / "grid.jpg").exists()
 
 
 def test_serve_binds_loopback_unless_told(served, tmp_path, monkeypatch):
