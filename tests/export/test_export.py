@@ -286,6 +286,11 @@ def test_export_refuses_a_file_that_is_no_phase_2_checkpoint(trained, tmp_path):
         result = CliRunner().invoke(app, ["export", *args, "--out", str(tmp_path / "out"), "--no-parity", "--identity-weight", "2",
                                           "--grid", "1", "--class-weight", "0"])
         assert result.exit_code == 1 and f"export failed: {said}" in result.output, result.output
+    for details, said in ((junk, f"--details {junk}: not JSON (Expecting value"),  # a bare JSONDecodeError before
+                          (loose, f"--details {loose}: not JSON (")):
+        result = CliRunner().invoke(app, ["export", "--phase2", str(p2), "--out", str(tmp_path / "out"), "--no-parity",
+                                          "--details", str(details)])
+        assert result.exit_code == 1 and f"export failed: {said}" in result.output, result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -45,7 +45,12 @@ def identity_of(details_path: Path, row: str = "ARD") -> tuple[float, int, float
     details_path = Path(details_path)
     if not details_path.is_file():
         raise FileNotFoundError(f"{details_path} not found: run the evaluate stage first, or give --identity-weight and --grid")
-    fit = json.loads(details_path.read_text()).get("identity_fit", {}).get(row)
+    try:
+        details = json.loads(details_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"--details {details_path}: not JSON ({err}); give evaluate's reports/details.json, or "
+                          "--identity-weight and --grid") from None
+    fit = (details.get("identity_fit") or {}).get(row) if isinstance(details, dict) else None
     if not fit:
         raise ExportError(f"{details_path} holds no identity fit for the row {row!r}")
     return float(fit["weight"]), int(fit["grid"]), float(fit.get("class_weight", 0.0))
