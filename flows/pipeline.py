@@ -32,6 +32,7 @@ from ardetect.pipeline import (  # noqa: E402
     ensure_repository,
     record_parent_run,
     repro_stage,
+    requested_stages,
     stages_in_order,
     stop_signals_interrupt,
     summarize,
@@ -79,7 +80,7 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     if made:
         logger.warning(made)
     order = stages_in_order(rootp)
-    names = stages or order
+    names = requested_stages(stages, order)
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, rootp)
     start = time.perf_counter()
     outcomes: list[StageOutcome] = []

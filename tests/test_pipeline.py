@@ -549,6 +549,29 @@ def test_failed_stage_marks_the_parent_run(piped, tmp_path):
     assert pd.isna(parent.get("metrics.test.ARD.recall_at_10"))  # evaluate was not reached: no headline
 
 
+def test_requested_stages_are_checked_against_dvc_yaml():
+    from ardetect.pipeline import requested_stages
+
+    order = ["check", "pretrain", "train_phase1", "evaluate"]
+    assert requested_stages(None, order) == order and requested_stages(["evaluate", "check"], order) == ["evaluate", "check"]
+    with pytest.raises(ValueError) as err:
+        requested_stages(["pretrian", "evaluate", "zzz"], order)
+    assert str(err.value) == ("--stage 'pretrian', 'zzz': not a stage of dvc.yaml ('pretrian': did you mean 'pretrain'?); "
+                              "its stages: check, pretrain, train_phase1, evaluate")
+
+
+@pytest.mark.slow
+def test_a_mistyped_stage_is_refused_before_any_run(piped, tmp_path):
+    """`ard pipeline run --stage pretrian` opened a pipeline run, ran DVC and ended FAILED on DVC's "Stage 'pretrian'
+    not found inside 'dvc.yaml' file"; now it is refused at once (exit 2), with the stage it is close to."""
+    ws = _copy_ws(piped[0], tmp_path / "repo")
+    before = len(tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}"))
+    proc = ard(ws, "pipeline", "run", "--stage", "pretrian", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--stage 'pretrian': not a stage of dvc.yaml ('pretrian': did you mean 'pretrain'?); its stages: check," in proc.stderr
+    assert len(tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}")) == before
+
+
 @pytest.mark.slow
 def test_deleted_image_fails_validate_naming_it(piped, tmp_path):
     ws = _copy_ws(piped[0], tmp_path / "repo")

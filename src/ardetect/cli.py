@@ -61,8 +61,8 @@ def pipeline_run(
     from ardetect import tracking
     from ardetect.config import ConfigError, load_config
     from ardetect.pipeline import (
-        STOP_SIGNALS, RepositoryError, ensure_repository, record_parent_run, repro_with_retries, stages_in_order, stop_signals_interrupt,
-        summarize,
+        STOP_SIGNALS, RepositoryError, ensure_repository, record_parent_run, repro_with_retries, requested_stages, stages_in_order,
+        stop_signals_interrupt, summarize,
     )
     from ardetect.stages.check import preflight
 
@@ -76,11 +76,11 @@ def pipeline_run(
         tracking.require_enabled("ard pipeline run")
         uri = tracking.tracking_uri(cfg.tracking.tracking_uri, root)
         tracking.check_reachable(uri)
+        order = stages_in_order(root)
+        stages = requested_stages(stage, order)
     except (ConfigError, ValueError, tracking.TrackingUnreachable, RepositoryError) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
-    order = stages_in_order(root)
-    stages = stage or order
     start = time.perf_counter()
     outcomes = []
     tags = {"ard.profile": cfg.profile, "ard.orchestrator": "cli", "ard.stages_requested": ",".join(stages)}

@@ -109,6 +109,22 @@ def stages_in_order(root: Path) -> list[str]:
     return list(spec.get("stages", {}))
 
 
+def requested_stages(requested: Iterable[str] | None, order: list[str]) -> list[str]:
+    """The stages to run: ``requested`` (all of ``order`` when none), each checked to be one of ``dvc.yaml``'s.
+
+    Raises ``ValueError`` naming what is not, with the closest stage name and the pipeline's stages, before any run is
+    opened (DVC's own "Stage 'x' not found inside 'dvc.yaml' file" came after, in a FAILED run)."""
+    import difflib
+
+    names = list(requested or order)
+    unknown = [s for s in names if s not in order]
+    if unknown:
+        hints = [f"{s!r}: did you mean {close[0]!r}?" for s in unknown if (close := difflib.get_close_matches(s, order, n=1, cutoff=0.75))]
+        raise ValueError(f"--stage {', '.join(map(repr, unknown))}: not a stage of dvc.yaml" + (f" ({'; '.join(hints)})" if hints else "")
+                         + f"; its stages: {', '.join(order)}")
+    return names
+
+
 def dvc_executable() -> str:
     """The ``dvc`` beside the running interpreter (the project's venv), else the one on PATH."""
     candidate = Path(sys.executable).with_name("dvc")
