@@ -116,7 +116,8 @@ def test_serve_refuses_a_port_in_use_before_loading_and_serves_on_a_free_one(ser
     ard = Path(sys.executable).with_name("ard")
     proc = subprocess.Popen([str(ard), "serve", "--model", str(served.export), "--index", str(served.index),
                              "--params", str(tmp_path / "p.yaml"), "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "ARD_SERVE_TOKEN": ""})
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "ARD_SERVE_TOKEN": ""},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's session has it
     try:
         deadline, health = time.monotonic() + 120, None
         while health is None and time.monotonic() < deadline and proc.poll() is None:

@@ -80,10 +80,18 @@ def test_page_upload_box_submit_results(live_server, served, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        # the examples (which tell an uploaded pipeline image's truth) are held back until the upload is made, as a slow
+        # service or network may deliver them: the page looks the upload up again when they come (a CI run under load
+        # once uploaded first and lost the truth)
+        held = []
+        page.route("**/examples", lambda route: held.append(route))
         page.goto(live_server + "/")
         page.wait_for_function("document.getElementById('model').textContent.includes('index of 16')")
         page.set_input_files("#file", str(upload))
         page.wait_for_function("document.getElementById('hint').textContent.includes('64 x 64')")
+        assert len(held) == 1 and page.locator("#example option").count() == 1  # only the placeholder so far
+        held[0].continue_()
+        page.wait_for_function("document.querySelectorAll('#example option').length > 1")
         # draw the box with the mouse: the canvas shows the 64-pixel image at 480 px
         c = page.locator("#canvas").bounding_box()
         sx, sy = c["width"] / 64, c["height"] / 64

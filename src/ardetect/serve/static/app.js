@@ -4,7 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const canvas = $("canvas");
 const ctx = canvas.getContext("2d");
-const state = { blob: null, name: null, image: null, scale: 1, box: null, drag: null, truth: null };
+const state = { blob: null, name: null, image: null, scale: 1, box: null, drag: null, truth: null, upload: null };
 
 function showError(text) {
   const el = $("error");
@@ -89,6 +89,7 @@ $("file").addEventListener("change", async () => {
   showError("");
   $("example").value = "";
   // an upload of one of the pipeline's generated images (by file name): its true training image is known
+  state.upload = f.name;  // looked up again once the examples arrive, for an upload made before they did
   const known = examples.find((ex) => ex.file === f.name);
   state.truth = known ? known.train_id : null;
   try {
@@ -114,6 +115,7 @@ $("example").addEventListener("change", async () => {
   const r = await fetch(`/examples/${ex.n}/image`);
   if (!r.ok) { showError(`example ${ex.n}: ${r.status}`); return; }
   await useImage(await r.blob(), ex.tuple_id);
+  state.upload = null;
   $("prompt").value = ex.prompt;
   $("phrase").value = ex.concept_phrase;
   state.truth = ex.train_id;
@@ -200,6 +202,8 @@ $("form").addEventListener("submit", async (ev) => {
       $("example").appendChild(o);
     }
     if (!examples.length) $("example").disabled = true;
+    const known = state.upload && !state.truth && examples.find((ex) => ex.file === state.upload);
+    if (known) state.truth = known.train_id;
   } catch (e) {
     showError(`the service did not answer: ${e.message}`);
   }
