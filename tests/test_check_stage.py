@@ -83,3 +83,24 @@ def test_relative_paths_are_read_from_the_repository_root(tmp_path, monkeypatch)
     preflight(cfg, repo)
     with pytest.raises(ValueError, match="^5 settings cannot work"):  # read from here, none of them is there
         preflight(cfg)
+
+
+def test_an_output_folder_linked_out_of_the_repository_is_named_with_dvcs_way(tmp_path):
+    """`data -> /mnt/big/data` (the data on another disk): DVC refused every output under it at the first stage,
+    "'.../data/check.json' is outside of git repository". The preflight names the link and DVC's own way, its cache
+    on that disk (tried on the smoke pipeline: it ran through, the outputs links into the cache)."""
+    repo, big = tmp_path / "repo", tmp_path / "big"
+    (repo / "kept").mkdir(parents=True)
+    (big / "data").mkdir(parents=True)
+    (repo / "dvc.yaml").write_text("stages:\n  a:\n    cmd: x\n    outs: [data/check.json, {models/m.pt: {cache: true}}]\n"
+                                   "    metrics: [{reports/metrics.json: {cache: false}}]\n  b:\n    cmd: y\n    outs: [data/b]\n")
+    (repo / "data").symlink_to(big / "data")
+    (repo / "models").symlink_to(repo / "kept")  # a link inside the repository is no problem
+    with pytest.raises(ValueError) as err:
+        preflight(config_from_dict({}), repo)
+    assert str(err.value) == (
+        f"data is a link to {big / 'data'}, outside the repository, and DVC keeps a stage's outputs inside it: make data a "
+        f"folder again, and to keep the data on that disk put DVC's cache there instead (`dvc cache dir --local "
+        f"{big / 'dvc-cache'}` and `dvc config --local cache.type symlink`: the outputs become links into it)")
+    (repo / "data").unlink()
+    preflight(config_from_dict({}), repo)

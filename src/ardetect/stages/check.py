@@ -96,11 +96,42 @@ def preflight(cfg: Config, root: str | Path = ".") -> None:
     """Raise a ``ValueError`` naming every setting that a later stage would fail on; relative paths
     are read from ``root``, the repository root the stages run in."""
     root = Path(root)
-    problems = _model_problems(cfg, root) + _real_path_problems(cfg, root)
+    problems = _model_problems(cfg, root) + _real_path_problems(cfg, root) + _layout_problems(root)
     if len(problems) == 1:
         raise ValueError(problems[0])
     if problems:
         raise ValueError(f"{len(problems)} settings cannot work:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _layout_problems(root: Path) -> list[str]:
+    """An output folder that is a link out of the repository (``data -> /mnt/big/data``, to keep the data on another
+    disk): DVC refuses every output under it ("... is outside of git repository") at the first stage. DVC's own way
+    is its cache on the other disk, the outputs linked to it (tried on the smoke pipeline: it ran through)."""
+    import yaml
+
+    spec_file = root / "dvc.yaml"
+    if not spec_file.is_file():
+        return []
+    outs = []
+    for stage in (yaml.safe_load(spec_file.read_text()) or {}).get("stages", {}).values():
+        for key in ("outs", "metrics", "plots"):
+            outs += [next(iter(o)) if isinstance(o, dict) else str(o) for o in stage.get(key) or []]
+    problems, seen, repo = [], set(), root.resolve()
+    for out in outs:
+        parts = Path(out).parts
+        for i in range(1, len(parts) + 1):
+            here = root.joinpath(*parts[:i])
+            if here in seen or not here.is_symlink():
+                continue
+            seen.add(here)
+            target = here.resolve()
+            if not target.is_relative_to(repo):
+                where = target.parent / "dvc-cache"
+                problems.append(f"{Path(*parts[:i])} is a link to {target}, outside the repository, and DVC keeps a stage's "
+                                f"outputs inside it: make {Path(*parts[:i])} a folder again, and to keep the data on that disk "
+                                f"put DVC's cache there instead (`dvc cache dir --local {where}` and `dvc config --local "
+                                "cache.type symlink`: the outputs become links into it)")
+    return problems
 
 
 def build(cfg: Config) -> dict:
