@@ -103,4 +103,8 @@ def test_an_output_folder_linked_out_of_the_repository_is_named_with_dvcs_way(tm
         f"folder again, and to keep the data on that disk put DVC's cache there instead (`dvc cache dir --local "
         f"{big / 'dvc-cache'}` and `dvc config --local cache.type symlink`: the outputs become links into it)")
     (repo / "data").unlink()
+    (repo / "data").mkdir()
+    (big / "cache").mkdir()
+    (big / "cache" / "ab12").write_text("{}")
+    (repo / "data" / "check.json").symlink_to(big / "cache" / "ab12")  # an output as DVC links it into a cache elsewhere
     preflight(config_from_dict({}), repo)

@@ -119,7 +119,7 @@ def _layout_problems(root: Path) -> list[str]:
     problems, seen, repo = [], set(), root.resolve()
     for out in outs:
         parts = Path(out).parts
-        for i in range(1, len(parts) + 1):
+        for i in range(1, len(parts)):  # the folders above it: an output itself is a link into DVC's cache with that way
             here = root.joinpath(*parts[:i])
             if here in seen or not here.is_symlink():
                 continue
