@@ -644,6 +644,13 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def closest(name: str, known) -> str | None:
+    """The one of ``known`` that ``name`` is most likely a typo of (difflib's ratio at least 0.75), else None: the
+    "did you mean" of mistyped keys, model fields and stage names."""
+    found = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
 def _keys_beside(loc: tuple) -> list[str]:
     """The keys the configuration knows where ``loc``'s last key stands (the section it is in), as written in YAML."""
     model: Any = Config
@@ -668,8 +675,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(e["loc"][-1]), _keys_beside(e["loc"]), n=1, cutoff=0.75)
-            hint = f"; did you mean '{'.'.join([*map(str, e['loc'][:-1]), close[0]])}'?" if close else ""
+            close = closest(e["loc"][-1], _keys_beside(e["loc"]))
+            hint = f"; did you mean '{'.'.join([*map(str, e['loc'][:-1]), close])}'?" if close else ""
             lines.append(f"  - unknown key '{loc}' (value {_short(e['input'])}){hint}")
         else:
             lines.append(f"  - {loc}: {e['msg']} (got {_short(e.get('input'))})")

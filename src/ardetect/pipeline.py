@@ -114,12 +114,12 @@ def requested_stages(requested: Iterable[str] | None, order: list[str]) -> list[
 
     Raises ``ValueError`` naming what is not, with the closest stage name and the pipeline's stages, before any run is
     opened (DVC's own "Stage 'x' not found inside 'dvc.yaml' file" came after, in a FAILED run)."""
-    import difflib
+    from ardetect.config import closest
 
     names = list(requested or order)
     unknown = [s for s in names if s not in order]
     if unknown:
-        hints = [f"{s!r}: did you mean {close[0]!r}?" for s in unknown if (close := difflib.get_close_matches(s, order, n=1, cutoff=0.75))]
+        hints = [f"{s!r}: did you mean {close!r}?" for s in unknown if (close := closest(s, order))]
         raise ValueError(f"--stage {', '.join(map(repr, unknown))}: not a stage of dvc.yaml" + (f" ({'; '.join(hints)})" if hints else "")
                          + f"; its stages: {', '.join(order)}")
     return names
@@ -595,15 +595,16 @@ def summarize(outcomes: list[StageOutcome]) -> str:
     return "\n".join(rows)
 
 
+def stage_outputs(root: Path, kinds: tuple[str, ...] = ("outs", "metrics", "plots")) -> dict[str, list[str]]:
+    """Each stage of ``dvc.yaml`` with the paths it declares as ``kinds`` (outputs, metrics, plots), in order."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    return {name: [str(next(iter(entry)) if isinstance(entry, dict) else entry) for key in kinds for entry in stage.get(key) or []]
+            for name, stage in (spec.get("stages") or {}).items()}
+
+
 def metrics_producer(root: Path, path: str = METRICS_FILE) -> str | None:
     """The stage of ``dvc.yaml`` that declares ``path`` as an output or metric."""
-    spec = yaml.safe_load((root / "dvc.yaml").read_text())
-    for name, stage in (spec.get("stages") or {}).items():
-        for key in ("outs", "metrics"):
-            for entry in stage.get(key) or []:
-                if (next(iter(entry)) if isinstance(entry, dict) else entry) == path:
-                    return name
-    return None
+    return next((name for name, paths in stage_outputs(root, ("outs", "metrics")).items() if path in paths), None)
 
 
 def headline_metrics(metrics: dict) -> dict[str, float]:

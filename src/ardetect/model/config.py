@@ -22,7 +22,6 @@ max text length 256.
 
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -152,8 +151,10 @@ class ModelConfig(BaseModel):
             )
         unknown = set(overrides) - set(cls.model_fields)
         if unknown:
-            close = {k: difflib.get_close_matches(k, cls.model_fields, n=1, cutoff=0.75) for k in sorted(unknown)}
-            hints = [f"'{k}': did you mean '{c[0]}'?" for k, c in close.items() if c]
+            from ardetect.config import closest
+
+            close = {k: closest(k, cls.model_fields) for k in sorted(unknown)}
+            hints = [f"'{k}': did you mean '{c}'?" for k, c in close.items() if c]
             raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)} for size={size!r}"
                              + (f" ({'; '.join(hints)})" if hints else ""))
         base.update(overrides)

@@ -107,17 +107,12 @@ def _layout_problems(root: Path) -> list[str]:
     """An output folder that is a link out of the repository (``data -> /mnt/big/data``, to keep the data on another
     disk): DVC refuses every output under it ("... is outside of git repository") at the first stage. DVC's own way
     is its cache on the other disk, the outputs linked to it (tried on the smoke pipeline: it ran through)."""
-    import yaml
+    from ardetect.pipeline import stage_outputs
 
-    spec_file = root / "dvc.yaml"
-    if not spec_file.is_file():
+    if not (root / "dvc.yaml").is_file():
         return []
-    outs = []
-    for stage in (yaml.safe_load(spec_file.read_text()) or {}).get("stages", {}).values():
-        for key in ("outs", "metrics", "plots"):
-            outs += [next(iter(o)) if isinstance(o, dict) else str(o) for o in stage.get(key) or []]
     problems, seen, repo = [], set(), root.resolve()
-    for out in outs:
+    for out in (out for paths in stage_outputs(root).values() for out in paths):
         parts = Path(out).parts
         for i in range(1, len(parts)):  # the folders above it: an output itself is a link into DVC's cache with that way
             here = root.joinpath(*parts[:i])
