@@ -51,10 +51,33 @@ def _say(text: str, err: bool = False) -> None:
         pass
 
 
+PARAMS_HELP = "params file; its folder is the repository root (default: params.yaml here, else in the nearest folder above)"
+
+
+def _params_file(params: Path | None) -> Path:
+    """The params file: as given; by default ``params.yaml`` in the working directory, else in the nearest folder
+    above it that holds ``params.yaml`` beside ``dvc.yaml`` (as git and DVC find their repository from a subfolder)."""
+    if params is not None:
+        return params
+    here = Path("params.yaml")
+    if here.is_file():
+        return here
+    cwd = Path.cwd()
+    for folder in cwd.parents:
+        if (folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file():
+            return folder / "params.yaml"
+    return here
+
+
+def _root(params: Path | None) -> Path:
+    """The repository root: the params file's folder."""
+    return _params_file(params).resolve().parent
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     stage: list[str] = typer.Option(None, "--stage", "-s", help="run only up to these stages (default: all, in order)"),
-    params: Path = typer.Option(Path("params.yaml"), help="params file (its folder is the repository root)"),
+    params: Path = typer.Option(None, help=PARAMS_HELP),
     retries: int = typer.Option(2, min=0, help="retries of a stage after a transient failure (a held DVC lock)"),
 ) -> None:
     """Run every DVC stage in order (`dvc repro <stage>` each); stale stages run, the rest are skipped."""
@@ -66,6 +89,7 @@ def pipeline_run(
     )
     from ardetect.stages.check import preflight
 
+    params = _params_file(params)
     root = params.resolve().parent
     try:
         cfg = load_config(params)
@@ -122,6 +146,7 @@ def _tracking_target(params: Path) -> tuple[str, str]:
     from ardetect import tracking
     from ardetect.config import ConfigError, load_config
 
+    params = _params_file(params)
     try:
         cfg = load_config(params)
     except ConfigError as err:
@@ -175,7 +200,7 @@ def _start(value, short: bool = False) -> str:
 def runs_list(
     stage: str = typer.Option(None, help="list this stage's child runs instead of the pipeline runs"),
     limit: int = typer.Option(20, min=1, help="at most this many runs, newest first"),
-    params: Path = typer.Option(Path("params.yaml")),
+    params: Path = typer.Option(None, help=PARAMS_HELP),
 ) -> None:
     """Pipeline runs, newest first, with the figures to compare them by (or one stage's runs with --stage)."""
     import pandas as pd
@@ -188,7 +213,7 @@ def runs_list(
     from ardetect.pipeline import stages_in_order
 
     experiment, uri = _tracking_target(params)
-    dvc_yaml = params.resolve().parent / "dvc.yaml"
+    dvc_yaml = _root(params) / "dvc.yaml"
     known = stages_in_order(dvc_yaml.parent) if stage and dvc_yaml.is_file() else []
     flt = f"tags.`ard.stage` = '{stage}'" if stage else "tags.`ard.kind` = 'pipeline'"
     df = tracking.find_runs(experiment, uri, flt, max_results=limit) if "'" not in (stage or "") else pd.DataFrame()
@@ -271,7 +296,7 @@ def runs_compare(
     run_a: str = typer.Argument(..., help="a run id or a unique prefix of one"),
     run_b: str = typer.Argument(..., help="another run id or prefix"),
     show_all: bool = typer.Option(False, "--all", help="every param, metric and tag, not only those that differ"),
-    params: Path = typer.Option(Path("params.yaml")),
+    params: Path = typer.Option(None, help=PARAMS_HELP),
 ) -> None:
     """Two runs' params, metrics and ard.* tags side by side; differing rows are marked '*'."""
     from rich import box
@@ -313,12 +338,12 @@ def runs_compare(
 
 
 @config_app.command("show")
-def config_show(params: Path = typer.Option(Path("params.yaml"))) -> None:
+def config_show(params: Path = typer.Option(None, help=PARAMS_HELP)) -> None:
     """Print the effective configuration (profile overlay applied), validated."""
     from ardetect.config import ConfigError, load_config
 
     try:
-        cfg = load_config(params)
+        cfg = load_config(_params_file(params))
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
@@ -331,7 +356,7 @@ app.add_typer(models_app, name="models")
 
 @models_app.command("list")
 def models_list(
-    params: Path = typer.Option(Path("params.yaml"), help="params file (tracking store and model name)"),
+    params: Path = typer.Option(None, help=PARAMS_HELP),
     name: str = typer.Option(None, help="registered model name (default: export.model_name)"),
 ) -> None:
     """Every registered version: its aliases (champion, challenger) and the metrics it earned."""
@@ -358,7 +383,7 @@ def models_list(
 @models_app.command("promote")
 def models_promote(
     version: str = typer.Argument(..., help="the version to make champion"),
-    params: Path = typer.Option(Path("params.yaml")),
+    params: Path = typer.Option(None, help=PARAMS_HELP),
     name: str = typer.Option(None, help="registered model name (default: export.model_name)"),
 ) -> None:
     """Move the alias ``champion`` to VERSION by hand."""
@@ -378,7 +403,7 @@ def _model_name(params: Path) -> str:
     from ardetect.config import ConfigError, load_config
 
     try:
-        return load_config(params).export.model_name
+        return load_config(_params_file(params)).export.model_name
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
@@ -393,7 +418,7 @@ def export_cmd(
     grid: int = typer.Option(None, "--grid", min=1, help="re-ranking pooling grid (default: as the weight)"),
     class_weight: float = typer.Option(None, "--class-weight", min=0.0, help="re-ranking class-match exponent (default: as the weight)"),
     top_k: int = typer.Option(5, "--top-k", min=1, help="boxes per candidate the re-ranking chooses among"),
-    details: Path = typer.Option(Path("reports/details.json"), help="evaluate's details, for the fitted weight and grid"),
+    details: Path = typer.Option(None, help="evaluate's details, for the fitted weight and grid (default: reports/details.json at the repository root)"),
     parity: bool = typer.Option(True, help="check parity on the pipeline's first test tuples (needs data/tuples)"),
     queries: int = typer.Option(32, min=1, help="test tuples the parity check scores"),
     variant_queries: int = typer.Option(8, "--variant-queries", min=1, help="the first of those the fp16 scorer is compared on"),
@@ -401,12 +426,15 @@ def export_cmd(
     tie_rechecks: int = typer.Option(32, "--tie-rechecks", min=0, help="fp32 pairs beyond the bounds re-checked for a selection-order tie (0 = none)"),
     fp16: bool = typer.Option(True, help="also write the fp16 scorer"),
     int8: bool = typer.Option(True, help="also write the int8 scorer"),
-    data: Path = typer.Option(Path("data"), help="data root of the tuples' image paths"),
+    data: Path = typer.Option(None, help="data root of the tuples' image paths (default: data/ at the repository root)"),
 ) -> None:
     """Export any phase-2 checkpoint to ONNX (the export stage's code), optionally with its parity check."""
     from ardetect.export.build import ExportOptions, build_export, identity_of, variant_line
     from ardetect.export.onnx_export import ExportError
 
+    root = _root(None)
+    details = root / "reports" / "details.json" if details is None else details
+    data = root / "data" if data is None else data
     try:
         if identity_weight is None or grid is None or class_weight is None:
             w, g, a = identity_of(details)
@@ -456,6 +484,7 @@ def _serve_settings(params: Path):
     from ardetect import tracking
     from ardetect.config import Config, ConfigError, load_config
 
+    params = _params_file(params)
     root = params.resolve().parent
     try:
         cfg = load_config(params) if params.is_file() else Config()
@@ -480,12 +509,12 @@ def _serve_path(root: Path, given, configured: str) -> str:
 def index_build(
     out: Path = typer.Option(None, "--out", help="index folder (default: serve.index)"),
     model: str = typer.Option(None, "--model", help="export folder or models:/name@alias (default: serve.model)"),
-    data: Path = typer.Option(Path("data"), help="the pipeline's data root: its training images are indexed"),
+    data: Path = typer.Option(None, help="the pipeline's data root, whose training images are indexed (default: data/ at the repository root)"),
     split: str = typer.Option("all", help="the tuples' split whose training images to index: train, val, test or all"),
     images: Path = typer.Option(None, "--images", help="index every image under this folder instead of the pipeline's"),
     fresh: bool = typer.Option(False, "--fresh", help="discard a partial build instead of resuming it"),
     batch: int = typer.Option(None, min=1, help="images encoded a batch (a resume point each; default: serve.batch)"),
-    params: Path = typer.Option(Path("params.yaml")),
+    params: Path = typer.Option(None, help=PARAMS_HELP),
 ) -> None:
     """Encode training images once into an on-disk index (resumes after a kill; refuses another model's partial build)."""
     from ardetect.export.onnx_export import ExportError
@@ -495,6 +524,7 @@ def index_build(
 
     cfg, uri, root = _serve_settings(params)
     out = Path(_serve_path(root, out, cfg.index))
+    data = root / "data" if data is None else data
     try:
         m = load_model(_serve_path(root, model, cfg.model), providers=cfg.providers, threads=cfg.threads, tracking_uri=uri)
         if images is not None:
@@ -521,7 +551,7 @@ def serve_cmd(
     port: int = typer.Option(None, min=1, max=65535, help="port (default: serve.port)"),
     model: str = typer.Option(None, "--model", help="export folder or models:/name@alias (default: serve.model)"),
     index: Path = typer.Option(None, "--index", help="index folder (default: serve.index)"),
-    params: Path = typer.Option(Path("params.yaml")),
+    params: Path = typer.Option(None, help=PARAMS_HELP),
 ) -> None:
     """Start the HTTP service (POST /attribute, the web page at /, docs at /docs)."""
     import uvicorn
@@ -592,7 +622,7 @@ def attribute_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     model: str = typer.Option(None, "--model", help="export folder or models:/name@alias (default: serve.model)"),
     index: Path = typer.Option(None, "--index", help="index folder (default: serve.index)"),
-    params: Path = typer.Option(Path("params.yaml")),
+    params: Path = typer.Option(None, help=PARAMS_HELP),
 ) -> None:
     """Attribute an object of a generated image in-process, as POST /attribute does."""
     from ardetect.export.onnx_export import ExportError

@@ -90,6 +90,11 @@ def load_model(source: str | Path, providers: Sequence[str] | None = None, threa
     from mlflow.exceptions import MlflowException
 
     name, alias, version = m["name"], m["alias"], m["version"]
+    store = _sqlite_file(tracking_uri or mlflow.get_tracking_uri())
+    if store is not None and not store.is_file():  # MLflow would make an empty store there, then find no model in it
+        raise ModelNotFound(f"model {text!r}: there is no MLflow store at {store} (no pipeline has run there: `make run` or "
+                            "`ard pipeline run` at the repository root makes it and registers the model); give an export "
+                            "folder with --model, or run from the repository (or a folder in it)")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
@@ -105,6 +110,13 @@ def load_model(source: str | Path, providers: Sequence[str] | None = None, threa
     folder = _fetch_version(name, str(mv.version), entry)
     det = OnnxDetector(folder, precision=precision, providers=providers, threads=threads, verify=False)  # _fetch_version checked every file
     return LoadedModel(det, text, folder, name, str(mv.version), alias, {"run_id": mv.run_id, "tags": dict(mv.tags)})
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for any other store)."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return Path(uri[len("sqlite:///"):])
 
 
 def model_cache() -> Path:
