@@ -80,7 +80,7 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     if made:
         logger.warning(made)
     order = stages_in_order(rootp)
-    names = requested_stages(stages, order)
+    names = requested_stages(stages, order, option="stages")
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, rootp)
     start = time.perf_counter()
     outcomes: list[StageOutcome] = []

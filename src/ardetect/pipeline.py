@@ -109,8 +109,9 @@ def stages_in_order(root: Path) -> list[str]:
     return list(spec.get("stages", {}))
 
 
-def requested_stages(requested: Iterable[str] | None, order: list[str]) -> list[str]:
-    """The stages to run: ``requested`` (all of ``order`` when none), each checked to be one of ``dvc.yaml``'s.
+def requested_stages(requested: Iterable[str] | None, order: list[str], option: str = "--stage") -> list[str]:
+    """The stages to run: ``requested`` (all of ``order`` when none), each checked to be one of ``dvc.yaml``'s;
+    ``option`` is what the user gave them as (the CLI's ``--stage``, the flow's ``stages`` parameter).
 
     Raises ``ValueError`` naming what is not, with the closest stage name and the pipeline's stages, before any run is
     opened (DVC's own "Stage 'x' not found inside 'dvc.yaml' file" came after, in a FAILED run)."""
@@ -120,7 +121,7 @@ def requested_stages(requested: Iterable[str] | None, order: list[str]) -> list[
     unknown = [s for s in names if s not in order]
     if unknown:
         hints = [f"{s!r}: did you mean {close!r}?" for s in unknown if (close := closest(s, order))]
-        raise ValueError(f"--stage {', '.join(map(repr, unknown))}: not a stage of dvc.yaml" + (f" ({'; '.join(hints)})" if hints else "")
+        raise ValueError(f"{option} {', '.join(map(repr, unknown))}: not a stage of dvc.yaml" + (f" ({'; '.join(hints)})" if hints else "")
                          + f"; its stages: {', '.join(order)}")
     return names
 
