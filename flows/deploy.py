@@ -23,8 +23,8 @@ from pipeline import pipeline  # flows/ is the script's folder
 def server_problem(url: str | None, timeout: float = 5.0) -> str | None:
     """Why the deployment cannot be served to ``url`` (the configured PREFECT_API_URL), or None when its server answers.
 
-    Without one, Prefect serves to a temporary server of its own that ends with this process: a run triggered from
-    another terminal or the UI would never reach it."""
+    Without one, Prefect serves from a temporary server of its own that ends with this process: there is no UI, and
+    `prefect deployment run --watch` in another terminal never sees its run finish."""
     if not url:
         return ("PREFECT_API_URL is not set: a deployment is served to a Prefect server that outlives this process. "
                 "Start one (`prefect server start`, in another terminal), then `export PREFECT_API_URL=http://127.0.0.1:4200/api` "
