@@ -12,6 +12,7 @@ Serve as a deployment: python flows/deploy.py     (see README)
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from ardetect.pipeline import (  # noqa: E402
     PipelineStopped,
     StageOutcome,
     ensure_repository,
+    hold_pipeline_lock,
     record_parent_run,
     repro_stage,
     requested_stages,
@@ -76,6 +78,7 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     rootp = Path(root).resolve()
     cfg = load_config(rootp / "params.yaml")
     preflight(cfg, rootp)
+    lock = hold_pipeline_lock(rootp, "the Prefect flow")  # PipelineBusy: another pipeline runs here
     made = ensure_repository(rootp)
     if made:
         logger.warning(made)
@@ -87,7 +90,7 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     tags = {"ard.profile": cfg.profile, "ard.orchestrator": "prefect", "ard.stages_requested": ",".join(names)}
     # SIGTERM while the flow runs (`kill`, a cancelled deployment run) raises Prefect's TerminationSignal, not
     # KeyboardInterrupt: the stage is stopped all the same (repro_stage), and the run ends KILLED, not FAILED
-    with tracking.pipeline_run(
+    with lock or contextlib.nullcontext(), tracking.pipeline_run(
         cfg.tracking.experiment, uri, run_name=f"prefect pipeline [{cfg.profile}]", tags=tags, params=cfg.model_dump(by_alias=True),
         interruptions=(TerminationSignal,),
     ):

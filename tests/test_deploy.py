@@ -95,6 +95,18 @@ def test_the_deployment_runs_what_it_is_sent_and_stops_on_ctrl_c(tmp_path):
         assert wrong.returncode == 1 and "Failed" in wrong.stdout, wrong.stdout[-2000:]
         text = (tmp_path / "deploy.log").read_text()
         assert "stages 'chek': not a stage of dvc.yaml ('chek': did you mean 'check'?)" in text, text[-3000:]
+        # a run while another pipeline runs in the repository fails at once, naming that one
+        from ardetect.pipeline import hold_pipeline_lock
+
+        held = hold_pipeline_lock(ws, "ard pipeline run")
+        try:
+            busy = trigger(["check"])
+        finally:
+            held.close()
+        assert busy.returncode == 1, busy.stdout[-2000:]
+        text = (tmp_path / "deploy.log").read_text()
+        assert f"another pipeline is running in {ws.resolve()} (ard pipeline run, PID {os.getpid()}" in text, text[-3000:]
+        assert not (ws / "data" / "check.json").exists()
         # a real stage runs under an MLflow parent run the flow opens
         ran = trigger(["check"])
         assert ran.returncode == 0 and "Completed" in ran.stdout, ran.stdout[-2000:] + (tmp_path / "deploy.log").read_text()[-3000:]

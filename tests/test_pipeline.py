@@ -560,6 +560,46 @@ def test_requested_stages_are_checked_against_dvc_yaml():
                               "its stages: check, pretrain, train_phase1, evaluate")
 
 
+def test_the_pipeline_lock_is_held_by_one_run_at_a_time(tmp_path):
+    from ardetect.pipeline import PIPELINE_LOCK, PipelineBusy, hold_pipeline_lock
+
+    assert hold_pipeline_lock(tmp_path, "ard pipeline run") is None and list(tmp_path.iterdir()) == []  # no .dvc: no lock made
+    (tmp_path / ".dvc").mkdir()
+    first = hold_pipeline_lock(tmp_path, "ard pipeline run")
+    with pytest.raises(PipelineBusy) as busy:
+        hold_pipeline_lock(tmp_path, "the Prefect flow")
+    said = str(busy.value)
+    assert said.startswith(f"another pipeline is running in {tmp_path.resolve()} (ard pipeline run, PID {os.getpid()}, started ")
+    assert f"or kill {os.getpid()})" in said
+    # the lock is the OS's, not the file's: closed (or its process ended), it is free, though the file stays
+    first.close()
+    assert (tmp_path / PIPELINE_LOCK).is_file()
+    second = hold_pipeline_lock(tmp_path, "the Prefect flow")
+    assert json.loads((tmp_path / PIPELINE_LOCK).read_text())["what"] == "the Prefect flow"
+    second.close()
+
+
+@pytest.mark.slow
+def test_a_second_pipeline_in_the_repository_is_refused_before_any_run(piped, tmp_path):
+    """A second `ard pipeline run` beside a running one opened its own MLflow run and failed at its first stage to run
+    on DVC's "'data/exemplars' is busy, it is being blocked by: (PID ...)" and "you can manually remove
+    '.dvc/tmp/rwlock'", advice that would break the running one. Now it is refused at once, naming the running one."""
+    from ardetect.pipeline import hold_pipeline_lock
+
+    ws = _copy_ws(piped[0], tmp_path / "repo")
+    before = len(tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}"))
+    held = hold_pipeline_lock(ws, "ard pipeline run")  # as a running pipeline holds it
+    try:
+        proc = ard(ws, "pipeline", "run", check=False)
+    finally:
+        held.close()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"another pipeline is running in {ws.resolve()} (ard pipeline run, PID {os.getpid()}, started " in proc.stderr, proc.stderr
+    assert len(tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}")) == before
+    again = ard(ws, "pipeline", "run", "--stage", "check", check=False)  # released: the next one runs
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
 @pytest.mark.slow
 def test_a_mistyped_stage_is_refused_before_any_run(piped, tmp_path):
     """`ard pipeline run --stage pretrian` opened a pipeline run, ran DVC and ended FAILED on DVC's "Stage 'pretrian'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -84,8 +85,8 @@ def pipeline_run(
     from ardetect import tracking
     from ardetect.config import ConfigError, load_config
     from ardetect.pipeline import (
-        STOP_SIGNALS, RepositoryError, ensure_repository, record_parent_run, repro_with_retries, requested_stages, stages_in_order,
-        stop_signals_interrupt, summarize,
+        STOP_SIGNALS, PipelineBusy, RepositoryError, ensure_repository, hold_pipeline_lock, record_parent_run, repro_with_retries,
+        requested_stages, stages_in_order, stop_signals_interrupt, summarize,
     )
     from ardetect.stages.check import preflight
 
@@ -94,6 +95,7 @@ def pipeline_run(
     try:
         cfg = load_config(params)
         preflight(cfg, root)
+        lock = hold_pipeline_lock(root, "ard pipeline run")
         made = ensure_repository(root)
         if made:
             _say(made, err=True)
@@ -102,13 +104,13 @@ def pipeline_run(
         tracking.check_reachable(uri)
         order = stages_in_order(root)
         stages = requested_stages(stage, order)
-    except (ConfigError, ValueError, tracking.TrackingUnreachable, RepositoryError) as err:
+    except (ConfigError, ValueError, tracking.TrackingUnreachable, RepositoryError, PipelineBusy) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
     start = time.perf_counter()
     outcomes = []
     tags = {"ard.profile": cfg.profile, "ard.orchestrator": "cli", "ard.stages_requested": ",".join(stages)}
-    with stop_signals_interrupt(), tracking.pipeline_run(
+    with lock or contextlib.nullcontext(), stop_signals_interrupt(), tracking.pipeline_run(
         cfg.tracking.experiment, uri, run_name=f"pipeline [{cfg.profile}]", tags=tags, params=cfg.model_dump(by_alias=True)
     ):
         for name in stages:

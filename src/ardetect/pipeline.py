@@ -136,6 +136,49 @@ class RepositoryError(RuntimeError):
     """The source tree is not a repository DVC can run in, and one could not be made."""
 
 
+class PipelineBusy(RuntimeError):
+    """Another pipeline (``ard pipeline run`` or the Prefect flow) is running in this repository."""
+
+
+PIPELINE_LOCK = Path(".dvc") / "tmp" / "ard-pipeline.lock"
+
+
+def hold_pipeline_lock(root: Path, what: str):
+    """Take the repository's pipeline lock for the caller's run (``what``: ``ard pipeline run``, the flow) and return
+    the open lock file, which holds it until closed (or the process ends, however it ends: an OS lock, no stale file).
+
+    Raises ``PipelineBusy`` naming the run that holds it. A second pipeline in the same repository used to open its own
+    MLflow run, then fail at its first stage on DVC's "is busy, it is being blocked by (PID ...)" with "you can manually
+    remove '.dvc/tmp/rwlock'", advice that breaks the running one. None where the tree has no ``.dvc`` folder (DVC
+    itself then refuses to run)."""
+    import fcntl
+
+    path = Path(root) / PIPELINE_LOCK
+    if not path.parent.parent.is_dir():
+        return None
+    path.parent.mkdir(exist_ok=True)
+    lock = open(path, "a+")  # noqa: SIM115 - held open for the run: the caller closes it
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        try:
+            holder = json.loads(lock.read() or "{}")
+        except json.JSONDecodeError:  # being written this instant
+            holder = {}
+        lock.close()
+        who = (f"{holder.get('what', 'a pipeline')}, PID {holder['pid']}, started {holder.get('started', '?')}"
+               if holder.get("pid") else "its holder has not said who it is yet")
+        raise PipelineBusy(f"another pipeline is running in {Path(root).resolve()} ({who}): wait for it to end, or stop it "
+                           f"(Ctrl-C in its terminal{', or kill ' + str(holder['pid']) if holder.get('pid') else ''}); two at "
+                           "once would write the same outputs") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"what": what, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    lock.flush()
+    return lock
+
+
 def git_executable() -> str | None:
     return shutil.which("git")
 
