@@ -151,32 +151,17 @@ def hold_pipeline_lock(root: Path, what: str):
     MLflow run, then fail at its first stage on DVC's "is busy, it is being blocked by (PID ...)" with "you can manually
     remove '.dvc/tmp/rwlock'", advice that breaks the running one. None where the tree has no ``.dvc`` folder (DVC
     itself then refuses to run)."""
-    import fcntl
+    from ardetect.tmpdirs import LockHeld, hold_lock
 
     path = Path(root) / PIPELINE_LOCK
     if not path.parent.parent.is_dir():
         return None
     path.parent.mkdir(exist_ok=True)
-    lock = open(path, "a+")  # noqa: SIM115 - held open for the run: the caller closes it
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        try:
-            holder = json.loads(lock.read() or "{}")
-        except json.JSONDecodeError:  # being written this instant
-            holder = {}
-        lock.close()
-        who = (f"{holder.get('what', 'a pipeline')}, PID {holder['pid']}, started {holder.get('started', '?')}"
-               if holder.get("pid") else "its holder has not said who it is yet")
-        raise PipelineBusy(f"another pipeline is running in {Path(root).resolve()} ({who}): wait for it to end, or stop it "
-                           f"(Ctrl-C in its terminal{', or kill ' + str(holder['pid']) if holder.get('pid') else ''}); two at "
-                           "once would write the same outputs") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(json.dumps({"what": what, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    lock.flush()
-    return lock
+        return hold_lock(path, what)
+    except LockHeld as held:
+        raise PipelineBusy(f"another pipeline is running in {Path(root).resolve()} ({held.who()}): wait for it to end, or stop "
+                           f"it (Ctrl-C in its terminal{held.kill_hint()}); two at once would write the same outputs") from None
 
 
 def git_executable() -> str | None:

@@ -151,3 +151,44 @@ def replaced_atomically(target: str | Path, suffix: str = ".tmp") -> Iterator[st
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class LockHeld(RuntimeError):
+    """Another process holds the lock; ``holder`` is what it recorded (what, pid, started), or {} before it has."""
+
+    def __init__(self, path: Path, holder: dict):
+        super().__init__(f"{path} is held by {holder or 'another process'}")
+        self.holder = holder
+
+    def who(self) -> str:
+        h = self.holder
+        return f"{h.get('what', '?')}, PID {h['pid']}, started {h.get('started', '?')}" if h.get("pid") else "it has not said who it is yet"
+
+    def kill_hint(self) -> str:
+        return f", or kill {self.holder['pid']}" if self.holder.get("pid") else ""
+
+
+def hold_lock(path: Path, what: str):
+    """Take the operating system's lock on ``path`` (``flock``, made if absent) for this process, recording ``what`` holds
+    it, its PID and start in the file; return the open file, which holds the lock until it is closed or the process
+    ends, however it ends (no stale lock). ``LockHeld`` when another process holds it."""
+    import fcntl
+    import json
+    import time
+
+    lock = open(path, "a+")  # noqa: SIM115 - held open for the caller's work: the caller closes it
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        try:
+            holder = json.loads(lock.read() or "{}")
+        except json.JSONDecodeError:  # being written this instant
+            holder = {}
+        lock.close()
+        raise LockHeld(path, holder if isinstance(holder, dict) else {}) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps({"what": what, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    lock.flush()
+    return lock

@@ -103,6 +103,15 @@ def test_index_refuses_another_model(served, tmp_path):
         build_index(SimpleNamespace(detector=det, fingerprint=served.model.fingerprint), served.data / "img", entries, tmp_path / "idx",
                     chunk=2, progress=False)
     other = SimpleNamespace(detector=served.model.detector, fingerprint="f" * 64 + ":64")
+    # a build another process is writing is refused, naming it: not even --fresh removes its chunks
+    from ardetect.serve.index import IndexBusy
+    from ardetect.tmpdirs import hold_lock
+
+    held = hold_lock(tmp_path / ".idx.building" / ".lock", "ard index build")
+    with pytest.raises(IndexBusy, match=rf"--out {tmp_path / 'idx'}: another index build is writing it \(ard index build, PID {os.getpid()}, "):
+        build_index(other, served.data / "img", entries, tmp_path / "idx", chunk=2, progress=False, fresh=True)
+    held.close()
+    assert len(list((tmp_path / ".idx.building").glob("chunk-*.npz"))) == 1
     with pytest.raises(IndexMismatch, match="partial index build of another model"):
         build_index(other, served.data / "img", entries, tmp_path / "idx", chunk=2, progress=False)
     assert not (tmp_path / "idx").exists()

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from ardetect.serve.images import IMAGE_SUFFIXES, ImageRejected, open_image
-from ardetect.tmpdirs import replaced_atomically, swap_into_place, temp_dir_beside
+from ardetect.tmpdirs import LockHeld, hold_lock, replaced_atomically, swap_into_place, temp_dir_beside
 
 INDEX_FORMAT = 2
 ENCODER_ARRAYS = ("features", "region_map")  # what every image encoder gives; ``index.json`` "arrays" lists any more
@@ -52,6 +52,10 @@ class IndexUnusable(ValueError):
 class IndexMismatch(IndexUnusable):
     """An index (or a partial build) made with another model than the one at hand."""
 
+
+
+class IndexBusy(IndexUnusable):
+    """Another ``ard index build`` is writing the same index."""
 
 @dataclass
 class ImageEntry:
@@ -177,12 +181,8 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
     """Encode ``entries`` (paths under ``root``) with ``model`` (a ``LoadedModel``) into the index folder ``out``.
 
     Resumes a killed build of the same model and images; refuses a partial build of another
-    model unless ``fresh``. Returns the index's ``index.json`` content.
+    model unless ``fresh``, and a build another process is writing. Returns the index's ``index.json`` content.
     """
-    from tqdm import tqdm
-
-    from ardetect.export.runtime import prepare_image
-
     det = model.detector
     root, out = Path(root).absolute(), Path(out)
     _check_out(out)
@@ -190,8 +190,27 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
     work = out.parent / f".{out.name}.building"
     key = _plan_key(fingerprint, root, entries, chunk)
     plan_file = work / "plan.json"
-    if work.exists() and fresh:
-        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    try:  # two builds of one index: the second would find the first's chunks half there, or remove them (--fresh)
+        lock = hold_lock(work / ".lock", "ard index build")
+    except LockHeld as held:
+        raise IndexBusy(f"--out {out}: another index build is writing it ({held.who()}): wait for it to end, or stop it "
+                        f"(Ctrl-C in its terminal{held.kill_hint()})") from None
+    with lock:
+        return _build_locked(det, root, entries, out, work, plan_file, key, fingerprint, examples, chunk, source, progress,
+                             fresh, max_pixels)
+
+
+def _build_locked(det, root: Path, entries, out: Path, work: Path, plan_file: Path, key: str, fingerprint: str, examples,
+                  chunk: int, source: str, progress: bool, fresh: bool, max_pixels) -> dict:
+    from tqdm import tqdm
+
+    from ardetect.export.runtime import prepare_image
+
+    if fresh:
+        for p in work.iterdir():
+            if p.name != ".lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     if plan_file.is_file():
         plan = json.loads(plan_file.read_text())
         if plan.get("model_fingerprint") != fingerprint:
@@ -201,7 +220,6 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
             raise IndexMismatch(f"{work} is a partial index build of other images or settings ({plan.get('count')} images from "
                                 f"{plan.get('root')}): pass --fresh to discard it")
     else:
-        work.mkdir(parents=True, exist_ok=True)
         tmp = work / ".plan.json.tmp"
         tmp.write_text(json.dumps({"model_fingerprint": fingerprint, "key": key, "count": len(entries), "root": str(root)}))
         os.replace(tmp, plan_file)
