@@ -35,6 +35,8 @@ from ardetect.pipeline import (  # noqa: E402
     record_parent_run,
     repro_stage,
     requested_stages,
+    settings_changed_outcome,
+    settings_drift,
     stages_in_order,
     stop_signals_interrupt,
     summarize,
@@ -88,14 +90,18 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     start = time.perf_counter()
     outcomes: list[StageOutcome] = []
     tags = {"ard.profile": cfg.profile, "ard.orchestrator": "prefect", "ard.stages_requested": ",".join(names)}
+    settings = cfg.model_dump(by_alias=True)
     # SIGTERM while the flow runs (`kill`, a cancelled deployment run) raises Prefect's TerminationSignal, not
     # KeyboardInterrupt: the stage is stopped all the same (repro_stage), and the run ends KILLED, not FAILED
     with lock or contextlib.nullcontext(), tracking.pipeline_run(
-        cfg.tracking.experiment, uri, run_name=f"prefect pipeline [{cfg.profile}]", tags=tags, params=cfg.model_dump(by_alias=True),
+        cfg.tracking.experiment, uri, run_name=f"prefect pipeline [{cfg.profile}]", tags=tags, params=settings,
         interruptions=(TerminationSignal,),
     ):
         try:
             for name in names:
+                drift = settings_drift(rootp / "params.yaml", settings)  # DVC reads it afresh for each stage
+                if drift:
+                    raise StageFailed(settings_changed_outcome(name, drift))
                 res = run_stage(name, str(rootp))
                 outcomes.append(StageOutcome(name, res["returncode"], res["ran"], res["up_to_date"], res["failed"]))
         except StageFailed as err:

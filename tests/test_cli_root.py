@@ -89,3 +89,14 @@ def test_a_registry_uri_over_an_absent_sqlite_store_is_refused_without_making_it
     with pytest.raises(ModelNotFound, match=f"there is no MLflow store at {store}"):
         load_model("models:/ardetect-detector@champion", tracking_uri=f"sqlite:///{store}")
     assert not store.exists()
+
+
+def test_pipeline_run_refuses_a_params_file_the_stages_would_not_read(repo, monkeypatch):
+    """The stages read params.yaml under DVC: `ard pipeline run --params exp.yaml` checked and logged exp.yaml's settings
+    and ran params.yaml's."""
+    (repo / "exp.yaml").write_text((repo / "params.yaml").read_text())
+    monkeypatch.chdir(repo)
+    refused = CliRunner().invoke(app, ["pipeline", "run", "--params", "exp.yaml"])
+    assert refused.exit_code == 2
+    assert "--params exp.yaml: the stages read params.yaml in the repository root" in refused.output, refused.output
+    assert not (repo / "mlflow.db").exists()  # refused before any run

@@ -579,6 +579,72 @@ def test_the_pipeline_lock_is_held_by_one_run_at_a_time(tmp_path):
     second.close()
 
 
+def test_settings_drift_names_what_changed(tmp_path):
+    import yaml
+
+    from ardetect.config import load_config
+    from ardetect.pipeline import settings_drift
+
+    ws = make_workspace(tmp_path / "repo")
+    params = ws / "params.yaml"
+    started = load_config(params).model_dump(by_alias=True)
+    assert settings_drift(params, started) is None
+    raw = yaml.safe_load(params.read_text())
+    raw["pretrain"]["epochs"] += 1  # the smoke profile sets its own: the settings the stages run with are the same
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert settings_drift(params, started) is None
+    raw["world"]["seed"] += 10
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert settings_drift(params, started) == (f"{params} changed since this pipeline started (world.seed: "
+                                               f"{raw['world']['seed'] - 10} -> {raw['world']['seed']})")
+    raw["profile"] = "default"  # the profile's overlay counts: every setting it changed is named, the first four shown
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert settings_drift(params, started).endswith(" ...)")
+    raw["world"]["seed"] = raw["evaluate"]["generalisation_world_seed"]
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert "equals world.seed: the second world must hold unseen identities" in settings_drift(params, started)
+    params.write_text("world: [unclosed\n")
+    assert settings_drift(params, started).startswith(f"{params} no longer loads ({params}: not valid YAML")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["ard", "pipeline", "run"], ["python", "flows/pipeline.py"]], ids=["cli", "flow"])
+def test_params_edited_during_a_run_stop_it_before_the_next_stage(tmp_path, command):
+    """DVC reads params.yaml afresh for each stage: edited while a pipeline ran (for the next run, say), the stages
+    after the edit ran with the new settings and the parent run recorded the old ones beside their metrics. Now the
+    pipeline stops before the next stage, saying what changed; the parent run ends FAILED."""
+    import time
+
+    import yaml
+
+    ws = make_workspace(tmp_path / "repo")
+    (ws / "waiter.py").write_text("import os, time\nopen('started', 'w').write('1')\n"
+                                  "while not os.path.exists('go'):\n    time.sleep(0.1)\n")
+    spec = {"stages": {"waiter": {"cmd": "python waiter.py", "deps": ["waiter.py"]},
+                       "after": {"cmd": "python -c \"open('after.txt', 'w').write('ran')\"", "deps": ["waiter.py"], "outs": ["after.txt"]}}}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    proc = subprocess.Popen([str(BIN / command[0]), *command[1:]], cwd=ws, env=run_env(ws), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (ws / "started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    seed = params["world"]["seed"]
+    params["world"]["seed"] = seed + 10
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (ws / "go").write_text("")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    assert "| after | not run: settings changed |" in out + err, out + err
+    said = "not run: params.yaml changed since this pipeline started" if command[0] == "ard" else "not run: /"  # the flow's path is whole
+    assert "stage 'after' failed" in err and said in err and f"(world.seed: {seed} -> {seed + 10})" in err, err
+    assert not (ws / "after.txt").exists()
+    runs = tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}")
+    parent = runs[runs["tags.ard.kind"] == "pipeline"]
+    assert list(parent["status"]) == ["FAILED"] and list(parent["params.world.seed"]) == [str(seed)], parent
+
+
 @pytest.mark.slow
 def test_a_second_pipeline_in_the_repository_is_refused_before_any_run(piped, tmp_path):
     """A second `ard pipeline run` beside a running one opened its own MLflow run and failed at its first stage to run

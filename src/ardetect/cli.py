@@ -86,13 +86,16 @@ def pipeline_run(
     from ardetect.config import ConfigError, load_config
     from ardetect.pipeline import (
         STOP_SIGNALS, PipelineBusy, RepositoryError, ensure_repository, hold_pipeline_lock, record_parent_run, repro_with_retries,
-        requested_stages, stages_in_order, stop_signals_interrupt, summarize,
+        requested_stages, settings_changed_outcome, settings_drift, stages_in_order, stop_signals_interrupt, summarize,
     )
     from ardetect.stages.check import preflight
 
     params = _params_file(params)
     root = params.resolve().parent
     try:
+        if params.name != "params.yaml":  # the stages, under DVC, read params.yaml: another file would be logged, not run
+            raise ValueError(f"--params {params}: the stages read params.yaml in the repository root, as DVC tracks it; give "
+                             "a params.yaml (its folder is the repository), or change settings with `dvc exp run -S key=value`")
         cfg = load_config(params)
         preflight(cfg, root)
         lock = hold_pipeline_lock(root, "ard pipeline run")
@@ -110,10 +113,15 @@ def pipeline_run(
     start = time.perf_counter()
     outcomes = []
     tags = {"ard.profile": cfg.profile, "ard.orchestrator": "cli", "ard.stages_requested": ",".join(stages)}
+    settings = cfg.model_dump(by_alias=True)
     with lock or contextlib.nullcontext(), stop_signals_interrupt(), tracking.pipeline_run(
-        cfg.tracking.experiment, uri, run_name=f"pipeline [{cfg.profile}]", tags=tags, params=cfg.model_dump(by_alias=True)
+        cfg.tracking.experiment, uri, run_name=f"pipeline [{cfg.profile}]", tags=tags, params=settings
     ):
         for name in stages:
+            drift = settings_drift(params, settings)  # DVC reads params.yaml afresh for each stage: edited mid-run, it stops
+            if drift:
+                outcomes.append(settings_changed_outcome(name, drift))
+                break
             _say(f"==> dvc repro {name}")
             try:
                 outcome = repro_with_retries(name, root, retries=retries, write=_terminal_write, notify=lambda m: _say(m, err=True))

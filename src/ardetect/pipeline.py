@@ -615,11 +615,46 @@ def collate(outcomes: Iterable[StageOutcome], order: list[str] | None = None) ->
     return {"ran": ran, "up_to_date": up, "failed": failed}
 
 
+SETTINGS_CHANGED = "SettingsChanged"
+
+
+def settings_drift(params: Path, started: dict) -> str | None:
+    """Why the pipeline must stop before its next stage: ``params`` (with its profile overlay) no longer says what it
+    said when the pipeline started (``started``: the effective configuration then, as logged to the parent run), or no
+    longer loads. None when it says the same.
+
+    DVC reads ``params.yaml`` afresh for each stage: edited during a run (for the next one, say), the stages after the
+    edit ran with the new settings, those before with the old, and the parent run recorded the old ones beside
+    metrics made under the new."""
+    from ardetect.config import ConfigError, load_config
+    from ardetect.tracking import flatten
+
+    try:
+        now = load_config(params).model_dump(by_alias=True)
+    except ConfigError as err:
+        said = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        return f"{params} no longer loads ({said[:300]}{'...' if len(said) > 300 else ''})"
+    if now == started:
+        return None
+    before, after = flatten(started), flatten(now)
+    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
+    return f"{params} changed since this pipeline started ({shown})"
+
+
+def settings_changed_outcome(stage: str, drift: str) -> StageOutcome:
+    """The outcome of a stage the pipeline did not run because its settings changed under it (``settings_drift``)."""
+    return StageOutcome(stage, 1, error=(f"not run: {drift}. The stages before ran with the settings this run recorded; the rest "
+                                         "would have run with the new ones. Run again to go on with the new settings (DVC re-runs "
+                                         "what they change), or put the old ones back to go on with those"),
+                        error_type=SETTINGS_CHANGED)
+
+
 def summarize(outcomes: list[StageOutcome]) -> str:
     """A markdown table of what each step did."""
     rows = ["| stage | result | stages run | up to date |", "|---|---|---|---|"]
     for o in outcomes:
-        result = "ok" if o.ok else f"FAILED (exit {o.returncode})"
+        result = "ok" if o.ok else "not run: settings changed" if o.error_type == SETTINGS_CHANGED else f"FAILED (exit {o.returncode})"
         rows.append(f"| {o.stage} | {result} | {', '.join(o.ran) or '-'} | {', '.join(o.up_to_date) or '-'} |")
     return "\n".join(rows)
 
