@@ -202,6 +202,22 @@ def test_repro_stage_failure_and_lock_contention(tmp_path):
     assert ok.ok and ok.ran == ["first", "second"]
 
 
+def test_a_busy_output_names_which_blocking_dvc_process_still_runs():
+    """DVC's "is busy, it is being blocked by: (PID n)" ends with "If there are no processes with such PIDs, you can
+    manually remove '.dvc/tmp/rwlock'": the failure now says which of them still run, so the lock is not removed under
+    a running one (a `dvc exp run` beside the pipeline)."""
+    from ardetect.pipeline import StageOutcome
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    dvc_said = (f"failed to reproduce 'exemplars': 'data/exemplars' is busy, it is being blocked by:\n  (PID {os.getpid()}): dvc exp run\n"
+                f"  (PID {gone.pid}): dvc repro\n\nIf there are no processes with such PIDs, you can manually remove '.dvc/tmp/rwlock'")
+    said = StageOutcome("exemplars", 255, error=dvc_said).describe_failure()
+    assert said.startswith(dvc_said.rstrip(".") + ". PID ") and f"PID {os.getpid()} (`" in said and f"PID {gone.pid} (" not in said[len(dvc_said):]
+    assert said.endswith("is still running: wait for it to end and run again; do not remove the rwlock while it runs")
+    assert StageOutcome("x", 1, error="exited with 3").describe_failure() == "exited with 3"
+
+
 DRIVER = "import sys; from pathlib import Path; from ardetect.pipeline import repro_stage; repro_stage('sleepy', Path(sys.argv[1]))"
 
 

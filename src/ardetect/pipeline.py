@@ -82,7 +82,8 @@ class StageOutcome:
                      "on from the stage's last resume point")
         elif number is not None:
             text += f" ({signal.Signals(number).name} ended the stage)"
-        return text
+        holders = _busy_holders(text)
+        return f"{text.rstrip('. ')}. {holders}" if holders else text
 
     @property
     def skipped(self) -> list[str]:  # the older name of up_to_date
@@ -134,6 +135,26 @@ def dvc_executable() -> str:
 
 class RepositoryError(RuntimeError):
     """The source tree is not a repository DVC can run in, and one could not be made."""
+
+
+def _busy_holders(error: str) -> str:
+    """For DVC's "is busy, it is being blocked by: (PID n): ..." (another DVC process, a `dvc exp run` say, holds what
+    the stage needs): which of those processes still run, since DVC's own advice, to remove '.dvc/tmp/rwlock' by hand,
+    would break a running one. Empty for any other error."""
+    if "is busy" not in error:
+        return ""
+    import psutil
+
+    running = []
+    for pid in dict.fromkeys(int(p) for p in re.findall(r"\(PID (\d+)\)", error)):
+        try:
+            running.append(f"PID {pid} (`{' '.join(psutil.Process(pid).cmdline())[:120]}`)")
+        except psutil.Error:
+            continue
+    if not running:
+        return ""
+    return (f"{', '.join(running)} {'is' if len(running) == 1 else 'are'} still running: wait for it to end and run again; "
+            "do not remove the rwlock while it runs")
 
 
 class PipelineBusy(RuntimeError):
