@@ -12,8 +12,10 @@ stopped as the flow stops on Ctrl-C: its stage ends and its MLflow runs end KILL
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 
@@ -74,10 +76,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, interrupt)
+    # Prefect's runner keeps a folder in the temp folder (runner_storage/<uuid>) that it removes only when its shutdown
+    # completes, which a Ctrl-C or SIGTERM cuts short: each serve left one behind. Its temp folder is made ours, removed here.
+    own_tmp = tempfile.mkdtemp(prefix="ardetect-deploy-")
+    tempfile.tempdir = own_tmp
     try:
         pipeline.serve(name=args.name, cron=args.cron, tags=["ardetect"])
     except KeyboardInterrupt:
         stopped.append(signal.SIGINT)
+    finally:
+        tempfile.tempdir = None
+        shutil.rmtree(own_tmp, ignore_errors=True)
     if stopped:
         print(f"deploy: Ctrl-C: stopped serving 'ardetect-pipeline/{args.name}'", file=sys.stderr)
         return 130

@@ -82,7 +82,10 @@ def test_the_deployment_runs_what_it_is_sent_and_stops_on_ctrl_c(tmp_path):
         _wait(lambda: _answers(f"{api}/health"), "prefect server start", 240, server)
         env["PREFECT_API_URL"] = api
         log = open(tmp_path / "deploy.log", "w")
-        deploy = subprocess.Popen([sys.executable, "flows/deploy.py"], cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT, **_terminal())
+        tmp = tmp_path / "tmp"  # the deployment's temp folder: Prefect's runner left a folder in it after each Ctrl-C
+        tmp.mkdir()
+        deploy = subprocess.Popen([sys.executable, "flows/deploy.py"], cwd=ws, env={**env, "TMPDIR": str(tmp)}, stdout=log,
+                                  stderr=subprocess.STDOUT, **_terminal())
         served = lambda: "is being served" in (tmp_path / "deploy.log").read_text()  # noqa: E731
         _wait(served, "flows/deploy.py serving", 180, deploy)
 
@@ -126,6 +129,7 @@ def test_the_deployment_runs_what_it_is_sent_and_stops_on_ctrl_c(tmp_path):
         assert code == 130 and "Ctrl-C: stopped serving 'ardetect-pipeline/ardetect'" in text, text[-3000:]
         _, alive = psutil.wait_procs(below, timeout=30)
         assert not alive, [" ".join(p.cmdline()) for p in alive]
+        assert [p.name for p in tmp.iterdir() if p.name == "runner_storage" or p.name.startswith("ardetect-deploy-")] == []
         runs = tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}")
         last = runs[runs["tags.ard.kind"] == "pipeline"].sort_values("start_time").iloc[-1]
         assert last["status"] == "KILLED", runs[["status", "tags.ard.kind", "start_time"]]
