@@ -46,9 +46,10 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _terminal(start_new_session: bool = True) -> dict:
-    """Popen arguments for a process as a terminal starts it: SIGINT at its default (a test runner may ignore it)."""
-    return {"start_new_session": start_new_session, "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
+def _terminal() -> dict:
+    """Popen arguments for a process as a terminal starts it, in a process group of its own with SIGINT at its default
+    (a test runner may ignore it)."""
+    return {"start_new_session": True, "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
 
 
 def test_deploy_refuses_without_a_server_or_with_a_bad_schedule(tmp_path):

@@ -53,9 +53,9 @@ class IndexMismatch(IndexUnusable):
     """An index (or a partial build) made with another model than the one at hand."""
 
 
-
 class IndexBusy(IndexUnusable):
     """Another ``ard index build`` is writing the same index."""
+
 
 @dataclass
 class ImageEntry:
@@ -183,6 +183,10 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
     Resumes a killed build of the same model and images; refuses a partial build of another
     model unless ``fresh``, and a build another process is writing. Returns the index's ``index.json`` content.
     """
+    from tqdm import tqdm
+
+    from ardetect.export.runtime import prepare_image
+
     det = model.detector
     root, out = Path(root).absolute(), Path(out)
     _check_out(out)
@@ -197,62 +201,54 @@ def build_index(model, root: Path, entries: list[ImageEntry], out: Path, example
         raise IndexBusy(f"--out {out}: another index build is writing it ({held.who()}): wait for it to end, or stop it "
                         f"(Ctrl-C in its terminal{held.kill_hint()})") from None
     with lock:
-        return _build_locked(det, root, entries, out, work, plan_file, key, fingerprint, examples, chunk, source, progress,
-                             fresh, max_pixels)
-
-
-def _build_locked(det, root: Path, entries, out: Path, work: Path, plan_file: Path, key: str, fingerprint: str, examples,
-                  chunk: int, source: str, progress: bool, fresh: bool, max_pixels) -> dict:
-    from tqdm import tqdm
-
-    from ardetect.export.runtime import prepare_image
-
-    if fresh:
-        for p in work.iterdir():
-            if p.name != ".lock":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if plan_file.is_file():
-        plan = json.loads(plan_file.read_text())
-        if plan.get("model_fingerprint") != fingerprint:
-            raise IndexMismatch(f"{work} is a partial index build of another model ({plan.get('model_fingerprint', '?')[:16]}..., "
-                                f"this one is {fingerprint[:16]}...): pass --fresh to discard it")
-        if plan.get("key") != key:
-            raise IndexMismatch(f"{work} is a partial index build of other images or settings ({plan.get('count')} images from "
-                                f"{plan.get('root')}): pass --fresh to discard it")
-    else:
-        tmp = work / ".plan.json.tmp"
-        tmp.write_text(json.dumps({"model_fingerprint": fingerprint, "key": key, "count": len(entries), "root": str(root)}))
-        os.replace(tmp, plan_file)
-    n_chunks = (len(entries) + chunk - 1) // chunk
-    done = {int(p.stem.split("-")[1]) for p in work.glob("chunk-*.npz")}
-    bar = tqdm(total=len(entries), desc="index build", unit="img", disable=not progress)
-    bar.update(sum(min(chunk, len(entries) - c * chunk) for c in done if c < n_chunks))
-    t0 = time.perf_counter()
-    for c in range(n_chunks):
-        if c in done:
-            continue
-        part = entries[c * chunk : (c + 1) * chunk]
-        prepared, kept, skipped = [], [], []
-        for j, e in enumerate(part):
-            if not inside(e.path):
-                raise IndexUnusable(f"{e.path}: leads outside the image root {root}")
-            try:  # one unreadable file (a truncated copy, a text file named .jpg) is passed over and listed
-                image = open_image(root / e.path, max_pixels)
-            except (ImageRejected, OSError) as err:
-                skipped.append((e.path, str(err)))
+        if fresh:
+            for p in work.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.name != ".lock":
+                    p.unlink()
+        if plan_file.is_file():
+            plan = json.loads(plan_file.read_text())
+            if plan.get("model_fingerprint") != fingerprint:
+                raise IndexMismatch(f"{work} is a partial index build of another model ({plan.get('model_fingerprint', '?')[:16]}..., "
+                                    f"this one is {fingerprint[:16]}...): pass --fresh to discard it")
+            if plan.get("key") != key:
+                raise IndexMismatch(f"{work} is a partial index build of other images or settings ({plan.get('count')} images from "
+                                    f"{plan.get('root')}): pass --fresh to discard it")
+        else:
+            tmp = work / ".plan.json.tmp"
+            tmp.write_text(json.dumps({"model_fingerprint": fingerprint, "key": key, "count": len(entries), "root": str(root)}))
+            os.replace(tmp, plan_file)
+        n_chunks = (len(entries) + chunk - 1) // chunk
+        done = {int(p.stem.split("-")[1]) for p in work.glob("chunk-*.npz")}
+        bar = tqdm(total=len(entries), desc="index build", unit="img", disable=not progress)
+        bar.update(sum(min(chunk, len(entries) - c * chunk) for c in done if c < n_chunks))
+        t0 = time.perf_counter()
+        for c in range(n_chunks):
+            if c in done:
                 continue
-            prepared.append(prepare_image(image, det.size))
-            kept.append(j)
-        enc = det.encode_images(np.stack([a for a, _ in prepared])) if prepared else {}
-        sizes = np.array([s for _, s in prepared], dtype=np.int64).reshape(-1, 2)  # (h, w)
-        _save_atomic_npz(work / f"chunk-{c:05d}.npz", **enc, sizes=sizes, kept=np.array(kept, dtype=np.int64),
-                         skipped_paths=np.array([p for p, _ in skipped], dtype=str), skipped_reasons=np.array([r for _, r in skipped], dtype=str))
-        bar.update(len(part))
-    bar.close()
-    encode_s = time.perf_counter() - t0
-    meta = _assemble(work, out, entries, chunk, n_chunks, root, fingerprint, det, examples, source, encode_s)
-    shutil.rmtree(work, ignore_errors=True)
-    return meta
+            part = entries[c * chunk : (c + 1) * chunk]
+            prepared, kept, skipped = [], [], []
+            for j, e in enumerate(part):
+                if not inside(e.path):
+                    raise IndexUnusable(f"{e.path}: leads outside the image root {root}")
+                try:  # one unreadable file (a truncated copy, a text file named .jpg) is passed over and listed
+                    image = open_image(root / e.path, max_pixels)
+                except (ImageRejected, OSError) as err:
+                    skipped.append((e.path, str(err)))
+                    continue
+                prepared.append(prepare_image(image, det.size))
+                kept.append(j)
+            enc = det.encode_images(np.stack([a for a, _ in prepared])) if prepared else {}
+            sizes = np.array([s for _, s in prepared], dtype=np.int64).reshape(-1, 2)  # (h, w)
+            _save_atomic_npz(work / f"chunk-{c:05d}.npz", **enc, sizes=sizes, kept=np.array(kept, dtype=np.int64),
+                             skipped_paths=np.array([p for p, _ in skipped], dtype=str), skipped_reasons=np.array([r for _, r in skipped], dtype=str))
+            bar.update(len(part))
+        bar.close()
+        encode_s = time.perf_counter() - t0
+        meta = _assemble(work, out, entries, chunk, n_chunks, root, fingerprint, det, examples, source, encode_s)
+        shutil.rmtree(work, ignore_errors=True)
+        return meta
 
 
 def _check_out(out: Path) -> None:
