@@ -273,6 +273,47 @@ def test_a_stage_whose_pipeline_was_killed_outright_is_stopped(tmp_path, script)
     assert not list(temp.glob(".ard-repro-*")), "the DVC child left the killed pipeline's result file"
 
 
+# a stage that does not end on SIGINT (it ignores it, as one whose clean-up hangs would not end either)
+STUBBORN = textwrap.dedent("""
+    import signal, time
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    open("started", "w").write("1")
+    time.sleep(120)
+""")
+
+
+def test_a_stage_still_running_after_the_grace_is_terminated_saying_so(tmp_path):
+    """What has not ended `STOP_GRACE_S` after Ctrl-C is stopped with SIGTERM; the pipeline says so, naming the PIDs
+    (before, it terminated them without a word, so a stage that never printed its own "interrupted" left the user
+    with nothing)."""
+    import signal
+    import time
+
+    import psutil
+
+    root = _tiny_dvc_repo(tmp_path / "repo")
+    (root / "sleepy.py").write_text(STUBBORN)
+    (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text() + "  sleepy:\n    cmd: python sleepy.py\n    deps: [sleepy.py]\n")
+    driver_code = "import ardetect.pipeline as p, sys; p.STOP_GRACE_S = 3.0; " + DRIVER.replace("repro_stage('sleepy', Path(sys.argv[1]))",
+                                                                                                   "repro_stage('sleepy', Path(sys.argv[1]), write=sys.stdout.write)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    driver = subprocess.Popen([sys.executable, "-c", driver_code, str(root)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (root / "started").exists():
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0]
+        time.sleep(0.1)
+    below = psutil.Process(driver.pid).children(recursive=True)
+    stage = [p for p in below if "sleepy.py" in " ".join(p.cmdline())]
+    signalled = time.monotonic()
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=90)
+    assert time.monotonic() - signalled < 45, out
+    assert "s after the signal: " in out and f"PID {stage[0].pid}" in out and "stopping with SIGTERM" in out, out
+    gone, alive = psutil.wait_procs(below, timeout=30)
+    assert not alive, alive
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_sigterm_or_sighup_to_the_pipeline_ends_it_as_ctrl_c_does(tmp_path, signame):
     """`kill`, `docker stop` or a scheduler (SIGTERM), or the terminal closing (SIGHUP), used to end `ard pipeline run`

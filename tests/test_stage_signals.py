@@ -32,7 +32,36 @@ BODY = textwrap.dedent("""
 """)
 
 
-def _stop_probe_stage(tmp_path, *signals: int, sigint=signal.SIG_DFL) -> tuple[subprocess.Popen, str]:
+# a stage whose clean-up never returns once stopped (as a thread join or a lock left held by the interrupted code)
+HANGING_BODY = textwrap.dedent("""
+    import threading
+    import time
+    from pathlib import Path
+    from ardetect.stages import common
+    from ardetect.stages.common import atomic_dir, run_stage
+
+    common.CLEANUP_GRACE_S = 3.0
+
+    def a_clean_up_that_never_returns():
+        held = threading.Lock()
+        held.acquire()
+        held.acquire()
+
+    def body(cfg):
+        try:
+            with atomic_dir(Path("out")) as tmp:
+                (tmp / "half.txt").write_text("half-written")
+                Path("started").write_text("1")
+                time.sleep(120)
+        finally:
+            a_clean_up_that_never_returns()
+        return {}
+
+    run_stage("probe", body, lambda cfg: {})
+""")
+
+
+def _stop_probe_stage(tmp_path, *signals: int, sigint=signal.SIG_DFL, body: str = BODY) -> tuple[subprocess.Popen, str]:
     """Start the probe stage over an earlier output, with SIGINT's disposition ``sigint``, send ``signals`` once its
     temp folder holds a half-written output, and return the ended process and its stderr; the MLflow store is
     ``tmp_path/mlflow.db``."""
@@ -48,7 +77,7 @@ def _stop_probe_stage(tmp_path, *signals: int, sigint=signal.SIG_DFL) -> tuple[s
         signal.signal(signal.SIGINT, sigint)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
-    proc = subprocess.Popen([sys.executable, "-c", BODY], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", body], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=dispositions)
     deadline = time.monotonic() + 120
     while not (tmp_path / "started").exists():
@@ -88,6 +117,29 @@ def test_ctrl_c_twice_mid_stage_ends_it_once_cleanly_and_the_run_is_killed(tmp_p
     assert not list(tmp_path.glob(".out.*")) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
     runs = _probe_runs(tmp_path)
     assert list(runs["status"]) == ["KILLED"] and list(runs["tags.mlflow.runName"]) == ["probe"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_clean_up_that_hangs_is_cut_short_saying_where_it_stood(tmp_path, signum):
+    """A signal can land inside a library between a lock's acquire and its release, and the clean-up then waits for
+    ever (a stage stopped by Ctrl-C once hung in MLflow's join of its metrics thread until `ard pipeline run` killed
+    it, with no word of the interruption). The stage waits ``CLEANUP_GRACE_S``, then says so, prints where each thread
+    stood and exits with the signal's code; its next run ends the run it left as KILLED."""
+    started = time.monotonic()
+    proc, err = _stop_probe_stage(tmp_path, signum, body=HANGING_BODY)
+    assert proc.returncode == 128 + signum, err
+    assert time.monotonic() - started < 60, err
+    assert "[probe] interrupted after" in err and "its clean-up did not end within 3 s" in err, err
+    assert "a_clean_up_that_never_returns" in err, err  # where the main thread stood
+    assert not list(tmp_path.glob(".out.*")) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    assert list(_probe_runs(tmp_path)["status"]) == ["RUNNING"]  # its run was never closed ...
+    (tmp_path / "started").unlink()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO / "src"), "PROBE_SLEEP": "0"}
+    env.pop("ARD_MLFLOW_PARENT_RUN_ID", None)
+    again = subprocess.run([sys.executable, "-c", BODY], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    runs = _probe_runs(tmp_path).sort_values("start_time")
+    assert list(runs["status"]) == ["KILLED", "FINISHED"]  # ... until the next run of the stage
 
 
 def test_a_closed_terminal_ends_a_stage_cleanly(tmp_path):

@@ -411,7 +411,11 @@ def stop_signals_interrupt():
             signal.signal(sig, handler)
 
 
-def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder, grace_s: float = 120.0) -> None:
+# seconds the DVC child and its stage get to end after a stop signal (a stage bounds its own clean-up at 60)
+STOP_GRACE_S = 120.0
+
+
+def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder, grace_s: float | None = None) -> None:
     """After Ctrl-C (or anything else that stops the reading of the child's output): let the DVC child and its stage
     end as they end on SIGINT (temp folders removed, the stage's run closed as KILLED, DVC's lock released) and relay
     what they still print, before the pipeline says it stopped.
@@ -422,6 +426,7 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
     """
     import psutil
 
+    grace_s = STOP_GRACE_S if grace_s is None else grace_s
     try:
         child = psutil.Process(proc.pid)
         below = child.children(recursive=True)
@@ -430,7 +435,8 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
     for p in [child, *below] if child is not None else below:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + grace_s
+    signalled = time.monotonic()
+    deadline = signalled + grace_s
     with contextlib.suppress(KeyboardInterrupt, OSError):  # a second Ctrl-C ends the waiting, not the clean-up
         while time.monotonic() < deadline:
             ready, _, _ = select.select([fileno], [], [], max(0.0, min(1.0, deadline - time.monotonic())))
@@ -441,7 +447,11 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
                 relay.feed(decoder.decode(chunk))
             elif proc.poll() is not None:
                 break
-    for p in below:
+    lingering = [p for p in below if _running(p)]
+    if lingering or proc.poll() is None:  # said: a stage ended by SIGTERM may not say it was interrupted
+        relay.feed(f"\nstill running {time.monotonic() - signalled:.0f} s after the signal: "
+                   f"{', '.join(f'PID {p.pid}' for p in lingering) or f'PID {proc.pid}'}; stopping with SIGTERM\n")
+    for p in lingering:
         with contextlib.suppress(psutil.Error):
             p.terminate()
     if proc.poll() is None:
@@ -457,6 +467,16 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
             relay.feed(decoder.decode(chunk))
     relay.feed(decoder.decode(b"", final=True))
     relay.close()
+
+
+def _running(p) -> bool:
+    """``p`` (a psutil process) runs and is not a zombie its parent has yet to reap."""
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def repro_with_retries(

@@ -78,7 +78,59 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# seconds a stage's clean-up may take after SIGINT, SIGTERM or SIGHUP (it takes a few); `ard pipeline run` waits 120
+CLEANUP_GRACE_S = 60.0
+
+
+class _CleanupWatchdog:
+    """Bounds a stopped stage's clean-up: once a stop signal has come, a daemon thread waits ``CLEANUP_GRACE_S``; if
+    the process still runs then (a thread join or a lock that never returns: a signal can land inside a library
+    between a lock's acquire and its release), it says so, prints where each thread stood, and exits with the
+    signal's code. What the clean-up did not do is done by the next run (``tmpdirs`` removes a dead maker's temp
+    files; ``tracking.close_abandoned_runs`` ends its run KILLED).
+
+    The signal handlers only write a byte to a pipe (async-signal-safe, no Python lock), so they cannot
+    themselves block on a lock the interrupted code holds."""
+
+    def __init__(self, name: str):
+        import threading
+
+        self.name, self.start, self.pid = name, time.perf_counter(), os.getpid()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        threading.Thread(target=self._watch, name="ard-cleanup-watchdog", daemon=True).start()
+
+    def stopping(self, signum: int) -> None:
+        """Called from a signal handler: the first call starts the countdown (a forked worker's call does not)."""
+        if os.getpid() == self.pid:
+            try:
+                os.write(self._write, bytes([signum]))
+            except OSError:  # the pipe is full: the countdown has started already
+                pass
+
+    def _watch(self) -> None:
+        import faulthandler
+
+        signum = os.read(self._read, 1)[0]
+        time.sleep(CLEANUP_GRACE_S)
+        os.write(2, (f"\n[{self.name}] interrupted after {time.perf_counter() - self.start:.1f} s "
+                     f"({signal.Signals(signum).name}): its clean-up did not end within {CLEANUP_GRACE_S:.0f} s, so the "
+                     "stage exits without it; where each thread stood follows. Its next run removes the temp files it "
+                     "left and ends its MLflow run as KILLED\n").encode())
+        faulthandler.dump_traceback(file=2, all_threads=True)
+        os._exit(128 + signum)
+
+
+_watchdog: _CleanupWatchdog | None = None
+
+
+def _stopping(signum: int) -> None:
+    if _watchdog is not None:
+        _watchdog.stopping(signum)
+
+
 def _terminated(signum, frame) -> None:
+    _stopping(signum)
     raise SystemExit(128 + signum)
 
 
@@ -86,6 +138,7 @@ def _interrupted(signum, frame) -> None:
     """Ctrl-C: raise once, then ignore the next SIGINT, so that one sent again (the terminal's, then the one
     ``ard pipeline run`` passes on) cannot cut short the clean-up the first one started."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stopping(signum)
     raise KeyboardInterrupt
 
 
@@ -95,7 +148,9 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     SIGTERM (a cancelled ``dvc repro``, ``kill``, a scheduler stopping the job) and SIGHUP (the terminal or SSH
     session closed) exit the same way as an error, through every ``finally``: temp folders are removed, nothing
     half-written is left beside the outputs, and the MLflow run is closed as KILLED. So does Ctrl-C (SIGINT)."""
+    global _watchdog
     setup_logging()
+    _watchdog = _CleanupWatchdog(name)
     signal.signal(signal.SIGTERM, _terminated)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with SIGINT ignored (a background job): keep it so
         signal.signal(signal.SIGINT, _interrupted)
