@@ -150,7 +150,10 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     half-written is left beside the outputs, and the MLflow run is closed as KILLED. So does Ctrl-C (SIGINT)."""
     global _watchdog
     setup_logging()
-    _watchdog = _CleanupWatchdog(name)
+    if _watchdog is None or _watchdog.pid != os.getpid():  # one a process (its thread and pipe are not undone)
+        _watchdog = _CleanupWatchdog(name)
+    else:
+        _watchdog.name, _watchdog.start = name, time.perf_counter()
     signal.signal(signal.SIGTERM, _terminated)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with SIGINT ignored (a background job): keep it so
         signal.signal(signal.SIGINT, _interrupted)
