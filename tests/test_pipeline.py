@@ -15,6 +15,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from ardetect import tracking
 from ardetect.pipeline import OutputRelay, collate, headline_metrics, repro_stage, repro_with_retries, stages_in_order
@@ -273,19 +274,22 @@ def test_a_stage_whose_pipeline_was_killed_outright_is_stopped(tmp_path, script)
     assert not list(temp.glob(".ard-repro-*")), "the DVC child left the killed pipeline's result file"
 
 
-# a stage that does not end on SIGINT (it ignores it, as one whose clean-up hangs would not end either)
+# a stage that does not end on SIGINT (it ignores it, as one whose clean-up hangs would not end either), nor on
+# SIGTERM where told (as a stage already stopping ignores it)
 STUBBORN = textwrap.dedent("""
-    import signal, time
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import signal, sys, time
+    for name in sys.argv[1:]:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     open("started", "w").write("1")
     time.sleep(120)
 """)
 
 
-def test_a_stage_still_running_after_the_grace_is_terminated_saying_so(tmp_path):
-    """What has not ended `STOP_GRACE_S` after Ctrl-C is stopped with SIGTERM; the pipeline says so, naming the PIDs
-    (before, it terminated them without a word, so a stage that never printed its own "interrupted" left the user
-    with nothing)."""
+@pytest.mark.parametrize("ignored", ["SIGINT", "SIGINT SIGTERM"])
+def test_a_stage_still_running_after_the_grace_is_terminated_saying_so(tmp_path, ignored):
+    """What has not ended `STOP_GRACE_S` after Ctrl-C is stopped with SIGTERM, and what ignores that too is killed
+    `KILL_AFTER_S` later; the pipeline says so, naming the PIDs (before, it terminated them without a word, so a
+    stage that never printed its own "interrupted" left the user with nothing)."""
     import signal
     import time
 
@@ -293,8 +297,8 @@ def test_a_stage_still_running_after_the_grace_is_terminated_saying_so(tmp_path)
 
     root = _tiny_dvc_repo(tmp_path / "repo")
     (root / "sleepy.py").write_text(STUBBORN)
-    (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text() + "  sleepy:\n    cmd: python sleepy.py\n    deps: [sleepy.py]\n")
-    driver_code = "import ardetect.pipeline as p, sys; p.STOP_GRACE_S = 3.0; " + DRIVER.replace("repro_stage('sleepy', Path(sys.argv[1]))",
+    (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text() + f"  sleepy:\n    cmd: python sleepy.py {ignored}\n    deps: [sleepy.py]\n")
+    driver_code = "import ardetect.pipeline as p, sys; p.STOP_GRACE_S = 3.0; p.KILL_AFTER_S = 3.0; " + DRIVER.replace("repro_stage('sleepy', Path(sys.argv[1]))",
                                                                                                    "repro_stage('sleepy', Path(sys.argv[1]), write=sys.stdout.write)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     driver = subprocess.Popen([sys.executable, "-c", driver_code, str(root)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -310,6 +314,7 @@ def test_a_stage_still_running_after_the_grace_is_terminated_saying_so(tmp_path)
     out, _ = driver.communicate(timeout=90)
     assert time.monotonic() - signalled < 45, out
     assert "s after the signal: " in out and f"PID {stage[0].pid}" in out and "stopping with SIGTERM" in out, out
+    assert ("s after SIGTERM: " in out and f"PID {stage[0].pid}; killing it" in out) == ("SIGTERM" in ignored), out
     gone, alive = psutil.wait_procs(below, timeout=30)
     assert not alive, alive
 
@@ -345,6 +350,66 @@ def test_sigterm_or_sighup_to_the_pipeline_ends_it_as_ctrl_c_does(tmp_path, sign
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ardetect"])
     assert list(runs["status"]) == ["KILLED"] and list(runs["tags.ard.kind"]) == ["pipeline"], runs
+
+
+# a stage (through `run_stage`, so with its own MLflow run) whose clean-up takes a few seconds, as a checkpoint's
+# rename or MLflow's last flush can
+SLOW_CLEAN_UP = textwrap.dedent("""
+    import time
+    from pathlib import Path
+    from ardetect.stages.common import run_stage
+
+    def body(cfg):
+        try:
+            Path("started").write_text("1")
+            time.sleep(120)
+        finally:
+            time.sleep(3)
+            Path("cleaned").write_text("1")
+        return {}
+
+    run_stage("slowclean", body, lambda cfg: {})
+""")
+
+
+def test_sigterm_to_make_runs_whole_process_group_lets_the_stage_end_cleanly(tmp_path):
+    """`timeout make run`, `kill -TERM -PGID` or a service manager signal the whole process group: the stage, the DVC
+    child and `ard pipeline run` each get SIGTERM, and make passes on one more to its child. The first reaches the
+    stage, which starts its clean-up; the ones after it (the pipeline's passed-on SIGINT, make's second SIGTERM) used to
+    cut that clean-up short, leaving the stage's MLflow run RUNNING. Now the clean-up ends and both runs read KILLED."""
+    import signal
+    import time
+
+    import mlflow
+
+    ws = make_workspace(tmp_path / "repo")
+    (ws / "slowclean.py").write_text(SLOW_CLEAN_UP)
+    pipeline = yaml.safe_load((ws / "dvc.yaml").read_text())
+    pipeline["stages"]["slowclean"] = {"cmd": "python slowclean.py", "deps": ["slowclean.py"]}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    (ws / "Makefile").write_text("run:\n\tard pipeline run --stage slowclean\n")
+
+    def dispositions():  # as a terminal's session has them, in a process group of its own (as a shell's job)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        os.setpgrp()
+
+    proc = subprocess.Popen(["make", "-s", "run"], cwd=ws, env=run_env(ws), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=dispositions)
+    deadline = time.monotonic() + 300
+    while not (ws / "started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    time.sleep(1.0)  # the stage's MLflow run is open
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0, out
+    assert (ws / "cleaned").exists(), out  # the stage's clean-up ran to its end
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ardetect"])
+    statuses = dict(zip(runs["tags.mlflow.runName"], runs["status"]))
+    assert statuses == {"pipeline [smoke]": "KILLED", "slowclean": "KILLED"}, (statuses, out)
+    assert "interrupted (SIGTERM) at `dvc repro slowclean`" in out and "still running" not in out, out
 
 
 def _lock_free(root) -> bool:

@@ -61,6 +61,27 @@ HANGING_BODY = textwrap.dedent("""
 """)
 
 
+# a stage whose clean-up takes a few seconds (MLflow's last flush, a checkpoint's rename) and leaves a mark when done
+SLOW_CLEAN_UP_BODY = textwrap.dedent("""
+    import time
+    from pathlib import Path
+    from ardetect.stages.common import atomic_dir, run_stage
+
+    def body(cfg):
+        try:
+            with atomic_dir(Path("out")) as tmp:
+                (tmp / "half.txt").write_text("half-written")
+                Path("started").write_text("1")
+                time.sleep(120)
+        finally:
+            time.sleep(2)
+            Path("cleaned").write_text("1")
+        return {}
+
+    run_stage("probe", body, lambda cfg: {})
+""")
+
+
 def _stop_probe_stage(tmp_path, *signals: int, sigint=signal.SIG_DFL, body: str = BODY) -> tuple[subprocess.Popen, str]:
     """Start the probe stage over an earlier output, with SIGINT's disposition ``sigint``, send ``signals`` once its
     temp folder holds a half-written output, and return the ended process and its stderr; the MLflow store is
@@ -142,6 +163,18 @@ def test_a_clean_up_that_hangs_is_cut_short_saying_where_it_stood(tmp_path, sign
     assert list(runs["status"]) == ["KILLED", "FINISHED"]  # ... until the next run of the stage
 
 
+@pytest.mark.parametrize("first, then", [(signal.SIGTERM, (signal.SIGINT, signal.SIGTERM)), (signal.SIGINT, (signal.SIGTERM, signal.SIGHUP))])
+def test_stop_signals_after_the_first_do_not_cut_its_clean_up_short(tmp_path, first, then):
+    """A stop reaches a stage by several routes: `kill -TERM -PGID` (`timeout make run`, a service manager) sends it
+    SIGTERM, then `ard pipeline run` passes on SIGINT; Ctrl-C may be followed by a scheduler's SIGTERM. A second
+    SIGTERM used to raise inside the clean-up the first had started, leaving its MLflow run RUNNING."""
+    proc, err = _stop_probe_stage(tmp_path, first, *then, body=SLOW_CLEAN_UP_BODY)
+    assert proc.returncode == 128 + first, err
+    assert (tmp_path / "cleaned").exists() and "Traceback" not in err, err
+    assert not list(tmp_path.glob(".out.*")) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    assert list(_probe_runs(tmp_path)["status"]) == ["KILLED"]
+
+
 def test_a_closed_terminal_ends_a_stage_cleanly(tmp_path):
     """SIGHUP (the terminal or SSH session closed) ended a stage at once, its temp folder left and its run RUNNING."""
     proc, err = _stop_probe_stage(tmp_path, signal.SIGHUP)
@@ -179,28 +212,32 @@ def test_a_stage_killed_outright_is_cleaned_up_by_the_next_one(tmp_path):
     assert runs["tags.ard.pid"].iloc[0] == str(proc.pid)
 
 
-def _worker_sigterm(*_) -> tuple[int, object]:
-    return os.getpid(), signal.getsignal(signal.SIGTERM)
+def _worker_signals(*_) -> tuple[int, object, object]:
+    return os.getpid(), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 
 
-def test_data_workers_restore_the_default_sigterm_under_a_stage():
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_data_workers_restore_the_default_sigterm_and_sigint_under_a_stage(sigint):
     """A stage's SIGTERM handler raises SystemExit; a forked worker that inherited it could outlive
-    its pool's terminate (a stage hung after its last image): the workers reset it."""
+    its pool's terminate (a stage hung after its last image): the workers reset it. Its SIGINT handler raised in
+    every worker too, each printing a traceback on Ctrl-C: they end on it without one, unless it is ignored."""
     from ardetect.data.quality import INLINE_BELOW, _map_files
     from ardetect.data.world import _run
-    from ardetect.stages.common import _terminated
+    from ardetect.stages.common import _interrupted, _terminated
 
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, _terminated), signal.signal(signal.SIGINT, _interrupted if sigint == "handled" else signal.SIG_IGN)
     try:
-        by_world = _run(_worker_sigterm, list(range(8)), 2, "probe")
-        by_quality = _map_files(_worker_sigterm, [(i,) for i in range(INLINE_BELOW)], 2)
+        by_world = _run(_worker_signals, list(range(8)), 2, "probe")
+        by_quality = _map_files(_worker_signals, [(i,) for i in range(INLINE_BELOW)], 2)
         assert signal.getsignal(signal.SIGTERM) is _terminated  # the stage's own process keeps its handler
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     for got in (by_world, by_quality):
-        pids = {pid for pid, _ in got}
+        pids = {pid for pid, _, _ in got}
         assert pids and os.getpid() not in pids  # ran in the workers
-        assert {handler for _, handler in got} == {signal.SIG_DFL}
+        assert {term for _, term, _ in got} == {signal.SIG_DFL}
+        assert {intr for _, _, intr in got} == {signal.SIG_DFL if sigint == "handled" else signal.SIG_IGN}
 
 
 ORPHANS = textwrap.dedent("""

@@ -339,7 +339,11 @@ def repro_stage(
     cmd = [sys.executable, "-c", _CHILD, str(root), stage, result_path] + (["--force"] if force else [])
     relay = OutputRelay(write=write, log=echo)
     try:
-        proc = subprocess.Popen(cmd, cwd=root, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+        # a process group of its own: a stop sent to this process's group (`kill -TERM -PGID`, `timeout make run`, a
+        # terminal's Ctrl-C) reaches the DVC child and its stage once, passed on by `_stop_child`, and not also
+        # directly, where it ended the DVC child at once and left its stage alone; no terminal input is read
+        proc = subprocess.Popen(cmd, cwd=root, env=_stage_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, bufsize=0, process_group=0)
         assert proc.stdout is not None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         fileno = proc.stdout.fileno()
@@ -387,6 +391,10 @@ class PipelineStopped(KeyboardInterrupt):
         self.signum = signum
 
 
+# a SIGTERM or SIGHUP this soon after the last is the same stop come by another route (make passes on the SIGTERM that
+# `kill -TERM -PGID` sent the whole group), not a second one asking to stop waiting for the stage's clean-up
+SAME_STOP_S = 2.0
+
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP (its terminal closed)"}
 
 
@@ -397,7 +405,12 @@ def stop_signals_interrupt():
     this, either ends the process at once and the DVC child and its stage go on alone. A signal ignored from the
     start (``nohup``) stays ignored. Main thread only."""
 
+    first: list[float] = []
+
     def stop(signum, frame):
+        if first and time.monotonic() - first[0] < SAME_STOP_S:
+            return  # the same stop come by another route: make passes on the SIGTERM `kill -TERM -PGID` sent us too
+        first[:] = [time.monotonic()]
         raise PipelineStopped(signum)
 
     previous = {}
@@ -413,6 +426,8 @@ def stop_signals_interrupt():
 
 # seconds the DVC child and its stage get to end after a stop signal (a stage bounds its own clean-up at 60)
 STOP_GRACE_S = 120.0
+# seconds what is still running after the grace gets to end on SIGTERM before it is killed
+KILL_AFTER_S = 10.0
 
 
 def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder, grace_s: float | None = None) -> None:
@@ -438,15 +453,7 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
     signalled = time.monotonic()
     deadline = signalled + grace_s
     with contextlib.suppress(KeyboardInterrupt, OSError):  # a second Ctrl-C ends the waiting, not the clean-up
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fileno], [], [], max(0.0, min(1.0, deadline - time.monotonic())))
-            if ready:
-                chunk = os.read(fileno, 65536)
-                if not chunk:
-                    break
-                relay.feed(decoder.decode(chunk))
-            elif proc.poll() is not None:
-                break
+        _relay_until_ended(proc, below, fileno, relay, decoder, deadline)
     lingering = [p for p in below if _running(p)]
     if lingering or proc.poll() is None:  # said: a stage ended by SIGTERM may not say it was interrupted
         relay.feed(f"\nstill running {time.monotonic() - signalled:.0f} s after the signal: "
@@ -456,6 +463,14 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
             p.terminate()
     if proc.poll() is None:
         proc.terminate()
+    with contextlib.suppress(KeyboardInterrupt):  # what ignores SIGTERM too (a stopped stage does) is killed
+        _, alive = psutil.wait_procs(lingering, timeout=KILL_AFTER_S)
+        if alive:
+            relay.feed(f"still running {KILL_AFTER_S:.0f} s after SIGTERM: {', '.join(f'PID {p.pid}' for p in alive)}; "
+                       "killing it (its next run removes the temp files it left and ends its MLflow run as KILLED)\n")
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
     with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
         proc.wait(timeout=30)
     # what the child printed as it ended (the stage's "interrupted" line) may reach the pipe after the last wait
@@ -467,6 +482,23 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
             relay.feed(decoder.decode(chunk))
     relay.feed(decoder.decode(b"", final=True))
     relay.close()
+
+
+def _relay_until_ended(proc: subprocess.Popen, below: list, fileno: int, relay: OutputRelay, decoder, deadline: float) -> None:
+    """Relay the child's output until it and every process that was below it have ended, or until ``deadline``
+    (the DVC child can end before its stage: it dies at once on a SIGTERM a service manager sends every process of
+    its control group)."""
+    closed = False  # the output's end comes as a process closes it, a moment before it has ended
+    while time.monotonic() < deadline:
+        if closed:
+            time.sleep(0.05)
+        elif select.select([fileno], [], [], max(0.0, min(1.0, deadline - time.monotonic())))[0]:
+            chunk = os.read(fileno, 65536)
+            relay.feed(decoder.decode(chunk))
+            closed = not chunk
+            continue
+        if proc.poll() is not None and not any(_running(p) for p in below):
+            return
 
 
 def _running(p) -> bool:

@@ -146,16 +146,21 @@ def fork_context():
 
 
 def reset_signals() -> None:
-    """A pool worker's initializer: SIGTERM back to the system's default, so that it ends the worker.
+    """A pool worker's initializer: SIGTERM back to the system's default, so that it ends the worker, and SIGINT
+    too unless it is ignored (a background job's).
 
     A stage turns SIGTERM into ``SystemExit`` so that its ``finally`` blocks run; a forked worker
     inherits that handler, and a worker blocked on the pool's task-queue lock when the pool
-    terminated it stayed alive, and the stage with it, after its last image.
+    terminated it stayed alive, and the stage with it, after its last image. On Ctrl-C, passed on to every
+    process below ``ard pipeline run``, each worker printed the traceback of its ``KeyboardInterrupt`` above the
+    stage's own line; it now ends without a word, and the stage says it was interrupted.
 
     On Linux the worker also asks for SIGTERM when its parent dies, so that a stage killed
     outright (SIGKILL, the out-of-memory killer), whose pool never gets to end its workers,
     leaves none running behind it; one whose parent is already gone ends at once."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         die_with_parent()
 

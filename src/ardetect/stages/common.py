@@ -129,16 +129,24 @@ def _stopping(signum: int) -> None:
         _watchdog.stopping(signum)
 
 
-def _terminated(signum, frame) -> None:
+def _stopped_once(signum: int) -> None:
+    """The first stop signal: every later one (SIGINT, SIGTERM or SIGHUP) is ignored, so that none can cut short the
+    clean-up the first one started. A stop reaches a stage by several routes at once: Ctrl-C by the terminal and by
+    ``ard pipeline run`` passing it on; ``kill -TERM -PGID`` (``timeout make run``, a service manager) as SIGTERM to
+    the whole process group, then as the SIGINT the pipeline passes on. The watchdog bounds the clean-up."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     _stopping(signum)
+
+
+def _terminated(signum, frame) -> None:
+    _stopped_once(signum)
     raise SystemExit(128 + signum)
 
 
 def _interrupted(signum, frame) -> None:
-    """Ctrl-C: raise once, then ignore the next SIGINT, so that one sent again (the terminal's, then the one
-    ``ard pipeline run`` passes on) cannot cut short the clean-up the first one started."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _stopping(signum)
+    """Ctrl-C: raise once (a ``KeyboardInterrupt``, which the stage reports as an interruption)."""
+    _stopped_once(signum)
     raise KeyboardInterrupt
 
 
