@@ -60,8 +60,9 @@ flow: install
 TEST_WORKERS ?= auto
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
+# the 15 slowest tests are listed at the end: where the suite's time goes, in every CI log
 test: install
-	python -m pytest -q --timeout=1200 $(PYTEST_PARALLEL)
+	python -m pytest -q --timeout=1200 --durations=15 $(PYTEST_PARALLEL)
 
 test-fast: install
 	python -m pytest -q -m "not slow" $(PYTEST_PARALLEL)

@@ -22,7 +22,7 @@ from ardetect.pipeline import OutputRelay, collate, headline_metrics, repro_stag
 from ardetect.stages import STAGES
 from ardetect.tmpdirs import current_umask
 
-from workspace import BIN, SLEEPY, _git, add_sleepy_stage, dvc, make_workspace, run_env
+from workspace import BIN, SLEEPY, _git, add_sleepy_stage, dvc, make_workspace, probe_stage_script, run_env
 
 # A stage's output as tqdm writes it into a pipe: a kept bar (leave=True) redrawn with
 # \r and ended by \n, a cleared bar (leave=False: \r, spaces, \r) followed on the same
@@ -308,7 +308,7 @@ def test_a_stage_still_running_after_the_grace_is_terminated_saying_so(tmp_path,
         assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0]
         time.sleep(0.1)
     below = psutil.Process(driver.pid).children(recursive=True)
-    stage = [p for p in below if "sleepy.py" in " ".join(p.cmdline())]
+    stage = [p for p in below if "sleepy.py" in " ".join(p.cmdline()) and p.name().startswith("python")]  # not DVC's shell
     signalled = time.monotonic()
     driver.send_signal(signal.SIGINT)
     out, _ = driver.communicate(timeout=90)
@@ -354,21 +354,9 @@ def test_sigterm_or_sighup_to_the_pipeline_ends_it_as_ctrl_c_does(tmp_path, sign
 
 # a stage (through `run_stage`, so with its own MLflow run) whose clean-up takes a few seconds, as a checkpoint's
 # rename or MLflow's last flush can
-SLOW_CLEAN_UP = textwrap.dedent("""
-    import time
-    from pathlib import Path
-    from ardetect.stages.common import run_stage
-
-    def body(cfg):
-        try:
-            Path("started").write_text("1")
-            time.sleep(120)
-        finally:
-            time.sleep(3)
-            Path("cleaned").write_text("1")
-        return {}
-
-    run_stage("slowclean", body, lambda cfg: {})
+SLOW_CLEAN_UP = probe_stage_script("slowclean", """
+    time.sleep(3)
+    Path("cleaned").write_text("1")
 """)
 
 

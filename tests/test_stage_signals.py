@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from workspace import probe_stage_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 BODY = textwrap.dedent("""
@@ -33,52 +35,19 @@ BODY = textwrap.dedent("""
 
 
 # a stage whose clean-up never returns once stopped (as a thread join or a lock left held by the interrupted code)
-HANGING_BODY = textwrap.dedent("""
-    import threading
-    import time
-    from pathlib import Path
-    from ardetect.stages import common
-    from ardetect.stages.common import atomic_dir, run_stage
-
+HANGING_BODY = probe_stage_script("probe", "a_clean_up_that_never_returns()", preamble="""
     common.CLEANUP_GRACE_S = 3.0
 
     def a_clean_up_that_never_returns():
         held = threading.Lock()
         held.acquire()
         held.acquire()
-
-    def body(cfg):
-        try:
-            with atomic_dir(Path("out")) as tmp:
-                (tmp / "half.txt").write_text("half-written")
-                Path("started").write_text("1")
-                time.sleep(120)
-        finally:
-            a_clean_up_that_never_returns()
-        return {}
-
-    run_stage("probe", body, lambda cfg: {})
 """)
 
-
 # a stage whose clean-up takes a few seconds (MLflow's last flush, a checkpoint's rename) and leaves a mark when done
-SLOW_CLEAN_UP_BODY = textwrap.dedent("""
-    import time
-    from pathlib import Path
-    from ardetect.stages.common import atomic_dir, run_stage
-
-    def body(cfg):
-        try:
-            with atomic_dir(Path("out")) as tmp:
-                (tmp / "half.txt").write_text("half-written")
-                Path("started").write_text("1")
-                time.sleep(120)
-        finally:
-            time.sleep(2)
-            Path("cleaned").write_text("1")
-        return {}
-
-    run_stage("probe", body, lambda cfg: {})
+SLOW_CLEAN_UP_BODY = probe_stage_script("probe", """
+    time.sleep(2)
+    Path("cleaned").write_text("1")
 """)
 
 

@@ -91,3 +91,29 @@ def add_sleepy_stage(ws: Path, alone: bool = False) -> None:
     if alone:
         pipeline.pop("plots", None)
     (ws / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+
+
+def probe_stage_script(name: str, clean_up: str, preamble: str = "") -> str:
+    """A stage's script through ``run_stage`` (its own MLflow run, the stop signals handled): it writes a
+    half-written output into a temp folder, then `started`, sleeps, and runs ``clean_up`` (Python lines) in a
+    ``finally`` as it ends; ``preamble`` runs first (module level)."""
+    return textwrap.dedent("""
+        import threading, time
+        from pathlib import Path
+        from ardetect.stages import common
+        from ardetect.stages.common import atomic_dir, run_stage
+    """) + textwrap.dedent(preamble) + textwrap.dedent("""
+
+        def body(cfg):
+            try:
+                with atomic_dir(Path("out")) as tmp:
+                    (tmp / "half.txt").write_text("half-written")
+                    Path("started").write_text("1")
+                    time.sleep(120)
+            finally:
+        """) + textwrap.indent(textwrap.dedent(clean_up).strip(), " " * 8) + textwrap.dedent(f"""
+            return {{}}
+
+        run_stage({name!r}, body, lambda cfg: {{}})
+    """)
+
