@@ -274,6 +274,77 @@ def test_a_stage_whose_pipeline_was_killed_outright_is_stopped(tmp_path, script)
     assert not list(temp.glob(".ard-repro-*")), "the DVC child left the killed pipeline's result file"
 
 
+# a stage that counts, a line to a file every 0.05 s, until it is stopped
+TICKING = textwrap.dedent("""
+    import time
+    with open("ticks", "a") as f:
+        f.write("started\\n")
+        f.flush()
+        open("started", "w").write("1")
+        for i in range(4000):
+            f.write(f"{i}\\n")
+            f.flush()
+            time.sleep(0.05)
+""")
+
+
+def test_ctrl_z_suspends_the_stage_with_the_pipeline_and_fg_resumes_both(tmp_path):
+    """The DVC child and its stage run in a process group of their own, which a terminal's Ctrl-Z (SIGTSTP to the
+    foreground group) does not reach: the pipeline suspends that group with itself, and resumes it on `fg` (SIGCONT).
+    A stop while suspended still ends the stage."""
+    import contextlib
+    import signal
+    import time
+
+    import psutil
+
+    root = _tiny_dvc_repo(tmp_path / "repo")
+    (root / "ticking.py").write_text(TICKING)
+    (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text() + "  sleepy:\n    cmd: python ticking.py\n    deps: [ticking.py]\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), signal.signal(signal.SIGTSTP, signal.SIG_DFL)))
+    deadline = time.monotonic() + 120
+    while not (root / "started").exists():
+        assert driver.poll() is None and time.monotonic() < deadline, "the stage never started"
+        time.sleep(0.1)
+    stage = [p for p in psutil.Process(driver.pid).children(recursive=True) if "ticking.py" in " ".join(p.cmdline())
+             and p.name().startswith("python")][0]
+
+    def ticks() -> int:
+        return len((root / "ticks").read_text().splitlines())
+
+    def status_becomes(proc, wanted: bool, within: float = 10.0) -> bool:
+        end = time.monotonic() + within
+        while time.monotonic() < end:
+            if (proc.status() == psutil.STATUS_STOPPED) == wanted:
+                return True
+            time.sleep(0.05)
+        return False
+
+    try:
+        driver.send_signal(signal.SIGTSTP)  # Ctrl-Z
+        assert status_becomes(psutil.Process(driver.pid), True) and status_becomes(stage, True)
+        held = ticks()
+        time.sleep(1.0)
+        assert ticks() == held  # the stage does not go on counting while suspended
+        driver.send_signal(signal.SIGCONT)  # fg
+        assert status_becomes(psutil.Process(driver.pid), False) and status_becomes(stage, False)
+        time.sleep(1.0)
+        assert ticks() > held + 5
+        driver.send_signal(signal.SIGTSTP)  # suspended again, then stopped
+        assert status_becomes(stage, True)
+        driver.send_signal(signal.SIGINT)
+        driver.send_signal(signal.SIGCONT)
+        driver.wait(timeout=60)
+        assert not psutil.wait_procs([stage], timeout=30)[1], "the suspended stage was not ended"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        with contextlib.suppress(psutil.Error):
+            stage.kill()
+
+
 # a stage that does not end on SIGINT (it ignores it, as one whose clean-up hangs would not end either), nor on
 # SIGTERM where told (as a stage already stopping ignores it)
 STUBBORN = textwrap.dedent("""

@@ -348,11 +348,12 @@ def repro_stage(
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         fileno = proc.stdout.fileno()
         try:
-            while True:
-                chunk = os.read(fileno, 65536)
-                if not chunk:
-                    break
-                relay.feed(decoder.decode(chunk))
+            with _suspended_together(proc.pid):
+                while True:
+                    chunk = os.read(fileno, 65536)
+                    if not chunk:
+                        break
+                    relay.feed(decoder.decode(chunk))
         except BaseException:  # Ctrl-C, SIGTERM as an orchestrator raises it (Prefect's TerminationSignal), an error
             _stop_child(proc, fileno, relay, decoder)  # in the relay: the stage is stopped, not left running alone
             raise
@@ -381,6 +382,35 @@ def repro_stage(
         lock_error=bool(record.get("lock_error", False)),
         command_exit=record.get("command_exit"),
     )
+
+
+@contextlib.contextmanager
+def _suspended_together(group: int):
+    """In the block, Ctrl-Z (SIGTSTP) suspends the DVC child's process group ``group`` with this process, and ``fg``
+    or ``bg`` (SIGCONT) resumes it: the terminal's job control reaches only this process's own group, and the child
+    has one of its own (:func:`repro_stage`). Main thread only; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTSTP) is signal.SIG_IGN:
+        yield
+        return
+
+    def suspend(signum, frame):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stops here until SIGCONT (the kernel drops it in an orphaned group)
+        signal.signal(signal.SIGTSTP, suspend)
+        resume(signal.SIGCONT, None)
+
+    def resume(signum, frame):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGCONT)
+
+    previous = signal.signal(signal.SIGTSTP, suspend), signal.signal(signal.SIGCONT, resume)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTSTP, previous[0])
+        signal.signal(signal.SIGCONT, previous[1])
 
 
 class PipelineStopped(KeyboardInterrupt):
@@ -450,6 +480,7 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
     for p in [child, *below] if child is not None else below:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGINT)
+            p.resume()  # SIGCONT: one suspended with this process (Ctrl-Z) ends too
     signalled = time.monotonic()
     deadline = signalled + grace_s
     with contextlib.suppress(KeyboardInterrupt, OSError):  # a second Ctrl-C ends the waiting, not the clean-up
