@@ -302,8 +302,14 @@ def test_ctrl_z_suspends_the_stage_with_the_pipeline_and_fg_resumes_both(tmp_pat
     (root / "ticking.py").write_text(TICKING)
     (root / "dvc.yaml").write_text((root / "dvc.yaml").read_text() + "  sleepy:\n    cmd: python ticking.py\n    deps: [ticking.py]\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+
+    def as_a_shells_job():  # a process group of its own under its parent's: the kernel drops SIGTSTP to an orphaned
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # group, which the suite's may be (CI started in the background)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.setpgrp()
+
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), signal.signal(signal.SIGTSTP, signal.SIG_DFL)))
+                              preexec_fn=as_a_shells_job)
     deadline = time.monotonic() + 120
     while not (root / "started").exists():
         assert driver.poll() is None and time.monotonic() < deadline, "the stage never started"
