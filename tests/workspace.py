@@ -116,4 +116,3 @@ def probe_stage_script(name: str, clean_up: str, preamble: str = "") -> str:
 
         run_stage({name!r}, body, lambda cfg: {{}})
     """)
-

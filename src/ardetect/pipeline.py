@@ -435,12 +435,12 @@ def stop_signals_interrupt():
     this, either ends the process at once and the DVC child and its stage go on alone. A signal ignored from the
     start (``nohup``) stays ignored. Main thread only."""
 
-    first: list[float] = []
+    raised_at: list[float] = []  # when the last stop was raised
 
     def stop(signum, frame):
-        if first and time.monotonic() - first[0] < SAME_STOP_S:
+        if raised_at and time.monotonic() - raised_at[0] < SAME_STOP_S:
             return  # the same stop come by another route: make passes on the SIGTERM `kill -TERM -PGID` sent us too
-        first[:] = [time.monotonic()]
+        raised_at[:] = [time.monotonic()]
         raise PipelineStopped(signum)
 
     previous = {}
@@ -465,9 +465,10 @@ def _stop_child(proc: subprocess.Popen, fileno: int, relay: OutputRelay, decoder
     end as they end on SIGINT (temp folders removed, the stage's run closed as KILLED, DVC's lock released) and relay
     what they still print, before the pipeline says it stopped.
 
-    A terminal sends SIGINT to them too; DVC ignores it while its stage runs, and the stage takes only the first
-    (``stages.common``). So the signal is passed on to every process below the DVC child, which reaches the stage
-    when this process alone was interrupted (``kill -INT``). What has not ended after ``grace_s`` is terminated.
+    They run in a process group of their own (:func:`repro_stage`), so a terminal's Ctrl-C and a stop sent to this
+    process's group do not reach them: the signal is passed on here to the DVC child and every process below it. DVC
+    ignores it while its stage runs, and the stage takes only the first stop signal (``stages.common``). What has not
+    ended after ``grace_s`` is terminated, and what ignores that too is killed ``KILL_AFTER_S`` later.
     """
     import psutil
 
