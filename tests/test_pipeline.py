@@ -833,6 +833,53 @@ def test_params_edited_during_a_run_stop_it_before_the_next_stage(tmp_path, comm
 
 
 @pytest.mark.slow
+def test_code_and_params_edited_while_a_stage_runs_leave_it_stale_in_dvc_lock(tmp_path):
+    """DVC hashes a stage's dependencies after its command ends: code or params edited while the stage ran (for the
+    next run, say) were written to dvc.lock and the run cache as what its outputs came from, and the next run called
+    the stale outputs up to date. Now the lock keeps the inputs the stage started with, so the next run re-runs it; the
+    pipeline stops after it, naming what changed, and the parent run ends FAILED."""
+    import time
+
+    ws = make_workspace(tmp_path / "repo")
+    (ws / "lib.py").write_text("VERSION = 1\n")
+    (ws / "waiter.py").write_text("import os, time\nfrom lib import VERSION\nopen('started', 'w').write('1')\n"
+                                  "while not os.path.exists('go'):\n    time.sleep(0.1)\n"
+                                  "open('made.txt', 'w').write(str(VERSION))\n")
+    spec = {"stages": {"waiter": {"cmd": "python waiter.py", "deps": ["waiter.py", "lib.py"], "params": ["world"],
+                                  "outs": ["made.txt"]},
+                       "after": {"cmd": "python -c \"open('after.txt', 'w').write('ran')\"", "deps": ["made.txt"],
+                                 "outs": ["after.txt"]}}}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    proc = subprocess.Popen([str(BIN / "ard"), "pipeline", "run"], cwd=ws, env=run_env(ws), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (ws / "started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    (ws / "lib.py").write_text("VERSION = 2\n")
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    seed = params["world"]["seed"]
+    params["world"]["seed"] = seed + 10
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (ws / "go").write_text("")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    assert "| waiter | ran; its inputs changed meanwhile | waiter |" in out, out
+    assert "inputs changed while the stage ran ('waiter': lib.py, params.yaml (world.seed))" in err, err
+    assert (ws / "made.txt").read_text() == "1" and not (ws / "after.txt").exists()
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["waiter"]
+    assert lock["params"]["params.yaml"]["world"]["seed"] == seed, lock  # what it ran with, not what params.yaml says now
+    status = dvc(ws, "status", "waiter").stdout
+    assert "modified:" in status and "lib.py" in status and "world" in status, status
+    runs = tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}")
+    assert list(runs[runs["tags.ard.kind"] == "pipeline"]["status"]) == ["FAILED"], runs
+    again = ard(ws, "pipeline", "run")  # the edited inputs now: the stage runs again (not restored from the run cache)
+    assert "Running stage 'waiter'" in again.stdout and "Running stage 'after'" in again.stdout, again.stdout
+    assert (ws / "made.txt").read_text() == "2" and (ws / "after.txt").exists()
+    assert "up to date" in dvc(ws, "status").stdout
+
+
+@pytest.mark.slow
 def test_a_second_pipeline_in_the_repository_is_refused_before_any_run(piped, tmp_path):
     """A second `ard pipeline run` beside a running one opened its own MLflow run and failed at its first stage to run
     on DVC's "'data/exemplars' is busy, it is being blocked by: (PID ...)" and "you can manually remove

@@ -56,6 +56,7 @@ class StageOutcome:
     error_type: str | None = None
     lock_error: bool = False
     command_exit: int | None = None  # the stage command's exit status, as DVC saw it (negative: ended by that signal)
+    changed_during: dict[str, list[str]] = field(default_factory=dict)  # stage -> its inputs that changed while it ran
 
     @property
     def ok(self) -> bool:
@@ -100,7 +101,7 @@ class StageOutcome:
         return {
             "stage": self.stage, "returncode": self.returncode, "ran": self.ran, "up_to_date": self.up_to_date,
             "failed": self.failed, "error": self.error, "error_type": self.error_type, "lock_error": self.lock_error,
-            "command_exit": self.command_exit,
+            "command_exit": self.command_exit, "changed_during": self.changed_during,
         }
 
 
@@ -370,6 +371,10 @@ def repro_stage(
     if not record:
         record = {"error": f"the DVC child process left no result (exit {rc})", "error_type": "NoResult"}
         rc = rc or 1
+    changed = dict(record.get("changed_during") or {})
+    if changed and rc == 0:  # the stage ran and its outputs are kept, but the pipeline goes no further on them
+        rc = 1
+        record["error"], record["error_type"] = inputs_changed_message(changed), INPUTS_CHANGED
     return StageOutcome(
         stage,
         rc,
@@ -381,6 +386,7 @@ def repro_stage(
         error_type=record.get("error_type"),
         lock_error=bool(record.get("lock_error", False)),
         command_exit=record.get("command_exit"),
+        changed_during=changed,
     )
 
 
@@ -660,9 +666,10 @@ def _reproduce_in_child(argv: list[str]) -> int:
 
     ui.enable()
     record: dict[str, Any] = {"stage": stage, "ran": [], "up_to_date": [], "failed": [], "error": None,
-                              "error_type": None, "lock_error": False}
+                              "error_type": None, "lock_error": False, "changed_during": {}}
 
     def recording_repro_fn(st, **kwargs):
+        _watch_inputs(st, record["changed_during"])
         try:
             ret = dvc_reproduce_stage(st, **kwargs)
         except BaseException:
@@ -704,6 +711,62 @@ def _reproduce_in_child(argv: list[str]) -> int:
     return rc
 
 
+def _input_state(dep) -> tuple[Any, Any] | None:
+    """A stage input's DVC hash (and size), as DVC computes it; None where it cannot be read now."""
+    from dvc.dependency.param import ParamsDependency
+
+    try:
+        if isinstance(dep, ParamsDependency):
+            return dep.meta, dep.get_hash()
+        return dep.get_meta(), dep.get_hash()
+    except Exception:  # noqa: BLE001 - missing or unreadable: DVC itself reports it when the stage runs
+        return None
+
+
+def _changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """The dotted params keys whose values differ between two params hashes (DVC keeps them as nested dicts)."""
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return [prefix.rstrip(".")] if prefix and before != after else []
+    return [key for k in sorted(set(before) | set(after), key=str)
+            for key in _changed_keys(before.get(k), after.get(k), f"{prefix}{k}.")]
+
+
+def _watch_inputs(st, changed: dict[str, list[str]]) -> None:
+    """Have stage ``st`` record in ``dvc.lock`` the inputs it started with, where one changed while it ran.
+
+    DVC hashes a stage's dependencies and params after its command ends and writes those hashes to ``dvc.lock`` (and
+    to its run cache) as what the outputs were made from. A file edited while the stage ran (the code, for the next
+    run) was therefore recorded as used, and the next ``dvc repro`` called the stale outputs up to date. Here each
+    input is hashed as the command starts; an input whose hash differs when DVC saves the stage keeps its starting
+    hash in the lock, so the next run sees the change and re-runs the stage, and the run cache gets no entry for the
+    mix. What changed is listed under the stage's address in ``changed``.
+    """
+    run, save = st.run, st.save
+    started: dict[int, tuple[Any, Any] | None] = {}
+
+    def watched_run(*args: Any, **kwargs: Any):
+        started.update({id(dep): _input_state(dep) for dep in st.deps})
+        return run(*args, **kwargs)
+
+    def watched_save(allow_missing: bool = False, run_cache: bool = True):
+        save(allow_missing=allow_missing, run_cache=False)
+        moved = []
+        for dep in st.deps:
+            state = started.get(id(dep))
+            if state is None or state[1].value == dep.hash_info.value:
+                continue
+            keys = _changed_keys(state[1].value, dep.hash_info.value)
+            moved.append(f"{dep} ({', '.join(keys)})" if keys else str(dep))
+            dep.meta, dep.hash_info = state
+        if moved:
+            changed[st.addressing] = moved
+            st.md5 = st.compute_md5()
+        elif run_cache:
+            st.repo.stage_cache.save(st)
+
+    st.run, st.save = watched_run, watched_save
+
+
 def collate(outcomes: Iterable[StageOutcome], order: list[str] | None = None) -> dict[str, list[str]]:
     """Across the steps of one pipeline execution: the stages that ran, were up to date, failed.
 
@@ -721,6 +784,15 @@ def collate(outcomes: Iterable[StageOutcome], order: list[str] | None = None) ->
 
 
 SETTINGS_CHANGED = "SettingsChanged"
+INPUTS_CHANGED = "InputsChangedDuringRun"
+
+
+def inputs_changed_message(changed: dict[str, list[str]]) -> str:
+    """What to tell of stages whose inputs (code, params) changed while they ran (``_watch_inputs``)."""
+    said = "; ".join(f"{stage!r}: {', '.join(inputs)}" for stage, inputs in changed.items())
+    return (f"inputs changed while the stage ran ({said}). Its outputs are kept, and dvc.lock records those inputs as they "
+            "were when it started, so the next run re-runs it with them as they are now (`dvc status` lists it). The "
+            "pipeline stops here rather than run the next stages on outputs made from the inputs before the change")
 
 
 def settings_drift(params: Path, started: dict) -> str | None:
@@ -759,7 +831,8 @@ def summarize(outcomes: list[StageOutcome]) -> str:
     """A markdown table of what each step did."""
     rows = ["| stage | result | stages run | up to date |", "|---|---|---|---|"]
     for o in outcomes:
-        result = "ok" if o.ok else "not run: settings changed" if o.error_type == SETTINGS_CHANGED else f"FAILED (exit {o.returncode})"
+        result = ("ok" if o.ok else "not run: settings changed" if o.error_type == SETTINGS_CHANGED
+                  else "ran; its inputs changed meanwhile" if o.error_type == INPUTS_CHANGED else f"FAILED (exit {o.returncode})")
         rows.append(f"| {o.stage} | {result} | {', '.join(o.ran) or '-'} | {', '.join(o.up_to_date) or '-'} |")
     return "\n".join(rows)
 

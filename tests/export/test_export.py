@@ -266,6 +266,29 @@ def test_export_writes_only_an_export_folder_and_leaves_no_stale_parity(trained,
     assert not (again / "parity.json").exists() and (again / "manifest.json").is_file()
 
 
+def test_a_second_export_to_the_same_folder_is_refused_while_the_first_writes(trained, exported, tmp_path):
+    """Two exports to one --out at once each installed their files over the other's, a graph of one beside the manifest
+    of the other. Now the second is refused before any work, naming the first; the folder is left as it was."""
+    import os
+
+    from ardetect.export.build import hold_export_lock
+
+    _, _, _, _, p2 = trained
+    out = tmp_path / "models" / "export"
+    shutil.copytree(exported[0], out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    first = hold_export_lock(out)
+    try:
+        with pytest.raises(ExportError, match=rf"--out .*export: another export is writing it \(ard export --out .*export, PID {os.getpid()}, "):
+            build_export(p2, tmp_path / "models" / "." / "export", OPTS)  # the same folder, spelt otherwise
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+        build_export(p2, tmp_path / "other", OPTS)  # another folder is not held
+    finally:
+        first.close()
+    build_export(p2, out, OPTS)
+    assert (out / "manifest.json").stat().st_mtime_ns > before["manifest.json"]
+
+
 def test_export_refuses_a_file_that_is_no_phase_2_checkpoint(trained, tmp_path):
     """A phase-1 checkpoint given as --phase2 was exported as if it were ARD (ARD- under ARD's name), and a file that is
     no checkpoint at all ended `ard export` in an UnpicklingError's traceback: each is refused, naming the option."""

@@ -145,10 +145,40 @@ def build_export(
     "graphs", each parity side, "registration")}. Raises ``ExportError``
     when parity fails, before anything in ``out`` is touched.
     """
-    from ardetect.export.parity import run_parity
-
     out = Path(out)
     check_out(out)
+    lock = hold_export_lock(out)
+    try:
+        return _build_export(phase2, out, opts, phase1, tuples, negatives, data_root, metrics, register, uri, model_name,
+                             progress, reference)
+    finally:
+        lock.close()
+
+
+def hold_export_lock(out: Path):
+    """Hold the lock of exports to ``out`` (an OS lock on a file in the temp folder, named by ``out``'s absolute path:
+    nothing is left in the user's folders). ``ExportError`` naming the export that holds it: two exports to one folder
+    at once would each install their files over the other's, and the folder could end with a mix of both."""
+    import hashlib
+    import tempfile
+
+    from ardetect.tmpdirs import LockHeld, hold_lock
+
+    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    try:
+        return hold_lock(Path(tempfile.gettempdir()) / f"ardetect-export-{key}.lock", f"ard export --out {out}")
+    except LockHeld as held:
+        raise ExportError(f"--out {out}: another export is writing it ({held.who()}): wait for it to end{held.kill_hint()}; "
+                          "two at once would mix their files") from None
+
+
+def _build_export(
+    phase2: Path, out: Path, opts: ExportOptions, phase1: Path | None, tuples: pd.DataFrame | None,
+    negatives: pd.DataFrame | None, data_root: Path | None, metrics: dict | None, register: bool, uri: str | None,
+    model_name: str, progress: bool, reference: pd.DataFrame | None,
+) -> dict:
+    from ardetect.export.parity import run_parity
+
     model = load_pair(phase2, phase1)
     sources = {"phase2": Path(phase2), **({"phase1": Path(phase1)} if phase1 is not None else {})}
     out.parent.mkdir(parents=True, exist_ok=True)
