@@ -794,32 +794,42 @@ def test_settings_drift_names_what_changed(tmp_path):
     assert settings_drift(params, started).startswith(f"{params} no longer loads ({params}: not valid YAML")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", [["ard", "pipeline", "run"], ["python", "flows/pipeline.py"]], ids=["cli", "flow"])
-def test_params_edited_during_a_run_stop_it_before_the_next_stage(tmp_path, command):
-    """DVC reads params.yaml afresh for each stage: edited while a pipeline ran (for the next run, say), the stages
-    after the edit ran with the new settings and the parent run recorded the old ones beside their metrics. Now the
-    pipeline stops before the next stage, saying what changed; the parent run ends FAILED."""
+def _started_waiting(ws, command: list[str]) -> subprocess.Popen:
+    """``command`` (a pipeline) started in ``ws``, once its stage has written ``started``."""
     import time
 
-    import yaml
-
-    ws = make_workspace(tmp_path / "repo")
-    (ws / "waiter.py").write_text("import os, time\nopen('started', 'w').write('1')\n"
-                                  "while not os.path.exists('go'):\n    time.sleep(0.1)\n")
-    spec = {"stages": {"waiter": {"cmd": "python waiter.py", "deps": ["waiter.py"]},
-                       "after": {"cmd": "python -c \"open('after.txt', 'w').write('ran')\"", "deps": ["waiter.py"], "outs": ["after.txt"]}}}
-    (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     proc = subprocess.Popen([str(BIN / command[0]), *command[1:]], cwd=ws, env=run_env(ws), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (ws / "started").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
+    return proc
+
+
+def _move_world_seed(ws, by: int) -> int:
+    """Add ``by`` to ``world.seed`` in the workspace's params.yaml; returns the seed before."""
     params = yaml.safe_load((ws / "params.yaml").read_text())
     seed = params["world"]["seed"]
-    params["world"]["seed"] = seed + 10
+    params["world"]["seed"] = seed + by
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return seed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["ard", "pipeline", "run"], ["python", "flows/pipeline.py"]], ids=["cli", "flow"])
+def test_params_edited_during_a_run_stop_it_before_the_next_stage(tmp_path, command):
+    """DVC reads params.yaml afresh for each stage: edited while a pipeline ran (for the next run, say), the stages
+    after the edit ran with the new settings and the parent run recorded the old ones beside their metrics. Now the
+    pipeline stops before the next stage, saying what changed; the parent run ends FAILED."""
+    ws = make_workspace(tmp_path / "repo")
+    (ws / "waiter.py").write_text("import os, time\nopen('started', 'w').write('1')\n"
+                                  "while not os.path.exists('go'):\n    time.sleep(0.1)\n")
+    spec = {"stages": {"waiter": {"cmd": "python waiter.py", "deps": ["waiter.py"]},
+                       "after": {"cmd": "python -c \"open('after.txt', 'w').write('ran')\"", "deps": ["waiter.py"], "outs": ["after.txt"]}}}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    proc = _started_waiting(ws, command)
+    seed = _move_world_seed(ws, 10)
     (ws / "go").write_text("")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
@@ -838,8 +848,6 @@ def test_code_and_params_edited_while_a_stage_runs_leave_it_stale_in_dvc_lock(tm
     next run, say) were written to dvc.lock and the run cache as what its outputs came from, and the next run called
     the stale outputs up to date. Now the lock keeps the inputs the stage started with, so the next run re-runs it; the
     pipeline stops after it, naming what changed, and the parent run ends FAILED."""
-    import time
-
     ws = make_workspace(tmp_path / "repo")
     (ws / "lib.py").write_text("VERSION = 1\n")
     (ws / "waiter.py").write_text("import os, time\nfrom lib import VERSION\nopen('started', 'w').write('1')\n"
@@ -850,17 +858,9 @@ def test_code_and_params_edited_while_a_stage_runs_leave_it_stale_in_dvc_lock(tm
                        "after": {"cmd": "python -c \"open('after.txt', 'w').write('ran')\"", "deps": ["made.txt"],
                                  "outs": ["after.txt"]}}}
     (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    proc = subprocess.Popen([str(BIN / "ard"), "pipeline", "run"], cwd=ws, env=run_env(ws), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (ws / "started").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
+    proc = _started_waiting(ws, ["ard", "pipeline", "run"])
     (ws / "lib.py").write_text("VERSION = 2\n")
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    seed = params["world"]["seed"]
-    params["world"]["seed"] = seed + 10
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    seed = _move_world_seed(ws, 10)
     (ws / "go").write_text("")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
