@@ -718,7 +718,8 @@ def _input_state(dep) -> tuple[Any, Any] | None:
     try:
         if isinstance(dep, ParamsDependency):
             return dep.meta, dep.get_hash()
-        return dep.get_meta(), dep.get_hash()
+        both = getattr(dep, "_get_hash_meta", None)  # one walk of a folder for both (DVC 3's get_meta and get_hash each walk it)
+        return tuple(both()) if both is not None else (dep.get_meta(), dep.get_hash())
     except Exception:  # noqa: BLE001 - missing or unreadable: DVC itself reports it when the stage runs
         return None
 
