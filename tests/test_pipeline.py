@@ -396,11 +396,16 @@ def test_a_stage_still_running_after_the_grace_is_terminated_saying_so(tmp_path,
     assert not alive, alive
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
-def test_sigterm_or_sighup_to_the_pipeline_ends_it_as_ctrl_c_does(tmp_path, signame):
+@pytest.mark.parametrize("signame, sigint", [("SIGTERM", "default"), ("SIGHUP", "default"), ("SIGTERM", "ignored")])
+def test_sigterm_or_sighup_to_the_pipeline_ends_it_as_ctrl_c_does(tmp_path, signame, sigint):
     """`kill`, `docker stop` or a scheduler (SIGTERM), or the terminal closing (SIGHUP), used to end `ard pipeline run`
     at once, its run left RUNNING and the DVC child and its stage going on alone. Now the stage is told, ends
-    cleanly, and the pipeline exits 128 + the signal with its run KILLED."""
+    cleanly, and the pipeline exits 128 + the signal with its run KILLED.
+
+    ``ignored``: started by a shell without job control (a script's `make run &`), which starts background commands
+    with SIGINT ignored, and ignored signals stay so across exec: the SIGINT the pipeline passes on was ignored by the
+    stage, which ran on until the 120-s grace ended. Now the DVC child, which only the pipeline sends SIGINT, restores
+    SIGINT for what it starts."""
     import signal
     import time
 
@@ -411,7 +416,7 @@ def test_sigterm_or_sighup_to_the_pipeline_ends_it_as_ctrl_c_does(tmp_path, sign
     add_sleepy_stage(ws)
 
     def dispositions():  # as a terminal's session has them (a suite run as a background job has SIGINT ignored)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
     proc = subprocess.Popen([str(BIN / "ard"), "pipeline", "run", "--stage", "sleepy"], cwd=ws, env=run_env(ws),
@@ -421,8 +426,10 @@ def test_sigterm_or_sighup_to_the_pipeline_ends_it_as_ctrl_c_does(tmp_path, sign
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.1)
     proc.send_signal(signum)
+    sent = time.monotonic()
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 128 + signum, out
+    assert time.monotonic() - sent < 60 and "still running" not in out, out  # not the 120-s grace
     assert (ws / "interrupted").exists() and f"interrupted ({signame}" in out and "at `dvc repro sleepy`" in out, out
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ardetect"])

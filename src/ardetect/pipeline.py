@@ -635,6 +635,10 @@ def _own_output() -> Callable[[], None]:
 
 def _reproduce_child(argv: list[str]) -> int:
     """In the child process: ``Repo(root).reproduce(stage)``, recording what DVC did with each stage."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started with SIGINT ignored (a shell without job control starts background commands so, and exec keeps it):
+        # the pipeline's stop, passed on as SIGINT (this process group gets it from no one else), would reach no one
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     finish_output = _own_output()
     try:
         return _reproduce_in_child(argv)
