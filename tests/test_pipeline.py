@@ -856,34 +856,72 @@ def test_code_and_params_edited_while_a_stage_runs_leave_it_stale_in_dvc_lock(tm
     the stale outputs up to date. Now the lock keeps the inputs the stage started with, so the next run re-runs it; the
     pipeline stops after it, naming what changed, and the parent run ends FAILED."""
     ws = make_workspace(tmp_path / "repo")
-    (ws / "lib.py").write_text("VERSION = 1\n")
-    (ws / "waiter.py").write_text("import os, time\nfrom lib import VERSION\nopen('started', 'w').write('1')\n"
-                                  "while not os.path.exists('go'):\n    time.sleep(0.1)\n"
+    (ws / "pkg").mkdir()
+    (ws / "pkg" / "lib.py").write_text("VERSION = 1\n")
+    (ws / "pkg" / "other.py").write_text("")
+    (ws / "waiter.py").write_text("import os, sys, time\nsys.path.insert(0, 'pkg')\nfrom lib import VERSION\n"
+                                  "open('started', 'w').write('1')\nwhile not os.path.exists('go'):\n    time.sleep(0.1)\n"
                                   "open('made.txt', 'w').write(str(VERSION))\n")
-    spec = {"stages": {"waiter": {"cmd": "python waiter.py", "deps": ["waiter.py", "lib.py"], "params": ["world"],
+    spec = {"stages": {"waiter": {"cmd": "python waiter.py", "deps": ["waiter.py", "pkg"], "params": ["world"],
                                   "outs": ["made.txt"]},
                        "after": {"cmd": "python -c \"open('after.txt', 'w').write('ran')\"", "deps": ["made.txt"],
                                  "outs": ["after.txt"]}}}
     (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     proc = _started_waiting(ws, ["ard", "pipeline", "run"])
-    (ws / "lib.py").write_text("VERSION = 2\n")
+    (ws / "pkg" / "lib.py").write_text("VERSION = 2\n")
     seed = _move_world_seed(ws, 10)
     (ws / "go").write_text("")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
     assert "| waiter | ran; its inputs changed meanwhile | waiter |" in out, out
-    assert "inputs changed while the stage ran ('waiter': lib.py, params.yaml (world.seed))" in err, err
+    assert "inputs changed while the stage ran ('waiter': pkg (lib.py), params.yaml (world.seed))" in err, err
     assert (ws / "made.txt").read_text() == "1" and not (ws / "after.txt").exists()
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["waiter"]
     assert lock["params"]["params.yaml"]["world"]["seed"] == seed, lock  # what it ran with, not what params.yaml says now
     status = dvc(ws, "status", "waiter").stdout
-    assert "modified:" in status and "lib.py" in status and "world" in status, status
+    assert "modified:" in status and "pkg" in status and "world" in status, status
     runs = tracking.find_runs("ardetect", f"sqlite:///{ws / 'mlflow.db'}")
     assert list(runs[runs["tags.ard.kind"] == "pipeline"]["status"]) == ["FAILED"], runs
     again = ard(ws, "pipeline", "run")  # the edited inputs now: the stage runs again (not restored from the run cache)
     assert "Running stage 'waiter'" in again.stdout and "Running stage 'after'" in again.stdout, again.stdout
     assert (ws / "made.txt").read_text() == "2" and (ws / "after.txt").exists()
     assert "up to date" in dvc(ws, "status").stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["dvc", "repro"], ["dvc", "exp", "run"]], ids=["repro", "exp-run"])
+def test_a_stage_under_a_dvc_repro_of_ones_own_fails_when_its_inputs_change_while_it_runs(tmp_path, command):
+    """Outside the pipeline (a `dvc repro` or `dvc exp run` typed by hand, as the README's seeds loop is) no wrapper
+    keeps dvc.lock right, so the stage itself hashes its inputs as it starts and fails when they moved: DVC then records
+    nothing for it (no lock entry, no run-cache entry) and the next `dvc repro` re-runs it with the inputs as they are."""
+    ws = make_workspace(tmp_path / "repo")
+    (ws / "pkg").mkdir()
+    (ws / "pkg" / "lib.py").write_text("VERSION = 1\n")
+    (ws / "pkg" / "other.py").write_text("")
+    (ws / "stage.py").write_text(
+        "import os, sys, time\nsys.path.insert(0, 'pkg')\nfrom lib import VERSION\nfrom ardetect.stages.common import run_stage\n"
+        "def body(cfg):\n    open('started', 'w').write('1')\n    while not os.path.exists('go'):\n        time.sleep(0.1)\n"
+        "    open('made.txt', 'w').write(str(VERSION))\n    return {}\nrun_stage('made', body, lambda cfg: {})\n")
+    spec = {"stages": {"made": {"cmd": "python stage.py", "deps": ["stage.py", "pkg"], "params": ["world"], "outs": ["made.txt"]}}}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    proc = _started_waiting(ws, command)
+    (ws / "pkg" / "lib.py").write_text("VERSION = 2\n")
+    seed = _move_world_seed(ws, 10)
+    (ws / "go").write_text("")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out + err
+    assert "[made] FAILED: inputs changed while the stage ran (pkg (lib.py), params.yaml (world.seed))" in err, err
+    assert (ws / "made.txt").read_text() == "1"  # its outputs are kept
+    lock = ws / "dvc.lock"
+    assert not lock.exists() or "made" not in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}), lock.read_text()
+    assert "made" in dvc(ws, "status").stdout
+    again = dvc(ws, "repro")  # nothing in the run cache stands for the mix: the stage runs with the inputs as they are
+    assert "Running stage 'made'" in again.stdout and (ws / "made.txt").read_text() == "2", again.stdout
+    locked = yaml.safe_load(lock.read_text())["stages"]["made"]
+    assert locked["params"]["params.yaml"]["world"]["seed"] == seed + 10, locked
+    assert "up to date" in dvc(ws, "status").stdout
+    (ws / "pkg" / "other.py").write_text("X = 1\n")  # edited before a run, not during it: the stage ends as it always did
+    assert "Running stage 'made'" in dvc(ws, "repro").stdout and "up to date" in dvc(ws, "status").stdout
 
 
 @pytest.mark.slow

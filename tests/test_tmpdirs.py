@@ -115,3 +115,43 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_nothing_else
     (tmp_path / "exemplars").mkdir()
     swap_into_place(made, tmp_path / "exemplars")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "model.pt", "exemplars"])
+
+
+def test_a_lock_removed_on_release_leaves_no_file_and_never_lets_two_hold_it(tmp_path, monkeypatch):
+    """A lock file in a shared folder (the export's, in the temp folder) was left there, one per --out ever used. Now it
+    is removed on release, while still held; a process that opened it just before the removal locks a file no path
+    names any more, sees so and locks the path's file as it is now, so two never hold the lock at once."""
+    import fcntl
+
+    from ardetect.tmpdirs import LockHeld, hold_lock
+
+    path = tmp_path / "x.lock"
+    first = hold_lock(path, "first", remove_on_release=True)
+    with pytest.raises(LockHeld, match="first"):
+        hold_lock(path, "second", remove_on_release=True)
+    first.close()
+    first.close()  # a second close does nothing
+    assert not path.exists()
+
+    # The race: "late" opened the file of a holder that then removed it and released it; a third took the path anew.
+    stale = open(path, "a+")  # noqa: SIM115 - the file "late" opened, about to be removed
+    path.unlink()
+    third = hold_lock(path, "third", remove_on_release=True)
+    opened = []
+    real_open = open
+
+    def late_open(p, mode="r", *a, **k):  # the first open "late" makes gets the removed file; later ones the path's
+        opened.append(p)
+        return stale if len(opened) == 1 else real_open(p, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", late_open)
+    with pytest.raises(LockHeld, match="third"):
+        hold_lock(path, "late", remove_on_release=True)  # not given the removed file's lock as if it were the lock
+    assert len(opened) == 2 and stale.closed
+    monkeypatch.undo()
+    third.close()
+    kept = hold_lock(path, "kept")  # without the option: the file stays after release, as the pipeline's lock does
+    kept.close()
+    assert path.exists()
+    with open(path) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and nothing holds it

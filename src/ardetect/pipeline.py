@@ -668,6 +668,9 @@ def _reproduce_in_child(argv: list[str]) -> int:
                 st.dump(update_pipeline=False)
             return ret
 
+    from ardetect.stage_inputs import WATCHED_ENV
+
+    os.environ[WATCHED_ENV] = "1"  # the stage commands leave the check of their inputs to _watch_inputs
     ui.enable()
     record: dict[str, Any] = {"stage": stage, "ran": [], "up_to_date": [], "failed": [], "error": None,
                               "error_type": None, "lock_error": False, "changed_during": {}}
@@ -715,27 +718,6 @@ def _reproduce_in_child(argv: list[str]) -> int:
     return rc
 
 
-def _input_state(dep) -> tuple[Any, Any] | None:
-    """A stage input's DVC hash (and size), as DVC computes it; None where it cannot be read now."""
-    from dvc.dependency.param import ParamsDependency
-
-    try:
-        if isinstance(dep, ParamsDependency):
-            return dep.meta, dep.get_hash()
-        both = getattr(dep, "_get_hash_meta", None)  # one walk of a folder for both (DVC 3's get_meta and get_hash each walk it)
-        return tuple(both()) if both is not None else (dep.get_meta(), dep.get_hash())
-    except Exception:  # noqa: BLE001 - missing or unreadable: DVC itself reports it when the stage runs
-        return None
-
-
-def _changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
-    """The dotted params keys whose values differ between two params hashes (DVC keeps them as nested dicts)."""
-    if not (isinstance(before, dict) and isinstance(after, dict)):
-        return [prefix.rstrip(".")] if prefix and before != after else []
-    return [key for k in sorted(set(before) | set(after), key=str)
-            for key in _changed_keys(before.get(k), after.get(k), f"{prefix}{k}.")]
-
-
 def _watch_inputs(st, changed: dict[str, list[str]]) -> None:
     """Have stage ``st`` record in ``dvc.lock`` the inputs it started with, where one changed while it ran.
 
@@ -746,11 +728,13 @@ def _watch_inputs(st, changed: dict[str, list[str]]) -> None:
     hash in the lock, so the next run sees the change and re-runs the stage, and the run cache gets no entry for the
     mix. What changed is listed under the stage's address in ``changed``.
     """
+    from ardetect.stage_inputs import InputState, describe_change, input_state
+
     run, save = st.run, st.save
-    started: dict[int, tuple[Any, Any] | None] = {}
+    started: dict[int, InputState | None] = {}
 
     def watched_run(*args: Any, **kwargs: Any):
-        started.update({id(dep): _input_state(dep) for dep in st.deps})
+        started.update({id(dep): input_state(dep) for dep in st.deps})
         return run(*args, **kwargs)
 
     def watched_save(allow_missing: bool = False, run_cache: bool = True):
@@ -758,11 +742,11 @@ def _watch_inputs(st, changed: dict[str, list[str]]) -> None:
         moved = []
         for dep in st.deps:
             state = started.get(id(dep))
-            if state is None or state[1].value == dep.hash_info.value:
+            if state is None or state.hash_info.value == dep.hash_info.value:
                 continue
-            keys = _changed_keys(state[1].value, dep.hash_info.value)
-            moved.append(f"{dep} ({', '.join(keys)})" if keys else str(dep))
-            dep.meta, dep.hash_info = state
+            now = input_state(dep) if state.files is not None else None  # a folder: walked again to name its files
+            moved.append(describe_change(dep, state, now or InputState(dep.meta, dep.hash_info, None)) or str(dep))
+            dep.meta, dep.hash_info = state.meta, state.hash_info
         if moved:
             changed[st.addressing] = moved
             st.md5 = st.compute_md5()

@@ -24,7 +24,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -168,27 +168,53 @@ class LockHeld(RuntimeError):
         return f", or kill {self.holder['pid']}" if self.holder.get("pid") else ""
 
 
-def hold_lock(path: Path, what: str):
+def hold_lock(path: Path, what: str, remove_on_release: bool = False):
     """Take the operating system's lock on ``path`` (``flock``, made if absent) for this process, recording ``what`` holds
     it, its PID and start in the file; return the open file, which holds the lock until it is closed or the process
-    ends, however it ends (no stale lock). ``LockHeld`` when another process holds it."""
+    ends, however it ends (no stale lock). ``LockHeld`` when another process holds it.
+
+    ``remove_on_release`` (a lock file in a shared folder, such as the temp folder): return a ``RemovedLock``, whose
+    ``close`` removes the file while still holding it. A process that locked the file just as it was removed finds
+    the path no longer names its file and tries again, so two never hold "the" lock at once."""
     import fcntl
     import json
     import time
 
-    lock = open(path, "a+")  # noqa: SIM115 - held open for the caller's work: the caller closes it
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
+    while True:
+        lock = open(path, "a+")  # noqa: SIM115 - held open for the caller's work: the caller closes it
         try:
-            holder = json.loads(lock.read() or "{}")
-        except json.JSONDecodeError:  # being written this instant
-            holder = {}
-        lock.close()
-        raise LockHeld(path, holder if isinstance(holder, dict) else {}) from None
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            try:
+                holder = json.loads(lock.read() or "{}")
+            except json.JSONDecodeError:  # being written this instant
+                holder = {}
+            lock.close()
+            raise LockHeld(path, holder if isinstance(holder, dict) else {}) from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current or not remove_on_release:
+            break
+        lock.close()  # removed by its last holder after this process opened it: lock the path's file as it is now
     lock.seek(0)
     lock.truncate()
     lock.write(json.dumps({"what": what, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
     lock.flush()
-    return lock
+    return RemovedLock(lock, Path(path)) if remove_on_release else lock
+
+
+class RemovedLock:
+    """A lock taken by ``hold_lock(..., remove_on_release=True)``: ``close`` removes its file, then releases it."""
+
+    def __init__(self, file, path: Path):
+        self.file, self.path = file, path
+
+    def close(self) -> None:
+        if self.file.closed:
+            return
+        with suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.file.close()

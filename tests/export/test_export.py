@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +288,8 @@ def test_a_second_export_to_the_same_folder_is_refused_while_the_first_writes(tr
         first.close()
     build_export(p2, out, OPTS)
     assert (out / "manifest.json").stat().st_mtime_ns > before["manifest.json"]
+    assert not first.path.exists()  # the lock's file in the temp folder goes with the export that held it
+    assert first.path.parent == Path(tempfile.gettempdir()) and first.path.name.startswith("ardetect-export-")
 
 
 def test_export_refuses_a_file_that_is_no_phase_2_checkpoint(trained, tmp_path):

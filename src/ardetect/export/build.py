@@ -157,7 +157,7 @@ def build_export(
 
 def hold_export_lock(out: Path):
     """Hold the lock of exports to ``out`` (an OS lock on a file in the temp folder, named by ``out``'s absolute path:
-    nothing is left in the user's folders). ``ExportError`` naming the export that holds it: two exports to one folder
+    nothing is left in the user's folders; the file is removed when the export ends). ``ExportError`` naming the export that holds it: two exports to one folder
     at once would each install their files over the other's, and the folder could end with a mix of both."""
     import hashlib
     import tempfile
@@ -166,7 +166,8 @@ def hold_export_lock(out: Path):
 
     key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
     try:
-        return hold_lock(Path(tempfile.gettempdir()) / f"ardetect-export-{key}.lock", f"ard export --out {out}")
+        return hold_lock(Path(tempfile.gettempdir()) / f"ardetect-export-{key}.lock", f"ard export --out {out}",
+                         remove_on_release=True)
     except LockHeld as held:
         raise ExportError(f"--out {out}: another export is writing it ({held.who()}): wait for it to end{held.kill_hint()}; "
                           "two at once would mix their files") from None

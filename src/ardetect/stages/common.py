@@ -15,6 +15,7 @@ from pathlib import Path
 from ardetect import tracking
 from ardetect.config import Config, ConfigError, load_config
 from ardetect.procs import match_threads, peak_child_memory_mib, peak_memory_mib
+from ardetect.stage_inputs import inputs_changed_text, watch_own_inputs
 from ardetect.tmpdirs import swap_into_place, temp_dir_beside
 
 log = logging.getLogger("ardetect")
@@ -167,6 +168,7 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
         signal.signal(signal.SIGINT, _interrupted)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # a closed terminal or SSH session, unless under nohup
         signal.signal(signal.SIGHUP, _terminated)
+    inputs_moved = watch_own_inputs()  # run by a `dvc repro` or `dvc exp run` of the user's own: hashed as it starts
     threads = match_threads()  # a cgroup's CPU quota below the cores torch counted (a container given fewer CPUs' time)
     if threads is not None:
         log.info("stage %s: %d thread(s), the CPU quota this process has (set OMP_NUM_THREADS to choose)", name, threads)
@@ -198,6 +200,12 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     child = peak_child_memory_mib()
     workers = "" if child is None else f" (its largest worker process {child:.0f} MiB)"
     log.info("stage %s done in %.1f s; peak memory %.0f MiB%s", name, time.perf_counter() - start, peak_memory_mib(), workers)
+    moved = inputs_moved() if inputs_moved is not None else []
+    if moved:  # DVC records a stage's inputs as they are after its command: failing keeps the edited ones out of dvc.lock
+        print(f"[{name}] FAILED: {inputs_changed_text(moved)}. Its outputs are kept, but DVC must not record them in dvc.lock "
+              "as made from the inputs as they are now, so the stage ends with an error; run it again (`dvc repro`) to "
+              "re-make them from the inputs as they are", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def write_history(result, out: Path, artifact_path: str) -> None:
