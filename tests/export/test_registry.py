@@ -97,3 +97,5 @@ def test_registered_model_ranks_like_the_export(trained, tmp_path):
     logged = Path(mlflow.artifacts.download_artifacts("models:/det@champion", dst_path=str(tmp_path / "logged")))
     assert [p.name for p in (logged / "artifacts").iterdir()] == ["export"]
     assert (logged / "artifacts" / "export" / "manifest.json").is_file()
+    # the model is code MLflow runs (ours), not a pickled object whose loading runs whatever it holds
+    assert (logged / "pyfunc_code.py").is_file() and not list(logged.glob("*.pkl")), sorted(p.name for p in logged.iterdir())

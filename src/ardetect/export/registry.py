@@ -11,6 +11,7 @@ the version gets ``challenger`` and the reason is recorded on the version and th
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,19 +124,21 @@ def log_and_register(folder: Path, uri: str, metrics: dict[str, float], name: st
 
     if METRIC_TAG not in metrics:
         raise ValueError(f"metrics lack {METRIC_TAG!r}: the champion is judged by it")
-    model = AttributionModel()
     signature, input_example = None, None
     if example is not None:
         class _Ctx:  # the model's own load_context, on the folder about to be logged
             artifacts = {"export": str(folder)}
 
-        probe = AttributionModel()  # a second instance: the logged one must stay picklable (no sessions)
+        probe = AttributionModel()
         probe.load_context(_Ctx())
-        signature = infer_signature(example, probe.predict(None, example))
+        with warnings.catch_warnings():  # its integer columns (query, rank) are never missing: MLflow's hint is not for them
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+            signature = infer_signature(example, probe.predict(None, example))
         input_example = example
     mlflow.set_registry_uri(uri)  # register where the alias is decided, whatever MLFLOW_REGISTRY_URI says
-    info = mlflow.pyfunc.log_model(
-        name="detector", python_model=model, artifacts={"export": str(folder)}, signature=signature, input_example=input_example,
+    info = mlflow.pyfunc.log_model(  # the model as code (pyfunc_code.py), not a pickled object
+        name="detector", python_model=str(Path(__file__).with_name("pyfunc_code.py")), artifacts={"export": str(folder)},
+        signature=signature, input_example=input_example,
         registered_model_name=name, pip_requirements=["ardetect", "onnxruntime-gpu", "transformers", "pandas"],
     )
     version = str(info.registered_model_version)
