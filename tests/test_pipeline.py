@@ -925,6 +925,30 @@ def test_a_stage_under_a_dvc_repro_of_ones_own_fails_when_its_inputs_change_whil
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("command", [["ard", "pipeline", "run"], ["dvc", "repro"]], ids=["pipeline", "repro"])
+def test_bytecode_python_writes_into_a_code_folder_while_a_stage_runs_is_no_input_change(tmp_path, command):
+    """Python writes a module's bytecode cache (__pycache__/*.pyc) beside it the first time it is imported: during a stage,
+    into a code folder the stage depends on. Without PYTHONDONTWRITEBYTECODE (which few machines set) that counted as
+    an input edited while the stage ran, under the pipeline and under a dvc repro alike, and as a changed input of every
+    stage depending on the folder whenever anything imported it first; .dvcignore now leaves bytecode out."""
+    ws = make_workspace(tmp_path / "repo")
+    (ws / "pkg").mkdir()
+    (ws / "pkg" / "lib.py").write_text("VERSION = 1\n")
+    (ws / "stage.py").write_text(
+        "import sys\nsys.path.insert(0, 'pkg')\nfrom ardetect.stages.common import run_stage\n"
+        "def body(cfg):\n    from lib import VERSION\n    open('made.txt', 'w').write(str(VERSION))\n    return {}\n"
+        "run_stage('made', body, lambda cfg: {})\n")
+    spec = {"stages": {"made": {"cmd": "python stage.py", "deps": ["stage.py", "pkg"], "outs": ["made.txt"]}}}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {k: v for k, v in run_env(ws).items() if k != "PYTHONDONTWRITEBYTECODE"}
+    proc = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list((ws / "pkg" / "__pycache__").glob("lib.*.pyc")), "Python wrote no bytecode: the test tests nothing"
+    assert "inputs changed" not in proc.stdout + proc.stderr and (ws / "made.txt").read_text() == "1"
+    assert "up to date" in dvc(ws, "status").stdout  # and the cache's presence is no change of the folder either
+
+
+@pytest.mark.slow
 def test_a_second_pipeline_in_the_repository_is_refused_before_any_run(piped, tmp_path):
     """A second `ard pipeline run` beside a running one opened its own MLflow run and failed at its first stage to run
     on DVC's "'data/exemplars' is busy, it is being blocked by: (PID ...)" and "you can manually remove
