@@ -14,6 +14,10 @@ from workspace import dvc, make_workspace
 # on a busy 2-core machine (read when prefect is imported; `make test` sets it too)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
+# The stages and commands the tests start write Python's bytecode beside the code, as on most machines: one whose
+# environment says not to (PYTHONDONTWRITEBYTECODE) hid that the caches counted as inputs edited while a stage ran
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 
 def worker_threads() -> int | None:
     """Intra-op threads for each of a parallel run's workers: the cores divided among them (None outside
