@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ardetect.procs import usable_cores
+from checkout import CHECKOUT, allowed_folders, checkout_extras, left_in_checkout
 from workspace import dvc, make_workspace
 
 # Prefect's ephemeral API server migrates its database on its first start: more than its 20-s default
@@ -73,3 +74,34 @@ LONGEST_FIRST = ("test_pipeline.py", "test_flow.py")
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other test keeps its order
+
+
+# Nothing a test does may land in the checkout itself (a user's `make test` left MLflow artifacts and kept evaluation
+# scores there, and a later run could read those scores back). What git lists as untracked or ignored when the run ends,
+# and did not list as it started, is named; on CI (`.ci/run` sets CI) the run fails on it.
+_EXTRAS_KEY = pytest.StashKey[set]()
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controller of a parallel run, or the only process
+        session.config.stash[_EXTRAS_KEY] = checkout_extras()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    before = session.config.stash.get(_EXTRAS_KEY, None)
+    if before is None or hasattr(session.config, "workerinput"):
+        return
+    after = checkout_extras()
+    if after is None:
+        return
+    left = left_in_checkout(before, after, allowed_folders(os.environ.get("ARD_SCREENSHOT_DIR")))
+    if not left:
+        return
+    ci = bool(os.environ.get("CI"))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"{'FAILED' if ci else 'warning'}: the test run wrote into the checkout {CHECKOUT}: "
+                            f"{', '.join(left)}", red=True)
+    if ci and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

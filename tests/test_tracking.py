@@ -189,3 +189,35 @@ def test_pipeline_run_refuses_tracking_off_before_any_stage(tmp_path, monkeypatc
     monkeypatch.setenv(tracking.TRACKING_ENV, "on")
     with tracking.stage_run("tuples", "exp-test", f"sqlite:///{tmp_path / 'mlflow.db'}") as run:  # on: it tracks again
         assert run is not None
+
+
+def test_a_new_experiments_artifacts_sit_beside_its_sqlite_database_wherever_the_command_runs(tmp_path, monkeypatch):
+    """MLflow puts a new experiment's artifacts in ``mlruns`` of the folder the process ran in; a command run from a
+    subfolder (or a test run from the checkout) scattered them there. They go beside the database file."""
+    db_folder, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    db_folder.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    uri = f"sqlite:///{db_folder / 'mlflow.db'}"
+    (tmp_path / "note.txt").write_text("kept")
+    with tracking.stage_run("tuples", "exp-where", uri) as run:
+        tracking.log_artifact(tmp_path / "note.txt", "notes")
+    assert (db_folder / "mlruns").is_dir() and not (elsewhere / "mlruns").exists()
+    logged = list((db_folder / "mlruns").rglob("note.txt"))
+    assert len(logged) == 1 and logged[0].read_text() == "kept" and run.info.run_id in logged[0].parts
+    # a relative database path is the folder the command runs in, as SQLAlchemy opens it
+    monkeypatch.chdir(db_folder)
+    assert tracking.artifact_location("sqlite:///mlflow.db") == (db_folder / "mlruns").as_uri()
+    assert tracking.artifact_location("http://127.0.0.1:5000") is None  # a server decides for itself
+
+
+def test_an_experiment_made_before_keeps_its_own_artifact_folder(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("exp-old", artifact_location=(tmp_path / "theirs").as_uri())
+    with tracking.stage_run("tuples", "exp-old", uri):
+        tracking.log_dict({"a": 1}, "a.json")
+    assert list((tmp_path / "theirs").rglob("a.json")) and not (tmp_path / "mlruns").exists()

@@ -97,11 +97,32 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def _mlflow(uri: str, experiment: str):
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a sqlite database keeps its artifacts: ``mlruns`` beside the database file.
+    MLflow would put them in ``mlruns`` of whatever folder the process that made the experiment ran in (a
+    command run from a subfolder, a test run from the checkout); a server's or another store's URI: None (the
+    store decides)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + ":memory:"):
+        return None
+    db = Path(uri[len(prefix):].split("?", 1)[0])
+    return (db.resolve().parent / "mlruns").as_uri()
+
+
+def use_experiment(uri: str, experiment: str):
+    """MLflow pointed at ``uri`` with ``experiment`` active (made if missing, its artifacts beside a sqlite database)."""
     check_reachable(uri)
     import mlflow  # imported lazily: it takes seconds
+    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(uri)
+    location = artifact_location(uri)
+    if location is not None and mlflow.get_experiment_by_name(experiment) is None:
+        try:
+            mlflow.create_experiment(experiment, artifact_location=location)
+        except MlflowException as err:  # another process made it first: theirs holds
+            if mlflow.get_experiment_by_name(experiment) is None:
+                raise err
     mlflow.set_experiment(experiment)
     return mlflow
 
@@ -136,7 +157,7 @@ def pipeline_run(
     ``interruptions``: exceptions that end the run KILLED as Ctrl-C does (an orchestrator's own stop signal).
     """
     require_enabled("a pipeline run")
-    mlflow = _mlflow(uri, experiment)
+    mlflow = use_experiment(uri, experiment)
     close_abandoned_runs(uri, experiment)
     previous = os.environ.get(PARENT_ENV)
     with mlflow.start_run(run_name=run_name, tags={"ard.kind": "pipeline", **process_tags(), **(tags or {})}) as run:
@@ -162,7 +183,7 @@ def stage_run(
     if not tracks():
         yield None
         return
-    mlflow = _mlflow(uri, experiment)
+    mlflow = use_experiment(uri, experiment)
     close_abandoned_runs(uri, experiment)
     parent = os.environ.get(PARENT_ENV)
     tags = {"ard.kind": "stage", "ard.stage": stage, **process_tags()}
@@ -292,7 +313,7 @@ def write_json_atomic(data: Any, path: str | Path) -> Path:
 
 def find_runs(experiment: str, uri: str, filter_string: str = "", max_results: int = 100):
     """Runs of the experiment as a DataFrame (``mlflow.search_runs``), newest first."""
-    mlflow = _mlflow(uri, experiment)
+    mlflow = use_experiment(uri, experiment)
     return mlflow.search_runs(
         experiment_names=[experiment], filter_string=filter_string, max_results=max_results, order_by=["start_time DESC"]
     )
@@ -304,7 +325,7 @@ class RunNotFound(LookupError):
 
 def resolve_run(experiment: str, uri: str, ref: str) -> str:
     """The full id of the run ``ref`` names: a whole run id, or a prefix unique in the experiment."""
-    mlflow = _mlflow(uri, experiment)
+    mlflow = use_experiment(uri, experiment)
     ref = ref.strip().lower()
     if not ref:
         raise RunNotFound("an empty run id")

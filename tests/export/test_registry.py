@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from ardetect import tracking
 from ardetect.cli import app
 from ardetect.export.registry import RegistryError, list_versions, log_and_register, promote
 
@@ -17,8 +18,7 @@ pytestmark = pytest.mark.slow
 def register(folder, uri, value):
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("registry-test")
+    tracking.use_experiment(uri, "registry-test")
     with mlflow.start_run() as run:
         reg = log_and_register(folder, uri, {"test_recall_at_10": value, "test_paper_recall_at_10": value / 2}, name="det")
     return reg, run.info.run_id
@@ -77,8 +77,7 @@ def test_registered_model_ranks_like_the_export(trained, tmp_path):
 
     tuples, negatives, root, p1, p2 = trained
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("registry-test")
+    tracking.use_experiment(uri, "registry-test")
     with mlflow.start_run():
         done = build_export(p2, tmp_path / "det-export", ExportOptions(5.0, 2, 3, parity_queries=2, fp16=False, int8=False), tuples=tuples,
                             negatives=negatives, data_root=root, metrics={"test_recall_at_10": 0.3}, register=True, uri=uri, model_name="det")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from ardetect import tracking
 from ardetect.data.schema import GENERATED_COLUMNS, OBJECT_COLUMNS
 from ardetect.generation.break_a_scene import DONE, jobs_from_table, work_root
 from ardetect.generation.real import generate_real
@@ -117,8 +118,7 @@ def test_mlflow_child_run_per_batch(tiny_models, sample_coco, exemplar_root, tmp
 
     root, ex = exemplar_root
     res = generate_real(gen_config(tiny_models, sample_coco), ex, root / "g-mlflow", root)  # finished: resumed
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("gen")
+    tracking.use_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "gen")
     with mlflow.start_run(run_name="generate") as parent:
         assert log_batches(res.summaries, res.table, root, batch_size=1) == 2
     runs = mlflow.search_runs(filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", output_format="list")

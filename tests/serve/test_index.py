@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from ardetect import tracking
 from ardetect.serve import CandidateIndex, IndexMismatch, build_index
 from ardetect.serve.images import open_image
 from ardetect.serve.index import folder_entries, pipeline_entries
@@ -228,8 +229,7 @@ def test_model_from_the_registry(served, tmp_path, monkeypatch):
     from ardetect.serve import ModelNotFound, load_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("serve-test")
+    tracking.use_experiment(uri, "serve-test")
     with mlflow.start_run():
         reg = log_and_register(served.export, uri, {"test_recall_at_10": 0.5})
     downloads = []

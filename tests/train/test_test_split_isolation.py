@@ -47,7 +47,8 @@ def pipeline_fits(cfg, tuples, root, out):
     _, r1 = run_phase1(cfg, tuples, root, out / "p1")
     _, r2 = run_phase2(cfg, out / "p1" / "best.pt", tuples, root, out / "p2")
     ard, ard_minus = load_model(out / "p2" / "best.pt"), load_model(out / "p1" / "best.pt")
-    fitted, _ = fit_weights(cfg, {"ARD": ard, "ARD-": ard_minus}, 64, True, tuples, negatives_of(tuples), root)
+    fitted, _ = fit_weights(cfg, {"ARD": ard, "ARD-": ard_minus}, 64, True, tuples, negatives_of(tuples), root,
+                            keep=None)  # no scores kept: each fit scores its queries itself
     return r1, r2, fitted
 
 

@@ -344,6 +344,7 @@ def build(cfg: Config) -> dict:
 
 def fit_weights(
     cfg: Config, detectors: dict, size: int, identity: bool, tuples: pd.DataFrame, negatives: pd.DataFrame, data_root: Path,
+    keep: Path | None = KEPT,
 ) -> tuple[dict, tuple[int, str]]:
     """The identity weight, pooling grid and class weight of each detector, fitted on a seeded subset of
     the val split of ``tuples`` (the test split is dropped before anything is read). The class weight
@@ -351,6 +352,8 @@ def fit_weights(
 
     The mean of ``evaluate.fit_metrics`` on those queries decides (ties: the coarser grid, the smaller
     weight, the smaller class weight).
+
+    ``keep``: the folder of the scores kept for a killed run to go on from (None: nothing kept).
 
     Returns ({name: {"weight", "grid", "class_weight", "fit_metrics", "val_fit": {"gxg" or "gxg, a=A": {weight: that mean}},
     "val_recall@10": {same keys: Recall@10}}}, (val queries, markdown section)).
@@ -369,7 +372,7 @@ def fit_weights(
     summaries: dict = {}
     fitted = fit_identity_weights(trunk, list(detectors), val, negatives, ev.identity_weights, ev.iou_threshold, progress=True,
                                   metric=ev.fit_metrics, summaries=summaries, workers=ev.workers or None, class_weights=class_weights,
-                                  keep=KEPT)
+                                  keep=keep)
     label = lambda gg, aa: f"{gg}x{gg}" if aa == 0 else f"{gg}x{gg}, a={aa:g}"  # noqa: E731
     out, rows = {}, []
     for name, (w, g, a, recalls) in fitted.items():
