@@ -158,3 +158,26 @@ def test_list_stage_runs_and_limit(store):
         wrong = ard("runs", "list", "--stage", typo, "--params", str(REPO / "params.yaml"))
         assert wrong.exit_code == 2 and (f"--stage {typo!r}: no runs, and not a stage of the pipeline (its stages: check, "
                                          "exemplars, generate,") in wrong.output, wrong.output
+
+
+def test_listing_or_comparing_before_any_run_makes_no_store(tmp_path, monkeypatch):
+    """A fresh checkout (or a mistyped store path) has nothing to list: said so, and no empty mlflow.db, no experiment
+    and no mlruns/ are left behind by a command that only reads."""
+    uri = f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    listed = ard("runs", "list", "--params", str(REPO / "params.yaml"))
+    assert listed.exit_code == 0 and "no pipeline runs yet" in listed.output, listed.output
+    compared = CliRunner().invoke(app, ["runs", "compare", "abc", "def", "--params", str(REPO / "params.yaml")])
+    assert compared.exit_code == 2 and "no run with id or id prefix 'abc'" in compared.output, compared.output
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "mlruns").exists()
+    # a store that exists but holds another experiment only: read, not given the experiment
+    other = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.stage_run("tuples", "another", other):
+        pass
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    assert ard("runs", "list", "--params", str(REPO / "params.yaml")).exit_code == 0
+    import mlflow
+
+    mlflow.set_tracking_uri(other)
+    assert mlflow.get_experiment_by_name(EXPERIMENT) is None and mlflow.get_experiment_by_name("another") is not None

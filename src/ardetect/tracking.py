@@ -102,11 +102,16 @@ def artifact_location(uri: str) -> str | None:
     MLflow would put them in ``mlruns`` of whatever folder the process that made the experiment ran in (a
     command run from a subfolder, a test run from the checkout); a server's or another store's URI: None (the
     store decides)."""
+    db = sqlite_file(uri)
+    return None if db is None else (db.resolve().parent / "mlruns").as_uri()
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file a ``sqlite:///`` URI names (relative: to the working directory); None for any other store."""
     prefix = "sqlite:///"
     if not uri.startswith(prefix) or uri.startswith(prefix + ":memory:"):
         return None
-    db = Path(uri[len(prefix):].split("?", 1)[0])
-    return (db.resolve().parent / "mlruns").as_uri()
+    return Path(uri[len(prefix):].split("?", 1)[0])
 
 
 def use_experiment(uri: str, experiment: str):
@@ -311,9 +316,28 @@ def write_json_atomic(data: Any, path: str | Path) -> Path:
     return path
 
 
+def _reader(uri: str, experiment: str):
+    """MLflow pointed at ``uri`` to read ``experiment``, or None where there is nothing to read: a sqlite database
+    file that does not exist, or a store without the experiment. A read makes neither (listing runs in a fresh
+    checkout, or at a mistyped path, leaves no empty database and no experiment behind)."""
+    check_reachable(uri)
+    db = sqlite_file(uri)
+    if db is not None and not db.is_file():
+        return None
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow if mlflow.get_experiment_by_name(experiment) is not None else None
+
+
 def find_runs(experiment: str, uri: str, filter_string: str = "", max_results: int = 100):
-    """Runs of the experiment as a DataFrame (``mlflow.search_runs``), newest first."""
-    mlflow = use_experiment(uri, experiment)
+    """Runs of the experiment as a DataFrame (``mlflow.search_runs``), newest first (empty where the store or the
+    experiment does not exist yet)."""
+    mlflow = _reader(uri, experiment)
+    if mlflow is None:
+        import pandas as pd
+
+        return pd.DataFrame()
     return mlflow.search_runs(
         experiment_names=[experiment], filter_string=filter_string, max_results=max_results, order_by=["start_time DESC"]
     )
@@ -325,11 +349,11 @@ class RunNotFound(LookupError):
 
 def resolve_run(experiment: str, uri: str, ref: str) -> str:
     """The full id of the run ``ref`` names: a whole run id, or a prefix unique in the experiment."""
-    mlflow = use_experiment(uri, experiment)
+    mlflow = _reader(uri, experiment)
     ref = ref.strip().lower()
     if not ref:
         raise RunNotFound("an empty run id")
-    runs = mlflow.search_runs(experiment_names=[experiment], max_results=100_000, output_format="list")
+    runs = [] if mlflow is None else mlflow.search_runs(experiment_names=[experiment], max_results=100_000, output_format="list")
     ids = sorted({r.info.run_id for r in runs if r.info.run_id.startswith(ref)})
     if ref in ids:
         return ref

@@ -27,6 +27,7 @@ from typing import Sequence
 from ardetect.export.onnx_export import ExportError, sha256
 from ardetect.export.runtime import OnnxDetector, load_manifest
 from ardetect.tmpdirs import temp_dir_beside
+from ardetect.tracking import sqlite_file
 
 CACHE_KEEP = 3  # registered versions kept downloaded in the model cache
 CACHE_MARK = ".ardetect-model-cache"  # in each version's folder: the pruning removes no folder without it
@@ -90,7 +91,7 @@ def load_model(source: str | Path, providers: Sequence[str] | None = None, threa
     from mlflow.exceptions import MlflowException
 
     name, alias, version = m["name"], m["alias"], m["version"]
-    store = _sqlite_file(tracking_uri or mlflow.get_tracking_uri())
+    store = sqlite_file(tracking_uri or mlflow.get_tracking_uri())
     if store is not None and not store.is_file():  # MLflow would make an empty store there, then find no model in it
         raise ModelNotFound(f"model {text!r}: there is no MLflow store at {store} (no pipeline has run there: `make run` or "
                             "`ard pipeline run` at the repository root makes it and registers the model); give an export "
@@ -110,13 +111,6 @@ def load_model(source: str | Path, providers: Sequence[str] | None = None, threa
     folder = _fetch_version(name, str(mv.version), entry)
     det = OnnxDetector(folder, precision=precision, providers=providers, threads=threads, verify=False)  # _fetch_version checked every file
     return LoadedModel(det, text, folder, name, str(mv.version), alias, {"run_id": mv.run_id, "tags": dict(mv.tags)})
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` tracking URI (None for any other store)."""
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
-        return None
-    return Path(uri[len("sqlite:///"):])
 
 
 def model_cache() -> Path:
