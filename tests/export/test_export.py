@@ -415,9 +415,9 @@ def test_export_and_index_of_a_detector_with_a_region_classifier(trained, tmp_pa
 
 
 def test_the_int8_variant_leaves_out_the_quantizers_advice_and_only_it(exported, tmp_path, caplog):
-    """onnxruntime's quantizer logged, on the root logger, advice to pre-process and a 12-line type dump of a NonZero's
-    indices with every export; the int8 variant's error is measured in parity.json, so they are left out, and the
-    root logger keeps no filter afterwards."""
+    """onnxruntime's quantizer logged, on the root logger, advice to pre-process, a 12-line type dump of a NonZero's
+    indices and (at INFO) a line for each activation it leaves in float, with every export; the int8 variant's error is
+    measured in parity.json, so they are left out, and the root logger keeps no filter afterwards."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -425,12 +425,15 @@ def test_the_int8_variant_leaves_out_the_quantizers_advice_and_only_it(exported,
     from ardetect.export.onnx_export import QUANTIZER_ADVICE, _int8_variant
 
     out, _ = exported
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)  # as the stages log
     quantize_dynamic(str(out / "scorer.onnx"), str(tmp_path / "raw.onnx"), weight_type=QuantType.QInt8)
     assert any(r.getMessage().startswith(QUANTIZER_ADVICE) for r in caplog.records)  # what it says on its own
+    params = [r for r in caplog.records if r.getMessage().startswith("Quantization parameters for tensor")]
+    assert params and all(r.levelno == logging.INFO for r in params)  # one line for each activation left in float
     caplog.clear()
     _int8_variant(out / "scorer.onnx", tmp_path / "ours.onnx")
     assert not [r.getMessage()[:80] for r in caplog.records if r.getMessage().startswith(QUANTIZER_ADVICE)]
+    assert not [r.getMessage()[:80] for r in caplog.records if "onnxruntime" in r.pathname]
     assert not logging.getLogger().filters
     logging.getLogger().warning("another warning")
     assert "another warning" in [r.getMessage() for r in caplog.records]  # the root logger's other records still pass
