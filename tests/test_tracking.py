@@ -30,6 +30,35 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking.tracking_uri("sqlite:////x.db", tmp_path) == "sqlite:////env.db"
 
 
+def test_the_store_and_the_cli_find_the_same_repository_root(tmp_path, monkeypatch):
+    """One rule for both: params.yaml here, else the nearest folder above with params.yaml beside dvc.yaml.
+    A folder that holds only a dvc.yaml (or a params.yaml) is not taken for the root from below it."""
+    from ardetect.cli import _params_file
+
+    repo = tmp_path / "repo"
+    (repo / "data" / "only_dvc" / "deep").mkdir(parents=True)
+    (repo / "notes" / "draft").mkdir(parents=True)
+    for f in ("params.yaml", "dvc.yaml"):
+        (repo / f).write_text("{}\n")
+    (repo / "data" / "only_dvc" / "dvc.yaml").write_text("{}\n")  # a nested DVC project's file, no params.yaml
+    (repo / "notes" / "params.yaml").write_text("{}\n")  # a stray params.yaml, no dvc.yaml beside it
+    for where, root in [
+        (repo, repo),
+        (repo / "data" / "only_dvc" / "deep", repo),
+        (repo / "notes", repo / "notes"),  # params.yaml in the working directory is taken as given
+        (repo / "notes" / "draft", repo),
+    ]:
+        monkeypatch.chdir(where)
+        assert tracking.repo_root() == root, where
+        assert _params_file(None).resolve() == root / "params.yaml", where
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert tracking.tracking_uri(None, tracking.repo_root()) == f"sqlite:///{root / 'mlflow.db'}"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    assert tracking.find_root() is None and tracking.repo_root() == outside.resolve()
+
+
 def test_write_json_atomic_leaves_no_temp(tmp_path):
     p = tracking.write_json_atomic({"a": 1}, tmp_path / "s.json")
     assert p.read_text().strip().startswith("{") and [f.name for f in tmp_path.iterdir()] == ["s.json"]

@@ -63,11 +63,10 @@ def _params_file(params: Path | None) -> Path:
     here = Path("params.yaml")
     if here.is_file():
         return here
-    cwd = Path.cwd()
-    for folder in cwd.parents:
-        if (folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file():
-            return folder / "params.yaml"
-    return here
+    from ardetect.tracking import find_root
+
+    root = find_root()
+    return here if root is None else root / "params.yaml"
 
 
 def _root(params: Path | None) -> Path:

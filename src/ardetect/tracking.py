@@ -21,13 +21,23 @@ from ardetect.tmpdirs import HOST_TAG, process_gone, replaced_atomically
 PARENT_ENV = "ARD_MLFLOW_PARENT_RUN_ID"
 
 
-def repo_root(start: Path | None = None) -> Path:
-    """The folder holding ``dvc.yaml`` (searched upwards from ``start`` or the cwd)."""
+def find_root(start: Path | None = None) -> Path | None:
+    """The repository root seen from ``start`` (the cwd by default): ``start`` itself when it holds
+    ``params.yaml``, else the nearest folder above it that holds ``params.yaml`` beside ``dvc.yaml`` (as git
+    and DVC find their repository from a subfolder); None when there is none. The CLI's default params file
+    and the stages' MLflow store are found by this one rule."""
     here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").is_file() or (folder / "params.yaml").is_file():
+    if (here / "params.yaml").is_file():
+        return here
+    for folder in here.parents:
+        if (folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file():
             return folder
-    return here
+    return None
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """``find_root(start)``, else ``start`` (the cwd) itself."""
+    return find_root(start) or (start or Path.cwd()).resolve()
 
 
 def tracking_uri(configured: str | None = None, root: Path | None = None) -> str:
