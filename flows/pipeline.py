@@ -99,12 +99,17 @@ def pipeline(root: str = str(ROOT), stages: list[str] | None = None) -> dict:
     ):
         try:
             for name in names:
+                began = None
                 drift = settings_drift(rootp / "params.yaml", settings)  # DVC reads it afresh for each stage
                 if drift:
                     raise StageFailed(settings_changed_outcome(name, drift))
+                began = time.perf_counter()
                 res = run_stage(name, str(rootp))
-                outcomes.append(StageOutcome(name, res["returncode"], res["ran"], res["up_to_date"], res["failed"]))
+                outcomes.append(StageOutcome(name, res["returncode"], res["ran"], res["up_to_date"], res["failed"],
+                                             seconds=time.perf_counter() - began))
         except StageFailed as err:
+            if began is not None and err.outcome.seconds is None:  # the stage ran and failed (its retries included)
+                err.outcome.seconds = time.perf_counter() - began
             outcomes.append(err.outcome)
             raise
         finally:

@@ -199,8 +199,24 @@ def test_repro_stage_failure_and_lock_contention(tmp_path):
         lock.close()
     assert not held.ok and held.lock_error and held.transient and held.error_type == "LockError"
     assert not retried.ok and len(notes) == 1 and "retry 1/1" in notes[0]
+    assert held.seconds is None and retried.seconds >= 0.1  # the whole step's time: the wait before its retry included
     ok = repro_with_retries("second", root, retries=1, delay_s=0.1)
-    assert ok.ok and ok.ran == ["first", "second"]
+    assert ok.ok and ok.ran == ["first", "second"] and ok.seconds > 0 and ok.to_dict()["seconds"] == ok.seconds
+
+
+def test_the_summary_gives_each_steps_seconds_and_the_banner_its_place():
+    from ardetect.pipeline import StageOutcome, step_banner, summarize
+
+    ran = StageOutcome("pretrain", 0, ran=["pretrain"], up_to_date=["check"], seconds=1234.56)
+    failed = StageOutcome("evaluate", 1, failed=["evaluate"], error="exited with 2", seconds=3.0)
+    unmeasured = StageOutcome("export", 0, up_to_date=["export"])
+    lines = summarize([ran, failed, unmeasured]).splitlines()
+    assert lines[0] == "| stage | result | seconds | stages run | up to date |"
+    assert lines[2] == "| pretrain | ok | 1,234.6 | pretrain | check |"
+    assert lines[3] == "| evaluate | FAILED (exit 1) | 3.0 | - | - |"
+    assert lines[4] == "| export | ok | - | - | export |"
+    assert step_banner("pretrain", 7, 13, 3725.9) == "==> [7/13] dvc repro pretrain (pipeline 62 min 05 s so far)"
+    assert step_banner("check", 1, 13, 0.2) == "==> [1/13] dvc repro check (pipeline 0 min 00 s so far)"
 
 
 def test_a_busy_output_names_which_blocking_dvc_process_still_runs():
@@ -535,6 +551,17 @@ def test_pipeline_outputs_and_up_to_date(piped):
     ws, first, second = piped
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
+    order = stages_in_order(ws)
+    table = {}
+    for line in first.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in order:
+            table[cells[0]] = cells
+    for i, stage in enumerate(order, 1):
+        assert f"==> [{i}/{len(order)}] dvc repro {stage} (pipeline " in first.stdout
+        assert table[stage][1] == "ok" and float(table[stage][2].replace(",", "")) > 0, table[stage]
+    wall = float(first.stdout.split("pipeline wall time: ")[1].split(" s")[0])
+    assert sum(float(table[s][2].replace(",", "")) for s in order) <= wall
     t = pd.read_parquet(ws / "data/tuples/tuples.parquet")
     assert len(t) == 20 * 2 and set(t["split"]) == {"train", "val", "test"}
     assert (ws / "data/tuples/gallery.png").stat().st_size > 10_000

@@ -85,7 +85,7 @@ def pipeline_run(
     from ardetect.config import ConfigError, load_config
     from ardetect.pipeline import (
         STOP_SIGNALS, PipelineBusy, RepositoryError, ensure_repository, hold_pipeline_lock, record_parent_run, repro_with_retries,
-        requested_stages, settings_changed_outcome, settings_drift, stages_in_order, stop_signals_interrupt, summarize,
+        requested_stages, settings_changed_outcome, settings_drift, stages_in_order, step_banner, stop_signals_interrupt, summarize,
     )
     from ardetect.stages.check import preflight
 
@@ -116,12 +116,12 @@ def pipeline_run(
     with lock or contextlib.nullcontext(), stop_signals_interrupt(), tracking.pipeline_run(
         cfg.tracking.experiment, uri, run_name=f"pipeline [{cfg.profile}]", tags=tags, params=settings
     ):
-        for name in stages:
+        for index, name in enumerate(stages, 1):
             drift = settings_drift(params, settings)  # DVC reads params.yaml afresh for each stage: edited mid-run, it stops
             if drift:
                 outcomes.append(settings_changed_outcome(name, drift))
                 break
-            _say(f"==> dvc repro {name}")
+            _say(step_banner(name, index, len(stages), time.perf_counter() - start))
             try:
                 outcome = repro_with_retries(name, root, retries=retries, write=_terminal_write, notify=lambda m: _say(m, err=True))
             except KeyboardInterrupt as stop:  # the DVC child and its stage have ended (pipeline._stop_child)

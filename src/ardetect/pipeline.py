@@ -57,6 +57,7 @@ class StageOutcome:
     lock_error: bool = False
     command_exit: int | None = None  # the stage command's exit status, as DVC saw it (negative: ended by that signal)
     changed_during: dict[str, list[str]] = field(default_factory=dict)  # stage -> its inputs that changed while it ran
+    seconds: float | None = None  # wall time of this step (its `dvc repro`, retries included); None: not measured
 
     @property
     def ok(self) -> bool:
@@ -101,7 +102,7 @@ class StageOutcome:
         return {
             "stage": self.stage, "returncode": self.returncode, "ran": self.ran, "up_to_date": self.up_to_date,
             "failed": self.failed, "error": self.error, "error_type": self.error_type, "lock_error": self.lock_error,
-            "command_exit": self.command_exit, "changed_during": self.changed_during,
+            "command_exit": self.command_exit, "changed_during": self.changed_during, "seconds": self.seconds,
         }
 
 
@@ -557,7 +558,9 @@ def repro_with_retries(
     notify: Callable[[str], Any] | None = None,
     **kwargs: Any,
 ) -> StageOutcome:
-    """:func:`repro_stage`, tried again (up to ``retries`` times) after a transient failure."""
+    """:func:`repro_stage`, tried again (up to ``retries`` times) after a transient failure; the outcome's
+    ``seconds`` is the whole step's wall time, its retries and their waits included."""
+    start = time.perf_counter()
     outcome = repro_stage(stage, root, **kwargs)
     for attempt in range(retries):
         if not outcome.transient:
@@ -566,6 +569,7 @@ def repro_with_retries(
             notify(f"stage {stage!r}: transient failure ({outcome.error or 'see output'}); retry {attempt + 1}/{retries} in {delay_s:g} s")
         time.sleep(delay_s)
         outcome = repro_stage(stage, root, **kwargs)
+    outcome.seconds = time.perf_counter() - start
     return outcome
 
 
@@ -817,13 +821,21 @@ def settings_changed_outcome(stage: str, drift: str) -> StageOutcome:
 
 
 def summarize(outcomes: list[StageOutcome]) -> str:
-    """A markdown table of what each step did."""
-    rows = ["| stage | result | stages run | up to date |", "|---|---|---|---|"]
+    """A markdown table of what each step did and how long it took (the step's whole `dvc repro`: DVC's checks and
+    the stage's start-up besides the stage's own ``done in`` time)."""
+    rows = ["| stage | result | seconds | stages run | up to date |", "|---|---|---|---|---|"]
     for o in outcomes:
         result = ("ok" if o.ok else "not run: settings changed" if o.error_type == SETTINGS_CHANGED
                   else "ran; its inputs changed meanwhile" if o.error_type == INPUTS_CHANGED else f"FAILED (exit {o.returncode})")
-        rows.append(f"| {o.stage} | {result} | {', '.join(o.ran) or '-'} | {', '.join(o.up_to_date) or '-'} |")
+        seconds = "-" if o.seconds is None else f"{o.seconds:,.1f}"
+        rows.append(f"| {o.stage} | {result} | {seconds} | {', '.join(o.ran) or '-'} | {', '.join(o.up_to_date) or '-'} |")
     return "\n".join(rows)
+
+
+def step_banner(stage: str, index: int, total: int, elapsed_s: float) -> str:
+    """The line that opens a pipeline step: which of how many, and the pipeline's time so far."""
+    minutes, seconds = divmod(int(elapsed_s), 60)
+    return f"==> [{index}/{total}] dvc repro {stage} (pipeline {minutes} min {seconds:02d} s so far)"
 
 
 def stage_outputs(root: Path, kinds: tuple[str, ...] = ("outs", "metrics", "plots")) -> dict[str, list[str]]:
