@@ -181,3 +181,52 @@ def test_listing_or_comparing_before_any_run_makes_no_store(tmp_path, monkeypatc
 
     mlflow.set_tracking_uri(other)
     assert mlflow.get_experiment_by_name(EXPERIMENT) is None and mlflow.get_experiment_by_name("another") is not None
+
+
+def test_a_damaged_store_is_named_with_what_to_do_and_left_as_it_was(tmp_path, monkeypatch):
+    """A store file that is not a database, or one cut short (a disk that filled mid-write), is said to be so, with
+    the command that moves it aside, by every command that opens it; none of them changes the file. MLflow met
+    both with an SQLAlchemy traceback."""
+    from ardetect.serve.loader import ModelNotFound, load_model
+
+    sound = tmp_path / "sound.db"
+    with tracking.stage_run("tuples", EXPERIMENT, f"sqlite:///{sound}"):
+        tracking.log_metrics({"tuples": 40})
+    tracking.check_reachable(f"sqlite:///{sound}")  # a sound store passes
+    data = sound.read_bytes()
+    damaged = {"not-a-database.db": b"garbage\n" * 100, "cut-short.db": data[: len(data) // 3]}
+    monkeypatch.chdir(tmp_path)
+    for name, content in damaged.items():
+        db = tmp_path / name
+        db.write_bytes(content)
+        uri = f"sqlite:///{db}"
+        with pytest.raises(tracking.TrackingStoreDamaged, match=rf"the MLflow store {re.escape(str(db))} is not a readable SQLite"):
+            tracking.check_reachable(uri)
+        with pytest.raises(tracking.TrackingUnreachable, match=re.escape(f"mv {db} {db}.damaged")):
+            tracking.find_runs(EXPERIMENT, uri)
+        with pytest.raises(tracking.TrackingStoreDamaged):
+            with tracking.stage_run("tuples", EXPERIMENT, uri):
+                pass
+        with pytest.raises(ModelNotFound, match="is not a readable SQLite database"):
+            load_model("models:/ardetect-detector@champion", tracking_uri=uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        for args in (["runs", "list"], ["runs", "list", "--stage", "tuples"], ["runs", "compare", "abc", "def"]):
+            out = CliRunner().invoke(app, [*args, "--params", str(REPO / "params.yaml")])
+            assert out.exit_code == 2 and "is not a readable SQLite database" in out.output, (name, args, out.output)
+            assert "Traceback" not in out.output and "sqlalchemy" not in out.output.lower(), out.output
+        assert db.read_bytes() == content, name  # read only
+
+
+def test_a_store_another_process_holds_locked_is_not_called_damaged(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    with tracking.stage_run("tuples", EXPERIMENT, f"sqlite:///{db}"):
+        pass
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")  # a writer mid-transaction: readers wait, and here give up
+        tracking.check_store(db, timeout=0.2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -161,7 +161,13 @@ def _tracking_target(params: Path) -> tuple[str, str]:
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
-    return cfg.tracking.experiment, tracking.tracking_uri(cfg.tracking.tracking_uri, params.resolve().parent)
+    uri = tracking.tracking_uri(cfg.tracking.tracking_uri, params.resolve().parent)
+    try:
+        tracking.check_reachable(uri)  # a server that does not answer, a damaged sqlite store: said, not a traceback
+    except tracking.TrackingUnreachable as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    return cfg.tracking.experiment, uri
 
 
 # `ard runs list` columns of pipeline parent runs: (two-line header, metric, format)

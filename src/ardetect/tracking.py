@@ -8,6 +8,7 @@ outside a pipeline execution (plain ``dvc repro``) logs a run without a parent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -84,10 +85,50 @@ class TrackingUnreachable(ConnectionError):
     """The configured MLflow tracking server does not answer."""
 
 
+class TrackingStoreDamaged(TrackingUnreachable):
+    """The sqlite file of the MLflow store is not a readable database."""
+
+
+def check_store(db: Path, timeout: float = 5.0) -> None:
+    """A sqlite MLflow store that exists must be a sound SQLite database (``PRAGMA quick_check``, read-only: a few
+    milliseconds a megabyte), else ``TrackingStoreDamaged`` says so and what to do. MLflow met a damaged file
+    (a disk that filled mid-write, a file copied in part, another file at that path) with an SQLAlchemy traceback.
+    A store that another process holds locked is not damaged: MLflow waits for it as before."""
+    import sqlite3
+
+    if not db.is_file():
+        return
+    problem = None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)) as con:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        if [tuple(r) for r in rows] != [("ok",)]:
+            problem = "; ".join(str(r[0]) for r in rows[:3])
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            return
+        if "unable to open" in str(err):
+            raise TrackingUnreachable(f"the MLflow store {db} cannot be opened ({err}): check that this process may read "
+                                      "and write it and its folder") from None
+        problem = str(err)
+    except sqlite3.DatabaseError as err:
+        problem = str(err)
+    if problem is not None:
+        raise TrackingStoreDamaged(
+            f"the MLflow store {db} is not a readable SQLite database ({problem}). Move it aside (`mv {db} "
+            f"{db}.damaged`) and run again to start a new store, or put a copy of it back; the pipeline's outputs are "
+            "DVC's and stay as they are: only the runs the store listed are no longer listed"
+        )
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """An http(s) tracking server must answer within ``timeout`` seconds, else ``TrackingUnreachable``
-    names it at once (MLflow itself retries for minutes, then fails with a traceback). A file or
-    database URI has nothing to reach."""
+    names it at once (MLflow itself retries for minutes, then fails with a traceback). A sqlite store that
+    exists must be readable (``check_store``); another file or database URI has nothing to reach."""
+    db = sqlite_file(uri)
+    if db is not None:
+        check_store(db, timeout)
+        return
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error

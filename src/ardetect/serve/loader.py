@@ -27,7 +27,7 @@ from typing import Sequence
 from ardetect.export.onnx_export import ExportError, sha256
 from ardetect.export.runtime import OnnxDetector, load_manifest
 from ardetect.tmpdirs import temp_dir_beside
-from ardetect.tracking import sqlite_file
+from ardetect.tracking import TrackingStoreDamaged, check_store, sqlite_file
 
 CACHE_KEEP = 3  # registered versions kept downloaded in the model cache
 CACHE_MARK = ".ardetect-model-cache"  # in each version's folder: the pruning removes no folder without it
@@ -96,6 +96,11 @@ def load_model(source: str | Path, providers: Sequence[str] | None = None, threa
         raise ModelNotFound(f"model {text!r}: there is no MLflow store at {store} (no pipeline has run there: `make run` or "
                             "`ard pipeline run` at the repository root makes it and registers the model); give an export "
                             "folder with --model, or run from the repository (or a folder in it)")
+    if store is not None:
+        try:
+            check_store(store)
+        except TrackingStoreDamaged as err:
+            raise ModelNotFound(f"model {text!r}: {err}; or give an export folder with --model") from None
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
