@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -215,6 +216,39 @@ def test_a_damaged_store_is_named_with_what_to_do_and_left_as_it_was(tmp_path, m
             assert out.exit_code == 2 and "is not a readable SQLite database" in out.output, (name, args, out.output)
             assert "Traceback" not in out.output and "sqlalchemy" not in out.output.lower(), out.output
         assert db.read_bytes() == content, name  # read only
+
+
+def test_a_large_store_gets_its_header_checked_and_a_small_one_every_page(tmp_path, monkeypatch):
+    """The whole check reads every page (about 3 ms a MB, at each stage's start): a store above
+    STORE_FULL_CHECK_MAX_BYTES gets its header checked only, which still names a file that is no database or one
+    cut short. A page damaged inside a small store is found; inside a large one it is left to MLflow."""
+    import sqlite3
+
+    sound = tmp_path / "sound.db"
+    with contextlib.closing(sqlite3.connect(sound)) as con:
+        con.execute("CREATE TABLE t (a INTEGER PRIMARY KEY, b TEXT)")
+        con.execute("CREATE INDEX ib ON t (b)")
+        con.executemany("INSERT INTO t (b) VALUES (?)", [(f"{i:032x}" * 2,) for i in range(20000)])
+        con.commit()
+    data = sound.read_bytes()
+    page = int.from_bytes(data[16:18], "big")
+    inner = tmp_path / "inner-page.db"
+    inner.write_bytes(data[: 4 * page] + b"\xff" * 8 + data[4 * page + 8:])  # page 5's b-tree header
+    cut = tmp_path / "cut.db"
+    cut.write_bytes(data[: len(data) // 2])
+    other = tmp_path / "other.db"
+    other.write_bytes(b"x" * len(data))
+    assert len(data) > 1_000_000
+    tracking.check_store(sound)
+    with pytest.raises(tracking.TrackingStoreDamaged, match="inner-page.db is not a readable SQLite database"):
+        tracking.check_store(inner)
+    monkeypatch.setattr(tracking, "STORE_FULL_CHECK_MAX_BYTES", 100_000)
+    tracking.check_store(sound)
+    tracking.check_store(inner)  # beyond the bound: the header holds, the page is not read
+    with pytest.raises(tracking.TrackingStoreDamaged, match=rf"holds {len(data) // 2} bytes, its header counts {len(data) // page} pages"):
+        tracking.check_store(cut)
+    with pytest.raises(tracking.TrackingStoreDamaged, match=r"file is not a database\). Move it aside"):
+        tracking.check_store(other)
 
 
 def test_a_store_another_process_holds_locked_is_not_called_damaged(tmp_path):
