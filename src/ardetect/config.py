@@ -613,6 +613,12 @@ class Config(_Section):
             raise ValueError(f"model.overrides.image_size={over!r}: the training pipeline feeds square images")
         return int(h)
 
+    @property
+    def model_overrides(self) -> dict:
+        """``model.overrides`` with the detector's square input side."""
+        side = self.detector_image_size
+        return {**self.model.overrides, "image_size": (side, side)}
+
     @model_validator(mode="after")
     def _compatible(self) -> "Config":
         if self.exemplars.source == "synthetic" and self.generate.backend != "synthetic":

@@ -15,11 +15,31 @@ tokens and adapters (paper section 3; DESIGN.md "The detector").
 Weights: ``ardetect.model.convert`` reads transformers' and original GroundingDINO checkpoints.
 """
 
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from .config import SIZES, ModelConfig
-from .detector import (
-    MASKED_LOGIT, ARDetector, ARDOutput, ImageCache, QueryCache, build, count_parameters, param_groups, predict_region_variants,
-)
-from .text import TokenizedPrompts, tokenize_prompts
+
+if TYPE_CHECKING:  # what the names below load (and what tests/test_dvc_deps.py's import closure reads)
+    from .detector import (
+        MASKED_LOGIT, ARDetector, ARDOutput, ImageCache, QueryCache, build, count_parameters, param_groups, predict_region_variants,
+    )
+    from .text import TokenizedPrompts, tokenize_prompts
+
+# the detector and the text side import torch and transformers (seconds): loaded when first named, so that reading
+# a ModelConfig (the `check` stage, `ard pipeline run`'s preflight) does not pay for them
+_LAZY = {name: ".detector" for name in ("MASKED_LOGIT", "ARDetector", "ARDOutput", "ImageCache", "QueryCache", "build",
+                                        "count_parameters", "param_groups", "predict_region_variants")}
+_LAZY.update(TokenizedPrompts=".text", tokenize_prompts=".text")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SIZES",

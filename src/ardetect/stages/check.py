@@ -51,10 +51,10 @@ def _model_problems(cfg: Config, root: Path) -> list[str]:
         except WeightsError as err:
             return [str(err)]
         return []
-    from ardetect.train.phases import model_config
+    from ardetect.model.config import ModelConfig  # not the detector's torch (the preflight of `ard pipeline run` too)
 
     try:
-        model_config(cfg)
+        ModelConfig.named(cfg.model.size, **cfg.model_overrides)  # as train.phases.model_config builds it
     except ValueError as err:
         errors = getattr(err, "errors", None)  # pydantic's ValidationError: its messages without the input dump
         detail = "; ".join(e["msg"].removeprefix("Value error, ") for e in errors()) if callable(errors) else str(err)

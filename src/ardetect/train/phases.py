@@ -38,8 +38,7 @@ Logger = Callable[[dict, int], None]
 
 def model_overrides(cfg: Config) -> dict:
     """``cfg.model.overrides`` with the detector's square input side."""
-    side = cfg.detector_image_size
-    return {**cfg.model.overrides, "image_size": (side, side)}
+    return cfg.model_overrides
 
 
 def model_config(cfg: Config):
@@ -48,7 +47,7 @@ def model_config(cfg: Config):
     encoder tokens of the image size) without building the model."""
     from ardetect.model import ModelConfig
 
-    return ModelConfig.named(cfg.model.size, **model_overrides(cfg))
+    return ModelConfig.named(cfg.model.size, **cfg.model_overrides)
 
 
 def build_model(cfg: Config):
