@@ -126,10 +126,10 @@ def check_store(db: Path, timeout: float = 5.0) -> None:
     problem = store_header_problem(db)
     try:
         if problem is None:
-            check = "PRAGMA quick_check" if db.stat().st_size <= STORE_FULL_CHECK_MAX_BYTES else "PRAGMA schema_version"
+            every_page = db.stat().st_size <= STORE_FULL_CHECK_MAX_BYTES
             with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)) as con:
-                rows = con.execute(check).fetchall()
-            if check.endswith("quick_check") and [tuple(r) for r in rows] != [("ok",)]:
+                rows = con.execute("PRAGMA quick_check" if every_page else "PRAGMA schema_version").fetchall()
+            if every_page and [tuple(r) for r in rows] != [("ok",)]:
                 problem = "; ".join(str(r[0]) for r in rows[:3])
     except sqlite3.OperationalError as err:
         if "locked" in str(err) or "busy" in str(err):

@@ -36,11 +36,6 @@ from ardetect.train.matcher import HungarianMatcher
 Logger = Callable[[dict, int], None]
 
 
-def model_overrides(cfg: Config) -> dict:
-    """``cfg.model.overrides`` with the detector's square input side."""
-    return cfg.model_overrides
-
-
 def model_config(cfg: Config):
     """The ``ModelConfig`` that ``build_model`` builds from (without a ``model.pretrained`` checkpoint):
     checks a size, its overrides and the input side together (e.g. ``num_queries`` against the
@@ -57,7 +52,7 @@ def build_model(cfg: Config):
     if cfg.model.pretrained:
         from ardetect.model.convert import load_transformers_checkpoint
 
-        return load_transformers_checkpoint(cfg.model.pretrained, **model_overrides(cfg))
+        return load_transformers_checkpoint(cfg.model.pretrained, **cfg.model_overrides)
     return build(model_config(cfg))
 
 
