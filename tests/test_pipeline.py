@@ -680,8 +680,16 @@ def test_metrics_files_hold_headlines_and_details_sit_beside_them(piped):
     shown = json.loads(dvc(ws, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
     per_file = {path: _leaves(entry.get("data", {})) for path, entry in files.items()}
-    for path in ("data/tuples/stats.json", "data/validation/summary.json", "models/phase1/metrics.json", "models/phase2/metrics.json"):
+    for path in ("data/tuples/stats.json", "data/validation/summary.json", "models/pretrain/metrics.json", "models/phase1/metrics.json",
+                 "models/phase2/metrics.json"):
         assert 1 <= per_file[path] <= 30, (path, per_file[path])
+    # the pre-training's record: its dashboard figures, its per-epoch table (a `dvc plots` source) and its curves
+    pre = json.loads((ws / "models/pretrain/metrics.json").read_text())
+    assert pre["epochs"] == 1 and pre["diagnostics_epoch"] == 1 and 0 <= pre["val_class_rprecision"] <= 1, pre
+    assert pd.read_csv(ws / "models/pretrain/history.csv")["epoch"].tolist() == [1]
+    plotted = json.loads(dvc(ws, "plots", "show", "--json").stdout)["data"]
+    assert "models/pretrain/history.csv" in plotted and "models/phase1/history.csv" in plotted, sorted(plotted)
+    assert (ws / "models/pretrain/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not any(path.endswith(("details.json", "checks.json")) for path in per_file)
 
 

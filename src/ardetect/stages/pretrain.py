@@ -31,10 +31,25 @@ def build(cfg: Config) -> dict:
     objects = pd.concat([read_table(DATA / sub / "objects.parquet", OBJECT_COLUMNS, f"{sub} objects") for sub in ("exemplars", "generated")],
                         ignore_index=True)
     _, history = run_pretrain(cfg, objects, tuples, DATA, OUT, log=lambda m, step: tracking.log_metrics(m, step=step))
-    tracking.write_json_atomic({"history": history}, OUT / "history.json")
-    tracking.log_artifact(OUT / "history.json", artifact_path="pretrain")
+    write_record(history, OUT, cfg.pretrain.lr)
     last = history[-1] if history else {}
     return {"epochs": cfg.pretrain.epochs, **{f"final_{k}": v for k, v in last.items() if isinstance(v, float)}}
+
+
+def write_record(history: list[dict], out: Path, start_lr: float) -> None:
+    """The pre-training's record beside its model: ``history.json`` (every epoch of the three steps),
+    ``history.csv`` (the detection epochs, for ``dvc plots``), ``metrics.json`` (the last figures of each
+    step, for ``dvc metrics``) and ``curves.png``; each written through a temp file, all logged to MLflow."""
+    from ardetect.tmpdirs import replaced_atomically
+    from ardetect.train.record import detection_epochs, headline, pretrain_curves
+
+    pretrain_curves(history, out / "curves.png", start_lr)  # first: a figure that fails leaves the record as it was
+    tracking.write_json_atomic({"history": history}, out / "history.json")
+    with replaced_atomically(out / "history.csv") as tmp:
+        detection_epochs(history).to_csv(tmp, index=False)
+    tracking.write_json_atomic(headline(history), out / "metrics.json")
+    for name in ("history.json", "history.csv", "metrics.json", "curves.png"):
+        tracking.log_artifact(out / name, artifact_path="pretrain")
 
 
 def main() -> None:
