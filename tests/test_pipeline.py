@@ -687,8 +687,9 @@ def test_metrics_files_hold_headlines_and_details_sit_beside_them(piped):
     pre = json.loads((ws / "models/pretrain/metrics.json").read_text())
     assert pre["epochs"] == 1 and pre["diagnostics_epoch"] == 1 and 0 <= pre["val_class_rprecision"] <= 1, pre
     assert pd.read_csv(ws / "models/pretrain/history.csv")["epoch"].tolist() == [1]
+    assert pd.read_csv(ws / "models/pretrain/diagnostics.csv")["epoch"].tolist() == [1]
     plotted = json.loads(dvc(ws, "plots", "show", "--json").stdout)["data"]
-    assert "models/pretrain/history.csv" in plotted and "models/phase1/history.csv" in plotted, sorted(plotted)
+    assert {"models/pretrain/history.csv", "models/pretrain/diagnostics.csv", "models/phase1/history.csv"} <= set(plotted), sorted(plotted)
     assert (ws / "models/pretrain/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not any(path.endswith(("details.json", "checks.json")) for path in per_file)
 

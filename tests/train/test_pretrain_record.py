@@ -32,6 +32,10 @@ def test_the_table_holds_one_row_a_detection_epoch_with_the_diagnostics_where_th
     assert not any(c.startswith(("classify", "region_")) for c in table.columns)  # the crop steps have their own x
     assert table["val_grounding"].isna().tolist() == [True, False, True, False, False]
     assert table.loc[table["epoch"] == 4, "val_class_rprecision"].item() == pytest.approx(0.2)
+    losses, diagnostics = record.loss_table(_history()), record.diagnostics_table(_history())
+    assert losses["epoch"].tolist() == [1, 2, 3, 4, 5] and not any(c.startswith("val_") for c in losses.columns)
+    assert diagnostics.columns.tolist() == ["epoch", *record.DIAGNOSTICS] and diagnostics["epoch"].tolist() == [2, 4, 5]
+    assert not diagnostics.isna().any().any()  # every cell filled: a plot reads no empty cell as a zero
     assert record.lr_drops(table, start_lr=1e-3) == [4]  # a record's lr is the next epoch's: epoch 5 trains at lr / 10
     assert record.lr_drops(table, start_lr=1e-2) == [1, 4]  # the first record below the start: a fall after epoch 1
 
@@ -53,7 +57,9 @@ def test_write_record_writes_the_four_files_and_the_curves_show_every_step(tmp_p
     write_record(history, tmp_path, start_lr=1e-3)
     assert json.loads((tmp_path / "history.json").read_text())["history"] == history
     table = pd.read_csv(tmp_path / "history.csv")
-    assert table["epoch"].tolist() == [1, 2, 3, 4, 5] and table["val_grounding"].isna().sum() == 2
+    assert table["epoch"].tolist() == [1, 2, 3, 4, 5] and table["train_loss_class"].notna().all() and "val_grounding" not in table
+    diagnosed = pd.read_csv(tmp_path / "diagnostics.csv")
+    assert diagnosed["epoch"].tolist() == [2, 4, 5] and diagnosed["val_class_rprecision"].tolist() == pytest.approx([0.1, 0.2, 0.25])
     assert json.loads((tmp_path / "metrics.json").read_text()) == record.headline(history)
     with Image.open(tmp_path / "curves.png") as im:
         three = im.size
@@ -65,6 +71,8 @@ def test_write_record_writes_the_four_files_and_the_curves_show_every_step(tmp_p
     write_record([], tmp_path / "none", start_lr=1e-3)  # pretrain.epochs: 0 still gives every file DVC expects
     assert json.loads((tmp_path / "none" / "metrics.json").read_text()) == {"epochs": 0}
     assert pd.read_csv(tmp_path / "none" / "history.csv").columns.tolist() == ["epoch"]
+    none = pd.read_csv(tmp_path / "none" / "diagnostics.csv")
+    assert none.empty and none.columns.tolist() == ["epoch", *record.DIAGNOSTICS]
     assert (tmp_path / "none" / "curves.png").stat().st_size > 0
 
 
@@ -83,13 +91,13 @@ def test_a_figure_that_fails_leaves_the_record_as_it_was(tmp_path, monkeypatch):
 
 
 def test_the_committed_record_is_drawn_from_the_committed_history(tmp_path, monkeypatch):
-    """`models/pretrain/history.csv` and `metrics.json` in the repository are what the stage writes from the
+    """`models/pretrain/history.csv`, `diagnostics.csv` and `metrics.json` in the repository are what the stage writes from the
     `history.json` beside them (a run rewrites all of them together)."""
     from pathlib import Path
 
     monkeypatch.setenv("ARD_TRACKING", "off")
     kept = Path(__file__).resolve().parents[2] / "models" / "pretrain"
     write_record(json.loads((kept / "history.json").read_text())["history"], tmp_path, start_lr=1e-3)
-    for name in ("history.csv", "metrics.json"):
+    for name in ("history.csv", "diagnostics.csv", "metrics.json"):
         assert (tmp_path / name).read_text() == (kept / name).read_text(), name
     assert (kept / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

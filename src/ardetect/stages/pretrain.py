@@ -38,17 +38,19 @@ def build(cfg: Config) -> dict:
 
 def write_record(history: list[dict], out: Path, start_lr: float) -> None:
     """The pre-training's record beside its model: ``history.json`` (every epoch of the three steps),
-    ``history.csv`` (the detection epochs, for ``dvc plots``), ``metrics.json`` (the last figures of each
-    step, for ``dvc metrics``) and ``curves.png``; each written through a temp file, all logged to MLflow."""
+    ``history.csv`` (the detection epochs' losses) and ``diagnostics.csv`` (the val diagnostics at the epochs
+    they ran), both for ``dvc plots``, ``metrics.json`` (the last figures of each step, for ``dvc metrics``) and
+    ``curves.png``; each written through a temp file, all logged to MLflow."""
     from ardetect.tmpdirs import replaced_atomically
-    from ardetect.train.record import detection_epochs, headline, pretrain_curves
+    from ardetect.train.record import diagnostics_table, headline, loss_table, pretrain_curves
 
     pretrain_curves(history, out / "curves.png", start_lr)  # first: a figure that fails leaves the record as it was
     tracking.write_json_atomic({"history": history}, out / "history.json")
-    with replaced_atomically(out / "history.csv") as tmp:
-        detection_epochs(history).to_csv(tmp, index=False)
+    for name, table in (("history.csv", loss_table(history)), ("diagnostics.csv", diagnostics_table(history))):
+        with replaced_atomically(out / name) as tmp:
+            table.to_csv(tmp, index=False)
     tracking.write_json_atomic(headline(history), out / "metrics.json")
-    for name in ("history.json", "history.csv", "metrics.json", "curves.png"):
+    for name in ("history.json", "history.csv", "diagnostics.csv", "metrics.json", "curves.png"):
         tracking.log_artifact(out / name, artifact_path="pretrain")
 
 

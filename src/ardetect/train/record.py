@@ -3,8 +3,8 @@
 ``run_pretrain`` keeps one history list: the crop classification's epochs (``classify_*``), the region
 classifier's (``region_classify_*``), then the detection epochs (``epoch``, the losses, ``lr`` and, after
 the epochs the diagnostics ran, ``val_*``). These functions split it into what ``dvc plots``, ``dvc
-metrics`` and a reader want: the detection epochs as a table, the last figures of each step, and one
-figure of all three steps.
+metrics`` and a reader want: the detection epochs' losses and the diagnostics as two tables, the last
+figures of each step, and one figure of all three steps.
 """
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ def detection_epochs(history: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows).sort_values("epoch", kind="stable").reset_index(drop=True)
     frame["epoch"] = frame["epoch"].astype("int64")
     return frame[["epoch", *[c for c in frame.columns if c != "epoch"]]]
+
+
+def loss_table(history: list[dict]) -> pd.DataFrame:
+    """``history.csv``: each detection epoch's losses and learning rate, without the diagnostics (a plot would
+    read their empty cells as zeros)."""
+    epochs = detection_epochs(history)
+    return epochs[[c for c in epochs.columns if c not in DIAGNOSTICS]]
+
+
+def diagnostics_table(history: list[dict]) -> pd.DataFrame:
+    """``diagnostics.csv``: the epochs the val diagnostics ran after, one row each, every cell filled."""
+    epochs = detection_epochs(history)
+    present = [c for c in DIAGNOSTICS if c in epochs]
+    if not present:
+        return pd.DataFrame({"epoch": pd.Series([], dtype="int64"), **{c: pd.Series([], dtype="float64") for c in DIAGNOSTICS}})
+    return epochs.dropna(subset=present, how="all")[["epoch", *present]].reset_index(drop=True)
 
 
 def headline(history: list[dict]) -> dict:
