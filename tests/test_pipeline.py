@@ -683,7 +683,7 @@ def test_metrics_files_hold_headlines_and_details_sit_beside_them(piped):
     for path in ("data/tuples/stats.json", "data/validation/summary.json", "models/pretrain/metrics.json", "models/phase1/metrics.json",
                  "models/phase2/metrics.json"):
         assert 1 <= per_file[path] <= 30, (path, per_file[path])
-    # the pre-training's record: its dashboard figures, its per-epoch table (a `dvc plots` source) and its curves
+    # the pre-training's record: its dashboard figures, its two per-epoch tables (`dvc plots` sources) and its curves
     pre = json.loads((ws / "models/pretrain/metrics.json").read_text())
     assert pre["epochs"] == 1 and pre["diagnostics_epoch"] == 1 and 0 <= pre["val_class_rprecision"] <= 1, pre
     assert pd.read_csv(ws / "models/pretrain/history.csv")["epoch"].tolist() == [1]

@@ -51,7 +51,7 @@ def test_the_dashboard_reads_each_steps_last_figures():
     assert record.headline([]) == {"epochs": 0}
 
 
-def test_write_record_writes_the_four_files_and_the_curves_show_every_step(tmp_path, monkeypatch):
+def test_write_record_writes_the_five_files_and_the_curves_show_every_step(tmp_path, monkeypatch):
     monkeypatch.setenv("ARD_TRACKING", "off")
     history = _history()
     write_record(history, tmp_path, start_lr=1e-3)

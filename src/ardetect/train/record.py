@@ -63,11 +63,11 @@ def headline(history: list[dict]) -> dict:
     out: dict = {"epochs": int(epochs["epoch"].max()) if len(epochs) else 0}
     if "train_loss" in epochs and epochs["train_loss"].notna().any():
         out["train_loss"] = round(float(epochs["train_loss"].dropna().iloc[-1]), 4)
-    read = epochs.dropna(subset=[c for c in DIAGNOSTICS if c in epochs], how="all") if any(c in epochs for c in DIAGNOSTICS) else epochs.iloc[:0]
+    read = diagnostics_table(history)
     if len(read):
         last = read.iloc[-1]
         out["diagnostics_epoch"] = int(last["epoch"])
-        out.update({c: round(float(last[c]), 4) for c in DIAGNOSTICS if c in read and pd.notna(last[c])})
+        out.update({c: round(float(last[c]), 4) for c in DIAGNOSTICS if pd.notna(last[c])})
     for name, _, _, field, _ in CROP_STEPS:
         seen = [r[field] for r in history if _number(r.get(field))]
         if seen:
@@ -129,11 +129,12 @@ def _draw_curves(axes: list, history: list[dict], epochs: pd.DataFrame, crops: l
     for ax in (losses, diagnostics):
         for i, epoch in enumerate(drops):
             ax.axvline(epoch + 0.5, color="grey", ls=":", lw=1, label="lr falls" if i == 0 else None)
+    drawn = [field for field, _ in LOSS_PARTS if field in epochs and epochs[field].notna().any()]
     for field, label in LOSS_PARTS:
-        if field in epochs and epochs[field].notna().any():
+        if field in drawn:
             losses.plot(epochs["epoch"], epochs[field], marker="o", ms=3, label=label)
     losses.set_title("Detection pre-training: training loss (last layer)", fontsize=9)
-    if any(line.get_marker() == "o" for line in losses.lines):
+    if drawn:
         losses.set_yscale("log")
     for field in DIAGNOSTICS:
         if field in epochs and epochs[field].notna().any():
