@@ -18,6 +18,7 @@ from tiny_world import assert_kill_and_resume_match, fast_config
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("phase1_script.py")
+PHASE1_EPOCHS_TO_ATTRIBUTE = 30  # passes over the tiny world's 16 training tuples in the learning test
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -316,3 +317,35 @@ def test_without_val_tuples_the_last_epoch_is_the_checkpoint(tiny_world, tmp_pat
     assert result.best_epoch == 2
     best = load_model(tmp_path / "p1" / "best.pt")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in best.state_dict().items())
+
+
+def test_phase1_learns_to_find_each_training_query_in_its_own_image(tiny_world, tmp_path):
+    """Phase 1 learns attribution: trained on the tiny world's training tuples, ARD− read as the pipeline reads it (the
+    most probable boxes re-ranked by their region's similarity to the query's, identity weight 5 as the default world's
+    fit gives ARD−) ranks each training query's own image first among the 8 training images far more often than the
+    untrained detector (0.19 from this seed's start, 0.31 from seed 1's; 0.94 after training from both). Every
+    concept's square has a colour of its own and two concepts share each class, so the class alone does not find it.
+    A broken target, matcher, loss, region token or region contrast leaves it near chance (the smoke pipeline trains
+    too little to show it). Read the paper's way (no re-ranking) the same training reaches only 0.19: from random
+    weights in 120 steps the detector learns where the squares are, the region features which one it is."""
+    import numpy as np
+
+    from ardetect.evaluation.ard import ARDMethod
+    from ardetect.train.phases import build_model
+
+    tuples, root = tiny_world
+    train = tuples[tuples["split"] == "train"]
+    candidates = sorted(set(train["train_image"]))
+
+    def recall_at_1(model) -> float:
+        method = ARDMethod(model, root, 64, identity_weight=5.0)
+        return float(np.mean([candidates[int(np.argmax(method.score(q, candidates).scores))] == q.train_image for _, q in train.iterrows()]))
+
+    cfg = fast_config(train_phase1={"epochs": PHASE1_EPOCHS_TO_ATTRIBUTE, "batch_size": 4, "lr_drop_epochs": 1000, "checkpoint_every": 1000})
+    torch.manual_seed(cfg.train_phase1.seed)
+    before = recall_at_1(build_model(cfg))  # the weights run_phase1 starts from
+    model, result = run_phase1(cfg, tuples, root, tmp_path / "p1", resume=False)
+    after = recall_at_1(model)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert before <= 0.4 and after >= 0.75, (before, after)

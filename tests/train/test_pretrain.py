@@ -22,6 +22,7 @@ from tiny_world import assert_kill_and_resume_match, fast_config, objects_of
 
 SCRIPT = Path(__file__).with_name("pretrain_script.py")
 VOCAB = ["apple", "ball", "bicycle", "cat", "dog", "mug", "umbrella"]
+EPOCHS_TO_GROUND = 40  # passes over the tiny world's 24 training images in the learning test
 
 
 def pretrain_config(**kw):
@@ -118,6 +119,43 @@ def test_object_crops_cut_each_object_with_its_class(tiny_world):
     assert sorted(vocabulary[k] for k in labels.tolist()) == sorted(rows.base_class)
     with pytest.raises(ValueError, match="not in the vocabulary"):
         object_crops(objects, images, root, vocabulary[:1], 32, 64)
+
+
+@pytest.mark.slow
+def test_detection_training_grounds_the_classes_of_the_images_it_trains_on(tiny_world):
+    """The pre-training's detection step learns: its prompts and targets, matcher, losses and optimiser step, run
+    on the tiny world's training images, teach an untrained detector to put each image's square under its class's
+    tokens and to rank the images by class, read by the val diagnostics' own measure on those same images. A broken
+    target, matcher, loss or box parameterisation leaves the detector where it started (the smoke pipeline's detector
+    trains too little to show it)."""
+    from ardetect.model import param_groups
+    from ardetect.train.engine import TrainState, train_steps
+    from ardetect.train.pretrain import grounding_metrics, pretrain_criterion
+
+    tuples, root = tiny_world
+    p = pretrain_config(batch_size=4).pretrain
+    torch.manual_seed(0)
+    model = build_model(fast_config())
+    model.set_phase(1)
+    objects = objects_of(tuples)
+    vocabulary = sorted(objects["base_class"].unique())
+    ds = ObjectDataset(objects, training_images(tuples), root, 64, train=False)
+    before = grounding_metrics(model, ds, vocabulary, p.absent_classes, seed=0)
+    optimizer = torch.optim.AdamW(param_groups(model, p.lr, p.lr_backbone, p.lr_linear_proj_mult), lr=p.lr, weight_decay=p.weight_decay)
+    criterion, state, losses = pretrain_criterion(p.loss), TrainState(), []
+    model.train()
+    for epoch in range(EPOCHS_TO_GROUND):
+        batches = PretrainBatches(ds, model.tokenizer, vocabulary, p.absent_classes, model.cfg.max_text_len, epoch_order(len(ds), 0, epoch), 0,
+                                  epoch, p.batch_size)
+        stats = train_steps(criterion, optimizer, (batches[i] for i in range(len(batches))), lambda b: detection_outputs(model, b),
+                            len(batches), state, epoch=epoch, clip_grad=p.clip_grad)
+        state.step = 0
+        losses.append(stats["loss"])
+    after = grounding_metrics(model, ds, vocabulary, p.absent_classes, seed=0)
+    assert losses[-1] < 0.5 * losses[0], losses
+    # untrained: 0.0 and 0.29; trained here 1.0 and 0.92 (0.96 and 0.96 from another seed's start)
+    assert before["val_grounding"] <= 0.25 and after["val_grounding"] >= 0.75, (before, after)
+    assert after["val_class_rprecision"] >= 0.75 and after["val_class_rprecision"] >= before["val_class_rprecision"] + 0.3, (before, after)
 
 
 @pytest.mark.slow

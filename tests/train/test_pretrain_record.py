@@ -36,6 +36,9 @@ def test_the_table_holds_one_row_a_detection_epoch_with_the_diagnostics_where_th
     assert losses["epoch"].tolist() == [1, 2, 3, 4, 5] and not any(c.startswith("val_") for c in losses.columns)
     assert diagnostics.columns.tolist() == ["epoch", *record.DIAGNOSTICS] and diagnostics["epoch"].tolist() == [2, 4, 5]
     assert not diagnostics.isna().any().any()  # every cell filled: a plot reads no empty cell as a zero
+    as_read_back = json.loads(json.dumps(_history(), sort_keys=True))  # history.json's key order, not the run's
+    assert losses.equals(record.loss_table(as_read_back)) and diagnostics.equals(record.diagnostics_table(as_read_back))
+    assert losses.columns.tolist() == ["epoch", "lr", "train_loss", "train_loss_bbox", "train_loss_class", "train_loss_giou"]
     assert record.lr_drops(table, start_lr=1e-3) == [4]  # a record's lr is the next epoch's: epoch 5 trains at lr / 10
     assert record.lr_drops(table, start_lr=1e-2) == [1, 4]  # the first record below the start: a fall after epoch 1
 

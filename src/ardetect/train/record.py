@@ -30,13 +30,14 @@ def _number(v) -> bool:
 
 def detection_epochs(history: list[dict]) -> pd.DataFrame:
     """The detection epochs, one row each (their scalar fields), in epoch order; the diagnostics are empty
-    (NaN) after the epochs they did not run. Columns: ``epoch`` first, then the history's own order."""
+    (NaN) after the epochs they did not run. Columns: ``epoch`` first, then by name, so that the history as the
+    run holds it and as ``history.json`` gives it back (its keys sorted) make the same table."""
     rows = [{k: v for k, v in r.items() if _number(v)} for r in history if "epoch" in r]
     if not rows:
         return pd.DataFrame({"epoch": pd.Series([], dtype="int64")})
     frame = pd.DataFrame(rows).sort_values("epoch", kind="stable").reset_index(drop=True)
     frame["epoch"] = frame["epoch"].astype("int64")
-    return frame[["epoch", *[c for c in frame.columns if c != "epoch"]]]
+    return frame[["epoch", *sorted(c for c in frame.columns if c != "epoch")]]
 
 
 def loss_table(history: list[dict]) -> pd.DataFrame:
