@@ -18,7 +18,7 @@ from tiny_world import assert_kill_and_resume_match, fast_config
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("phase1_script.py")
-PHASE1_EPOCHS_TO_ATTRIBUTE = 30  # passes over the tiny world's 16 training tuples in the learning test
+PHASE1_EPOCHS_TO_ATTRIBUTE = 40  # passes over the tiny world's 16 training tuples in the learning test (the last 8 at lr / 10)
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -322,13 +322,17 @@ def test_without_val_tuples_the_last_epoch_is_the_checkpoint(tiny_world, tmp_pat
 def test_phase1_learns_to_find_each_training_query_in_its_own_image(tiny_world, tmp_path):
     """Phase 1 learns attribution: trained on the tiny world's training tuples, ARD− read as the pipeline reads it (the
     most probable boxes re-ranked by their region's similarity to the query's, identity weight 5 as the default world's
-    fit gives ARD−) ranks each training query's own image first among the 8 training images far more often than the
-    untrained detector (0.19 from this seed's start, 0.31 from seed 1's; 0.94 after training from both). Every
-    concept's square has a colour of its own and two concepts share each class, so the class alone does not find it.
-    A broken target, matcher, loss, region token or region contrast leaves it near chance (the smoke pipeline trains
-    too little to show it). Read the paper's way (no re-ranking) the same training reaches only 0.19: from random
-    weights in 120 steps the detector learns where the squares are, the region features which one it is."""
+    fit gives ARD−) ranks each training query's own image among the 8 training images far higher than the untrained
+    detector does, and boxes its square there. Every concept's square has a colour of its own and two concepts share
+    each class, so the class alone does not find it. A broken target, matcher, loss, region token or region contrast
+    leaves it where it started (the smoke pipeline trains too little to show it).
+
+    Measured from four starts (seeds 0-3; this test runs seed 0): untrained, mean reciprocal rank 0.39-0.57, Recall@1
+    0.19-0.38, box 0.0; trained, 0.88-0.97, 0.75-0.94 and 0.50-1.0 (seed 0: 0.97, 0.94, 0.75). Read the paper's way
+    (no re-ranking), Recall@1 stays near chance (0.19 after 30 epochs from seed 0): from random weights in 160 steps
+    the detector learns where the squares are, the region features which one it is."""
     import numpy as np
+    from torchvision.ops import box_iou
 
     from ardetect.evaluation.ard import ARDMethod
     from ardetect.train.phases import build_model
@@ -337,15 +341,24 @@ def test_phase1_learns_to_find_each_training_query_in_its_own_image(tiny_world, 
     train = tuples[tuples["split"] == "train"]
     candidates = sorted(set(train["train_image"]))
 
-    def recall_at_1(model) -> float:
+    def read(model) -> tuple[float, float, float]:
+        """(mean reciprocal rank, Recall@1, share of own images whose chosen box has IoU >= 0.5 with the square)."""
         method = ARDMethod(model, root, 64, identity_weight=5.0)
-        return float(np.mean([candidates[int(np.argmax(method.score(q, candidates).scores))] == q.train_image for _, q in train.iterrows()]))
+        ranks, boxed = [], []
+        for _, q in train.iterrows():
+            got, own = method.score(q, candidates), candidates.index(q.train_image)
+            ranks.append(1 + int((got.scores > got.scores[own]).sum()))
+            boxed.append(float(box_iou(torch.tensor(got.boxes[own : own + 1]).float(), torch.tensor([list(q.train_box)]).float())) >= 0.5)
+        ranks = np.array(ranks)
+        return float(np.mean(1.0 / ranks)), float(np.mean(ranks == 1)), float(np.mean(boxed))
 
-    cfg = fast_config(train_phase1={"epochs": PHASE1_EPOCHS_TO_ATTRIBUTE, "batch_size": 4, "lr_drop_epochs": 1000, "checkpoint_every": 1000})
+    cfg = fast_config(train_phase1={"epochs": PHASE1_EPOCHS_TO_ATTRIBUTE, "lr_drop_epochs": PHASE1_EPOCHS_TO_ATTRIBUTE - 8, "batch_size": 4,
+                                    "checkpoint_every": 1000})
     torch.manual_seed(cfg.train_phase1.seed)
-    before = recall_at_1(build_model(cfg))  # the weights run_phase1 starts from
+    before = read(build_model(cfg))  # the weights run_phase1 starts from
     model, result = run_phase1(cfg, tuples, root, tmp_path / "p1", resume=False)
-    after = recall_at_1(model)
+    after = read(model)
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert before <= 0.4 and after >= 0.75, (before, after)
+    assert after[0] >= 0.8 and after[0] >= before[0] + 0.25, (before, after)  # mean reciprocal rank
+    assert after[1] >= 0.6 and after[2] >= 0.4 and before[2] <= 0.1, (before, after)  # Recall@1; the square boxed
