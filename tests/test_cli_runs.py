@@ -218,6 +218,33 @@ def test_a_damaged_store_is_named_with_what_to_do_and_left_as_it_was(tmp_path, m
         assert db.read_bytes() == content, name  # read only
 
 
+def test_a_command_checks_an_unchanged_store_once_and_a_store_written_since_again(store, monkeypatch):
+    """`ard runs compare` read the store through three calls (the target, then each run it resolves), and each
+    checked every page of it again. An unchanged file is now checked once a process; one written since, again."""
+    import sqlite3
+
+    uri, a, b = store
+    db = tracking.sqlite_file(uri)
+    checked = []
+    real = tracking.store_header_problem
+    monkeypatch.setattr(tracking, "store_header_problem", lambda path: checked.append(path) or real(path))
+    tracking._SOUND_STORES.clear()
+    result = ard("runs", "compare", a[:10], b[:10], "--params", str(REPO / "params.yaml"))
+    assert result.exit_code == 0 and "params, metrics and tags differ" in result.output, result.output
+    assert checked == [db]
+    assert ard("runs", "list", "--params", str(REPO / "params.yaml")).exit_code == 0
+    assert checked == [db]
+    with contextlib.closing(sqlite3.connect(db)) as con:  # another process writes the store: its stamps move
+        con.execute("CREATE TABLE written_since (a INTEGER)")
+        con.commit()
+    tracking.check_store(db)
+    assert checked == [db, db]
+    data = db.read_bytes()
+    db.write_bytes(b"x" * len(data))  # the same size, damaged since its last check: still found
+    with pytest.raises(tracking.TrackingStoreDamaged, match="file is not a database"):
+        tracking.check_store(db)
+
+
 def test_a_large_store_gets_its_header_checked_and_a_small_one_every_page(tmp_path, monkeypatch):
     """The whole check reads every page (about 3 ms a MB, at each stage's start): a store above
     STORE_FULL_CHECK_MAX_BYTES gets its header checked only, which still names a file that is no database or one

@@ -93,6 +93,14 @@ class TrackingStoreDamaged(TrackingUnreachable):
 # so that a stage's start stays within milliseconds however many runs the store holds
 STORE_FULL_CHECK_MAX_BYTES = 64 * 2**20
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# stores this process found sound, each with the file's identity and change stamps then: a command that reads the store
+# through several calls (`ard runs compare`: the target, then each run it resolves) checks an unchanged file once
+_SOUND_STORES: dict[Path, tuple[int, int, int, int]] = {}
+
+
+def _store_stamp(db: Path) -> tuple[int, int, int, int]:
+    st = db.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def store_header_problem(db: Path) -> str | None:
@@ -123,6 +131,9 @@ def check_store(db: Path, timeout: float = 5.0) -> None:
 
     if not db.is_file():
         return
+    key, stamp = db.resolve(), _store_stamp(db)
+    if _SOUND_STORES.get(key) == stamp:  # found sound before, and not written since
+        return
     problem = store_header_problem(db)
     try:
         if problem is None:
@@ -146,6 +157,7 @@ def check_store(db: Path, timeout: float = 5.0) -> None:
             f"{db}.damaged`) and run again to start a new store, or put a copy of it back; the pipeline's outputs are "
             "DVC's and stay as they are: only the runs the store listed are no longer listed"
         )
+    _SOUND_STORES[key] = stamp
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
