@@ -92,6 +92,11 @@ def test_registered_model_ranks_like_the_export(trained, tmp_path):
     out = model.predict(example)
     assert list(out["rank"]) == [1, 2] and set(out["candidate"]) == set(example.iloc[0]["candidates"])
     assert (out["score"].diff().dropna() <= 0).all()  # ranked by score
+    from PIL import Image
+
+    for r in out.itertuples(index=False):  # each region in its candidate, as the service answers
+        with Image.open(r.candidate) as im:
+            assert 0 <= r.x0 < r.x1 <= im.width and 0 <= r.y0 < r.y1 <= im.height, r
     # the logged folder is named "export", not after the build's temporary folder
     logged = Path(mlflow.artifacts.download_artifacts("models:/det@champion", dst_path=str(tmp_path / "logged")))
     assert [p.name for p in (logged / "artifacts").iterdir()] == ["export"]

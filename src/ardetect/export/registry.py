@@ -46,7 +46,7 @@ class AttributionModel(_PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import numpy as np
 
-        from ardetect.export.runtime import prepare_image
+        from ardetect.export.runtime import clip_to_images, prepare_image
 
         missing = [c for c in INPUT_COLUMNS if c not in model_input.columns]
         if missing:
@@ -57,10 +57,12 @@ class AttributionModel(_PythonModel):
             cands = [str(c) for c in r.candidates]
             prepared = [prepare_image(c, self.detector.size) for c in cands]
             feats = self.detector.encode_images(np.stack([a for a, _ in prepared]))
-            out = self.detector.score(feats, q, np.array([s for _, s in prepared]))
+            sizes = np.array([s for _, s in prepared])
+            out = self.detector.score(feats, q, sizes)
             order = np.argsort(-out["scores"], kind="stable")
+            boxes = clip_to_images(out["boxes"], sizes)  # in the candidate, as the service answers
             for rank, i in enumerate(order, 1):
-                x0, y0, x1, y1 = (float(v) for v in out["boxes"][i])
+                x0, y0, x1, y1 = (float(v) for v in boxes[i])
                 rows.append({"query": qi, "rank": rank, "candidate": cands[i], "score": float(out["scores"][i]),
                              "x0": x0, "y0": y0, "x1": x1, "y1": y1})
         return pd.DataFrame(rows)

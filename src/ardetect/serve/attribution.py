@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ardetect.export.runtime import clip_to_images
 from ardetect.serve.index import CandidateIndex
 from ardetect.serve.loader import LoadedModel
 from ardetect.serve.requests import RequestError, check_box_in_image
@@ -79,10 +80,11 @@ class Attributor:
         t3 = time.perf_counter()
         scores = out["scores"].astype(np.float64)
         order = np.argsort(-scores, kind="stable")[:top_k]
+        boxes = clip_to_images(out["boxes"][order], self.index.sizes[positions[order]])
         results = []
-        for rank, i in enumerate(order, 1):
+        for rank, (i, b) in enumerate(zip(order, boxes), 1):
             k = int(positions[i])
-            results.append({"rank": rank, "score": float(scores[i]), "box": [round(float(v), 3) for v in out["boxes"][i]], **self.index.info(k)})
+            results.append({"rank": rank, "score": float(scores[i]), "box": [round(float(v), 3) for v in b], **self.index.info(k)})
         timing = {"encode_query": (t1 - t0) * 1e3, "shortlist": (t2 - t1) * 1e3, "score": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
         return Attribution(results, len(positions), n, {k: round(v, 2) for k, v in timing.items()})
 
