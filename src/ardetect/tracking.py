@@ -93,14 +93,19 @@ class TrackingStoreDamaged(TrackingUnreachable):
 # so that a stage's start stays within milliseconds however many runs the store holds
 STORE_FULL_CHECK_MAX_BYTES = 64 * 2**20
 SQLITE_MAGIC = b"SQLite format 3\x00"
-# stores this process found sound, each with the file's identity and change stamps then: a command that reads the store
-# through several calls (`ard runs compare`: the target, then each run it resolves) checks an unchanged file once
-_SOUND_STORES: dict[Path, tuple[int, int, int, int]] = {}
+# stores this process found sound, each with the file's identity, change stamps and header then: a command that reads the
+# store through several calls (`ard runs compare`: the target, then each run it resolves) checks an unchanged file once
+_SOUND_STORES: dict[Path, tuple] = {}
 
 
-def _store_stamp(db: Path) -> tuple[int, int, int, int]:
+def _store_stamp(db: Path) -> tuple:
+    """What says a store file changed: its inode, size, modification and change times, and its 100-byte header (SQLite
+    counts every committed write there, and a file written over has another one), since a file system whose clock
+    ticks coarsely gives two writes within a tick the same times."""
     st = db.stat()
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    with db.open("rb") as f:
+        head = f.read(100)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, head
 
 
 def store_header_problem(db: Path) -> str | None:
