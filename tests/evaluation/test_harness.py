@@ -88,3 +88,34 @@ def test_harness_reports_class_rprecision_when_classes_given():
     assert ev.summary["class_rprecision"] == 0.5
     assert "class_rprecision" not in evaluate_method(Fixed(), t, n, progress=False).summary
     assert "| N/A |" in results_table([evaluate_method(Fixed(), t, n, progress=False)])
+
+
+def test_class_rprecision_counts_a_nan_score_against_the_query():
+    from ardetect.evaluation.harness import class_rprecision
+
+    # 2 cats of 4: a NaN mug ranks above every score, a NaN cat below every score, whatever the order
+    assert class_rprecision(np.array([0.2, np.nan, 0.9, 0.1]), ["cat", "mug", "cat", "mug"], "cat") == 0.5
+    assert class_rprecision(np.array([0.2, np.nan, 0.9, 0.1]), ["mug", "cat", "cat", "mug"], "cat") == 0.5
+    assert class_rprecision(np.array([1.0, np.nan, np.nan]), ["cat", "mug", "cat"], "cat") == 0.5  # mug, then the 1.0 cat
+    assert class_rprecision(np.array([np.nan, 0.3, 0.1]), ["cat", "mug", "mug"], "cat") == 0.0
+
+
+def test_retrievals_list_the_positive_after_the_candidates_tied_with_it():
+    from ardetect.evaluation.harness import display_order
+
+    t, n = data()
+    ev = evaluate_method(Fixed(), t, n, keep_retrievals=["t2"], progress=False)
+    # t2's positive x2 ties with x1 at 0.5: its rank is 2, and the list shows x1 first
+    assert ev.per_query.set_index("tuple_id").loc["t2", "rank"] == 2
+    assert [r[0] for r in ev.retrievals["t2"]] == ["x1.png", "x2.png", "x3.png"]
+    # NaN negatives first (they count against the positive), a NaN positive last
+    assert display_order(np.array([0.5, np.nan, 0.9, 0.5])).tolist() == [1, 2, 3, 0]
+    assert display_order(np.array([np.nan, 0.1, np.nan])).tolist() == [2, 1, 0]
+
+
+def test_evaluation_refuses_a_query_without_negatives_and_an_empty_split():
+    t, n = data()
+    with pytest.raises(ValueError, match=r"2 queries have no negatives.*'t2'"):
+        evaluate_method(ChanceMethod(), t, n[n["tuple_id"] == "t1"], progress=False)
+    with pytest.raises(ValueError, match="no queries to evaluate"):
+        evaluate_method(ChanceMethod(), t.iloc[:0], n, progress=False)

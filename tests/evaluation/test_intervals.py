@@ -72,3 +72,10 @@ def test_judge_absolute_and_paired_bars():
     assert out["chance"]["difference"]["low"] < 0 < out["chance"]["difference"]["high"]
     assert "interval above 0: no" in out["chance"]["rule"]
     assert not out["chance fails"]["met"] and out["chance fails"]["difference"]["value"] == pytest.approx(0.1 - 0.125)
+
+
+def test_non_finite_values_are_named_by_what_they_are():
+    with pytest.raises(ValueError, match="ARD/recall@5: per-query values must be finite"):
+        mean_interval(np.array([1.0, np.nan]), name="ARD/recall@5")
+    with pytest.raises(ValueError, match="ARD/recall@5 has 3 queries and ARD-/recall@5 has 4"):
+        paired_difference(np.ones(3), np.ones(4), names=("ARD/recall@5", "ARD-/recall@5"))

@@ -132,7 +132,13 @@ def evaluate_method(
 ) -> Evaluation:
     """Score every query's candidates with ``method``; ``class_of`` (candidate image -> base
     class) adds the class R-precision diagnostic (module docstring)."""
+    if len(tuples) == 0:
+        raise ValueError(f"{method.name}: no queries to evaluate (the tuples table is empty)")
     cands = candidates_of(tuples, negatives)
+    lone = [t for t, c in cands.items() if len(c) < 2]
+    if lone:
+        raise ValueError(f"{method.name}: {len(lone)} queries have no negatives to rank against (first: tuple_id "
+                         f"{lone[0]!r}); every query needs its training image and at least one negative")
     keep = set(keep_retrievals)
     rows, retrievals = [], {}
     for _, q in tqdm(tuples.iterrows(), total=len(tuples), desc=f"evaluate {method.name}", disable=not progress):
@@ -153,7 +159,7 @@ def evaluate_method(
             m["class_rprecision"] = class_rprecision(out.scores, [class_of[x] for x in c], q["base_class"])
         rows.append({"tuple_id": q["tuple_id"], "medium": q["medium"], "base_class": q["base_class"], "score": float(out.scores[0]), **m})
         if q["tuple_id"] in keep:
-            order = np.argsort(-np.asarray(out.scores), kind="stable")
+            order = display_order(out.scores)
             retrievals[q["tuple_id"]] = [
                 (c[i], float(out.scores[i]), None if out.boxes is None else [float(v) for v in out.boxes[i]]) for i in order[:10]
             ]
@@ -170,17 +176,31 @@ def evaluate_method(
     )
 
 
+def display_order(scores: np.ndarray) -> np.ndarray:
+    """Candidates best first as the ranks count them: the positive (index 0) after the candidates tied with it, and
+    NaN scores first but for the positive's, last."""
+    s = np.asarray(scores, dtype=float)
+    key = np.where(np.isnan(s), -np.inf, -s)  # a NaN negative before every score...
+    if np.isnan(s[0]):
+        key[0] = np.inf  # ...a NaN positive after every one
+    return np.lexsort((np.arange(s.size) == 0, key))
+
+
 def class_rprecision(scores: np.ndarray, classes: list[str], query_class: str) -> float:
     """Share of ``query_class`` among the n best scores, n = how many candidates have that class.
 
     Candidates tied at the cut are counted in proportion (the expected share under a random
-    order of the ties), so the value never depends on the candidates' order.
+    order of the ties), so the value never depends on the candidates' order. A NaN score
+    counts against the query (ranked first if its candidate is of another class, last if not).
     """
     same = np.asarray([c == query_class for c in classes])
     n = int(same.sum())
     if n == 0:
         raise ValueError(f"no candidate has the query's base class {query_class!r}")
     s = np.asarray(scores, dtype=float)
+    # a NaN score counts against the query, as in the ranks: above every score where its candidate is of another
+    # class, below every score where it is of the query's class
+    s = np.where(np.isnan(s), np.where(same, -np.inf, np.inf), s)
     cut = np.sort(s)[::-1][n - 1]
     above, tied = s > cut, s == cut
     take = n - int(above.sum())  # how many of the tied candidates make the top n

@@ -49,9 +49,13 @@ def _check(values: np.ndarray, name: str) -> np.ndarray:
     return v
 
 
-def mean_interval(values: Sequence[float] | np.ndarray, seed: int = 0, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE) -> Interval:
-    """The mean of per-query ``values`` and its percentile bootstrap interval over queries."""
-    v = _check(values, "values")
+def mean_interval(
+    values: Sequence[float] | np.ndarray, seed: int = 0, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+    name: str = "values",
+) -> Interval:
+    """The mean of per-query ``values`` and its percentile bootstrap interval over queries; ``name`` (what the values
+    are, e.g. "ARD/recall@5") names them in an error."""
+    v = _check(values, name)
     if v.size == 1 or np.all(v == v[0]):  # every resample has the same mean
         return Interval(float(v.mean()), float(v.mean()), float(v.mean()))
     res = stats.bootstrap(
@@ -64,11 +68,12 @@ def mean_interval(values: Sequence[float] | np.ndarray, seed: int = 0, n_resampl
 
 def paired_difference(
     a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, scale: float = 1.0, seed: int = 0,
-    n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, names: tuple[str, str] = ("a", "b"),
 ) -> Interval:
     """mean(a) - scale * mean(b) over the same queries (``a[i]`` and ``b[i]`` belong to query i),
     with its paired percentile bootstrap interval: each resample draws the same queries for both."""
-    x, y = _check(a, "a"), _check(b, "b")
+    x, y = _check(a, names[0]), _check(b, names[1])
     if x.shape != y.shape:
-        raise ValueError(f"paired_difference: a has {x.size} queries and b has {y.size}; a paired comparison needs the same queries")
+        raise ValueError(f"paired_difference: {names[0]} has {x.size} queries and {names[1]} has {y.size}; a paired "
+                         "comparison needs the same queries")
     return mean_interval(x - scale * y, seed=seed, n_resamples=n_resamples, confidence=confidence)

@@ -115,27 +115,28 @@ def judge(bars: list[Bar], per_query: dict[str, pd.DataFrame], chance_ref: dict[
     for bar in bars:
         a = per_query[bar.method][bar.metric].to_numpy(dtype=float)
         row = {"bar": bar.name, "key": bar.key, "method": bar.method, "metric": bar.metric}
+        a_name, b_name = f"{bar.method}/{bar.metric}", f"{bar.against}/{bar.metric}"
         if bar.against is None:
-            est = mean_interval(a, seed=seed)
+            est = mean_interval(a, seed=seed, name=a_name)
             row.update(estimate=est.as_dict(), met=bool(est.value >= bar.threshold),
                        rule=f"point estimate >= {bar.threshold:g}")
         elif bar.against in chance_ref:
             # an analytic reference is a fixed number, not a second method's noisy outcome:
             # the bar is absolute (the point estimate decides); the interval is reported beside it
             b = chance_ref[bar.against]
-            diff = paired_difference(a, b, scale=bar.scale, seed=seed)
+            diff = paired_difference(a, b, scale=bar.scale, seed=seed, names=(a_name, b_name))
             scale = "" if bar.scale == 1 else f"{bar.scale:g} x "
             row.update(against=bar.against, difference=diff.as_dict(), met=bool(diff.value >= 0),
                        rule=f"absolute: point estimate of {bar.method} - {scale}{bar.against} >= 0 "
                             f"(interval above 0: {'yes' if diff.excludes_zero_above() else 'no'})",
-                       estimate=mean_interval(a, seed=seed).as_dict())
+                       estimate=mean_interval(a, seed=seed, name=a_name).as_dict())
         else:
             b = per_query[bar.against][bar.metric].to_numpy(dtype=float)
-            diff = paired_difference(a, b, scale=bar.scale, seed=seed)
+            diff = paired_difference(a, b, scale=bar.scale, seed=seed, names=(a_name, b_name))
             scale = "" if bar.scale == 1 else f"{bar.scale:g} x "
             row.update(against=bar.against, difference=diff.as_dict(), met=diff.excludes_zero_above(),
                        rule=f"paired bootstrap of {bar.method} - {scale}{bar.against}: the 95% interval lies above 0",
-                       estimate=mean_interval(a, seed=seed).as_dict())
+                       estimate=mean_interval(a, seed=seed, name=a_name).as_dict())
         out.append(row)
     return out
 
@@ -151,7 +152,7 @@ def intervals_of(evaluation, seed: int) -> dict[str, dict[str, float]]:
         v = evaluation.per_query[col].to_numpy(dtype=float)
         if np.isnan(v).all():
             continue
-        out[key] = mean_interval(v, seed=seed).as_dict()
+        out[key] = mean_interval(v, seed=seed, name=f"{evaluation.method}/{key}").as_dict()
     return out
 
 
