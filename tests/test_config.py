@@ -137,6 +137,18 @@ def test_a_split_of_no_share_is_refused_before_anything_runs(name, split):
         load(raw)
 
 
+@pytest.mark.parametrize("hash_size, field, value", [(4, "copy_max_distance", 16), (8, "duplicate_max_distance", 17)])
+def test_a_copy_distance_past_a_quarter_of_the_hash_is_refused(hash_size, field, value):
+    """Unrelated images differ in about half of the hash's bits: such a distance would make every tuple a copy."""
+    raw = raw_params()
+    raw["validate"].update(hash_size=hash_size, **{field: value})
+    with pytest.raises(ConfigError, match=rf"validate.*{field}={value} is more than a quarter of hash_size={hash_size}'s "
+                                          rf"{hash_size**2} bits \({hash_size**2 // 4}\)"):
+        load(raw)
+    raw["validate"].update(copy_max_distance=hash_size**2 // 4, duplicate_max_distance=hash_size**2 // 4)
+    assert getattr(load(raw).validate_, field) == hash_size**2 // 4
+
+
 def test_distractor_bounds_ordered():
     raw = raw_params()
     raw["world"]["distractors"] = {"min_count": 3, "max_count": 1, "same_class_prob": 0.5}

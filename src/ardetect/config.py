@@ -247,6 +247,18 @@ class ValidateConfig(_Section):
         16, ge=0, description="training images of two concepts within this hash distance (bits) are near-duplicates"
     )
 
+    @model_validator(mode="after")
+    def _distances_fit_the_hash(self) -> "ValidateConfig":
+        # unrelated images differ in about half of a perceptual hash's bits: a distance past a quarter of them would
+        # call unrelated images copies (hash_size 4 has 16 bits, and the default distance 16 is every one of them)
+        most = self.hash_size**2 // 4
+        for name in ("copy_max_distance", "duplicate_max_distance"):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name}={getattr(self, name)} is more than a quarter of hash_size={self.hash_size}'s "
+                                 f"{self.hash_size**2} bits ({most}): unrelated images would count as copies; give "
+                                 f"{name} <= {most} or a larger hash_size")
+        return self
+
 
 class ModelSection(_Section):
     """The detector: a named size (``ardetect.model.ModelConfig.named``) plus overrides."""

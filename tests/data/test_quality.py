@@ -269,8 +269,26 @@ def test_negative_is_own_training_image(tuple_data):
     i = int(np.flatnonzero(neg["tuple_id"].to_numpy() == tid)[0])
     neg.loc[i, "neg_image"] = own  # a negative row of another concept now holds the tuple's own image
     r = run(d.with_tables(negatives=neg))
-    assert_only(r, "negatives_own_image", tid, own, "own training image")
-    assert [f.name for f in r.failures] == ["negatives_own_image:neg_per_tuple:n_own_image"]
+    assert r.failed_families == ["ids_unique", "negatives_own_image"], r.message()
+    assert [f.name for f in r.failures] == ["ids_unique:neg_per_tuple:n_image_not_concept",
+                                            "negatives_own_image:neg_per_tuple:n_own_image"]
+    assert tid in r.message() and own in r.message() and "own training image" in r.message()
+
+
+def test_a_negative_image_from_another_split_is_a_leak_whatever_its_concept_says(tuple_data):
+    d = tuple_data.copy()
+    neg = objects(d.negatives)
+    tid = d.tuples.loc[d.tuples["split"] == "test", "tuple_id"].iloc[0]
+    val_image = d.tuples.loc[d.tuples["split"] == "val", "train_image"].iloc[0]
+    i = int(np.flatnonzero(neg["tuple_id"].to_numpy() == tid)[0])
+    concept = neg.loc[i, "neg_concept_id"]
+    neg.loc[i, "neg_image"] = val_image  # the concept column still names a test concept; the image is val's
+    r = run(d.with_tables(negatives=neg))
+    assert r.failed_families == ["ids_unique", "split_leakage"], r.message()
+    assert [f.name for f in r.failures] == ["ids_unique:neg_per_tuple:n_image_not_concept",
+                                            "split_leakage:neg_per_tuple:n_cross_split"]
+    assert f"{concept} (test) {val_image} (val)" in r.message()
+    assert "neg_image is its neg_concept_id's training image" in r.message()
 
 
 def test_negative_of_own_concept(tuple_data):

@@ -74,6 +74,34 @@ def test_tiny_split_keeps_every_split_nonempty():
     assert set(s) == {"train", "val", "test"}
 
 
+@pytest.mark.parametrize("n, fractions, want", [
+    (10, (0.05, 0.05, 0.9), (1, 1, 8)), (100, (0.001, 0.5, 0.499), (1, 50, 49)), (3, (0.05, 0.05, 0.9), (1, 1, 1)),
+    (30, (0.01, 0.1, 0.89), (1, 3, 26)), (40, (0.8, 0.1, 0.1), (32, 4, 4)),
+])
+def test_a_lopsided_split_still_leaves_train_a_concept(n, fractions, want):
+    train, val, test = fractions
+    counts = assign_splits(fake_exemplars(n), SplitConfig(train=train, val=val, test=test), seed=0).value_counts()
+    # train's concept is taken back from the larger of the other two
+    assert (counts.get("train", 0), counts.get("val", 0), counts.get("test", 0)) == want
+
+
+def test_fewer_concepts_than_splits_refused_by_name():
+    with pytest.raises(ValueError, match=r"2 concepts cannot fill the three splits of tuples\.split"):
+        assign_splits(fake_exemplars(2), SplitConfig(), seed=0)
+
+
+def test_world2_blocks_never_hold_a_lone_concept():
+    from ardetect.data.tuples import concept_blocks
+
+    ids = pd.Series([f"c{i}" for i in range(5)])
+    sizes = sorted(len(b) for b in concept_blocks(ids, 2, seed=0))
+    assert sizes == [2, 3]  # not 2, 2 and 1
+    assert sorted(len(b) for b in concept_blocks(pd.Series([f"c{i}" for i in range(208)]), 104, seed=0)) == [104, 104]
+    assert sorted(c for b in concept_blocks(ids, 2, seed=0) for c in b) == sorted(ids)
+    with pytest.raises(ValueError, match="1 concepts"):
+        concept_blocks(ids[:1], None, seed=0)
+
+
 def test_duplicate_concepts_rejected():
     ex = pd.concat([fake_exemplars(4), fake_exemplars(1)], ignore_index=True)
     with pytest.raises(ValueError, match="concept_id 'c00000' appears twice"):

@@ -657,6 +657,8 @@ def _negatives_table(t: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
 
     first = t.dropna(subset=["tuple_id"]).drop_duplicates("tuple_id").set_index("tuple_id")
     concept_split = t.dropna(subset=["concept_id"]).drop_duplicates("concept_id").set_index("concept_id")["split"]
+    image_split = t.dropna(subset=["train_image"]).drop_duplicates("train_image").set_index("train_image")["split"]
+    concept_image = t.dropna(subset=["concept_id"]).drop_duplicates("concept_id").set_index("concept_id")["train_image"]
     split_code = {s: i for i, s in enumerate(dict.fromkeys([*SPLITS, *map(str, t["split"].dropna())]))}
 
     # per unique negatives tuple_id: its own image / concept as codes of the negatives' columns, its split
@@ -664,13 +666,19 @@ def _negatives_table(t: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
     own_cpt = pd.Index(c_uni).get_indexer(first["concept_id"].reindex(t_uni).to_numpy(dtype=object))
     own_spl = np.array([split_code.get(v, -1) for v in first["split"].reindex(t_uni)], dtype=np.int64)
     neg_spl = np.array([split_code.get(v, -1) for v in concept_split.reindex(c_uni)], dtype=np.int64)
+    # the image is what the trainings and the evaluation read: its own split, and whether it is its concept's image
+    img_spl = np.array([split_code.get(v, -1) for v in image_split.reindex(i_uni)], dtype=np.int64)
+    cpt_img = pd.Index(i_uni).get_indexer(concept_image.reindex(c_uni).to_numpy(dtype=object))
+    cpt_known = concept_image.reindex(c_uni).notna().to_numpy()
 
     own_img_row = _lookup(nt, own_img)
     own_cpt_row = _lookup(nt, own_cpt)
     is_own_image = (ni >= 0) & (ni == own_img_row)
     is_own_concept = (nc >= 0) & (nc == own_cpt_row)
-    a, b = _lookup(nc, neg_spl), _lookup(nt, own_spl)
-    is_cross = (a >= 0) & (b >= 0) & (a != b)
+    a, b, a_img = _lookup(nc, neg_spl), _lookup(nt, own_spl), _lookup(ni, img_spl)
+    is_cross = (b >= 0) & (((a >= 0) & (a != b)) | ((a_img >= 0) & (a_img != b)))
+    # a negative of a known concept whose image is not that concept's training image
+    is_other_image = (nc >= 0) & _lookup(nc, cpt_known.astype(np.int64)).astype(bool) & (ni != _lookup(nc, cpt_img))
     key = (nt + 1) * (len(c_uni) + 1) + (nc + 1)
     dup = pd.Series(key).duplicated().to_numpy() if len(key) else np.zeros(0, bool)
 
@@ -687,6 +695,7 @@ def _negatives_table(t: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
             "n_own_image": count(is_own_image),
             "n_own_concept": count(is_own_concept),
             "n_cross_split": count(is_cross),
+            "n_image_not_concept": count(is_other_image),
             "n_duplicate": count(dup),
         },
         index=pd.Index([*t_uni, None], dtype=object),
@@ -701,7 +710,7 @@ def _negatives_table(t: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
     out["in_tuples"] = pd.Series([k in in_tuples for k in out["tuple_id"]], dtype=object)
 
     # example context: the offending negatives of each tuple (only where any)
-    bad = np.flatnonzero(is_own_image | is_own_concept | is_cross)
+    bad = np.flatnonzero(is_own_image | is_own_concept | is_cross | is_other_image)
     ctx: dict[Any, list[str]] = {}
     for r in bad[:10_000]:
         k = t_uni[nt[r]] if nt[r] >= 0 else None
@@ -709,7 +718,9 @@ def _negatives_table(t: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
         if len(lst) < 3:
             cpt = c_uni[nc[r]] if nc[r] >= 0 else None
             img = i_uni[ni[r]] if ni[r] >= 0 else None
-            lst.append(f"{cpt} {img} ({concept_split.get(cpt) if cpt is not None else None})")
+            cpt_split = concept_split.get(cpt) if cpt is not None else None
+            img_split = image_split.get(img) if img is not None else None
+            lst.append(f"{cpt} {img} ({cpt_split})" if img_split in (None, cpt_split) else f"{cpt} ({cpt_split}) {img} ({img_split})")
     out["bad_negatives"] = [", ".join(ctx.get(k, [])) for k in out["tuple_id"]]
     ids = out["tuple_id"].to_numpy(dtype=object)
     out["split"] = [_str_or_none(v) for v in first["split"].reindex(ids).to_numpy(dtype=object)]
@@ -1268,13 +1279,15 @@ def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, pla
               "every tuple_id of the negatives table is a tuple", ("tuple_id",)))
     add(_Spec("ids_unique", "neg_per_tuple", "ExpectColumnValuesToBeBetween", {"column": "n_duplicate", "max_value": 0},
               "no (tuple_id, neg_concept_id) pair twice in the negatives", ("tuple_id",)))
+    add(_Spec("ids_unique", "neg_per_tuple", "ExpectColumnValuesToBeBetween", {"column": "n_image_not_concept", "max_value": 0},
+              "a negative's neg_image is its neg_concept_id's training image", ("tuple_id", "bad_negatives")))
     # split_leakage
     add(_Spec("split_leakage", "train_images", "ExpectColumnValuesToBeBetween", {"column": "n_splits", "max_value": 1},
               "a training image is in one split", ("train_image", "splits", "tuples")))
     add(_Spec("split_leakage", "concepts", "ExpectColumnValuesToBeBetween", {"column": "n_splits", "max_value": 1},
               "a concept is in one split", ("concept_id", "splits", "tuples")))
     add(_Spec("split_leakage", "neg_per_tuple", "ExpectColumnValuesToBeBetween", {"column": "n_cross_split", "max_value": 0},
-              "a tuple's negatives come from its own split", ("tuple_id", "split", "bad_negatives")))
+              "a tuple's negatives come from its own split (their concepts and their images)", ("tuple_id", "split", "bad_negatives")))
     # negatives_own_image
     nctx = ("tuple_id", "train_image", "bad_negatives")
     add(_Spec("negatives_own_image", "neg_per_tuple", "ExpectColumnValuesToBeBetween",

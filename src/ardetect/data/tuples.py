@@ -33,17 +33,23 @@ def assign_splits(exemplars: pd.DataFrame, split: SplitConfig, seed: int) -> pd.
         row = [ids[i] for ids in per_class if i < len(ids)]
         order.extend(row[j] for j in rng.permutation(len(row)))
     n = len(order)
-    n_test = int(round(n * split.test))
-    n_val = int(round(n * split.val))
-    if n >= 3:  # keep every requested split non-empty
-        n_test = max(n_test, 1 if split.test > 0 else 0)
-        n_val = max(n_val, 1 if split.val > 0 else 0)
+    if n < 3:
+        raise ValueError(f"exemplars: {n} concepts cannot fill the three splits of tuples.split (train {split.train:g}, "
+                         f"val {split.val:g}, test {split.test:g}): each needs a concept of its own; give the world more concepts")
+    n_test = max(int(round(n * split.test)), 1)  # every split non-empty (each share is above 0)
+    n_val = max(int(round(n * split.val)), 1)
+    while n_test + n_val > n - 1:  # train too: a concept back from the larger of the other two
+        if n_test >= n_val:
+            n_test -= 1
+        else:
+            n_val -= 1
     labels = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
     return pd.Series(labels, index=pd.Index(order, name="concept_id"), name="split")
 
 
 def concept_blocks(concepts: pd.Series, block: int | None, seed: int) -> list[list[str]]:
-    """Deal ``concepts`` into seeded blocks of near-equal size, at most ``block`` each (None = one block).
+    """Deal ``concepts`` into seeded blocks of near-equal size, at most ``block`` each (None = one block) and never
+    fewer than 2.
 
     The blocks are the candidate sets of a world evaluated whole: a query ranks its own
     training image against the other concepts of its block.
@@ -51,7 +57,11 @@ def concept_blocks(concepts: pd.Series, block: int | None, seed: int) -> list[li
     ids = sorted(pd.unique(concepts.astype(str)))
     if block is not None and block < 2:
         raise ValueError(f"block={block}: a block needs at least 2 concepts (a positive and a negative)")
-    n_blocks = 1 if block is None else -(-len(ids) // block)
+    if len(ids) < 2:
+        raise ValueError(f"{len(ids)} concepts: a block needs at least 2 (a positive and a negative)")
+    # never a block of one concept, whose query would rank its own image alone: 5 concepts in blocks of at most 2
+    # make blocks of 3 and 2, not 2, 2 and 1
+    n_blocks = 1 if block is None else min(-(-len(ids) // block), len(ids) // 2)
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     return [sorted(part.tolist()) for part in np.array_split(np.asarray(order, dtype=object), n_blocks)]
 
