@@ -77,8 +77,8 @@ def main() -> None:
     from torchvision.ops import box_iou
 
     from ardetect.evaluation.metrics import query_metrics, rank_of_positive
+    from ardetect.images import open_image
     from ardetect.serve import Attributor, CandidateIndex, build_index, load_model
-    from ardetect.serve.images import open_image
     from ardetect.serve.index import pipeline_entries
 
     model = load_model(args.export, threads=args.threads)

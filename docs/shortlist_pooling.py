@@ -49,8 +49,8 @@ def main() -> None:
     ap.add_argument("--shortlists", type=int, nargs="+", default=[10, 25, 50])
     args = ap.parse_args()
     from ardetect.export.runtime import prepare_image_and_box
+    from ardetect.images import open_image
     from ardetect.serve import CandidateIndex, build_index, load_model
-    from ardetect.serve.images import open_image
     from ardetect.serve.index import pipeline_entries
 
     model = load_model(args.export)

@@ -533,8 +533,8 @@ def index_build(
 ) -> None:
     """Encode training images once into an on-disk index (resumes after a kill; refuses another model's partial build)."""
     from ardetect.export.onnx_export import ExportError
+    from ardetect.images import ImageRejected
     from ardetect.serve import IndexUnusable, ModelNotFound, build_index, load_model
-    from ardetect.serve.images import ImageRejected
     from ardetect.serve.index import folder_entries, pipeline_entries
 
     cfg, uri, root = _serve_settings(params)
@@ -641,8 +641,8 @@ def attribute_cmd(
 ) -> None:
     """Attribute an object of a generated image in-process, as POST /attribute does."""
     from ardetect.export.onnx_export import ExportError
+    from ardetect.images import ImageRejected, decode_image
     from ardetect.serve import IndexUnusable, ModelNotFound, open_attributor
-    from ardetect.serve.images import ImageRejected, decode_image
     from ardetect.serve.requests import Limits, RequestError, check_prompt, check_shortlist, check_top_k, parse_box, parse_candidates
 
     cfg, uri, root = _serve_settings(params)
@@ -682,7 +682,11 @@ def attribute_cmd(
     if grid is not None:
         from ardetect.serve.figures import result_grid
 
-        result_grid(img, q_box, result.results, attributor.index, grid, truth=truth)
+        try:
+            result_grid(img, q_box, result.results, attributor.index, grid, truth=truth)
+        except (ImageRejected, OSError) as err:  # a training image gone from the index's root, a folder not writable
+            typer.echo(f"attribute: grid: {grid} not written: {err}", err=True)
+            raise typer.Exit(1) from None
         typer.echo(f"wrote {grid}")
 
 

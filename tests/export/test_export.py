@@ -366,8 +366,8 @@ def test_export_and_index_of_a_detector_with_a_region_classifier(trained, tmp_pa
 
     from ardetect.evaluation.ard import ARDMethod
     from ardetect.evaluation.harness import evaluate_method
+    from ardetect.images import open_image
     from ardetect.serve import Attributor, CandidateIndex, build_index
-    from ardetect.serve.images import open_image
     from ardetect.serve.index import ImageEntry
     from ardetect.train.engine import model_file_state, save_atomic
     from ardetect.train.phases import image_size_of, load_model

@@ -88,6 +88,7 @@ def test_no_region_tokens_gives_plain_layout(tokenizer):
         (["   "], ["V* cat"], 64, "empty"),
         (["a photo of a dog."], ["V* cat"], 64, "does not contain"),
         (["a V* cat."], [""], 64, "empty"),
+        (["a V* cafe\u0301 sign."], ["\u0301"], 64, "does not contain the concept phrase '\u0301' \\(the phrase has no tokens"),
         (["a V* cat " + "on a rock " * 30 + "."], ["V* cat"], 64, "max_text_len"),
         (PROMPT, [CONCEPT], 64, "sequence"),
         ([PROMPT, PROMPT], [CONCEPT], 64, "concept phrases"),

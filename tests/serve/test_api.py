@@ -16,8 +16,8 @@ from PIL import Image
 
 from ardetect.config import ServeConfig
 from ardetect.export.runtime import Stopped
+from ardetect.images import decode_image, to_rgb
 from ardetect.serve.app import create_app
-from ardetect.serve.images import decode_image, to_rgb
 
 CFG = ServeConfig(max_pixels=1_000_000, max_upload_bytes=200_000, max_prompt_chars=120, max_top_k=20, max_candidates=8,
                   workers=1, queue_size=1, request_timeout_s=30)
@@ -131,6 +131,21 @@ def test_model_health_images_docs(client, attributor, served):
     assert client.get("/examples/0/image").status_code == 200 and client.get("/examples/999/image").status_code == 404
 
 
+def test_an_indexed_image_missing_or_unreadable_on_disk_is_named(client, attributor, monkeypatch, tmp_path):
+    """The index outlives its files (a container without the data mounted, a file removed): a clear answer, not a 500."""
+    k = attributor.index.ids[0]
+    monkeypatch.setattr(attributor.index, "path_of", lambda image_id: tmp_path / "gone.png")
+    for params in ({}, {"box": "2,2,30,30"}):
+        r = client.get(f"/images/{k}", params=params)
+        assert r.status_code == 404 and r.json()["field"] == "image_id", r.text
+        assert f"{k!r}'s file is missing from" in r.json()["detail"]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    monkeypatch.setattr(attributor.index, "path_of", lambda image_id: tmp_path / "broken.png")
+    r = client.get(f"/images/{k}", params={"box": "2,2,30,30"})
+    assert r.status_code == 500 and r.json()["field"] == "image_id" and "broken.png cannot be read" in r.json()["detail"], r.text
+    assert client.get("/health").status_code == 200
+
+
 @pytest.mark.parametrize("path", [
     "/images/../../../etc/passwd", "/images/%2e%2e/%2e%2e/etc/passwd", "/images//etc/passwd", "/images/img/x0.png",
     "/images/x0/../../secret", "/images/%00",
@@ -186,6 +201,7 @@ MALFORMED = [
     ("missing prompt", None, {"prompt": ...}, 422, "prompt", "empty"),
     ("oversized prompt", None, {"prompt": "A photo of V* cat " + "and more " * 40}, 422, "prompt", "more than the limit of 120"),
     ("phrase not in prompt", None, {"phrase": "V* dragon"}, 422, "phrase", "does not occur in the prompt"),
+    ("phrase of no tokens", None, {"prompt": "A photo of V* cat at a cafe\u0301.", "phrase": "\u0301"}, 422, "phrase", "has no tokens"),
     ("control character", None, {"prompt": "A photo of V* cat\x07 on the beach."}, 422, "prompt", "control or format character"),
     ("right-to-left override", None, {"prompt": "A photo of V* cat \u202eon the beach."}, 422, "prompt", "control or format"),
     ("right-to-left text", None, {"prompt": "A photo of V* cat \u05e9\u05dc\u05d5\u05dd on the beach."}, 422, "prompt", "right-to-left"),
@@ -219,6 +235,13 @@ def test_missing_image_and_oversized_body(client, query):
     big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)  # ~480 kB as PNG: over 200 kB
     r = post(client, query, image=png(Image.fromarray(big)))
     assert r.status_code == 413 and r.json()["field"] == "body" and "upload limit of 200,000 bytes" in r.json()["detail"]
+    # the same body streamed without a Content-Length (chunked transfer) is cut as it arrives, with the same answer
+    req = client.build_request("POST", "/attribute", data={"box": query["box"], "prompt": query["prompt"], "phrase": query["phrase"]},
+                               files={"image": ("q.png", png(Image.fromarray(big)), "image/png")})
+    body = req.read()
+    r = client.post("/attribute", content=(body[i:i + 8192] for i in range(0, len(body), 8192)),
+                    headers={"content-type": req.headers["content-type"]})
+    assert r.status_code == 413 and r.json()["field"] == "body" and "upload limit of 200,000 bytes" in r.json()["detail"], r.text
     # not multipart at all, and a broken multipart body
     r = client.post("/attribute", json={"box": query["box"], "prompt": query["prompt"]})
     assert r.status_code == 422 and r.json()["field"] == "image"

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from ardetect import tracking
+from ardetect.images import open_image
 from ardetect.serve import CandidateIndex, IndexMismatch, build_index
-from ardetect.serve.images import open_image
 from ardetect.serve.index import folder_entries, pipeline_entries
 
 REPO = Path(__file__).resolve().parents[2]

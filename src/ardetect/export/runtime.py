@@ -61,9 +61,12 @@ def prepare_image_and_box(image, size: int, box) -> tuple[np.ndarray, np.ndarray
     """``prepare_image`` and a pixel xyxy box of the original mapped into the resized image."""
     from PIL import Image
 
-    from ardetect.data.datasets import load_rgb, transform_with_box
+    from ardetect.data.datasets import transform_with_box
+    from ardetect.images import open_image, to_rgb
 
-    img = load_rgb(Path(image)) if not isinstance(image, Image.Image) else image.convert("RGB")
+    # as the service reads an upload: EXIF orientation applied, 16-bit and float images scaled (the pipeline's 8-bit
+    # PNGs come out as they are), so a path given to the registered model answers as the service does
+    img = open_image(Path(image)) if not isinstance(image, Image.Image) else to_rgb(image)
     tensor, out = transform_with_box(_transform(size), img, [0, 0, 1, 1] if box is None else list(box))
     return tensor.numpy(), (None if box is None else out.numpy()), (img.height, img.width)
 

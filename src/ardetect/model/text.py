@@ -145,9 +145,10 @@ def tokenize_prompts(
             if not isinstance(phrase, str) or not phrase.strip():
                 raise ValueError(f"concept phrase {i} is empty: {phrase!r}")
             sub = tokenizer(phrase, add_special_tokens=False)["input_ids"]
-            start = _find_sublist(ids, sub)
+            start = _find_sublist(ids, sub) if sub else -1  # a phrase the tokenizer strips whole (accents alone) has no span
             if start < 0:
-                raise ValueError(f"prompt {i} {prompt!r} does not contain the concept phrase {phrase!r}")
+                raise ValueError(f"prompt {i} {prompt!r} does not contain the concept phrase {phrase!r}"
+                                 + ("" if sub else " (the phrase has no tokens: the tokenizer strips every character of it)"))
             concept_spans.append((start, start + len(sub)))
         else:
             concept_spans.append((1, len(ids) - 1))

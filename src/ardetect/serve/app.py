@@ -43,8 +43,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ardetect.export.runtime import Stop, Stopped
+from ardetect.images import ImageRejected, draw_boxes, load_image, open_image, oriented_size, png_bytes, probe_image
 from ardetect.serve.attribution import Attributor
-from ardetect.serve.images import ImageRejected, draw_boxes, load_image, open_image, oriented_size, png_bytes, probe_image
 from ardetect.serve.requests import (Limits, RequestError, check_box_in_image, check_prompt, check_shortlist, check_top_k, parse_box,
                                      parse_candidates)
 
@@ -76,19 +76,38 @@ class BodyLimit:
                 return await _json(send, 400, {"detail": f"content-length: {declared[:40]!r} is not a number", "field": "content-length"})
             if size > self.limit:
                 return await _json(send, 413, {"detail": str(BodyTooLarge(self.limit, size).detail), "field": "body"})
-        received = 0
+        received, over, started = 0, False, False
         limit = self.limit
+        too_large = {"detail": str(BodyTooLarge(limit).detail), "field": "body"}
 
         async def counted():
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    over = True
                     raise BodyTooLarge(limit)
             return message
 
-        await self.app(scope, counted, send)
+        async def answered(message):
+            # a body cut as it streams in (no Content-Length) gets the 413, whatever the layers inside made of the
+            # exception (FastAPI's form parsing answers 400 "error parsing the body")
+            nonlocal started
+            if over:
+                if not started:
+                    started = True
+                    await _json(send, 413, too_large)
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, answered)
+        except BodyTooLarge:
+            if not started:
+                started = True
+                await _json(send, 413, too_large)
 
 
 async def _json(send, status: int, body: dict) -> None:
@@ -264,6 +283,8 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
             path = index.path_of(image_id)
         except KeyError:
             raise RequestError("image_id", f"{image_id[:80]!r} is not an image of this index", 404) from None
+        if not path.is_file():
+            raise RequestError("image_id", f"{image_id[:80]!r}'s file is missing from {index.root}", 404)
         boxes = []
         if box is not None:
             boxes.append((parse_box(box), "#e4003a"))
@@ -273,7 +294,11 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
                 boxes.append((known, "#00b050"))
         if not boxes:
             return FileResponse(path)
-        return Response(png_bytes(draw_boxes(open_image(path), boxes)), media_type="image/png")
+        try:
+            drawn = draw_boxes(open_image(path), boxes)
+        except (ImageRejected, OSError) as err:  # the index's own file: the server's fault, named
+            raise RequestError("image_id", f"{image_id[:80]!r}'s file {path.name} cannot be read: {err}", 500) from None
+        return Response(png_bytes(drawn), media_type="image/png")
 
     @app.get("/examples", summary="queries of the pipeline's data the index was built from (empty for a folder index)")
     def examples(limit: int = 50):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ardetect.serve.images import draw_boxes, open_image
+from ardetect.images import draw_boxes, open_image
 from ardetect.tmpdirs import replaced_atomically
 
 TILE = 192

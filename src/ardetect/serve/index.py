@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ardetect.serve.images import IMAGE_SUFFIXES, ImageRejected, open_image
+from ardetect.images import IMAGE_SUFFIXES, ImageRejected, open_image
 from ardetect.tmpdirs import LockHeld, hold_lock, replaced_atomically, swap_into_place, temp_dir_beside
 
 INDEX_FORMAT = 2
