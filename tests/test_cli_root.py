@@ -100,3 +100,35 @@ def test_pipeline_run_refuses_a_params_file_the_stages_would_not_read(repo, monk
     assert refused.exit_code == 2
     assert "--params exp.yaml: the stages read params.yaml in the repository root" in refused.output, refused.output
     assert not (repo / "mlflow.db").exists()  # refused before any run
+
+
+def test_pipeline_run_refuses_a_params_file_without_a_dvc_yaml_beside_it_and_makes_nothing(repo, tmp_path, monkeypatch):
+    """It made the folder a git repository, then ended in a FileNotFoundError traceback for dvc.yaml."""
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "params.yaml").write_text((repo / "params.yaml").read_text())
+    monkeypatch.chdir(repo)
+    refused = CliRunner().invoke(app, ["pipeline", "run", "--params", str(lone / "params.yaml")])
+    assert refused.exit_code == 2, refused.output
+    assert f"no dvc.yaml beside it in {lone.resolve()}" in refused.output
+    assert sorted(p.name for p in lone.iterdir()) == ["params.yaml"]  # no .git, no store, no lock
+
+
+def test_a_relative_sqlite_store_in_params_is_the_roots_from_a_subfolder(repo, monkeypatch):
+    """`cd reports && ard runs list` with `tracking_uri: sqlite:///mlflow.db` read reports/mlflow.db."""
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["tracking"]["tracking_uri"] = "sqlite:///runs.db"
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(repo / "reports" / "deep")
+    uri = f"sqlite:///{repo.resolve() / 'runs.db'}"
+    assert cli._serve_settings(None)[1] == uri
+    listed = CliRunner().invoke(app, ["runs", "list"])
+    assert listed.exit_code == 0 and "no pipeline runs yet" in listed.output, listed.output
+    assert not (repo / "reports" / "deep" / "runs.db").exists() and not (repo / "runs.db").exists()  # read only: nothing made
+    from ardetect import tracking
+
+    with tracking.pipeline_run("ardetect", uri, run_name="pipeline [seen from below]", tags={}, params={"profile": "default"}) as run:
+        pass
+    listed = CliRunner().invoke(app, ["runs", "list"], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and run.info.run_id[:8] in listed.output, listed.output
+    assert not (repo / "reports" / "deep" / "runs.db").exists()

@@ -26,8 +26,15 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert tracking.tracking_uri("sqlite:////x.db", tmp_path) == "sqlite:////x.db"
+    # a relative sqlite path in params.yaml is the root's, from whichever folder; other URIs are kept as given
+    assert tracking.tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.tracking_uri("sqlite:///runs/m.db?timeout=30", tmp_path) == f"sqlite:///{tmp_path / 'runs/m.db'}?timeout=30"
+    for kept in ("sqlite:///:memory:", "http://localhost:5000", "databricks"):
+        assert tracking.tracking_uri(kept, tmp_path) == kept
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////env.db")
     assert tracking.tracking_uri("sqlite:////x.db", tmp_path) == "sqlite:////env.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")  # the caller's own: relative to the working directory
+    assert tracking.tracking_uri("sqlite:///x.db", tmp_path) == "sqlite:///env.db"
 
 
 def test_the_store_and_the_cli_find_the_same_repository_root(tmp_path, monkeypatch):

@@ -42,11 +42,19 @@ def repo_root(start: Path | None = None) -> Path:
 
 
 def tracking_uri(configured: str | None = None, root: Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the configured URI, else an absolute sqlite URI at the root."""
+    """``MLFLOW_TRACKING_URI`` if set, else the configured URI, else an absolute sqlite URI at the root.
+
+    A configured sqlite URI with a relative path (``sqlite:///mlflow.db``, as MLflow's docs write it) is taken
+    relative to the root, as the default is: every command and stage, from whichever folder, opens the same store.
+    ``MLFLOW_TRACKING_URI`` is the caller's own, and relative to the working directory as MLflow reads it."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     if configured:
+        head = "sqlite:///"
+        path, sep, query = configured[len(head):].partition("?")
+        if configured.startswith(head) and path and not path.startswith("/") and path != ":memory:":
+            return f"{head}{(root or repo_root()) / path}{sep}{query}"
         return configured
     return f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
 
