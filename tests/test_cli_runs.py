@@ -291,3 +291,53 @@ def test_a_store_another_process_holds_locked_is_not_called_damaged(tmp_path):
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+@pytest.mark.parametrize("uri, said", [
+    ("file:///{tmp}/mlruns", "is a folder store, which MLflow 3 refuses"),
+    ("{tmp}/mlruns", "is a folder store, which MLflow 3 refuses"),  # a bare path: MLflow's old default form
+    ("sqlite:///{tmp}/a_folder", "is a folder, not a database file"),
+])
+def test_a_store_mlflow_cannot_use_is_one_line_not_a_traceback(tmp_path, monkeypatch, uri, said):
+    (tmp_path / "a_folder").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path))
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for args in (["runs", "list"], ["runs", "compare", "abc", "def"], ["models", "list"]):
+        r = CliRunner().invoke(app, [*args, "--params", str(REPO / "params.yaml")])
+        assert r.exit_code == 2, (args, r.output)
+        assert said in r.output and "MLFLOW_TRACKING_URI" in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_registry_commands_make_no_store_where_there_is_none(tmp_path, monkeypatch):
+    """`ard models list` and `promote` built an MLflow client, which made the database (and its folder) at a fresh
+    checkout's or a mistyped path."""
+    db = tmp_path / "nodir" / "m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    for args in (["models", "list"], ["models", "promote", "3"]):
+        r = CliRunner().invoke(app, [*args, "--params", str(REPO / "params.yaml")])
+        assert r.exit_code == 1 and f"no MLflow store at {db}" in r.output, (args, r.output)
+    assert not (tmp_path / "nodir").exists()
+
+
+def test_an_empty_store_file_is_read_as_no_store_and_left_empty(tmp_path, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    db.touch()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    r = ard("runs", "list", "--params", str(REPO / "params.yaml"))
+    assert r.exit_code == 0 and "no pipeline runs yet" in r.output, r.output
+    assert db.stat().st_size == 0 and not (tmp_path / "mlruns").exists()
+
+
+def test_a_deleted_experiment_and_a_refused_filter_are_named(store, monkeypatch):
+    import mlflow
+
+    uri, _, _ = store
+    r = CliRunner().invoke(app, ["models", "list", "--name", "x'y", "--params", str(REPO / "params.yaml")])
+    assert r.exit_code == 2 and r.output.startswith(f"error: the MLflow store {uri}:") and "Traceback" not in r.output, r.output
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    mlflow.delete_experiment(experiment.experiment_id)
+    with pytest.raises(tracking.TrackingStoreRefused, match=rf"experiment 'ardetect' in the MLflow store {re.escape(uri)} was "
+                       rf"deleted .*--experiment-id {experiment.experiment_id}"):
+        tracking.use_experiment(uri, EXPERIMENT)

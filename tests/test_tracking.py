@@ -170,6 +170,7 @@ def test_pipeline_run_refuses_an_unreachable_tracking_server_before_any_stage(tm
 
     repo = Path(__file__).resolve().parents[1]
     (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
+    (tmp_path / "dvc.yaml").write_text((repo / "dvc.yaml").read_text())
     (tmp_path / "profiles").symlink_to(repo / "profiles")
     uri = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -215,7 +216,8 @@ def test_pipeline_run_refuses_tracking_off_before_any_stage(tmp_path, monkeypatc
     import ardetect.pipeline as pipeline
     from ardetect.cli import app
 
-    _stage_dir(tmp_path, "default")
+    repo = _stage_dir(tmp_path, "default")
+    (tmp_path / "dvc.yaml").write_text((repo / "dvc.yaml").read_text())
     monkeypatch.setenv(tracking.TRACKING_ENV, "off")
     started = []
     monkeypatch.setattr(pipeline, "repro_with_retries", lambda *a, **k: started.append(a))

@@ -109,6 +109,8 @@ def pipeline_run(
         tracking.check_reachable(uri)
         order = stages_in_order(root)
         stages = requested_stages(stage, order)
+        with _store_errors(uri):
+            tracking.use_experiment(uri, cfg.tracking.experiment)  # a deleted experiment, a store MLflow refuses: said here
     except (ConfigError, ValueError, tracking.TrackingUnreachable, RepositoryError, PipelineBusy) as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
@@ -152,6 +154,33 @@ def pipeline_run(
             failed = next(o for o in outcomes if not o.ok)
             _say(f"stage {failed.stage!r} failed: {failed.describe_failure()}", err=True)
             raise typer.Exit(1)  # inside the run: MLflow marks the parent run FAILED
+
+
+@contextlib.contextmanager
+def _store_errors(uri: str):
+    """What MLflow or its database raise over the store (a filter it refuses, a database it cannot open): one line
+    naming the store, exit 2, not a traceback. (Only raised once MLflow is imported: it is not imported here.)"""
+    try:
+        yield
+    except Exception as err:
+        if type(err).__module__.split(".")[0] not in ("mlflow", "sqlalchemy"):
+            raise
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        typer.echo(f"error: the MLflow store {uri}: {first.strip()}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _absent_store(uri: str) -> bool:
+    """A sqlite store that is not there (a fresh checkout, a mistyped path): a registry command says so and makes
+    none (MLflow's client would make the database file, and its folder)."""
+    from ardetect import tracking
+
+    db = tracking.sqlite_file(uri)
+    if db is None or db.is_file():
+        return False
+    typer.echo(f"no MLflow store at {db}: nothing is registered there yet (`make run` registers the detector), or the "
+               "path is mistyped (tracking.tracking_uri, MLFLOW_TRACKING_URI)", err=True)
+    return True
 
 
 def _tracking_target(params: Path) -> tuple[str, str]:
@@ -234,7 +263,8 @@ def runs_list(
     dvc_yaml = _root(params) / "dvc.yaml"
     known = stages_in_order(dvc_yaml.parent) if stage and dvc_yaml.is_file() else []
     flt = f"tags.`ard.stage` = '{stage}'" if stage else "tags.`ard.kind` = 'pipeline'"
-    df = tracking.find_runs(experiment, uri, flt, max_results=limit) if "'" not in (stage or "") else pd.DataFrame()
+    with _store_errors(uri):
+        df = tracking.find_runs(experiment, uri, flt, max_results=limit) if "'" not in (stage or "") else pd.DataFrame()
     console = Console()
     if df.empty and stage and stage not in known:  # runs of a stage no longer in dvc.yaml are still listed
         typer.echo(f"--stage {stage!r}: no runs, and not a stage of the pipeline"
@@ -328,7 +358,8 @@ def runs_compare(
     runs = []
     for ref in (run_a, run_b):
         try:
-            runs.append(tracking.get_run(uri, tracking.resolve_run(experiment, uri, ref)))
+            with _store_errors(uri):
+                runs.append(tracking.get_run(uri, tracking.resolve_run(experiment, uri, ref)))
         except tracking.RunNotFound as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
@@ -385,8 +416,11 @@ def models_list(
 
     _, uri = _tracking_target(params)
     name = name or _model_name(params)
+    if _absent_store(uri):
+        raise typer.Exit(1)
     try:
-        rows = list_versions(uri, name)
+        with _store_errors(uri):
+            rows = list_versions(uri, name)
     except RegistryError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
@@ -409,8 +443,11 @@ def models_promote(
 
     _, uri = _tracking_target(params)
     name = name or _model_name(params)
+    if _absent_store(uri):
+        raise typer.Exit(1)
     try:
-        reason = promote(uri, version, name)
+        with _store_errors(uri):
+            reason = promote(uri, version, name)
     except RegistryError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None

@@ -97,6 +97,11 @@ class TrackingStoreDamaged(TrackingUnreachable):
     """The sqlite file of the MLflow store is not a readable database."""
 
 
+class TrackingStoreRefused(TrackingUnreachable):
+    """The MLflow store cannot be used as it is set: a folder at its path, a file store MLflow 3 refuses, the
+    experiment deleted."""
+
+
 # a store up to this size gets SQLite's whole ``quick_check`` (about 3 ms a MB); a larger one its header only,
 # so that a stage's start stays within milliseconds however many runs the store holds
 STORE_FULL_CHECK_MAX_BYTES = 64 * 2**20
@@ -142,6 +147,9 @@ def check_store(db: Path, timeout: float = 5.0) -> None:
     locked is not damaged: MLflow waits for it as before."""
     import sqlite3
 
+    if db.exists() and not db.is_file():
+        raise TrackingStoreRefused(f"the MLflow store {db} ({_uri_source()}) is a folder, not a database file: give the "
+                                   "path of a file (made on the first run), e.g. sqlite:///<folder>/mlflow.db")
     if not db.is_file():
         return
     key, stamp = db.resolve(), _store_stamp(db)
@@ -181,6 +189,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if db is not None:
         check_store(db, timeout)
         return
+    if _is_file_store(uri) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+        raise TrackingStoreRefused(
+            f"the MLflow store {uri} ({_uri_source()}) is a folder store, which MLflow 3 refuses (its file backend is in "
+            "maintenance mode): use a sqlite file, e.g. sqlite:///<folder>/mlflow.db (`mlflow migrate-filestore` moves old "
+            "runs into one), or set MLFLOW_ALLOW_FILE_STORE=true to use it anyway")
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -193,11 +206,23 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         return
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.tracking_uri"
+        source = _uri_source()
         raise TrackingUnreachable(
             f"the MLflow tracking server {uri} ({source}) does not answer within {timeout:g} s ({reason}); start it, or set "
             f"{source} to a server that runs{'' if source == 'MLFLOW_TRACKING_URI' else ' (null: the sqlite mlflow.db at the repository root)'}"
         ) from None
+
+
+def _uri_source() -> str:
+    """Which setting the tracking URI came from, for a message."""
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.tracking_uri"
+
+
+def _is_file_store(uri: str) -> bool:
+    """A URI MLflow reads as its folder store: ``file:`` or a plain path (no scheme; ``databricks`` alone is not one)."""
+    from urllib.parse import urlparse
+
+    return uri.strip() != "databricks" and urlparse(uri).scheme in ("", "file")
 
 
 def artifact_location(uri: str) -> str | None:
@@ -225,7 +250,13 @@ def use_experiment(uri: str, experiment: str):
 
     mlflow.set_tracking_uri(uri)
     location = artifact_location(uri)
-    if location is not None and mlflow.get_experiment_by_name(experiment) is None:
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise TrackingStoreRefused(
+            f"the experiment {experiment!r} in the MLflow store {uri} was deleted (in the MLflow UI, or `mlflow experiments "
+            f"delete`): restore it (`MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+            f"{found.experiment_id}`), or set tracking.experiment to another name")
+    if location is not None and found is None:
         try:
             mlflow.create_experiment(experiment, artifact_location=location)
         except MlflowException as err:  # another process made it first: theirs holds
@@ -425,7 +456,7 @@ def _reader(uri: str, experiment: str):
     checkout, or at a mistyped path, leaves no empty database and no experiment behind)."""
     check_reachable(uri)
     db = sqlite_file(uri)
-    if db is not None and not db.is_file():
+    if db is not None and (not db.is_file() or db.stat().st_size == 0):  # an empty file: SQLite's empty database
         return None
     import mlflow
 
