@@ -1,5 +1,8 @@
 """Our detector reproduces transformers' GroundingDINO after weight conversion."""
 
+import json
+import os
+
 import pytest
 import torch
 from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
@@ -180,6 +183,21 @@ def test_original_pth_layout_converts_to_the_same_model():
     _, _, unmapped = from_original_state_dict({**original, "module.exemplar_proj.weight": torch.zeros(1)}, strict=False,
                                               num_heads=4, text_backbone="custom", text_custom=cfg.text_custom)
     assert unmapped == ["exemplar_proj.weight"]
+
+
+def test_an_unreadable_transformers_checkpoint_is_named_with_its_field(tmp_path):
+    from ardetect.model.convert import load_transformers_checkpoint
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config().to_dict()))
+    (tmp_path / "model.safetensors").write_bytes(os.urandom(100))
+    with pytest.raises(ValueError, match=rf"model.pretrained='{tmp_path}': {tmp_path / 'model.safetensors'} cannot be read"):
+        load_transformers_checkpoint(str(tmp_path))
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has neither model.safetensors nor pytorch_model.bin"):
+        load_transformers_checkpoint(str(tmp_path))
+    (tmp_path / "config.json").write_bytes(b"\x1f\x8b not json")
+    with pytest.raises(ValueError, match="config.json is not JSON"):
+        load_transformers_checkpoint(str(tmp_path))
 
 
 def test_load_transformers_checkpoint_from_a_saved_folder(tmp_path):

@@ -38,6 +38,23 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
     assert_kill_and_resume_match([sys.executable, str(SCRIPT), str(cfg_path), str(tmp_path / "tuples.parquet"), str(root)], tmp_path)
 
 
+def test_a_run_with_droppath_resumes_to_the_same_weights_and_reports_its_whole_epochs_loss(tiny_world, tmp_path):
+    """The larger sizes (and converted GroundingDINO checkpoints) train with DropPath, which draws from torch's global
+    generator: re-seeded once at the start, a resumed run drew other masks than an unbroken one. And the resumed
+    epoch's losses were the mean of its steps after the resume only."""
+    tuples, root = tiny_world
+    cfg = fast_config(model={"size": "nano", "overrides": {"num_queries": 16, "fusion_droppath": 0.3}},
+                      train_phase1={"epochs": 1, "max_steps_per_epoch": 4, "checkpoint_every": 2})
+    whole, unbroken = run_phase1(cfg, tuples, root, tmp_path / "whole", resume=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_phase1(cfg, tuples, root, tmp_path / "cut", stop_after_steps=3)  # its resume point is after step 2
+    again, resumed = run_phase1(cfg, tuples, root, tmp_path / "cut", resume=True)
+    a, b = weights(whole), weights(again)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    losses = [k for k in unbroken.history[0] if k.startswith("train_")]
+    assert losses and all(resumed.history[0][k] == unbroken.history[0][k] for k in losses), (unbroken.history, resumed.history)
+
+
 def test_phase1_draws_negatives_that_hold_a_distractor_of_the_query_class(tmp_path):
     """train_phase1.distractor_class_negatives reads the exemplars' objects table under the data root and
     trains on the images of other classes' concepts that hold a distractor of the query's class."""

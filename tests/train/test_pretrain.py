@@ -271,6 +271,14 @@ def test_phase1_starts_from_the_pretrained_detector_and_refuses_another(tiny_wor
         run_phase1(other, tuples, root, tmp_path / "p1b", init=tmp_path / "pre" / "model.pt")
     with pytest.raises(FileNotFoundError, match="run the pretrain stage first"):
         run_phase1(cfg, tuples, root, tmp_path / "p1c", init=tmp_path / "missing.pt")
+    # a file cut short, and a readable file that is no detector: named, not a traceback from torch
+    data = (tmp_path / "pre" / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"pre-trained detector {tmp_path / 'cut.pt'}: not a checkpoint torch can read"):
+        run_phase1(cfg, tuples, root, tmp_path / "p1d", init=tmp_path / "cut.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=rf"pre-trained detector {tmp_path / 'list.pt'}: not a detector checkpoint"):
+        run_phase1(cfg, tuples, root, tmp_path / "p1e", init=tmp_path / "list.pt")
 
 
 class _StubDetector(torch.nn.Module):

@@ -224,13 +224,22 @@ def load_transformers_checkpoint(path_or_id: str, field: str = "model.pretrained
     from .detector import build
 
     folder = local_folder(path_or_id, field, "config.json")
-    hf_config = json.loads((folder / "config.json").read_text())
-    if (folder / "model.safetensors").exists():
-        from safetensors.torch import load_file
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{field}={path_or_id!r}: {folder / 'config.json'} is not JSON ({err})") from None
+    weights = folder / "model.safetensors" if (folder / "model.safetensors").exists() else folder / "pytorch_model.bin"
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd = load_file(str(folder / "model.safetensors"))
-    else:
-        sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            sd = load_file(str(weights))
+        else:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{field}={path_or_id!r}: {folder} has neither model.safetensors nor pytorch_model.bin") from None
+    except Exception as err:  # noqa: BLE001 - safetensors, pickle and zip errors of a file cut short or of another format
+        raise ValueError(f"{field}={path_or_id!r}: {weights} cannot be read ({type(err).__name__}: {err})") from None
     overrides.setdefault("tokenizer", str(folder) if (folder / "vocab.txt").exists() or (folder / "tokenizer.json").exists() else None)
     cfg, ours = from_transformers_state_dict(sd, hf_config, **overrides)
     model = build(cfg)

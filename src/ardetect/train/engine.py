@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,9 @@ def collate_groups(groups: Sequence[Sequence[Sample]]) -> Batch:
         torch.stack(images), boxes, torch.stack(q_images), torch.stack(q_boxes), prompts, phrases,
         torch.tensor(query_of), torch.tensor(positive), ids, keys,
     )
+
+
+STEP_SEED_SALT = 104729  # keeps the per-step seeds of torch's generator apart from the batches' own
 
 
 def sample_seed(*keys: int) -> int:
@@ -249,6 +252,17 @@ def check_finite(losses: dict[str, Tensor], where: str) -> None:
         raise NonFiniteLoss(f"non-finite loss at {where}: {bad}; training stopped (latest checkpoint kept)")
 
 
+def load_named(path: Path, what: str):
+    """``torch.load`` of a file a user points at: one torch cannot read (cut short, another format) raises
+    ``ValueError`` naming ``what`` (the option or field it came from) and the path."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pickle, zip and EOF errors all occur for a file that is no checkpoint
+        raise ValueError(f"{what} {path}: not a checkpoint torch can read ({type(err).__name__}: {err})") from None
+
+
 def save_atomic(obj, path: Path) -> Path:
     """``torch.save`` to a temp file renamed over ``path``; equal objects give equal bytes.
 
@@ -330,6 +344,9 @@ class TrainState:
     global_step: int = 0
     best: float = -math.inf
     best_epoch: int = -1
+    # the epoch in progress's running loss sums and step count: a run resumed mid-epoch reports the whole epoch's mean
+    loss_sums: dict = field(default_factory=dict)
+    loss_steps: int = 0
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState, history: list[dict], extra: dict | None = None) -> Path:
@@ -422,7 +439,7 @@ def train_one_epoch(
     return train_steps(
         criterion, optimizer, batches, forward, n_steps, state, epoch=epoch, clip_grad=clip_grad, regulariser=regulariser,
         lambda_reg=lambda_reg, on_checkpoint=on_checkpoint, checkpoint_every=checkpoint_every, log=log, progress=progress,
-        device=device,
+        device=device, seed=seed,
     )
 
 
@@ -450,22 +467,29 @@ def train_steps(
     clip_grad: float, regulariser: Callable[[], Tensor] | None = None, lambda_reg: float = 0.0,
     on_checkpoint: Callable[[], None] | None = None, checkpoint_every: int = 50,
     log: Callable[[dict], None] | None = None, progress: Callable[[int, int, dict], None] | None = None,
-    device: torch.device | None = None, autocast: torch.dtype | None = None,
+    device: torch.device | None = None, autocast: torch.dtype | None = None, seed: int | None = None,
 ) -> dict[str, float]:
     """The optimisation steps of one epoch: ``batches`` yields (step, batch) from ``state.step``,
     ``forward(batch)`` gives (outputs, token_mask, targets) for ``criterion``; each batch is moved
     to ``device`` first (``to_device``). ``autocast`` (e.g. ``torch.bfloat16``): ``forward`` runs
     under ``torch.autocast`` of that dtype and its floating outputs are cast back to fp32 for the
-    matcher and the losses. Returns mean losses."""
+    matcher and the losses. ``seed``: torch's global generator is seeded from (seed, epoch, step, rank)
+    before each step, so what draws from it (dropout, DropPath) draws the same after a resume as in an
+    unbroken run. Returns the epoch's mean losses (over its steps before a resume too: ``state`` keeps
+    the running sums)."""
     from torch.utils._pytree import tree_map
 
     rank, _ = distributed()
-    totals: dict[str, float] = {}
-    count = 0
+    totals: dict[str, float] = state.loss_sums
+    count = state.loss_steps
     device_type = torch.device(device).type if device is not None else "cpu"
     to_fp32 = lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
     for step, batch in batches:
-        with torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        # the generator is forked: what runs outside the steps draws from it as it would without the seeding
+        with torch.random.fork_rng(devices=[], enabled=seed is not None), \
+                torch.autocast(device_type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            if seed is not None:
+                torch.manual_seed(sample_seed(seed, epoch, step, rank, STEP_SEED_SALT))
             outputs, token_mask, targets = forward(to_device(batch, device))
         if autocast is not None:
             outputs = tree_map(to_fp32, outputs)
@@ -484,12 +508,14 @@ def train_steps(
         for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + float(v.detach())
         count += 1
+        state.loss_sums, state.loss_steps = totals, count
         if log is not None and rank == 0:
             log({"train_step_loss": float(losses["loss"]), "step": state.global_step})
         if progress is not None and rank == 0:
             progress(step + 1, n_steps, {k: float(v.detach()) for k, v in losses.items() if k in PROGRESS_LOSSES})
         if on_checkpoint is not None and state.step % checkpoint_every == 0 and state.step < n_steps:
             on_checkpoint()
+    state.loss_sums, state.loss_steps = {}, 0  # the next epoch starts its own
     return {k: v / max(count, 1) for k, v in totals.items()}
 
 

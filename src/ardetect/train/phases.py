@@ -28,7 +28,7 @@ from ardetect.evaluation.ard import ARDMethod
 from ardetect.evaluation.harness import evaluate_method
 from ardetect.train.engine import (
     StepProgress, TrainState, distributed, load_checkpoint, load_model_file_state, model_file_state, read_resume_point, save_atomic,
-    save_checkpoint, steps_per_epoch, train_one_epoch, wrap_ddp,
+    load_named, save_checkpoint, steps_per_epoch, train_one_epoch, wrap_ddp,
 )
 from ardetect.train.losses import SetCriterion, adapter_regulariser
 from ardetect.train.matcher import HungarianMatcher
@@ -276,12 +276,7 @@ def load_model(path: Path, phase: int | None = None, what: str = "checkpoint"):
     ``what`` (the option or field it came from) and the path."""
     from ardetect.model import ModelConfig, build
 
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # noqa: BLE001 - pickle, zip and EOF errors all occur for a file that is no checkpoint
-        raise ValueError(f"{what} {path}: not a checkpoint torch can read ({type(err).__name__}: {err})") from None
+    ck = load_named(path, what)
     if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
         raise ValueError(f"{what} {path}: not a detector checkpoint (a phase's model.pt or best.pt holds 'model' and "
                          "'model_config')")

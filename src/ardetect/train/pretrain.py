@@ -391,7 +391,7 @@ def run_pretrain(cfg: Config, objects: pd.DataFrame, tuples: pd.DataFrame, data_
             stats = train_steps(
                 criterion, optimizer, batches_by_step(batches, state.step, n_steps, p.loader_workers), lambda b: detection_outputs(model, b, aux=p.loss.aux_loss),
                 n_steps, state, epoch=epoch, clip_grad=p.clip_grad, on_checkpoint=checkpoint, checkpoint_every=p.checkpoint_every,
-                progress=progress, device=device, autocast=torch.bfloat16 if p.precision == "bf16" else None,
+                progress=progress, device=device, autocast=torch.bfloat16 if p.precision == "bf16" else None, seed=p.seed,
             )
             bar.close()
             scheduler.step()
@@ -453,12 +453,15 @@ def load_pretrained_into(model, path: Path) -> dict:
 
     A file of another model (size, resolution, text encoder, ...) is refused, naming the fields that differ.
     """
-    from ardetect.train.engine import load_model_file_state
+    from ardetect.train.engine import load_model_file_state, load_named
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pre-trained detector {path} not found: run the pretrain stage first (dvc repro pretrain)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_named(path, "pre-trained detector")
+    if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
+        raise ValueError(f"pre-trained detector {path}: not a detector checkpoint (the pretrain stage's model.pt holds "
+                         "'model' and 'model_config'); run the pretrain stage again (dvc repro pretrain)")
     got = ck.get("model_config") or {}
     if got.get("region_classes") and model.region_classifier is None:  # the pre-training's region classifier comes with it
         model.add_region_classifier(got["region_classes"], got.get("region_crop"))
