@@ -95,11 +95,11 @@ def pipeline_run(
         if params.name != "params.yaml":  # the stages, under DVC, read params.yaml: another file would be logged, not run
             raise ValueError(f"--params {params}: the stages read params.yaml in the repository root, as DVC tracks it; give "
                              "a params.yaml (its folder is the repository), or change settings with `dvc exp run -S key=value`")
+        cfg = load_config(params)
+        preflight(cfg, root)
         if not (root / "dvc.yaml").is_file():  # checked before anything is made there (ensure_repository makes a git repo)
             raise ValueError(f"--params {params}: no dvc.yaml beside it in {root}: the pipeline runs in the repository that "
                              "holds both; give that repository's params.yaml, or run from inside it")
-        cfg = load_config(params)
-        preflight(cfg, root)
         lock = hold_pipeline_lock(root, "ard pipeline run")
         made = ensure_repository(root)
         if made:

@@ -90,9 +90,13 @@ def open_image(path: Path, max_pixels: int | None = None) -> Image.Image:
     return decode_image(data, max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS or 2**31)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any decoded PIL image -> 8-bit RGB (EXIF orientation applied; 16-bit and float scaled, not clipped)."""
-    img = ImageOps.exif_transpose(img)
+def to_rgb(img: Image.Image, exif: bool = True) -> Image.Image:
+    """Any decoded PIL image -> 8-bit RGB (EXIF orientation applied unless ``exif`` is False, as for an annotated
+    image whose boxes are in its stored pixels; 16-bit and float scaled, not clipped). Always a new, loaded image:
+    it outlives the file ``img`` was opened from."""
+    original = img
+    if exif:
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16"):
@@ -109,7 +113,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
     if img.mode != "RGB":
         img = img.convert("RGB")
-    return img
+    return img.copy() if img is original else img
 
 
 def draw_boxes(img: Image.Image, boxes: list[tuple[list[float], str]], width: int | None = None) -> Image.Image:

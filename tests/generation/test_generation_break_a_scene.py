@@ -46,6 +46,20 @@ def test_generated_record_and_resume(tiny_models, sample_coco, exemplar_root):
     again = generate_real(cfg, ex, root / "generated-again", root)  # finished exemplars are not redone
     assert all(s["resumed"] for s in again.summaries)
     pd.testing.assert_frame_equal(t.drop(columns="image"), again.table.drop(columns="image"))
+    # how the work is spread is not part of the work root's key: a rerun with more workers resumes
+    spread = gen_config(tiny_models, sample_coco, workers=4, batch_size=3)
+    assert work_root(spread, root) == work_root(cfg, root)
+    # the exemplar behind a concept id is another one (drawn again from other settings): made again, the others kept
+    first = ex.iloc[0]
+    image = root / first["image"]
+    kept = image.read_bytes()
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    try:
+        redo = generate_real(cfg, ex, root / "generated-redo", root)
+    finally:
+        image.write_bytes(kept)
+    resumed = {s["job"]["concept_id"]: s["resumed"] for s in redo.summaries}
+    assert resumed == {c: c != first["concept_id"] for c in ex["concept_id"]}, resumed
 
 
 def test_multi_instance_and_missing_detections_are_dropped(tiny_models, sample_coco, exemplar_root):

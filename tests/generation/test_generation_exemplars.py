@@ -29,7 +29,7 @@ def test_candidates_and_balanced_selection(sample_coco):
     only = list(select_candidates(cands, ["person"], seed=1))
     assert [c.category for c in only] == ["person", "person"]
     with pytest.raises(ValueError, match=r"exemplars\.real\.classes has \['zebra'\]"):
-        list(select_candidates(cands, ["zebra"], seed=0))
+        select_candidates(cands, ["zebra"], seed=0)  # at the call, before the stage loads its detectors
 
 
 def test_lvis_layout_and_bad_files(tmp_path):
@@ -51,6 +51,11 @@ def test_lvis_layout_and_bad_files(tmp_path):
         read_candidates(p)
     with pytest.raises(FileNotFoundError, match=r"exemplars\.real\.annotations=.*missing\.json"):
         read_candidates(tmp_path / "missing.json")
+    import gzip
+
+    p.write_bytes(gzip.compress(json.dumps(doc).encode()))  # instances.json.gz given as it was downloaded
+    with pytest.raises(ValueError, match=r"exemplars\.real\.annotations=.*lvis\.json.* is not valid JSON \(a gzipped file"):
+        read_candidates(p)
 
 
 @pytest.mark.parametrize(
@@ -63,8 +68,12 @@ def test_lvis_layout_and_bad_files(tmp_path):
         (lambda d: d["categories"][0].pop("name"), r"entry 0 of 'categories' has no 'name' key"),
         (lambda d: d["images"][0].pop("width"), r"the entry of image id 7 of 'images' has no 'width' key"),
         (lambda d: d["images"][0].pop("coco_url"), r"image 7 of the annotation file has neither file_name nor coco_url"),
+        (lambda d: d["annotations"].__setitem__(1, [30, 2, 20, 20]), r"entry 1 of 'annotations' is a list, not an object"),
+        (lambda d: d["annotations"].__setitem__(0, None), r"entry 0 of 'annotations' is a NoneType, not an object"),
+        (lambda d: d["categories"].__setitem__(0, "bat"), r"entry 0 of 'categories' is a str, not an object"),
     ],
-    ids=["images-not-a-list", "no-bbox", "short-bbox", "null-category", "nameless-category", "no-width", "no-file-name"],
+    ids=["images-not-a-list", "no-bbox", "short-bbox", "null-category", "nameless-category", "no-width", "no-file-name",
+         "list-annotation", "null-annotation", "string-category"],
 )
 def test_a_malformed_entry_is_named_with_its_list_and_position(tmp_path, change, message):
     doc = {
@@ -120,6 +129,22 @@ def test_real_exemplars_record(real_config, tmp_path):
     _check_record(res, tmp_path)
     again = make_real_exemplars(real_config(), tmp_path / "again", tmp_path)
     pd.testing.assert_frame_equal(res.table.drop(columns=["image", "mask"]), again.table.drop(columns=["image", "mask"]))
+
+
+def test_a_16_bit_photo_is_scaled_to_8_bits_in_its_stored_orientation(real_config, sample_coco, tmp_path):
+    """`convert("RGB")` clipped a 16-bit image to white (then skipped as `no_detection`, or kept white)."""
+    images = tmp_path / "images"
+    shutil.copytree(sample_coco["images"], images)
+    res = make_real_exemplars(real_config(images=str(images)), tmp_path / "plain", tmp_path)
+    src = images / json.loads(res.table.iloc[0]["identity"])["file_name"]  # a photo the plain run accepted
+    grey = np.asarray(Image.open(src).convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey).save(src)  # the same photo, 16 bits a pixel
+    assert Image.open(src).mode.startswith("I")
+    deep = make_real_exemplars(real_config(images=str(images)), tmp_path / "deep", tmp_path)
+    row = deep.table[[json.loads(r).get("file_name") == src.name for r in deep.table["identity"]]]
+    assert len(row) == 1, deep.skipped
+    stored = np.asarray(Image.open(tmp_path / row.iloc[0]["image"]).convert("L"), dtype=np.int16)
+    assert (stored == 255).mean() < 0.5 and np.abs(stored - grey // 257).max() <= 1  # scaled, not clipped
 
 
 def test_skipped_exemplars_are_counted_with_reasons(real_config, sample_coco, tmp_path):

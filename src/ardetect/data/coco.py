@@ -64,9 +64,9 @@ def read_candidates(annotations: str | Path, field: str = "exemplars.real.annota
     if not path.is_file():
         raise FileNotFoundError(f"{field}={str(annotations)!r} does not exist on this machine")
     try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{field}={str(annotations)!r} is not valid JSON: {err}") from None
+        doc = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a gzipped or other binary file is no JSON text either
+        raise ValueError(f"{field}={str(annotations)!r} is not valid JSON (a gzipped file must be unpacked first): {err}") from None
     where = f"{field}={str(annotations)!r}"
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc, dict) or key not in doc:
@@ -77,16 +77,22 @@ def read_candidates(annotations: str | Path, field: str = "exemplars.real.annota
     with _entry(where, "categories") as at:
         for k, c in enumerate(doc["categories"]):
             at.entry = f"entry {k}"
+            if not isinstance(c, dict):
+                raise ValueError(f"{where}: entry {k} of 'categories' is a {type(c).__name__}, not an object")
             cats[int(c["id"])] = str(c["name"])
     imgs: dict[int, dict] = {}
     with _entry(where, "images") as at:
         for k, i in enumerate(doc["images"]):
             at.entry = f"entry {k}"
+            if not isinstance(i, dict):
+                raise ValueError(f"{where}: entry {k} of 'images' is a {type(i).__name__}, not an object")
             imgs[int(i["id"])] = i
     best: dict[tuple[int, int], dict] = {}
     with _entry(where, "annotations") as at:
         for k, a in enumerate(doc["annotations"]):
             at.entry = f"entry {k}"
+            if not isinstance(a, dict):
+                raise ValueError(f"{where}: entry {k} of 'annotations' is a {type(a).__name__}, not an object")
             if a.get("iscrowd", 0):
                 continue
             key = (int(a["image_id"]), int(a["category_id"]))
@@ -110,7 +116,8 @@ def read_candidates(annotations: str | Path, field: str = "exemplars.real.annota
 
 def select_candidates(cands: list[Candidate], classes: list[str] | None, seed: int,
                       field: str = "exemplars.real.classes") -> Iterator[Candidate]:
-    """Candidates in selection order: classes in turn, each image used by one class at most."""
+    """Candidates in selection order: classes in turn, each image used by one class at most. An unknown class is
+    refused here, at the call (before the detectors load), not at the first candidate drawn."""
     by_class: dict[str, list[Candidate]] = defaultdict(list)
     for c in cands:
         by_class[c.category].append(c)
@@ -122,6 +129,10 @@ def select_candidates(cands: list[Candidate], classes: list[str] | None, seed: i
         names = list(dict.fromkeys(classes))
     else:
         names = sorted(by_class)
+    return _deal(by_class, names, seed)
+
+
+def _deal(by_class: dict[str, list[Candidate]], names: list[str], seed: int) -> Iterator[Candidate]:
     rng = np.random.default_rng(seed)
     order = [names[i] for i in rng.permutation(len(names))]
     queues = {n: [by_class[n][i] for i in rng.permutation(len(by_class[n]))] for n in order}

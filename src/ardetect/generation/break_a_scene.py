@@ -60,10 +60,12 @@ def jobs_from_table(exemplars: pd.DataFrame, data_root: Path) -> list[ExemplarJo
 
 
 def settings(cfg: Config) -> dict:
-    """Everything that shapes an exemplar's generated images (the work root's key)."""
+    """Everything that shapes an exemplar's generated images (the work root's key). How the work is spread (workers,
+    scheduler, MLflow batches, the device) is left out: changing it after a stop resumes the finished exemplars."""
     real = cfg.exemplars.real
     return {
-        "generate": cfg.generate.model_dump(),
+        "generate": cfg.generate.model_dump(exclude={"workers": True, "scheduler": True, "batch_size": True,
+                                                     "customization": {"device"}}),
         "detect": {k: getattr(real, k) for k in ("grounding_dino", "sam_checkpoint", "sam_model_type", "min_box_side", "min_box_area")},
         "world": {k: getattr(cfg.world, k) for k in ("template_set", "placeholder", "queries_per_concept")},
     }
@@ -126,18 +128,34 @@ def finished(job: ExemplarJob, root: Path) -> bool:
     return (Path(root) / job.concept_id / DONE).is_file()
 
 
+def job_inputs(job: ExemplarJob) -> str:
+    """A digest of what an exemplar's work folder was made from: the job and its image's and mask's bytes. The work
+    root's key holds the settings only, and a concept id names another exemplar once the exemplars are drawn again
+    (another seed, classes or annotation file, another detection threshold)."""
+    h = hashlib.sha256(json.dumps(asdict(job), sort_keys=True).encode())
+    for f in (job.image, job.mask):
+        h.update(hashlib.sha256(Path(f).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
 def run_exemplar(job: ExemplarJob, cfg: Config, root: Path) -> dict:
-    """Customize on one exemplar, sample its queries, box them; return its summary (skipped if already finished)."""
+    """Customize on one exemplar, sample its queries, box them; return its summary (skipped if already finished from
+    the same inputs; made again, replacing the old folder once done, if they changed)."""
     from ardetect.generation.customize import customize, prior_class_images, sample_many
 
     root = Path(root)
     final = root / job.concept_id
+    inputs = job_inputs(job)
     if (final / DONE).is_file():
-        return {**json.loads((final / DONE).read_text()), "resumed": True}
+        done = json.loads((final / DONE).read_text())
+        if done.get("inputs") == inputs:
+            return {**done, "resumed": True}
+        log.info("exemplar %s: its finished work folder was made from other inputs (%s, not %s): made again",
+                 job.concept_id, done.get("inputs"), inputs)
     root.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(root / job.concept_id)
     try:
-        summary = _build(job, cfg, tmp, customize, prior_class_images, sample_many)
+        summary = _build(job, cfg, tmp, customize, prior_class_images, sample_many, inputs)
         if final.exists():  # a folder without its done marker cannot come from a rename; clear it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -147,7 +165,7 @@ def run_exemplar(job: ExemplarJob, cfg: Config, root: Path) -> dict:
     return {**summary, "resumed": False}
 
 
-def _build(job: ExemplarJob, cfg: Config, out: Path, customize, prior_class_images, sample_many) -> dict:
+def _build(job: ExemplarJob, cfg: Config, out: Path, customize, prior_class_images, sample_many, inputs: str | None = None) -> dict:
     c, real, g = cfg.generate.customization, cfg.exemplars.real, cfg.generate
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -208,7 +226,7 @@ def _build(job: ExemplarJob, cfg: Config, out: Path, customize, prior_class_imag
     timings["sample"], timings["detect"] = t_sample, t_detect
     pd.DataFrame(rows, columns=list(GENERATED_COLUMNS)).to_parquet(out / "generated.parquet", index=False)
     pd.DataFrame(objects, columns=list(OBJECT_COLUMNS)).to_parquet(out / "objects.parquet", index=False)
-    summary = {"job": asdict(job), "kept": len(rows), "drops": drops, "seconds": timings, "losses": report.losses,
+    summary = {"job": asdict(job), "inputs": inputs, "kept": len(rows), "drops": drops, "seconds": timings, "losses": report.losses,
                "ti_steps": report.ti_steps, "joint_steps": report.joint_steps}
     (out / DONE).write_text(json.dumps(summary, indent=1))  # last: marks the folder finished
     return summary

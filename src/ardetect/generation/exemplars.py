@@ -27,6 +27,7 @@ from ardetect.data.coco import Candidate, read_candidates, select_candidates
 from ardetect.data.schema import EXEMPLAR_COLUMNS, OBJECT_COLUMNS
 from ardetect.generation.detect import detect, label_map, mask_box, segment
 from ardetect.generation.models import load_grounding_dino, load_sam
+from ardetect.images import to_rgb
 
 log = logging.getLogger("ardetect.generation")
 
@@ -84,8 +85,8 @@ def make_exemplar(cand: Candidate, cid: str, seed: int, gd, sam, real: RealSourc
     if not src.is_file():
         return Skipped("image_missing", f"{src} does not exist")
     try:  # a truncated download or a corrupt file is one image passed over, not the whole stage's work lost
-        with Image.open(src) as im:
-            image = im.convert("RGB")
+        with Image.open(src) as im:  # 16-bit scaled, not clipped to white; the stored orientation, as the boxes are
+            image = to_rgb(im, exif=False)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return Skipped("image_unreadable", f"{src} cannot be decoded ({type(err).__name__}: {err})")
     word = class_word(cand.category)
