@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -81,6 +83,12 @@ def test_shared_trunk_scores_each_variant_as_its_own_model(tmp_path):
         ard.input_proj[0][0].weight.add_(1.0)  # outside the adapters: not a variant any more
     with pytest.raises(ValueError, match="outside the adapters"):
         SharedTrunkARD({"ARD": ard, "ARD-": minus}, tmp_path, 64).methods()[1].score(tuples.iloc[0], ["x2.png"])
+    from ardetect.model.detector import check_variants
+
+    classified = copy.deepcopy(minus)
+    classified.add_region_classifier(["cat", "mug"], 16)
+    with pytest.raises(ValueError, match=r"variant 'ARD' has other parameters than the shared model .*region_classifier"):
+        check_variants(minus, {"ARD": classified})  # was a bare KeyError naming one weight
 
 
 def test_shared_trunk_identity_weights_match_each_model_alone(tmp_path):

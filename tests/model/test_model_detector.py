@@ -462,6 +462,16 @@ def _with_classifier(nano_cfg, classes=("cat", "dog", "cup"), crop=32):
     return model
 
 
+def test_a_model_cast_to_bf16_encodes_a_query_through_its_region_classifier(nano_cfg, query):
+    """``crop_regions`` gives fp32 crops: the classifier's bf16 convolutions refused them ("expected scalar type")."""
+    model = _with_classifier(nano_cfg).to(torch.bfloat16)
+    image, box = query
+    cache = model.encode_query(image, box, [PROMPT], [CONCEPT])
+    probs = cache.region_class
+    assert probs.dtype == torch.bfloat16 and torch.isfinite(probs.float()).all()
+    assert abs(float(probs.float().sum()) - 1.0) < 0.02
+
+
 def test_region_classifier_crops_each_box_and_scores_its_class_match(nano_cfg, query, candidates):
     """The class match of a box is the dot product of the region classifier's distributions of the box's crop
     and of the query region's crop; the re-ranking multiplies it in as class_match ** a."""

@@ -97,3 +97,32 @@ def test_no_region_tokens_gives_plain_layout(tokenizer):
 def test_bad_prompts_raise(tokenizer, prompts, concepts, max_len, match):
     with pytest.raises(ValueError, match=match):
         tokenize_prompts(tokenizer, prompts, concepts, 1, max_len)
+
+
+def test_a_prompt_without_a_final_delimiter_is_closed_and_scores_the_same_alone_or_batched(nano):
+    """GroundingDINO's phrase rule takes a phrase closed at the padded batch's last position as no phrase: "A photo of
+    a V* cat" alone (closed by [SEP]) had its words attend only to themselves, and beside a longer prompt to each
+    other. Closed with " ." as GroundingDINO's preprocessing does, the sample is the same in any batch."""
+    from ardetect.model.text import closed
+
+    assert closed("A photo of a V* cat") == "A photo of a V* cat ." and closed("Is it a V* cat?") == "Is it a V* cat?"
+    assert closed(PROMPT) == PROMPT  # every prompt of the worlds ends in one: unchanged
+    tok = tokenize_prompts(nano.tokenizer, ["A photo of a V* cat"], ["V* cat"], 1, 64)
+    assert tok.input_ids[0].tolist()[-2:] == nano.tokenizer.convert_tokens_to_ids([".", "[SEP]"])
+    torch.manual_seed(0)
+    qimg, qbox = torch.rand(3, 3, 64, 64), torch.tensor([[5.0, 6.0, 40.0, 50.0]] * 3)
+    images = torch.rand(1, 3, 64, 64)
+    prompts = ["A photo of a V* cat", "a very long prompt about a V* dog sitting on a rock beside the sea .", "x ."]
+    with torch.no_grad():
+        alone = nano.encode_query(qimg[:1], qbox[:1], prompts[:1], ["V* cat"])
+        batch = nano.encode_query(qimg, qbox, prompts, ["V* cat", "V* dog", "x"])
+        a = nano(images, alone)
+        b = nano(images, batch.select([0]))
+    assert torch.allclose(a.pred_logits, b.pred_logits[..., : a.pred_logits.shape[-1]], atol=1e-4)
+    assert torch.allclose(a.pred_boxes, b.pred_boxes, atol=1e-5)
+
+
+def test_without_concept_phrases_the_delimiters_are_not_scored(tokenizer):
+    tok = tokenize_prompts(tokenizer, ["mug . cat . car ."], None, 0, 64)
+    words = tokenizer.convert_ids_to_tokens(tok.input_ids[0].tolist())
+    assert [w for w, m in zip(words, tok.concept_mask[0].tolist()) if m] == ["mug", "cat", "car"]

@@ -49,6 +49,13 @@ def parity_queries(tuples: pd.DataFrame, negatives: pd.DataFrame, n: int) -> tup
     return test, negatives[negatives["tuple_id"].astype(str).isin(set(test["tuple_id"].astype(str)))]
 
 
+def _abs_diff(a, b) -> np.ndarray:
+    """|a - b|, with NaN on one side only an infinite difference (it fails every bound) and NaN on both none."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    d = np.abs(a - b)
+    return np.where(np.isnan(a) & np.isnan(b), 0.0, np.where(np.isnan(d), np.inf, d))
+
+
 def pair_diffs(reference: Recording, other: Recording) -> pd.DataFrame:
     """One row per (query, candidate) ``other`` scored: tuple_id, position, candidate, both scores, |score|
     and largest |box coordinate| (pixels) differences (``reference`` may have seen more queries)."""
@@ -58,8 +65,8 @@ def pair_diffs(reference: Recording, other: Recording) -> pd.DataFrame:
         parts.append(pd.DataFrame({
             "tuple_id": tid, "position": np.arange(len(got.scores)), "candidate": other.candidates[tid],
             "score": np.asarray(got.scores, dtype=np.float64), "reference_score": np.asarray(want.scores, dtype=np.float64),
-            "score_diff": np.abs(np.asarray(got.scores, dtype=np.float64) - np.asarray(want.scores, dtype=np.float64)),
-            "box_diff": np.abs(np.asarray(got.boxes, dtype=np.float64) - np.asarray(want.boxes, dtype=np.float64)).max(-1),
+            "score_diff": _abs_diff(got.scores, want.scores),
+            "box_diff": _abs_diff(got.boxes, want.boxes).max(-1),
         }))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["tuple_id", "position", "candidate", "score_diff", "box_diff"])
 
@@ -69,7 +76,8 @@ def summarise(diffs: pd.DataFrame, box_tol: float = 0.5) -> dict:
     box differs by more than ``box_tol`` (another of the top-k boxes won)."""
     if diffs.empty:
         return {"score_max_abs_diff": 0.0, "box_max_abs_diff_px": 0.0, "box_changed_share": 0.0}
-    return {"score_max_abs_diff": float(diffs["score_diff"].max()), "box_max_abs_diff_px": float(diffs["box_diff"].max()),
+    return {"score_max_abs_diff": float(diffs["score_diff"].max(skipna=False)),
+            "box_max_abs_diff_px": float(diffs["box_diff"].max(skipna=False)),
             "box_changed_share": float((diffs["box_diff"] > box_tol).mean())}
 
 

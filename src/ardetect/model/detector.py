@@ -693,7 +693,12 @@ def check_variants(model: "ARDetector", variants: dict[str, "ARDetector"]) -> No
     """Raise ``ValueError`` unless every variant equals ``model`` outside the adapters F and F~."""
     own = model.state_dict()
     for name, other in variants.items():
-        differ = [k for k, v in other.state_dict().items() if not k.startswith(("adapter_query.", "adapter_text.")) and not torch.equal(v, own[k])]
+        theirs = other.state_dict()
+        unmatched = sorted(set(own) ^ set(theirs))
+        if unmatched:
+            raise ValueError(f"variant {name!r} has other parameters than the shared model (a region classifier on one "
+                             f"only?): {unmatched[:3]}")
+        differ = [k for k, v in theirs.items() if not k.startswith(("adapter_query.", "adapter_text.")) and not torch.equal(v, own[k])]
         if differ:
             raise ValueError(f"variant {name!r} differs from the shared model outside the adapters: {differ[:3]}")
 

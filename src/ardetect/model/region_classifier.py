@@ -64,7 +64,9 @@ class RegionClassifier(nn.Module):
         return super().train(False)
 
     def logits(self, crops: Tensor) -> Tensor:
-        """[M, 3, crop, crop] crops in [0, 1] -> [M, C] class logits."""
+        """[M, 3, crop, crop] crops in [0, 1] -> [M, C] class logits (in the classifier's dtype: a model cast to bf16
+        gets fp32 crops from ``crop_regions``)."""
+        crops = crops.to(self.pixel_mean.dtype)
         return self.head(self.backbone((crops - self.pixel_mean) / self.pixel_std)[-1].mean((2, 3)))
 
     def forward(self, images: Tensor, boxes: Tensor, batch_index: Tensor | None = None) -> Tensor:

@@ -139,7 +139,7 @@ def tokenize_prompts(
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt {i} is empty: {prompt!r}")
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(closed(prompt), add_special_tokens=True)["input_ids"]
         if concept_phrases is not None:
             phrase = concept_phrases[i]
             if not isinstance(phrase, str) or not phrase.strip():
@@ -151,14 +151,25 @@ def tokenize_prompts(
                                  + ("" if sub else " (the phrase has no tokens: the tokenizer strips every character of it)"))
             concept_spans.append((start, start + len(sub)))
         else:
-            concept_spans.append((1, len(ids) - 1))
+            concept_spans.append((0, len(ids)))
         if len(ids) + r > max_text_len:
             raise ValueError(
                 f"prompt {i} is {len(ids)} tokens + {r} region tokens = {len(ids) + r}, "
                 f"longer than max_text_len={max_text_len}: {prompt!r}"
             )
         rows.append(ids)
-    return layout_prompts(rows, concept_spans, r, delimiter_ids(tokenizer), tokenizer.pad_token_id or 0)
+    # no concept phrases: every token but the delimiters is scored (layout_prompts' None)
+    spans = concept_spans if concept_phrases is not None else None
+    return layout_prompts(rows, spans, r, delimiter_ids(tokenizer), tokenizer.pad_token_id or 0)
+
+
+def closed(prompt: str) -> str:
+    """``prompt`` ending in a delimiter, as GroundingDINO's own preprocessing makes it (" ." added where it ends in
+    none). Its last phrase is then closed by that delimiter, not by [SEP]: GroundingDINO's phrase rule takes a phrase
+    closed at the last position of the padded batch as no phrase, so without it a prompt's words attended to one
+    another or not depending on the longer prompts beside it in its batch."""
+    text = prompt.rstrip()
+    return prompt if text.endswith((".", "?")) else f"{text} ."
 
 
 def layout_prompts(
