@@ -3,7 +3,10 @@
 A frozen base encoder F_base; two affine heads h (training images) and h~
 (synthesized images), initialised to identity; features L2-normalised; score =
 cosine similarity. The heads train with the symmetric NT-Xent loss (temperature
-1, negatives are other exemplars in the batch) plus λ_reg·(‖WWᵀ−I‖_F + ‖W̃W̃ᵀ−I‖_F).
+1, negatives are other exemplars in the batch) plus λ_reg·(‖WWᵀ−I‖_F + ‖W̃W̃ᵀ−I‖_F). The
+NT-Xent here is the mean of its two directions, where the paper's eq. 3 adds them, and the
+regulariser has no ½, where eq. 4 has one: against the contrastive term it weighs 4x the
+paper's, so ``lambda_reg`` 0.05 here is the paper's 0.2 (with Adam only that ratio matters).
 Soft influence: p ∝ ReLU(exp((s − s_max)/τ) − λ), with τ and λ fitted by gradient
 descent on the negative log-probability of the true exemplar (ReLU replaced by
 softplus with β = 100 while fitting).
