@@ -138,7 +138,7 @@ def test_an_indexed_image_missing_or_unreadable_on_disk_is_named(client, attribu
     for params in ({}, {"box": "2,2,30,30"}):
         r = client.get(f"/images/{k}", params=params)
         assert r.status_code == 404 and r.json()["field"] == "image_id", r.text
-        assert f"{k!r}'s file is missing from" in r.json()["detail"]
+        assert f"{k!r}: its file is missing from" in r.json()["detail"]
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     monkeypatch.setattr(attributor.index, "path_of", lambda image_id: tmp_path / "broken.png")
     r = client.get(f"/images/{k}", params={"box": "2,2,30,30"})

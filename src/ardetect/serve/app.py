@@ -284,7 +284,7 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
         except KeyError:
             raise RequestError("image_id", f"{image_id[:80]!r} is not an image of this index", 404) from None
         if not path.is_file():
-            raise RequestError("image_id", f"{image_id[:80]!r}'s file is missing from {index.root}", 404)
+            raise RequestError("image_id", f"{image_id[:80]!r}: its file is missing from {index.root}", 404)
         boxes = []
         if box is not None:
             boxes.append((parse_box(box), "#e4003a"))
@@ -297,7 +297,7 @@ def create_app(attributor: Attributor, cfg, token: str | None = None) -> FastAPI
         try:
             drawn = draw_boxes(open_image(path), boxes)
         except (ImageRejected, OSError) as err:  # the index's own file: the server's fault, named
-            raise RequestError("image_id", f"{image_id[:80]!r}'s file {path.name} cannot be read: {err}", 500) from None
+            raise RequestError("image_id", f"{image_id[:80]!r}: its file {path.name} cannot be read: {err}", 500) from None
         return Response(png_bytes(drawn), media_type="image/png")
 
     @app.get("/examples", summary="queries of the pipeline's data the index was built from (empty for a folder index)")
