@@ -103,10 +103,6 @@ def test_a_prompt_without_a_final_delimiter_is_closed_and_scores_the_same_alone_
     """GroundingDINO's phrase rule takes a phrase closed at the padded batch's last position as no phrase: "A photo of
     a V* cat" alone (closed by [SEP]) had its words attend only to themselves, and beside a longer prompt to each
     other. Closed with " ." as GroundingDINO's preprocessing does, the sample is the same in any batch."""
-    from ardetect.model.text import closed
-
-    assert closed("A photo of a V* cat") == "A photo of a V* cat ." and closed("Is it a V* cat?") == "Is it a V* cat?"
-    assert closed(PROMPT) == PROMPT  # every prompt of the worlds ends in one: unchanged
     tok = tokenize_prompts(nano.tokenizer, ["A photo of a V* cat"], ["V* cat"], 1, 64)
     assert tok.input_ids[0].tolist()[-2:] == nano.tokenizer.convert_tokens_to_ids([".", "[SEP]"])
     torch.manual_seed(0)
@@ -120,6 +116,13 @@ def test_a_prompt_without_a_final_delimiter_is_closed_and_scores_the_same_alone_
         b = nano(images, batch.select([0]))
     assert torch.allclose(a.pred_logits, b.pred_logits[..., : a.pred_logits.shape[-1]], atol=1e-4)
     assert torch.allclose(a.pred_boxes, b.pred_boxes, atol=1e-5)
+
+
+def test_closed_adds_a_delimiter_only_where_a_prompt_ends_in_none():
+    from ardetect.model.text import closed
+
+    assert closed("A photo of a V* cat") == "A photo of a V* cat ." and closed("Is it a V* cat?") == "Is it a V* cat?"
+    assert closed("A V* cat.  ") == "A V* cat.  " and closed(PROMPT) == PROMPT  # every prompt of the worlds: unchanged
 
 
 def test_without_concept_phrases_the_delimiters_are_not_scored(tokenizer):
