@@ -656,9 +656,9 @@ def _negatives_table(t: pd.DataFrame, negatives: pd.DataFrame) -> pd.DataFrame:
     ni, i_uni = _factorize(negatives, "neg_image")
 
     first = t.dropna(subset=["tuple_id"]).drop_duplicates("tuple_id").set_index("tuple_id")
-    concept_split = t.dropna(subset=["concept_id"]).drop_duplicates("concept_id").set_index("concept_id")["split"]
+    by_concept = t.dropna(subset=["concept_id"]).drop_duplicates("concept_id").set_index("concept_id")
+    concept_split, concept_image = by_concept["split"], by_concept["train_image"]
     image_split = t.dropna(subset=["train_image"]).drop_duplicates("train_image").set_index("train_image")["split"]
-    concept_image = t.dropna(subset=["concept_id"]).drop_duplicates("concept_id").set_index("concept_id")["train_image"]
     split_code = {s: i for i, s in enumerate(dict.fromkeys([*SPLITS, *map(str, t["split"].dropna())]))}
 
     # per unique negatives tuple_id: its own image / concept as codes of the negatives' columns, its split

@@ -198,9 +198,7 @@ def class_rprecision(scores: np.ndarray, classes: list[str], query_class: str) -
     if n == 0:
         raise ValueError(f"no candidate has the query's base class {query_class!r}")
     s = np.asarray(scores, dtype=float)
-    # a NaN score counts against the query, as in the ranks: above every score where its candidate is of another
-    # class, below every score where it is of the query's class
-    s = np.where(np.isnan(s), np.where(same, -np.inf, np.inf), s)
+    s = np.where(np.isnan(s), np.where(same, -np.inf, np.inf), s)  # NaN against the query (docstring)
     cut = np.sort(s)[::-1][n - 1]
     above, tied = s > cut, s == cut
     take = n - int(above.sum())  # how many of the tied candidates make the top n

@@ -150,8 +150,6 @@ def tokenize_prompts(
                 raise ValueError(f"prompt {i} {prompt!r} does not contain the concept phrase {phrase!r}"
                                  + ("" if sub else " (the phrase has no tokens: the tokenizer strips every character of it)"))
             concept_spans.append((start, start + len(sub)))
-        else:
-            concept_spans.append((0, len(ids)))
         if len(ids) + r > max_text_len:
             raise ValueError(
                 f"prompt {i} is {len(ids)} tokens + {r} region tokens = {len(ids) + r}, "

@@ -27,8 +27,8 @@ from ardetect.devices import resolve_device
 from ardetect.evaluation.ard import ARDMethod
 from ardetect.evaluation.harness import evaluate_method
 from ardetect.train.engine import (
-    StepProgress, TrainState, distributed, load_checkpoint, load_model_file_state, model_file_state, read_resume_point, save_atomic,
-    load_named, save_checkpoint, steps_per_epoch, train_one_epoch, wrap_ddp,
+    StepProgress, TrainState, distributed, load_checkpoint, load_model_file_state, load_named, model_file_state, read_resume_point,
+    save_atomic, save_checkpoint, steps_per_epoch, train_one_epoch, wrap_ddp,
 )
 from ardetect.train.losses import SetCriterion, adapter_regulariser
 from ardetect.train.matcher import HungarianMatcher
