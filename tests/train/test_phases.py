@@ -188,6 +188,22 @@ def test_checkpoint_of_other_params_is_not_resumed(tiny_world, tmp_path, capsys)
     assert torch.load(tmp_path / "p1" / "latest.pt", weights_only=False)["fingerprint"] != first
 
 
+def test_phase2_fingerprint_holds_the_matcher_and_losses_it_trains_with(tiny_world):
+    """Phase 2 trains with ``train_phase1.loss``: a checkpoint made under other loss weights is another run."""
+    from types import SimpleNamespace
+
+    from ardetect.train.phases import run_fingerprint
+
+    tuples, _ = tiny_world
+    model = SimpleNamespace(cfg=fast_config().model)  # the fingerprint reads the model's config only
+    base = fast_config()
+    other_loss = fast_config(train_phase1={"loss": {"weight_giou": 3.0}})
+    other_workers = fast_config(train_phase2={"loader_workers": 1})
+    for phase in (1, 2):
+        assert run_fingerprint(other_loss, phase, model, tuples) != run_fingerprint(base, phase, model, tuples), phase
+    assert run_fingerprint(other_workers, 2, model, tuples) == run_fingerprint(base, 2, model, tuples)
+
+
 def test_region_contrast_pairs_and_training(tiny_world, tmp_path):
     from torchvision.ops import box_convert, box_iou
 

@@ -135,8 +135,11 @@ def run_fingerprint(cfg: Config, phase: int, model, tuples: pd.DataFrame, start_
     """
     h = hashlib.sha256()
     section = cfg.train_phase1 if phase == 1 else cfg.train_phase2
-    parts = {"phase": phase, "section": section.model_dump(mode="json", exclude={"loader_workers"}),  # workers build the same batches "loss": cfg.train_phase1.loss.model_dump(mode="json"),
+    # the loader's processes build the same batches: a run may resume under others
+    parts = {"phase": phase, "section": section.model_dump(mode="json", exclude={"loader_workers"}),
              "model": model.cfg.model_dump(mode="json"), "pretrained": cfg.model.pretrained}
+    if phase == 2:  # phase 2's matcher and losses are phase 1's (phase 1's section already holds them)
+        parts["loss"] = cfg.train_phase1.loss.model_dump(mode="json")
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     h.update(pd.util.hash_pandas_object(tuples[["tuple_id", "split", "query_image", "train_image", "prompt"]], index=False).to_numpy().tobytes())
     if start_from is not None:
