@@ -139,3 +139,104 @@ def test_page_upload_box_submit_results(live_server, served, tmp_path):
         browser.close()
     assert not errors, errors
     assert shot.stat().st_size > 10_000
+
+
+def test_page_box_truth_and_answers_as_a_user_meets_them(live_server, served, tmp_path):
+    """What a user does beyond the happy path: a drag past a non-square image's corner, a typed box, a file that is not
+    an image, an unrelated picture under a pipeline image's name, an answer that arrives after another image was chosen,
+    a failed connection."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    chromium = browser_or_fail()
+    t = served.tuples[served.tuples["split"] == "test"].iloc[0]
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (1001, 333), (200, 30, 30)).save(wide)
+    impostor = tmp_path / Path(t["query_image"]).name  # a pipeline query's file name, other bytes
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(impostor)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(live_server + "/")
+        page.wait_for_function("document.querySelectorAll('#example option').length > 1")
+        value = lambda sel: page.input_value(sel)  # noqa: E731
+
+        # a drag from inside the image to past its bottom-right corner ends on the image's last pixel, whatever the
+        # canvas's rounding; a press on the canvas's first content pixel is the image's pixel 0
+        page.set_input_files("#file", str(wide))
+        page.wait_for_function("document.getElementById('hint').textContent.includes('1001 x 333')")
+        c = page.locator("#canvas").bounding_box()
+        page.mouse.move(c["x"] + 1, c["y"] + 1)  # the 1-px border, then the first content pixel
+        page.mouse.down()
+        page.mouse.move(c["x"] + c["width"] + 40, c["y"] + c["height"] + 40, steps=3)
+        page.mouse.up()
+        x0, y0, x1, y1 = (float(v) for v in value("#box").split(","))
+        assert (x0, y0, x1, y1) == (0, 0, 1001, 333), value("#box")
+
+        # a typed box is put in corner order; text that is not a box leaves no box and Submit off, and says why
+        page.fill("#prompt", t["prompt"])
+        page.fill("#phrase", t["concept_phrase"])
+        page.fill("#box", "30,40,5,6")
+        page.press("#box", "Tab")
+        assert value("#box") == "5,6,30,40" and page.is_enabled("#submit")
+        page.fill("#box", "abc")
+        page.press("#box", "Tab")
+        assert page.is_disabled("#submit") and "not four numbers" in page.text_content("#error")
+        page.fill("#box", "5,5,5,9")
+        page.press("#box", "Tab")
+        assert page.is_disabled("#submit") and "no area" in page.text_content("#error")
+
+        # a pipeline example, then a file the browser cannot read: the example stays, with its truth
+        def choose_example(i: int) -> None:
+            tuple_id = page.locator("#example option").nth(i).text_content().split(" ")[0]
+            page.select_option("#example", index=i)
+            page.wait_for_function(f"document.getElementById('hint').textContent.startsWith({tuple_id!r} + ':')")
+
+        choose_example(1)
+        box = value("#box")
+        assert box and page.is_enabled("#submit")
+        page.set_input_files("#file", str(notes))
+        page.wait_for_selector("#error:not([hidden])")
+        assert "cannot read notes.txt" in page.text_content("#error")
+        assert value("#box") == box and page.is_enabled("#submit") and value("#example") == "0"
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('status').textContent.includes('true training image')")
+        assert page.locator("#results .result").count() == 10
+
+        # an answer that comes back after another image was chosen is dropped; Submit is off while one is out
+        held = []
+        page.route("**/attribute", lambda route: held.append(route))
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('status').textContent === 'scoring…'")
+        assert page.locator("#results .result").count() == 0 and page.is_disabled("#submit")
+        choose_example(2)
+        assert len(held) == 1 and page.is_disabled("#submit")
+        held[0].continue_()
+        page.wait_for_function("document.getElementById('status').textContent === ''")
+        assert page.locator("#results .result").count() == 0  # the first example's answer is not shown for the second
+        assert page.is_enabled("#submit")
+        # a connection that fails: the error is shown and the page is no longer "scoring"
+        page.unroute("**/attribute")
+        page.route("**/attribute", lambda route: route.abort())
+        page.click("#submit")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "request failed" in page.text_content("#error") and page.text_content("#status") == ""
+        page.unroute("**/attribute")
+
+        # an unrelated picture under a pipeline query's file name has no known truth
+        page.set_input_files("#file", str(impostor))
+        page.wait_for_function("document.getElementById('box').value === ''")
+        page.fill("#box", "8,8,40,40")
+        page.press("#box", "Tab")
+        page.fill("#prompt", t["prompt"])
+        page.fill("#phrase", t["concept_phrase"])
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('status').textContent.includes('results from')")
+        assert "true training image" not in page.text_content("#status")
+        assert page.locator("#results .result.is-truth").count() == 0
+        browser.close()
+    assert not errors, errors

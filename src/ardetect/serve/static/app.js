@@ -4,7 +4,10 @@
 const $ = (id) => document.getElementById(id);
 const canvas = $("canvas");
 const ctx = canvas.getContext("2d");
-const state = { blob: null, name: null, image: null, scale: 1, box: null, drag: null, truth: null, upload: null };
+// box and drag are in the image's own pixels; the canvas shows the image scaled by sx, sy (per axis: the canvas's size
+// is rounded). generation counts the images shown, so that an answer to an earlier image is dropped; busy: a request out
+const state = { blob: null, name: null, image: null, sx: 1, sy: 1, box: null, drag: null, truth: null, upload: null,
+  generation: 0, busy: false };
 
 function showError(text) {
   const el = $("error");
@@ -27,18 +30,18 @@ function draw() {
   if (b) {
     ctx.strokeStyle = "#1f6feb";
     ctx.lineWidth = 3;
-    const [x0, y0, x1, y1] = b.map((v) => v * state.scale);
+    const [x0, y0, x1, y1] = [b[0] * state.sx, b[1] * state.sy, b[2] * state.sx, b[3] * state.sy];
     ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
   }
 }
 
 function ready() {
-  $("submit").disabled = !(state.blob && $("box").value.trim() && $("prompt").value.trim() && $("phrase").value.trim());
+  $("submit").disabled = state.busy || !(state.blob && state.box && $("prompt").value.trim() && $("phrase").value.trim());
 }
 
 function setBox(box) {
-  state.box = box;
-  $("box").value = box ? box.map((v) => Math.round(v)).join(",") : "";
+  state.box = box && box.map((v) => Math.round(v));  // whole pixels, as the field shows them and the request sends them
+  $("box").value = state.box ? state.box.join(",") : "";
   draw();
   ready();
 }
@@ -48,19 +51,23 @@ async function useImage(blob, name) {
   state.blob = blob;
   state.name = name;
   state.image = bitmap;
-  state.scale = 480 / Math.max(bitmap.width, bitmap.height);
-  canvas.width = Math.round(bitmap.width * state.scale);
-  canvas.height = Math.round(bitmap.height * state.scale);
+  state.generation += 1;
+  const scale = 480 / Math.max(bitmap.width, bitmap.height);
+  canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+  canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+  state.sx = canvas.width / bitmap.width;
+  state.sy = canvas.height / bitmap.height;
   $("hint").textContent = `${name}: ${bitmap.width} x ${bitmap.height} pixels. Drag on the image to draw the box.`;
   setBox(null);
 }
 
 function pointer(ev) {
+  // the image's pixel under the pointer, inside the image: the canvas's content box (inside its border) shows it whole
   const r = canvas.getBoundingClientRect();
-  const sx = canvas.width / r.width, sy = canvas.height / r.height;
-  const x = Math.min(Math.max((ev.clientX - r.left) * sx, 0), canvas.width) / state.scale;
-  const y = Math.min(Math.max((ev.clientY - r.top) * sy, 0), canvas.height) / state.scale;
-  return [x, y];
+  const { width, height } = state.image;
+  const x = (ev.clientX - r.left - canvas.clientLeft) / canvas.clientWidth * width;
+  const y = (ev.clientY - r.top - canvas.clientTop) / canvas.clientHeight * height;
+  return [Math.min(Math.max(x, 0), width), Math.min(Math.max(y, 0), height)];
 }
 
 canvas.addEventListener("mousedown", (ev) => {
@@ -83,28 +90,52 @@ window.addEventListener("mouseup", () => {
   setBox(b[2] - b[0] >= 1 && b[3] - b[1] >= 1 ? b : state.box);
 });
 
+// an upload of one of the pipeline's generated images (its file name, and then its bytes, are an example's): its
+// true training image is known. A file that only shares the name gets none.
+async function truthOf(file) {
+  const ex = examples.find((e) => e.file === file.name);
+  if (!ex) return null;
+  const r = await fetch(`/examples/${ex.n}/image`).catch(() => null);
+  if (!r || !r.ok) return null;
+  const [a, b] = (await Promise.all([file.arrayBuffer(), r.arrayBuffer()])).map((x) => new Uint8Array(x));
+  return a.length === b.length && a.every((v, i) => v === b[i]) ? ex.train_id : null;
+}
+
 $("file").addEventListener("change", async () => {
   const f = $("file").files[0];
   if (!f) return;
   showError("");
-  $("example").value = "";
-  // an upload of one of the pipeline's generated images (by file name): its true training image is known
-  state.upload = f.name;  // looked up again once the examples arrive, for an upload made before they did
-  const known = examples.find((ex) => ex.file === f.name);
-  state.truth = known ? known.train_id : null;
   try {
-    await useImage(f, f.name);
+    await useImage(f, f.name);  // a file the browser cannot read leaves the image, box and example shown before
   } catch (e) {
     showError(`image: the browser cannot read ${f.name} (${e.message})`);
+    return;
   }
+  $("example").value = "";
+  state.upload = f;  // looked up again once the examples arrive, for an upload made before they did
+  state.truth = null;
+  const generation = state.generation;
+  const truth = await truthOf(f);
+  if (generation === state.generation) state.truth = truth;
 });
 
+// a typed box: four numbers in any corner order, put in order; anything else is no box (and Submit stays off)
+function typedBox() {
+  const text = $("box").value.trim();
+  if (!text) return { box: null };
+  const parts = text.split(/[ ,]+/).map(Number);
+  if (parts.length !== 4 || !parts.every(Number.isFinite)) return { box: null, error: `box: ${JSON.stringify(text.slice(0, 60))} is not four numbers x0,y0,x1,y1` };
+  const box = [Math.min(parts[0], parts[2]), Math.min(parts[1], parts[3]), Math.max(parts[0], parts[2]), Math.max(parts[1], parts[3])];
+  if (box[2] - box[0] <= 0 || box[3] - box[1] <= 0) return { box: null, error: `box: ${text} has no area` };
+  return { box };
+}
+$("box").addEventListener("input", () => { state.box = typedBox().box; draw(); ready(); });
 $("box").addEventListener("change", () => {
-  const parts = $("box").value.split(/[ ,]+/).map(Number);
-  if (parts.length === 4 && parts.every(Number.isFinite)) { state.box = parts; draw(); }
-  ready();
+  const { box, error } = typedBox();
+  showError(error || "");
+  if (box) $("box").value = box.join(",");
 });
-for (const id of ["prompt", "phrase", "box"]) $(id).addEventListener("input", ready);
+for (const id of ["prompt", "phrase"]) $(id).addEventListener("input", ready);
 
 let examples = [];
 $("example").addEventListener("change", async () => {
@@ -132,6 +163,7 @@ function card(r, truth) {
   const img = document.createElement("img");
   img.src = `/images/${encodeURI(r.id)}`;
   img.alt = r.id;
+  img.onerror = () => { div.classList.add("missing"); cap.querySelector(".id").textContent = `${r.id} (image not available)`; };
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", `0 0 ${r.width} ${r.height}`);
   svg.setAttribute("preserveAspectRatio", "none");
@@ -155,18 +187,25 @@ function card(r, truth) {
 
 $("form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
+  if (state.busy || !state.box) return;
   showError("");
   const body = new FormData();
   body.append("image", state.blob, state.name || "image.png");
-  for (const f of ["box", "prompt", "phrase", "top_k", "shortlist"]) {
+  body.append("box", state.box.join(","));
+  for (const f of ["prompt", "phrase", "top_k", "shortlist"]) {
     const v = $(f).value.trim();
     if (v !== "") body.append(f, v);
   }
-  $("submit").disabled = true;
+  // the answer belongs to this image and its truth; the previous answer is taken off the page meanwhile
+  const generation = state.generation, truth = state.truth;
+  state.busy = true;
+  ready();
+  $("results").replaceChildren();
   $("status").textContent = "scoring…";
   try {
     const r = await fetch("/attribute", { method: "POST", body });
     const data = await r.json().catch(() => ({ detail: `${r.status} ${r.statusText}` }));
+    if (generation !== state.generation) { $("status").textContent = ""; return; }  // another image was chosen since
     if (!r.ok) {
       const wait = r.headers.get("Retry-After");
       showError(`${r.status}: ${typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)}` +
@@ -174,16 +213,19 @@ $("form").addEventListener("submit", async (ev) => {
       $("status").textContent = "";
       return;
     }
-    const res = $("results");
-    res.replaceChildren(...data.results.map((x) => card(x, state.truth)));
-    const where = state.truth ? (data.results.some((x) => x.id === state.truth)
-      ? `; the true training image ${state.truth} is #${data.results.find((x) => x.id === state.truth).rank}`
-      : `; the true training image ${state.truth} is not in the top ${data.results.length}`) : "";
+    if (!Array.isArray(data.results)) throw new Error("the service's answer holds no results");
+    $("results").replaceChildren(...data.results.map((x) => card(x, truth)));
+    const found = data.results.find((x) => x.id === truth);
+    const where = truth ? (found ? `; the true training image ${truth} is #${found.rank}`
+      : `; the true training image ${truth} is not in the top ${data.results.length}`) : "";
     const scope = data.shortlist ? `a shortlist of ${data.shortlist}` : `${data.scored} candidates`;
-    $("status").textContent = `${data.results.length} results from ${scope} in ${Math.round(data.timing_ms.request)} ms${where}`;
+    const ms = data.timing_ms ? ` in ${Math.round(data.timing_ms.request)} ms` : "";
+    $("status").textContent = `${data.results.length} results from ${scope}${ms}${where}`;
   } catch (e) {
+    $("status").textContent = "";
     showError(`request failed: ${e.message}`);
   } finally {
+    state.busy = false;
     ready();
   }
 });
@@ -202,8 +244,10 @@ $("form").addEventListener("submit", async (ev) => {
       $("example").appendChild(o);
     }
     if (!examples.length) $("example").disabled = true;
-    const known = state.upload && !state.truth && examples.find((ex) => ex.file === state.upload);
-    if (known) state.truth = known.train_id;
+    if (state.upload && !state.truth) {
+      const generation = state.generation, truth = await truthOf(state.upload);
+      if (generation === state.generation) state.truth = truth;
+    }
   } catch (e) {
     showError(`the service did not answer: ${e.message}`);
   }
