@@ -69,6 +69,19 @@ def test_a_mistyped_key_is_given_the_one_it_is_close_to(path, typo, meant):
     assert line.endswith(f"; did you mean '{meant}'?") and len(line) < 200, line
 
 
+def test_a_detector_field_set_directly_under_model_is_pointed_to_model_overrides():
+    raw = raw_params()
+    raw["model"]["phrase_position_start"] = 0
+    with pytest.raises(ConfigError) as err:
+        load(raw)
+    line = str(err.value).splitlines()[1]
+    assert line.startswith("  - unknown key 'model.phrase_position_start' (value 0)")
+    assert line.endswith("did you mean 'model.overrides.phrase_position_start'?"), line
+    raw["model"]["pdevice"] = raw["model"].pop("phrase_position_start")  # a typo of the section's own key keeps its hint
+    with pytest.raises(ConfigError, match=r"did you mean 'model.device'\?"):
+        load(raw)
+
+
 def test_a_mistyped_model_override_is_given_the_field_it_is_close_to():
     from ardetect.model.config import ModelConfig
 

@@ -695,6 +695,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             close = closest(e["loc"][-1], _keys_beside(e["loc"]))
             hint = f"; did you mean '{'.'.join([*map(str, e['loc'][:-1]), close])}'?" if close else ""
+            if not close and len(e["loc"]) == 2 and e["loc"][0] == "model":  # a detector field belongs in model.overrides
+                from ardetect.model.config import ModelConfig
+
+                field = closest(e["loc"][-1], ModelConfig.model_fields)
+                hint = f"; the detector's fields go under model.overrides: did you mean 'model.overrides.{field}'?" if field else ""
             lines.append(f"  - unknown key '{loc}' (value {_short(e['input'])}){hint}")
         else:
             lines.append(f"  - {loc}: {e['msg']} (got {_short(e.get('input'))})")
