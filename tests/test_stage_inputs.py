@@ -38,3 +38,23 @@ def test_only_a_stage_that_dvc_runs_outside_the_pipeline_watches_its_own_inputs(
     assert watch_own_inputs() is None  # the pipeline's DVC child checks the stage itself
     monkeypatch.delenv("ARDETECT_INPUTS_WATCHED")
     assert watch_own_inputs() is None  # no DVC repository there: DVC itself says so when it runs the stage
+
+
+def test_a_stage_that_dvc_runs_on_its_own_names_the_input_edited_while_it_ran(monkeypatch, tmp_path):
+    from dvc.repo import Repo
+
+    Repo.init(str(tmp_path), no_scm=True).close()
+    (tmp_path / "dvc.yaml").write_text("stages:\n  made:\n    cmd: echo made\n    deps: [in.txt, lib]\n")
+    (tmp_path / "in.txt").write_text("one")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "a.py").write_text("x = 1")
+    monkeypatch.setenv("DVC_STAGE", "made")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("ARDETECT_INPUTS_WATCHED", raising=False)
+    moved = watch_own_inputs()
+    assert callable(moved) and moved() == []  # nothing edited yet
+    (tmp_path / "in.txt").write_text("two")
+    (tmp_path / "lib" / "a.py").write_text("x = 2")
+    assert moved() == ["in.txt", "lib (a.py)"]
+    monkeypatch.setenv("ARDETECT_INPUTS_WATCHED", "1")  # the same stage under the pipeline: its DVC child watches
+    assert watch_own_inputs() is None

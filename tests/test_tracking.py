@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -68,7 +69,7 @@ def test_the_store_and_the_cli_find_the_same_repository_root(tmp_path, monkeypat
 
 def test_write_json_atomic_leaves_no_temp(tmp_path):
     p = tracking.write_json_atomic({"a": 1}, tmp_path / "s.json")
-    assert p.read_text().strip().startswith("{") and [f.name for f in tmp_path.iterdir()] == ["s.json"]
+    assert json.loads(p.read_text()) == {"a": 1} and [f.name for f in tmp_path.iterdir()] == ["s.json"]
 
 
 def test_pipeline_run_logs_the_config_as_params_and_tags(tmp_path, monkeypatch):

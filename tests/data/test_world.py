@@ -161,6 +161,16 @@ def test_style_transforms():
     for t in templates_for("living_creatures", "coco"):
         a, _, _, *_ = render_generated(cfg, idn, t, np.random.default_rng(0))
         assert a.shape == p.shape
+    # every medium of every template set has its own transform: no two give the same image of the same scene
+    from itertools import combinations
+
+    from ardetect.data.templates import GROUPS
+    from ardetect.data.world_scenes import stylize
+
+    media = sorted({t.medium for g in GROUPS for which in ("coco", "lvis") for t in templates_for(g, which)})
+    assert len(media) >= 9
+    styled = {m: np.asarray(stylize(Image.fromarray(p), m, np.random.default_rng(0))) for m in media}
+    assert not [(a, b) for a, b in combinations(media, 2) if np.array_equal(styled[a], styled[b])]
 
 
 def test_identities_differ():
@@ -185,7 +195,7 @@ def test_exemplar_and_generated_share_identity_but_differ():
     # the primary colour of the identity is visible in both instances
     pal = np.array(idn["palette"][0])
     near = lambda img, m: (np.abs(img[m].astype(int) - pal).sum(-1) < 120).mean()
-    assert near(ex, em) > 0.05
+    assert near(ex, em) > 0.05 and near(g, gm) > 0.05
 
 
 def test_objects_table_records_every_visible_object(tmp_path):

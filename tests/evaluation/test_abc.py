@@ -68,6 +68,9 @@ def test_world_encoder_ssl_runs_and_is_seeded():
     e2 = train_world_encoder(imgs, dim=16, epochs=1, batch_size=6, seed=3)
     with torch.no_grad():
         assert torch.allclose(e1(imgs[:2]), e2(imgs[:2]))
+    # and it trains the encoder itself: its weights leave where the same seed starts them (0 epochs)
+    e0 = train_world_encoder(imgs, dim=16, epochs=0, batch_size=6, seed=3)
+    assert any(not torch.equal(a, b) for a, b in zip(e1.parameters(), e0.parameters()))
 
 
 def test_identity_views_are_per_image_seeded_and_keep_colour():

@@ -61,6 +61,9 @@ def test_chance_is_seeded_and_image_level():
     b = evaluate_method(ChanceMethod(1), t, n, progress=False).per_query
     assert a["rank"].tolist() == b["rank"].tolist()
     assert a["box_correct"].isna().all()
+    # and the seed is what draws them: other seeds rank otherwise
+    ranks = {tuple(evaluate_method(ChanceMethod(s), t, n, progress=False).per_query["rank"]) for s in range(12)}
+    assert len(ranks) > 1
 
 
 def test_class_rprecision_hand_computed():

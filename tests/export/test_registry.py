@@ -92,6 +92,18 @@ def test_registered_model_ranks_like_the_export(trained, tmp_path):
     out = model.predict(example)
     assert list(out["rank"]) == [1, 2] and set(out["candidate"]) == set(example.iloc[0]["candidates"])
     assert (out["score"].diff().dropna() <= 0).all()  # ranked by score
+    # each row's score is its own candidate's: the export scores each candidate alone to the same value
+    import numpy as np
+
+    from ardetect.export.runtime import OnnxDetector, prepare_image
+
+    det, q = OnnxDetector(tmp_path / "det-export"), example.iloc[0]
+    query = det.encode_query(q["query_image"], [q["x0"], q["y0"], q["x1"], q["y1"]], q["prompt"], q["concept_phrase"])
+    for r in out.itertuples(index=False):
+        image, size = prepare_image(r.candidate, det.size)
+        alone = det.score(det.encode_images(image[None]), query, np.array([size]))["scores"][0]
+        assert abs(r.score - float(alone)) < 1e-5, (r.candidate, r.score, alone)
+    assert out["score"].iloc[0] != out["score"].iloc[1]  # two different scores: swapping the candidates would show
     from PIL import Image
 
     for r in out.itertuples(index=False):  # each region in its candidate, as the service answers

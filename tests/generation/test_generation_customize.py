@@ -91,7 +91,8 @@ def test_lora_method_trains_only_adapters(pipe, exemplar):
     assert rep.joint_steps == 2 and "joint_attention" in rep.losses
     now = pipe.unet.state_dict()
     lora = [k for k in now if "lora_" in k]
-    assert lora and any(not torch.equal(now[k], torch.zeros_like(now[k])) for k in lora)
+    # peft starts each B matrix at zero (A at random): a trained adapter has moved its B off zero
+    assert lora and any(now[k].abs().sum() > 0 for k in lora if "lora_B" in k)
     for k, v in base.items():  # every base weight as it was (peft renames wrapped layers' weights to base_layer)
         k2 = k if k in now else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         assert torch.equal(v, now[k2]), k

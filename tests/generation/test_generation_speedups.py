@@ -151,12 +151,20 @@ def test_compile_flag_wraps_the_unet_for_the_steps(load, exemplar, monkeypatch):
     """torch.compile runs here with the "eager" backend: dynamo traces the UNet as it would for inductor (the default)
     but generates no code. Inductor's C++ code generation is too slow for a test on this 2-core CPU: on a loaded
     machine it had not finished the tiny UNet's first compiled step after 4.5 minutes."""
-    calls = []
+    calls, used = [], []
     real_compile = torch.compile
 
     def eager_compile(model, **kw):
         calls.append(model)
-        return real_compile(model, backend="eager")
+        compiled = real_compile(model, backend="eager")
+        forward = compiled.forward
+
+        def counted(*args, **kwargs):  # the compiled module is what the steps call
+            used.append(1)
+            return forward(*args, **kwargs)
+
+        compiled.forward = counted
+        return compiled
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     torch._dynamo.reset()
@@ -165,7 +173,7 @@ def test_compile_flag_wraps_the_unet_for_the_steps(load, exemplar, monkeypatch):
     assert not _cfg().compile
     _, rep = customize(pipe, exemplar[0], exemplar[1], "cat", _cfg(compile=True, ti_steps=1, joint_steps=1,
                                                                    prior_preservation=False, attn_loss_in_ti=True), seed=0)
-    assert calls == [pipe.unet]
+    assert calls == [pipe.unet] and len(used) == 2  # one textual-inversion step, one joint step
     assert rep.ti_steps == rep.joint_steps == 1 and {"ti_attention", "joint_attention"} <= rep.losses.keys()
     assert all(np.isfinite(v) for v in rep.losses.values())
     assert all(pipe.unet.attn_processors[k] is originals[k] for k in originals)

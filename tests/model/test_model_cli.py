@@ -1,3 +1,5 @@
+import re
+
 from typer.testing import CliRunner
 
 from ardetect.model.cli import app
@@ -7,8 +9,11 @@ def test_info_nano_prints_counts_and_resolution():
     result = CliRunner().invoke(app, ["info", "nano"])
     assert result.exit_code == 0, result.output
     assert "160 x 160" in result.output
-    for field in ("parameters", "trainable, phase 1", "trainable, phase 2"):
-        assert field in result.output
+    counts = {m[1]: int(m[2].replace(",", "")) for m in re.finditer(r"^\s*(\S.*?)\s{2,}([\d,]+) \(", result.output, re.M)}
+    hidden = 64
+    assert counts["trainable, phase 2"] == 2 * (hidden * hidden + hidden)  # the two adapters F and F~, each a linear layer
+    # phase 1 trains all but the frozen text backbone and the adapters
+    assert counts["trainable, phase 1"] == counts["parameters"] - counts["text backbone"] - counts["trainable, phase 2"]
 
 
 def test_info_bb_matches_paper_trainable_count():
@@ -21,4 +26,4 @@ def test_info_bb_matches_paper_trainable_count():
 
 def test_info_rejects_unknown_size():
     result = CliRunner().invoke(app, ["info", "huge"])
-    assert result.exit_code != 0
+    assert result.exit_code == 2 and "is not one of" in result.output, result.output

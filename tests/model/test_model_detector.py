@@ -28,7 +28,14 @@ def test_nano_output_shapes(nano, nano_cfg, query, candidates):
     assert out.token_mask.shape == (n, t) and out.concept_mask.shape == (n, t)
     assert ((out.pred_boxes >= 0) & (out.pred_boxes <= 1)).all()
     assert torch.isfinite(out.pred_logits).all()
-    assert (out.pred_logits[~out.token_mask[:, None, :].expand(-1, q, -1)] == MASKED_LOGIT).all()
+    # two prompts of different lengths: the shorter one's padding tokens get the masked logit
+    image, box = query
+    pair = nano.encode_query(image.repeat(2, 1, 1, 1), box.repeat(2, 1), [PROMPT, "a cat."], [CONCEPT, "cat"])
+    with torch.no_grad():
+        two = nano(candidates[:2], pair)
+    padding = ~two.token_mask[:, None, :].expand(-1, q, -1)
+    assert padding.any() and (two.pred_logits[padding] == MASKED_LOGIT).all()
+    assert (two.pred_logits[~padding] > MASKED_LOGIT).all()
 
 
 def test_query_cache_broadcast_equals_per_image(nano, query, candidates):
@@ -95,6 +102,11 @@ def test_adapters_rescore_without_moving_boxes(nano_cfg, query, candidates):
     assert not torch.allclose(before.pred_logits, after.pred_logits)
     torch.testing.assert_close(before.pred_boxes, after.pred_boxes)
     torch.testing.assert_close(before.enc_outputs["pred_logits"], after.enc_outputs["pred_logits"])
+    # switched off, the moved adapters are not applied: the logits are the identity adapters' (ARD-)
+    model.adapters_enabled = False
+    with torch.no_grad():
+        off = model(candidates, cache)
+    torch.testing.assert_close(off.pred_logits, before.pred_logits, atol=1e-4, rtol=1e-5)
 
 
 def test_predict_region_is_best_concept_box(nano, query, candidates):
@@ -168,10 +180,12 @@ def test_freeze_flag_overrides_default(nano_cfg):
 
 def test_param_groups(nano_cfg):
     model = build(nano_cfg)
-    groups = param_groups(model, lr=1e-4, lr_backbone=1e-5, lr_linear_proj_mult=0.1, weight_decay=1e-4)
+    # three distinct rates: the offsets' lr is lr x mult, not the backbone's
+    groups = param_groups(model, lr=1e-4, lr_backbone=2e-5, lr_linear_proj_mult=0.1, weight_decay=3e-4)
     by_name = {g["name"]: g for g in groups}
-    assert by_name["rest"]["lr"] == 1e-4 and by_name["backbone"]["lr"] == 1e-5
+    assert by_name["rest"]["lr"] == 1e-4 and by_name["backbone"]["lr"] == 2e-5
     assert by_name["linear_proj"]["lr"] == pytest.approx(1e-5)
+    assert all(g["weight_decay"] == 3e-4 for g in groups)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("sampling_offsets" in names[id(p)] or "reference_points" in names[id(p)] for p in by_name["linear_proj"]["params"])
     assert any("reference_points_head" in names[id(p)] for p in by_name["linear_proj"]["params"])

@@ -126,9 +126,14 @@ def test_model_health_images_docs(client, attributor, served):
     assert drawn.status_code == 200 and drawn.headers["content-type"] == "image/png"
     pixels = np.asarray(Image.open(io.BytesIO(drawn.content)).convert("RGB"))
     assert tuple(pixels[2, 10]) == (0xE4, 0x00, 0x3A)  # the box's top edge, in the predicted region's colour
+    cx0, cy0, cx1, _ = (round(float(v)) for v in attributor.index.info(0)["concept_box"])
+    edge = pixels[max(cy0 - 1, 0):cy0 + 2, (cx0 + cx1) // 2]  # the concept's box: its top edge, in green
+    assert any(tuple(p) == (0x00, 0xB0, 0x50) for p in edge), edge
     ex = client.get("/examples").json()
     assert len(ex) == len(served.tuples) and ex[0]["train_id"] in attributor.index.position
-    assert client.get("/examples/0/image").status_code == 200 and client.get("/examples/999/image").status_code == 404
+    first = client.get("/examples/0/image")
+    assert first.status_code == 200 and client.get("/examples/999/image").status_code == 404
+    assert first.content == (served.data / attributor.index.examples["query_image"].iloc[0]).read_bytes()  # example 0's own
 
 
 def test_an_indexed_image_missing_or_unreadable_on_disk_is_named(client, attributor, monkeypatch, tmp_path):
