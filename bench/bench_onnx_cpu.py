@@ -77,13 +77,14 @@ def main() -> None:
         def pytorch() -> None:
             model.predict_region(cache, query, image_sizes=sizes, identity_weight=WEIGHT, top_k=TOP_K, grid=GRID)
 
-        shipped = OnnxDetector(tmp, threads=threads)
+        cpu = ["CPUExecutionProvider"]  # a CPU bench: onnxruntime-gpu on a CUDA machine would take the GPU otherwise
+        shipped = OnnxDetector(tmp, threads=threads, providers=cpu)
         feats = shipped.encode_images(images.numpy())
         q = shipped.encode_prepared_query(query_image[0].numpy(), box[0].numpy(), prompt, phrase)
         np_sizes = sizes.numpy()
         one_call = _intra_op_detector(ort, tmp, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         basic = _intra_op_detector(ort, tmp, threads, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-        int8 = OnnxDetector(tmp, precision="int8", threads=threads)
+        int8 = OnnxDetector(tmp, precision="int8", threads=threads, providers=cpu)
         session = one_call.sessions["scorer"]
         feeds = {"features": feats["features"], "region_map": feats["region_map"], "image_sizes": np_sizes.astype(np.int64), **q}
         binding = session.io_binding()
@@ -99,6 +100,13 @@ def main() -> None:
             "  the same, IO binding": lambda: session.run_with_iobinding(binding),
             "onnxruntime int8 scorer, as shipped": lambda: int8.score(feats, q, np_sizes),
         }
+        # the rows compute the same scores: the export's against PyTorch's, before any is timed
+        with torch.no_grad():
+            expected = model.predict_region(cache, query, image_sizes=sizes, identity_weight=WEIGHT, top_k=TOP_K, grid=GRID)[1].numpy()
+        for label, got in (("as shipped", shipped.score(feats, q, np_sizes)), ("one call", one_call.score(feats, q, np_sizes, chunk=n))):
+            worst = float(np.abs(got["scores"] - expected).max())
+            if worst > 1e-4:
+                raise SystemExit(f"onnxruntime {label} scores differ from PyTorch's by {worst:.2e} (> 1e-4): nothing to time")
         times = timed_interleaved(rows, args.repeats)
         ref = times["PyTorch predict_region"]
         for label, t in times.items():
@@ -110,7 +118,7 @@ def _intra_op_detector(ort, folder: str, threads: int, level):
     """An ``OnnxDetector`` whose scorer runs each call on ``threads`` intra-op threads, at ``level``."""
     from ardetect.export.runtime import OnnxDetector
 
-    det = OnnxDetector(folder, threads=1)
+    det = OnnxDetector(folder, threads=1, providers=["CPUExecutionProvider"])
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
     opts.intra_op_num_threads = threads
