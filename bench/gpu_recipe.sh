@@ -8,7 +8,8 @@
 #   to run it too: with tracking off it writes the ONNX graphs and registers nothing)
 #   RECIPE="key=value ..."  the settings (default: the README's recipe, "On a GPU"); a value is YAML
 #   STOP_AFTER_S=N          start no stage after N seconds; a second call with the same OUTDIR goes on from there
-#                           (a stage that finished in OUTDIR/times.tsv is not run again; a stopped pretrain resumes)
+#                           (a stage that finished in OUTDIR/times.tsv is not run again; a stopped pretrain resumes;
+#                           a call killed outright left params.yaml with the recipe: the next call puts it back first)
 # Writes OUTDIR/<stage>.log, OUTDIR/times.tsv (stage, exit code, seconds) and, after evaluate, a copy of
 # reports/results.md and reports/metrics.json. Stops at the first stage that fails.
 set -u
@@ -24,6 +25,12 @@ if [[ -f "$out/recipe.txt" && "$(cat "$out/recipe.txt")" != "$RECIPE" ]]; then
 fi
 export ARD_TRACKING=off HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 GX_ANALYTICS_ENABLED=False
 
+# a call killed outright (kill -9, the machine taken back) could not put params.yaml back: it still holds that
+# call's recipe file, and the file saved before it is the user's, which must not be overwritten with the recipe's
+if [[ -f "$out/params.yaml.orig" && -f "$out/params.yaml.recipe" ]] && cmp -s params.yaml "$out/params.yaml.recipe"; then
+  echo "params.yaml holds the recipe of a call that did not end: putting back $out/params.yaml.orig first"
+  cp "$out/params.yaml.orig" params.yaml || exit 1
+fi
 cp params.yaml "$out/params.yaml.orig" || exit 1
 trap 'cp "$out/params.yaml.orig" params.yaml' EXIT
 trap 'exit 143' TERM  # a stopped run puts params.yaml back too (the stage itself exits cleanly on SIGTERM)
@@ -48,6 +55,7 @@ load_config("params.yaml")  # a setting the configuration refuses stops here, na
 print("recipe:", " ".join(sys.argv[1:]))
 EOF
 echo "$RECIPE" >"$out/recipe.txt"  # the stages in times.tsv are this recipe's
+cp params.yaml "$out/params.yaml.recipe" || exit 1
 
 start_all=$(date +%s)
 for stage in "${stages[@]}"; do

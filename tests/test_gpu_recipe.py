@@ -60,3 +60,23 @@ def test_a_setting_the_configuration_refuses_stops_before_any_stage(tmp_path):
     bad = _run(ws, tmp_path / "out", "exemplars", RECIPE="model.size")
     assert bad.returncode == 1 and "RECIPE: 'model.size' is not key=value" in bad.stderr
     assert (ws / "params.yaml").read_bytes() == before
+
+
+def test_a_call_killed_outright_does_not_cost_the_users_params_yaml(tmp_path):
+    """kill -9 (or the machine taken back) runs no trap: params.yaml keeps the recipe. The next call puts the saved one
+    back before it saves anything, so the file the user had is what every later call ends with."""
+    ws = make_workspace(tmp_path / "ws")
+    before = (ws / "params.yaml").read_bytes()
+    killer = tmp_path / "killer"
+    killer.write_text(f'#!/bin/sh\nif [ "$1" = -m ]; then kill -9 $PPID; exit 1; fi\nexec {BIN / "python"} "$@"\n')
+    stub = tmp_path / "stub"
+    stub.write_text(f'#!/bin/sh\nif [ "$1" = -m ]; then echo "stage $2"; exit 0; fi\nexec {BIN / "python"} "$@"\n')
+    for f in (killer, stub):
+        f.chmod(0o755)
+    recipe = "profile=smoke model.device=cpu"
+    killed = _run(ws, tmp_path / "out", "exemplars", RECIPE=recipe, PYTHON=str(killer))
+    assert killed.returncode == -9 and (ws / "params.yaml").read_bytes() != before  # the recipe's file was left
+    again = _run(ws, tmp_path / "out", "exemplars", RECIPE=recipe, PYTHON=str(stub))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "putting back" in again.stdout and "== exemplars: exit 0" in again.stdout
+    assert (ws / "params.yaml").read_bytes() == before and (tmp_path / "out" / "params.yaml.orig").read_bytes() == before
