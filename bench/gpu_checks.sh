@@ -50,7 +50,7 @@ for name in ('torch', 'transformers', 'timm', 'pydantic', 'ardetect.config', 'gt
         break
 " 2>&1)
 if [[ -n "$missing" ]]; then
-  echo "cannot run the GPU checks: $missing is not importable with $py (PYTHONPATH=src; carry the wheels: docs/gpu.md)"
+  echo "cannot run the GPU checks: $missing is not importable with $py (build them here with bench/gpu_bundle.py, install them there with bench/gpu_setup.sh: docs/gpu.md)"
   exit 2
 fi
 
