@@ -33,11 +33,21 @@ def test_bench_train_gpu_tiny_prints_steps_and_projection():
     assert int(projected.group(3)) == 312 * 4 * params["train_phase1"]["epochs"]
 
 
+def gpu_checks(tmp_path, python: str = sys.executable, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "bench" / "gpu_checks.sh"), str(tmp_path / "logs")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHON": python, **env})
+
+
+def stand_in_python(tmp_path, script: str) -> str:
+    fake = tmp_path / "python3"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
 def test_gpu_checks_runs_the_named_checks_within_its_budget(tmp_path):
     """bench/gpu_checks.sh: CHECKS picks checks by name, and a check that would not fit the time left is skipped, saying so."""
-    env = {**os.environ, "PYTHON": sys.executable, "BUDGET_S": "0", "CHECKS": "cuda_test customize"}
-    out = subprocess.run(["bash", str(REPO / "bench" / "gpu_checks.sh"), str(tmp_path / "logs")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = gpu_checks(tmp_path, BUDGET_S="0", CHECKS="cuda_test customize")
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"^== cuda_test: skipped, it needs 150 s and -?\d+ s of the budget are left$", out.stdout, re.M), out.stdout
     assert re.search(r"^== customize: skipped", out.stdout, re.M), out.stdout
@@ -49,12 +59,8 @@ def test_gpu_checks_runs_the_named_checks_within_its_budget(tmp_path):
 def test_gpu_checks_skip_a_check_longer_than_the_time_left_instead_of_cutting_it_short(tmp_path):
     """A check is started only where its whole limit fits the budget left; one that fits runs (here a stand-in python
     that runs the script's import check and answers every check at once)."""
-    fake = tmp_path / "python3"
-    fake.write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\necho "stand-in for $*"\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "BUDGET_S": "100", "CHECKS": "cuda_test train_tb"}
-    out = subprocess.run(["bash", str(REPO / "bench" / "gpu_checks.sh"), str(tmp_path / "logs")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    fake = stand_in_python(tmp_path, f'if [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\necho "stand-in for $*"')
+    out = gpu_checks(tmp_path, fake, BUDGET_S="100", CHECKS="cuda_test train_tb")
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"^== cuda_test: skipped, it needs 150 s and \d+ s of the budget are left$", out.stdout, re.M), out.stdout
     assert re.search(r"^== train_tb \(limit 75 s\).*\n== train_tb: exit 0 after", out.stdout, re.M), out.stdout  # 75 s fit
@@ -65,12 +71,8 @@ def test_gpu_checks_skip_a_check_longer_than_the_time_left_instead_of_cutting_it
 
 def test_gpu_checks_stop_before_any_check_where_a_project_module_is_missing(tmp_path):
     """The machine's image lacks pydantic and the MiniLM package: named at once, not after a check fails on it."""
-    fake = tmp_path / "python3"
-    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.modules[\"pydantic\"] = None; exec(sys.argv[1])' \"$2\"\n")
-    fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "BUDGET_S": "100", "CHECKS": "train_tb"}
-    out = subprocess.run(["bash", str(REPO / "bench" / "gpu_checks.sh"), str(tmp_path / "logs")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    fake = stand_in_python(tmp_path, f"exec {sys.executable} -c 'import sys; sys.modules[\"pydantic\"] = None; exec(sys.argv[1])' \"$2\"")
+    out = gpu_checks(tmp_path, fake, BUDGET_S="100", CHECKS="train_tb")
     assert out.returncode == 2, out.stdout + out.stderr[-2000:]
     assert out.stdout.startswith("cannot run the GPU checks: pydantic (") and "docs/gpu.md" in out.stdout, out.stdout
     assert "== train_tb" not in out.stdout and not list((tmp_path / "logs").glob("*.log"))
