@@ -69,6 +69,16 @@ def test_a_mistyped_key_is_given_the_one_it_is_close_to(path, typo, meant):
     assert line.endswith(f"; did you mean '{meant}'?") and len(line) < 200, line
 
 
+def test_a_check_across_sections_gives_its_message_without_dumping_the_configuration():
+    raw = raw_params()
+    raw["world"]["seed"] = raw["evaluate"]["generalisation_world_seed"]
+    with pytest.raises(ConfigError) as err:
+        load(raw)
+    lines = str(err.value).splitlines()
+    assert lines[1].startswith("  - Value error, evaluate.generalisation_world_seed=") and "equals world.seed" in lines[1]
+    assert len(lines) == 2 and len(lines[1]) < 200, lines
+
+
 def test_a_detector_field_set_directly_under_model_is_pointed_to_model_overrides():
     raw = raw_params()
     raw["model"]["phrase_position_start"] = 0
@@ -76,7 +86,7 @@ def test_a_detector_field_set_directly_under_model_is_pointed_to_model_overrides
         load(raw)
     line = str(err.value).splitlines()[1]
     assert line.startswith("  - unknown key 'model.phrase_position_start' (value 0)")
-    assert line.endswith("did you mean 'model.overrides.phrase_position_start'?"), line
+    assert line.endswith("goes under model.overrides: 'model.overrides.phrase_position_start'"), line
     raw["model"]["pdevice"] = raw["model"].pop("phrase_position_start")  # a typo of the section's own key keeps its hint
     with pytest.raises(ConfigError, match=r"did you mean 'model.device'\?"):
         load(raw)
@@ -96,6 +106,7 @@ def test_a_mistyped_model_override_is_given_the_field_it_is_close_to():
         (("world", "n_concepts"), 1, r"world\.n_concepts.*greater than or equal to 3.*got 1"),
         (("world", "image_size"), 20, r"world\.image_size.*got 20"),
         (("world", "placeholder"), "V*", r"world\.placeholder.*exactly one"),
+        (("world", "placeholder"), " {} ", r"world\.placeholder.*nothing besides '\{\}'"),  # the phrase: the bare class
         (("world", "base_classes"), [], r"world\.base_classes.*name at least one class, or null"),
         (("world", "base_classes"), ["cat", "car", "cat"], r"world\.base_classes.*\['cat'\] twice"),
         (("world", "base_classes"), ["cat", "unicorn"], r"world\.base_classes.*\['unicorn'\] not among the world's shape families"),

@@ -105,6 +105,8 @@ class WorldConfig(_Section):
     def _placeholder(cls, v: str) -> str:
         if v.count("{}") != 1:
             raise ValueError(f"placeholder={v!r} must hold exactly one '{{}}' for the base class")
+        if not v.replace("{}", "").strip():  # the validation's phrase_has_placeholder: something besides the class
+            raise ValueError(f"placeholder={v!r} holds nothing besides '{{}}': the concept phrase would be the bare class name")
         return v
 
     @field_validator("object_scale")
@@ -695,12 +697,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             close = closest(e["loc"][-1], _keys_beside(e["loc"]))
             hint = f"; did you mean '{'.'.join([*map(str, e['loc'][:-1]), close])}'?" if close else ""
-            if not close and len(e["loc"]) == 2 and e["loc"][0] == "model":  # a detector field belongs in model.overrides
-                from ardetect.model.config import ModelConfig
-
-                field = closest(e["loc"][-1], ModelConfig.model_fields)
-                hint = f"; the detector's fields go under model.overrides: did you mean 'model.overrides.{field}'?" if field else ""
+            if not close and len(e["loc"]) == 2 and e["loc"][0] == "model":  # the detector's own fields: model.overrides
+                hint = f"; a setting of the detector itself goes under model.overrides: 'model.overrides.{e['loc'][-1]}'"
             lines.append(f"  - unknown key '{loc}' (value {_short(e['input'])}){hint}")
+        elif not loc:  # a check across sections: its message names the keys; the input is the whole configuration
+            lines.append(f"  - {e['msg']}")
         else:
             lines.append(f"  - {loc}: {e['msg']} (got {_short(e.get('input'))})")
     return "\n".join(lines)

@@ -102,6 +102,15 @@ def test_placeholder_template_checked_when_given(tuple_data):
     assert r.failures[0].unexpected_count == 40
 
 
+def test_a_placeholder_with_braces_is_checked_as_the_generation_fills_it(tuple_data):
+    """world.placeholder '{V*} {}' is accepted: the phrase is its '{}' replaced, other braces kept (not str.format)."""
+    data = tuple_data.copy()
+    for col in ("prompt", "concept_phrase"):
+        data.tuples[col] = data.tuples[col].str.replace("V* ", "{V*} ", regex=False)
+    assert run(data, placeholder="{V*} {}").success
+    assert_only(run(data, placeholder="V* {}"), "prompt_concept", "phrase_matches_placeholder")
+
+
 # --------------------------------------------------------------------------- one family per planted fault
 
 

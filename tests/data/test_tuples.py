@@ -133,6 +133,10 @@ def test_tuples_and_negatives():
     stats = statistics(t, neg)
     assert stats["tuples"] == 80 and stats["per_split"]["test"] == 2 * n_split["test"]
     assert stats["negatives"]["min_per_test_query"] == n_split["test"] - 1
+    assert stats["negatives"]["min_per_tuple"] == n_split.min() - 1
+    # a tuple without negatives (a split of one concept) counts as 0, not left out of the minimum
+    lone = t["tuple_id"].iloc[0]
+    assert statistics(t, neg[neg["tuple_id"].astype(str) != lone])["negatives"]["min_per_tuple"] == 0
 
 
 def test_generated_without_exemplar_is_named():

@@ -88,6 +88,7 @@ from ardetect.data.schema import (
     SPLITS,
     TUPLE_COLUMNS,
 )
+from ardetect.data.templates import concept_phrase
 from ardetect.procs import fork_context, reset_signals, usable_cores
 from ardetect.tmpdirs import replaced_atomically, temp_dir_beside
 
@@ -470,7 +471,7 @@ def _tuples_table(tuples: pd.DataFrame, placeholder: str | None) -> pd.DataFrame
         pat = re.compile(rf"(?<!\w){re.escape(cls.strip())}(?!\w)", re.IGNORECASE)
         holds_class.append(bool(pat.search(phrase)))
         has_placeholder.append(bool(pat.sub("", phrase, count=1).strip()))
-        matches.append(None if placeholder is None else phrase == placeholder.format(cls))
+        matches.append(None if placeholder is None else phrase == concept_phrase(placeholder, cls))
     out["prompt_holds_phrase"] = pd.Series(holds_phrase, dtype=object)
     out["phrase_holds_base_class"] = pd.Series(holds_class, dtype=object)
     out["phrase_has_placeholder"] = pd.Series(has_placeholder, dtype=object)

@@ -270,5 +270,10 @@ def fill(template_text: str, base_class: str, placeholder: str = "V* {}") -> tup
         raise ValueError(f"placeholder={placeholder!r} must hold exactly one '{{}}'")
     if template_text.count("{}") != 1:
         raise ValueError(f"template {template_text!r} must hold exactly one '{{}}'")
-    phrase = placeholder.replace("{}", base_class.replace("_", " "))
+    phrase = concept_phrase(placeholder, base_class)
     return template_text.replace("{}", phrase), phrase
+
+
+def concept_phrase(placeholder: str, base_class: str) -> str:
+    """The personalised phrase of ``base_class``: ``placeholder`` with its ``{}`` replaced (any other brace is text)."""
+    return placeholder.replace("{}", base_class.replace("_", " "))

@@ -128,7 +128,9 @@ def statistics(tuples: pd.DataFrame, negatives: pd.DataFrame) -> dict:
         b = np.asarray(tuples[col].tolist(), dtype=float).reshape(-1, 4)
         return np.sqrt(np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None))
 
+    # every tuple counts, one without negatives as 0
     neg_per = negatives.groupby("tuple_id", observed=True).size() if len(negatives) else pd.Series(dtype=int)
+    neg_per = neg_per.reindex(tuples["tuple_id"].astype(str), fill_value=0) if len(tuples) else neg_per
     stats: dict = {
         "tuples": int(len(tuples)),
         "concepts": int(tuples["concept_id"].nunique()),
@@ -143,8 +145,8 @@ def statistics(tuples: pd.DataFrame, negatives: pd.DataFrame) -> dict:
         },
     }
     test_ids = tuples.loc[tuples["split"] == "test", "tuple_id"]
-    if len(test_ids) and len(neg_per):
-        stats["negatives"]["min_per_test_query"] = int(neg_per.reindex(test_ids).fillna(0).min())
+    if len(test_ids) and len(negatives):
+        stats["negatives"]["min_per_test_query"] = int(neg_per.reindex(test_ids.astype(str)).fillna(0).min())
     for col in ("query_box", "train_box"):
         s = sides(col)
         stats[f"{col}_side"] = {"mean": float(s.mean()), "min": float(s.min()), "max": float(s.max())} if len(s) else {}
