@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--pretrain-images", type=int, default=3328)
-    ap.add_argument("--phase1-batches", type=int, default=312)
+    ap.add_argument("--phase1-batches", type=int, default=312, help="phase 1's batches an epoch at train_phase1.batch_size")
     ap.add_argument("--queries", type=int, default=584)
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     ap.add_argument("--tiny", action="store_true", help="nano model, small batches, one step: checks the script anywhere")
@@ -160,7 +160,7 @@ def main() -> None:
         per_query = median_step(score, args.steps, args.warmup, sync)
 
     pre_steps = math.ceil(args.pretrain_images / args.pretrain_batch) * p.epochs
-    ph1_steps = args.phase1_batches * cfg.train_phase1.epochs * 8 // args.phase1_batch
+    ph1_steps = args.phase1_batches * cfg.train_phase1.epochs * cfg.train_phase1.batch_size // args.phase1_batch  # the batches counted at params.yaml's batch size
     print(f"pre-training step, batch {args.pretrain_batch}: {pre * 1000:8.1f} ms  (peak {pre_mem:.1f} GiB)")
     print(f"phase-1 step, {args.phase1_batch} queries x 2 images: {ph1 * 1000:8.1f} ms  (peak {ph1_mem:.1f} GiB)")
     print(f"scoring one query's 104 candidates:        {per_query * 1000:8.1f} ms")
