@@ -144,6 +144,52 @@ def test_stop_signals_after_the_first_do_not_cut_its_clean_up_short(tmp_path, fi
     assert list(_probe_runs(tmp_path)["status"]) == ["KILLED"]
 
 
+# a stage that stops itself while Python runs a weakref callback, where it cannot raise: it prints the exception as
+# "ignored" and carries on (a Ctrl-C once landed in a WeakKeyDictionary's callback and `pretrain` ran to its end)
+STOPPED_IN_A_CALLBACK_BODY = textwrap.dedent("""
+    import os, signal, time, weakref
+    from pathlib import Path
+    from ardetect.stages.common import atomic_dir, run_stage
+
+    def body(cfg):
+        with atomic_dir(Path("out")) as tmp:
+            (tmp / "half.txt").write_text("half-written")
+            Path("started").write_text("1")
+
+            class Held:
+                pass
+
+            def stop_here(_):
+                os.kill(os.getpid(), int(os.environ["PROBE_SIGNAL"]))
+                for _ in range(100_000):  # the handler runs here, inside the callback
+                    pass
+                Path("callback-ended").write_text("1")
+
+            held = Held()
+            ref = weakref.ref(held, stop_here)
+            del held
+            time.sleep(30)
+            Path("ran-on").write_text("1")
+        return {}
+
+    run_stage("probe", body, lambda cfg: {})
+""")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_that_lands_where_python_cannot_raise_still_ends_the_stage(tmp_path, signum, monkeypatch):
+    monkeypatch.setenv("PROBE_SIGNAL", str(int(signum)))
+    started = time.monotonic()
+    proc, err = _stop_probe_stage(tmp_path, body=STOPPED_IN_A_CALLBACK_BODY)
+    assert proc.returncode == 128 + signum, err
+    assert time.monotonic() - started < 25 and not (tmp_path / "ran-on").exists(), err
+    assert not (tmp_path / "callback-ended").exists(), err  # it did land inside the callback: its raise ended it
+    if signum == signal.SIGINT:
+        assert "[probe] interrupted after" in err and "Traceback" not in err, err
+    assert not list(tmp_path.glob(".out.*")) and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+    assert list(_probe_runs(tmp_path)["status"]) == ["KILLED"]
+
+
 def test_a_closed_terminal_ends_a_stage_cleanly(tmp_path):
     """SIGHUP (the terminal or SSH session closed) ended a stage at once, its temp folder left and its run RUNNING."""
     proc, err = _stop_probe_stage(tmp_path, signal.SIGHUP)

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -94,7 +95,6 @@ class _CleanupWatchdog:
     themselves block on a lock the interrupted code holds."""
 
     def __init__(self, name: str):
-        import threading
 
         self.name, self.start, self.pid = name, time.perf_counter(), os.getpid()
         self._read, self._write = os.pipe()
@@ -142,13 +142,54 @@ def _stopped_once(signum: int) -> None:
 
 def _terminated(signum, frame) -> None:
     _stopped_once(signum)
-    raise SystemExit(128 + signum)
+    _owe(SystemExit(128 + signum))
 
 
 def _interrupted(signum, frame) -> None:
     """Ctrl-C: raise once (a ``KeyboardInterrupt``, which the stage reports as an interruption)."""
     _stopped_once(signum)
-    raise KeyboardInterrupt
+    _owe(KeyboardInterrupt())
+
+
+_owed: BaseException | None = None  # the stop a handler raised
+_reraising = threading.Event()  # set while a stop that Python swallowed waits to be raised again
+
+
+def _owe(stop: BaseException) -> None:
+    global _owed
+    _owed = stop
+    raise stop
+
+
+def _swallowed(hook) -> None:
+    """``sys.unraisablehook``: a stop signal's handler runs at whatever Python code is running, and when that is a
+    weakref callback, a ``__del__`` or a garbage collection, Python prints its exception as "ignored" and carries on
+    (a Ctrl-C once ran ``pretrain`` to its end that way, every later signal ignored). The stop is raised again in the
+    main thread once this hook has returned: a thread sends the main thread SIGINT, handled by ``_raise_owed``, until
+    it is raised; another swallowed exception goes to Python's own hook."""
+    if _owed is not None and isinstance(hook.exc_value, type(_owed)):
+        if not _reraising.is_set():
+            _reraising.set()
+            signal.signal(signal.SIGINT, _raise_owed)
+            threading.Thread(target=_nudge, args=(threading.main_thread().ident,), name="ard-stop-again", daemon=True).start()
+        return
+    sys.__unraisablehook__(hook)
+
+
+def _nudge(main: int) -> None:
+    while _reraising.is_set():  # a real signal, so that a sleep or a blocking call in the main thread returns
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.05)
+
+
+def _raise_owed(signum, frame) -> None:
+    while frame is not None:
+        if frame.f_code is _swallowed.__code__:  # still in the hook, where a raise is lost again: the next signal
+            return
+        frame = frame.f_back
+    _reraising.clear()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise _owed
 
 
 def run_stage(name: str, body: Callable[[Config], dict], params_section: Callable[[Config], dict], system_metrics: bool = False) -> None:
@@ -164,6 +205,7 @@ def run_stage(name: str, body: Callable[[Config], dict], params_section: Callabl
     else:
         _watchdog.name, _watchdog.start = name, time.perf_counter()
     signal.signal(signal.SIGTERM, _terminated)
+    sys.unraisablehook = _swallowed
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with SIGINT ignored (a background job): keep it so
         signal.signal(signal.SIGINT, _interrupted)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # a closed terminal or SSH session, unless under nohup
