@@ -228,3 +228,30 @@ def test_objects_table_records_every_visible_object(tmp_path):
     labels = np.asarray(Image.open(tmp_path / gen_obj[gen_obj["image"] == g.image]["mask"].iloc[0]))
     top = gen_obj[(gen_obj["image"] == g.image) & (gen_obj["role"] == "concept")].iloc[0]
     assert top["object"] == labels.max()
+
+
+def test_a_retried_placement_lies_inside_the_image_as_the_first_does():
+    """A distractor that overlaps the concept is placed again with the same pose: each try lands inside the image."""
+    from ardetect.data.world import _make_pose, _object_parts, _pixel_box, _place
+
+    cfg = tiny(image_size=96)
+    rng = np.random.default_rng(0)
+    for concept in range(6):
+        identity = sample_identity(cfg, concept)
+        pose, parts = _make_pose(identity, 96, 0.3, 0.2, False), _object_parts(identity)
+        for _ in range(12):
+            _place(parts, pose, 96, rng)
+            x0, y0, x1, y1 = _pixel_box(parts, pose)
+            assert x0 >= 2 - 1e-6 and y0 >= 2 - 1e-6 and x1 <= 94 + 1e-6 and y1 <= 94 + 1e-6, (concept, x0, y0, x1, y1)
+
+
+def test_every_image_holds_the_distractors_it_was_given():
+    """min_count = max_count = 2 small distractors beside the concept: both are drawn, inside the image."""
+    cfg = tiny(image_size=96, distractors={"min_count": 2, "max_count": 2, "scale": [0.15, 0.2], "same_class_prob": 0.3})
+    for concept in range(8):
+        r = render_exemplar(cfg, sample_identity(cfg, concept), np.random.default_rng(concept))
+        distractors = [o for o in r.objects if o["role"] == "distractor"]
+        assert len(distractors) == 2, (concept, r.objects)
+        for o in distractors:
+            x0, y0, x1, y1 = o["box"]
+            assert x0 >= 2 and y0 >= 2 and x1 <= 94 and y1 <= 94, (concept, o)

@@ -183,7 +183,7 @@ def _object_parts(identity: dict) -> list:
 def _place(parts: list, pose: _Pose, size: int, rng: np.random.Generator, center: tuple[float, float] | None = None) -> None:
     """Set ``pose.t`` so the object lies inside the image (at ``center`` when given, else random)."""
     pts = np.concatenate([p for _, _, p in parts])
-    tp = pose.apply(pts)
+    tp = pose.apply(pts) - pose.t  # the object's extent at no translation: a retry's pose still holds the last try's
     lo, hi = tp.min(0), tp.max(0)
     ext = hi - lo
     margin = 2.0
