@@ -236,6 +236,11 @@ class ValidateConfig(_Section):
     detection_iou_min: float = Field(
         0.5, ge=0.0, le=1.0, description="least IoU of R_Q with the best second detection of the concept in Q (real path)"
     )
+    distractor_count_share: float = Field(
+        0.95, ge=0.0, le=1.0,
+        description="least share of tuple images (synthetic world) whose visible distractors number from world.distractors."
+                    "min_count to max_count (a few are covered whole by the concept or find no free spot)",
+    )
     min_pixel_std: float = Field(3.0, ge=0.0, description="least spread (std, grey levels 0-255) of an image's pixels")
     min_box_pixel_std: float = Field(3.0, ge=0.0, description="least spread (std, grey levels) of the pixels in a box")
     hash_size: int = Field(16, ge=4, le=64, description="perceptual hash side: hash_size**2 bits")

@@ -494,3 +494,24 @@ def test_objects_faults_are_caught_and_named(world_objects, tmp_path):
     r = run_objects(world_objects, root=root)
     assert failed_objects_checks(r) == {"the object's label map exists and decodes"}, r.message()
     assert not r.families["objects"]
+
+
+def test_images_without_their_distractors_fail_the_world_count(world_objects):
+    """A synthetic world draws world.distractors.min_count to max_count distractors an image; a placement that
+    loses them (the retries that once landed off the image) leaves images with none, which the record alone
+    cannot tell from a world drawn so. A few images may lack one (covered whole by the concept)."""
+    r0, tuples, negatives, obj = world_objects
+    lo_hi = (1, 3)
+    ok = validate_tuples(tuples, negatives, r0, CFG, SPLIT, objects=obj, distractors=lo_hi)
+    assert ok.families["objects"], ok.message()
+    assert ok.params["distractors"] == [1, 3]
+    described = "at least 95% of tuple images show 1 to 3 distractors (world.distractors)"
+    assert described in {c.description for c in ok.checks}
+    assert described not in {c.description for c in validate_tuples(tuples, negatives, r0, CFG, SPLIT, objects=obj).checks}
+    images = sorted(set(obj.loc[obj["role"] == "distractor", "image"]))
+    assert len(images) >= 20
+    stripped = obj[~(obj["image"].isin(images[::4]) & (obj["role"] == "distractor"))]  # a quarter lose theirs
+    bad = validate_tuples(tuples, negatives, r0, CFG, SPLIT, objects=stripped, distractors=lo_hi)
+    assert failed_objects_checks(bad) == {described}, bad.message()
+    three = validate_tuples(tuples, negatives, r0, CFG, SPLIT, objects=obj, distractors=(3, 3))
+    assert failed_objects_checks(three) == {described.replace("1 to 3", "3 to 3")}, three.message()

@@ -848,6 +848,8 @@ def _objects_tables(objects: pd.DataFrame, t: pd.DataFrame, data_root: Path, wor
             covers.append(f"object {cl.best_object} ({role} {cls}), IoU {cl.best_iou:.2f}")
     per_image = n_concepts.to_dict()
     imgs["n_concept_objects"] = [int(per_image.get(i, 0)) for i in imgs["image"]]
+    distractors = out[out["role"] == "distractor"].groupby("image").size().to_dict()
+    imgs["n_distractor_objects"] = [int(distractors.get(i, 0)) for i in imgs["image"]]
     tuple_concept = dict(zip(t["tuple_id"], t["concept_id"]))
     imgs["concept_id"] = [tuple_concept.get(k) for k in imgs["tuple_id"]]
     imgs["object_concept_id"] = [first_of[i][2] if i in first_of else None for i in imgs["image"]]
@@ -1062,8 +1064,9 @@ class _Spec:
 _T_ID = ("tuple_id",)
 
 
-def _object_specs(add) -> None:
-    """The ``objects`` family: the objects table against its record, its label maps and the tuples."""
+def _object_specs(add, cfg: ValidateConfig, distractors: tuple[int, int] | None) -> None:
+    """The ``objects`` family: the objects table against its record, its label maps and the tuples; with
+    ``distractors`` (the world's (min_count, max_count)), how many distractors each image shows."""
     octx = ("image", "object", "role", "box")
     add(_Spec("objects", "objects_columns", "ExpectTableColumnsToMatchSet",
               {"column_set": list(OBJECT_COLUMNS), "exact_match": True}, "objects table has exactly the record's columns",
@@ -1109,6 +1112,13 @@ def _object_specs(add) -> None:
     add(_Spec("objects", "object_images", "ExpectColumnValuesToBeBetween",
               {"column": "n_concept_objects", "min_value": 1, "max_value": 1},
               "every tuple image has exactly one concept object", (*ictx, "n_concept_objects")))
+    if distractors is not None:  # a few may be covered whole by the concept, or find no free spot
+        lo, hi = distractors
+        share = float(cfg.distractor_count_share)
+        add(_Spec("objects", "object_images", "ExpectColumnValuesToBeBetween",
+                  {"column": "n_distractor_objects", "min_value": int(lo), "max_value": int(hi), "mostly": share},
+                  f"at least {share:.0%} of tuple images show {lo} to {hi} distractors (world.distractors)",
+                  (*ictx, "n_distractor_objects")))
 
 
 def _content_specs(add, cfg: ValidateConfig, objects: bool, records: bool, detections: bool) -> None:
@@ -1180,11 +1190,13 @@ def _content_specs(add, cfg: ValidateConfig, objects: bool, records: bool, detec
 
 
 def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, placeholder: str | None = None,
-                objects: bool = False, records: bool = False, detections: bool = False) -> list[_Spec]:
+                objects: bool = False, records: bool = False, detections: bool = False,
+                distractors: tuple[int, int] | None = None) -> list[_Spec]:
     """Every expectation, grouped by family (GE-free description of the suites); ``objects``
     adds the ``objects`` family and the box-versus-mask checks, ``records`` the agreement with the
     exemplars and generated tables, ``detections`` R_Q against a second detection (each needs the
-    tables ``build_tables`` adds for it)."""
+    tables ``build_tables`` adds for it); ``distractors`` (a synthetic world's (min_count, max_count), with
+    ``objects``) the count of distractors each image shows."""
     S: list[_Spec] = []
     add = S.append
     # schema
@@ -1310,7 +1322,7 @@ def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, pla
               f"|concept share - configured fraction| <= {cfg.split_tolerance:g}",
               ("split", "n_concepts", "share", "expected")))
     if objects:
-        _object_specs(add)
+        _object_specs(add, cfg, distractors)
     _content_specs(add, cfg, objects, records, detections)
     return S
 
@@ -1458,12 +1470,14 @@ def validate_tuples(
     exemplars: pd.DataFrame | None = None,
     generated: pd.DataFrame | None = None,
     detections: pd.DataFrame | None = None,
+    distractors: tuple[int, int] | None = None,
 ) -> ValidationResult:
     """Run every expectation family on the tuple and negatives tables, and on the tables given:
     ``objects`` (every object of their images: the ``objects`` family and the box-versus-mask
     checks), ``exemplars`` with ``generated`` (the source rows each tuple must agree with) and
     ``detections`` (a second detection of each query's concept, :data:`ardetect.data.schema.DETECTION_COLUMNS`: R_Q
-    against it). A family whose inputs are not given has no checks and passes.
+    against it). A family whose inputs are not given has no checks and passes. ``distractors``, a synthetic
+    world's (min_count, max_count), adds the check that most images (``cfg.distractor_count_share``) show that many.
 
     Queries that are near-copies of their own training image are memorisation events: listed in
     ``result.memorisation`` and in :meth:`ValidationResult.exclusions`, the tuples the training
@@ -1480,7 +1494,7 @@ def validate_tuples(
     tables = build_tables(tuples, negatives, data_root, split_cfg, placeholder=placeholder, workers=workers, objects=objects,
                           exemplars=exemplars, generated=generated, detections=detections, cfg=cfg)
     specs = build_specs(cfg, placeholder=placeholder, objects=objects is not None, records=exemplars is not None,
-                        detections=detections is not None)
+                        detections=detections is not None, distractors=distractors)
     checks, version, context = _run_ge(tables, specs, cfg.max_examples)
     order = {s.name: i for i, s in enumerate(specs)}
     checks.sort(key=lambda c: order.get(c.name, len(order)))  # spec (family) order, not table order
@@ -1514,7 +1528,7 @@ def validate_tuples(
         checks=checks,
         counts=counts,
         params={"validate": cfg.model_dump(), "split": split_cfg.model_dump(), "placeholder": placeholder,
-                "data_root": str(data_root)},
+                "distractors": None if distractors is None else list(distractors), "data_root": str(data_root)},
         runtime_s=time.perf_counter() - t0,
         ge_version=version,
         memorisation=memorisation,

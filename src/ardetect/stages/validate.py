@@ -73,9 +73,11 @@ def build(cfg: Config) -> dict:
     exemplars = read_table(DATA / "exemplars" / "exemplars.parquet", EXEMPLAR_COLUMNS, "exemplars")
     generated = read_table(DATA / "generated" / "generated.parquet", GENERATED_COLUMNS, "generated")
     detections = read_detections(cfg)
-    placeholder = cfg.world.placeholder if cfg.exemplars.source == "synthetic" else None
+    synthetic = cfg.exemplars.source == "synthetic"
+    placeholder = cfg.world.placeholder if synthetic else None
+    distractors = (cfg.world.distractors.min_count, cfg.world.distractors.max_count) if synthetic else None
     result = validate_tuples(tuples, negatives, DATA, cfg.validate_, cfg.tuples.split, placeholder=placeholder, objects=objects,
-                             exemplars=exemplars, generated=generated, detections=detections)
+                             exemplars=exemplars, generated=generated, detections=detections, distractors=distractors)
     summary = result.summary()
     with atomic_dir(OUT) as tmp:
         result.write_report(tmp, data_docs=True)  # report.md, data_docs/, and summary.json in full: that becomes checks.json
