@@ -239,7 +239,8 @@ class ValidateConfig(_Section):
     distractor_count_share: float = Field(
         0.95, ge=0.0, le=1.0,
         description="least share of tuple images (synthetic world) whose visible distractors number from world.distractors."
-                    "min_count to max_count (a few are covered whole by the concept or find no free spot)",
+                    "min_count to max_count (a few are covered whole by the concept or find no free spot); a world of few images "
+                    "may have 2 outside it whatever the share",
     )
     min_pixel_std: float = Field(3.0, ge=0.0, description="least spread (std, grey levels 0-255) of an image's pixels")
     min_box_pixel_std: float = Field(3.0, ge=0.0, description="least spread (std, grey levels) of the pixels in a box")

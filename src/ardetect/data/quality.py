@@ -1064,9 +1064,13 @@ class _Spec:
 _T_ID = ("tuple_id",)
 
 
-def _object_specs(add, cfg: ValidateConfig, distractors: tuple[int, int] | None) -> None:
+DISTRACTOR_SLACK = 2  # images any world may have outside its distractor count (a small world's share moves by whole images)
+
+
+def _object_specs(add, cfg: ValidateConfig, distractors: tuple[int, int] | None, images: int | None) -> None:
     """The ``objects`` family: the objects table against its record, its label maps and the tuples; with
-    ``distractors`` (the world's (min_count, max_count)), how many distractors each image shows."""
+    ``distractors`` (the world's (min_count, max_count)), how many distractors each of its ``images`` shows: at
+    least ``cfg.distractor_count_share`` of them, and all but ``DISTRACTOR_SLACK`` in a small world."""
     octx = ("image", "object", "role", "box")
     add(_Spec("objects", "objects_columns", "ExpectTableColumnsToMatchSet",
               {"column_set": list(OBJECT_COLUMNS), "exact_match": True}, "objects table has exactly the record's columns",
@@ -1115,6 +1119,8 @@ def _object_specs(add, cfg: ValidateConfig, distractors: tuple[int, int] | None)
     if distractors is not None:  # a few may be covered whole by the concept, or find no free spot
         lo, hi = distractors
         share = float(cfg.distractor_count_share)
+        if images:
+            share = min(share, max(0.0, 1.0 - DISTRACTOR_SLACK / images))
         add(_Spec("objects", "object_images", "ExpectColumnValuesToBeBetween",
                   {"column": "n_distractor_objects", "min_value": int(lo), "max_value": int(hi), "mostly": share},
                   f"at least {share:.0%} of tuple images show {lo} to {hi} distractors (world.distractors)",
@@ -1191,12 +1197,12 @@ def _content_specs(add, cfg: ValidateConfig, objects: bool, records: bool, detec
 
 def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, placeholder: str | None = None,
                 objects: bool = False, records: bool = False, detections: bool = False,
-                distractors: tuple[int, int] | None = None) -> list[_Spec]:
+                distractors: tuple[int, int] | None = None, images: int | None = None) -> list[_Spec]:
     """Every expectation, grouped by family (GE-free description of the suites); ``objects``
     adds the ``objects`` family and the box-versus-mask checks, ``records`` the agreement with the
     exemplars and generated tables, ``detections`` R_Q against a second detection (each needs the
     tables ``build_tables`` adds for it); ``distractors`` (a synthetic world's (min_count, max_count), with
-    ``objects``) the count of distractors each image shows."""
+    ``objects``) the count of distractors each of the tuples' ``images`` (their number) shows."""
     S: list[_Spec] = []
     add = S.append
     # schema
@@ -1322,7 +1328,7 @@ def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, pla
               f"|concept share - configured fraction| <= {cfg.split_tolerance:g}",
               ("split", "n_concepts", "share", "expected")))
     if objects:
-        _object_specs(add, cfg, distractors)
+        _object_specs(add, cfg, distractors, images)
     _content_specs(add, cfg, objects, records, detections)
     return S
 
@@ -1494,7 +1500,8 @@ def validate_tuples(
     tables = build_tables(tuples, negatives, data_root, split_cfg, placeholder=placeholder, workers=workers, objects=objects,
                           exemplars=exemplars, generated=generated, detections=detections, cfg=cfg)
     specs = build_specs(cfg, placeholder=placeholder, objects=objects is not None, records=exemplars is not None,
-                        detections=detections is not None, distractors=distractors)
+                        detections=detections is not None, distractors=distractors,
+                        images=len(tables["object_images"]) if "object_images" in tables else None)
     checks, version, context = _run_ge(tables, specs, cfg.max_examples)
     order = {s.name: i for i, s in enumerate(specs)}
     checks.sort(key=lambda c: order.get(c.name, len(order)))  # spec (family) order, not table order
