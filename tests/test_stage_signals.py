@@ -53,8 +53,8 @@ SLOW_CLEAN_UP_BODY = probe_stage_script("probe", """
 
 def _stop_probe_stage(tmp_path, *signals: int, sigint=signal.SIG_DFL, body: str = BODY) -> tuple[subprocess.Popen, str]:
     """Start the probe stage over an earlier output, with SIGINT's disposition ``sigint``, send ``signals`` once its
-    temp folder holds a half-written output, and return the ended process and its stderr; the MLflow store is
-    ``tmp_path/mlflow.db``."""
+    temp folder holds a half-written output (then write `go`, for a body that stops itself), and return the ended
+    process and its stderr; the MLflow store is ``tmp_path/mlflow.db``."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(REPO / "profiles", tmp_path / "profiles")
     (tmp_path / "out").mkdir()
@@ -78,6 +78,7 @@ def _stop_probe_stage(tmp_path, *signals: int, sigint=signal.SIG_DFL, body: str 
     for signum in signals:
         proc.send_signal(signum)
         time.sleep(0.2)
+    (tmp_path / "go").write_text("1")
     _, err = proc.communicate(timeout=60)
     return proc, err
 
@@ -167,8 +168,11 @@ STOPPED_IN_A_CALLBACK_BODY = textwrap.dedent("""
 
             held = Held()
             ref = weakref.ref(held, stop_here)
+            while not Path("go").exists():  # until the test has seen the half-written output
+                time.sleep(0.05)
             del held
-            time.sleep(30)
+            for _ in range(600):  # a stage's work: Python between calls, as a training's steps are
+                time.sleep(0.05)
             Path("ran-on").write_text("1")
         return {}
 
