@@ -95,7 +95,6 @@ class _CleanupWatchdog:
     themselves block on a lock the interrupted code holds."""
 
     def __init__(self, name: str):
-
         self.name, self.start, self.pid = name, time.perf_counter(), os.getpid()
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
