@@ -240,3 +240,71 @@ def test_page_box_truth_and_answers_as_a_user_meets_them(live_server, served, tm
         assert page.locator("#results .result.is-truth").count() == 0
         browser.close()
     assert not errors, errors
+
+
+def test_page_box_from_the_keyboard(live_server, served, tmp_path):
+    """The box drawn without a mouse: Tab reaches the image, Enter puts a box in its middle, arrows move it (stopped at
+    the image's sides), Shift+arrows resize it, Ctrl+arrows step a single pixel, Escape takes it off; the arrows do not
+    scroll the page, and a box so drawn is the one the request sends."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    chromium = browser_or_fail()
+    t = served.tuples[served.tuples["split"] == "test"].iloc[0]
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (1001, 333), (30, 30, 200)).save(wide)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 900, "height": 420})  # shorter than the page: arrows could scroll it
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(live_server + "/")
+        page.wait_for_function("document.querySelectorAll('#example option').length > 1")
+        box = lambda: page.input_value("#box")  # noqa: E731
+        page.set_input_files("#file", str(wide))
+        page.wait_for_function("document.getElementById('hint').textContent.includes('1001 x 333')")
+        page.focus("#file")
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "canvas"
+        page.keyboard.press("ArrowDown")  # no box yet: an arrow puts one in the middle, as Enter does
+        assert box() == "250,83,751,250"  # half the image's sides (501 x 167), centred
+        assert page.evaluate("window.scrollY") == 0
+        page.keyboard.press("ArrowRight")  # a step is 1/50 of the side: 20 px across, 7 down
+        assert box() == "270,83,771,250"
+        page.keyboard.press("Shift+ArrowDown")
+        assert box() == "270,83,771,257"
+        page.keyboard.press("Control+ArrowLeft")
+        assert box() == "269,83,770,257"
+        for _ in range(20):
+            page.keyboard.press("ArrowRight")
+        assert box() == "500,83,1001,257"  # stopped at the right side, its size kept
+        for _ in range(30):
+            page.keyboard.press("Shift+ArrowLeft")
+        assert box() == "500,83,501,257"  # a pixel wide at least
+        assert page.evaluate("window.scrollY") == 0 and "Shift+arrows resize" in page.text_content("#hint")
+        page.keyboard.press("Escape")
+        assert box() == "" and page.is_disabled("#submit")
+        # a typed box past the image's sides is brought inside it before it moves
+        page.fill("#box", "-10,-10,2000,400")
+        page.focus("#canvas")
+        page.keyboard.press("ArrowLeft")
+        assert box() == "0,0,1001,333"
+
+        # a pipeline query's image, its box from the keyboard, sent
+        page.set_input_files("#file", str(served.data / t["query_image"]))
+        page.wait_for_function("document.getElementById('hint').textContent.includes('64 x 64')")
+        page.focus("#canvas")
+        page.keyboard.press("Enter")
+        assert box() == "16,16,48,48"
+        page.fill("#prompt", t["prompt"])
+        page.fill("#phrase", t["concept_phrase"])
+        # the form the page sends (a multipart body playwright does not show): its box field, read as fetch is called
+        page.evaluate("""() => { window.sentBoxes = []; const send = window.fetch;
+            window.fetch = (url, opts) => { if (opts && opts.body instanceof FormData) window.sentBoxes.push(opts.body.get("box"));
+                                            return send(url, opts); }; }""")
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('status').textContent.includes('results from')")
+        assert page.locator("#results .result").count() == 10
+        assert page.evaluate("window.sentBoxes") == ["16,16,48,48"]
+        browser.close()
+    assert not errors, errors

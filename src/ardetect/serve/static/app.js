@@ -57,7 +57,8 @@ async function useImage(blob, name) {
   canvas.height = Math.max(1, Math.round(bitmap.height * scale));
   state.sx = canvas.width / bitmap.width;
   state.sy = canvas.height / bitmap.height;
-  $("hint").textContent = `${name}: ${bitmap.width} x ${bitmap.height} pixels. Drag on the image to draw the box.`;
+  $("hint").textContent = `${name}: ${bitmap.width} x ${bitmap.height} pixels. Drag on the image to draw the box, or ` +
+    "Tab to the image and press Enter, then arrows move the box and Shift+arrows resize it.";
   setBox(null);
 }
 
@@ -88,6 +89,44 @@ window.addEventListener("mouseup", () => {
   const b = state.drag;
   state.drag = null;
   setBox(b[2] - b[0] >= 1 && b[3] - b[1] >= 1 ? b : state.box);
+});
+
+// the box from the keyboard, on the focused image (Tab to it): Enter or an arrow with no box puts one in the middle;
+// arrows move the box, Shift+arrows move its right or bottom edge (resize), Escape or Delete takes it off. A step is
+// 1/50 of the image's side (at least a pixel); Ctrl with an arrow steps a single pixel. The box stays inside
+// the image and keeps at least a pixel a side.
+function keyBox(key, shift, fine) {
+  const { width, height } = state.image;
+  if (key === "Escape" || key === "Delete" || key === "Backspace") return null;
+  if (!state.box) {
+    const [w, h] = [Math.max(1, Math.round(width / 2)), Math.max(1, Math.round(height / 2))];
+    const [x0, y0] = [Math.round((width - w) / 2), Math.round((height - h) / 2)];
+    return [x0, y0, x0 + w, y0 + h];
+  }
+  if (key === "Enter" || key === " ") return state.box;
+  const dir = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] }[key];
+  const [sx, sy] = fine ? [1, 1] : [Math.max(1, Math.round(width / 50)), Math.max(1, Math.round(height / 50))];
+  let [x0, y0, x1, y1] = state.box;
+  x0 = Math.min(Math.max(x0, 0), width - 1);  // a typed box that reaches past the image is first brought inside it
+  y0 = Math.min(Math.max(y0, 0), height - 1);
+  x1 = Math.min(Math.max(x1, x0 + 1), width);
+  y1 = Math.min(Math.max(y1, y0 + 1), height);
+  if (shift) {  // the right or bottom edge, never past the image nor onto the opposite edge
+    x1 = Math.min(width, Math.max(x0 + 1, x1 + dir[0] * sx));
+    y1 = Math.min(height, Math.max(y0 + 1, y1 + dir[1] * sy));
+  } else {  // the whole box, stopped at the image's sides
+    const dx = Math.min(width - x1, Math.max(-x0, dir[0] * sx)), dy = Math.min(height - y1, Math.max(-y0, dir[1] * sy));
+    [x0, y0, x1, y1] = [x0 + dx, y0 + dy, x1 + dx, y1 + dy];
+  }
+  return [x0, y0, x1, y1];
+}
+const BOX_KEYS = new Set(["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "Enter", " ", "Escape", "Delete", "Backspace"]);
+canvas.addEventListener("keydown", (ev) => {
+  if (!state.image || !BOX_KEYS.has(ev.key) || ev.metaKey || ev.altKey) return;  // Alt+arrows stay the browser's (back, forward)
+  ev.preventDefault();  // arrows would scroll the page, Space too
+  if (state.drag) return;
+  setBox(keyBox(ev.key, ev.shiftKey, ev.ctrlKey));
+  if (state.box) $("hint").textContent = `box ${state.box.join(",")}: arrows move it, Shift+arrows resize it, Escape removes it.`;
 });
 
 // an upload of one of the pipeline's generated images (its file name, and then its bytes, are an example's): its
