@@ -103,7 +103,7 @@ def test_a_mistyped_model_override_is_given_the_field_it_is_close_to():
 @pytest.mark.parametrize(
     "path,value,pattern",
     [
-        (("world", "n_concepts"), 1, r"world\.n_concepts.*greater than or equal to 3.*got 1"),
+        (("world", "n_concepts"), 5, r"world\.n_concepts.*greater than or equal to 6.*got 5"),
         (("world", "image_size"), 20, r"world\.image_size.*got 20"),
         (("world", "placeholder"), "V*", r"world\.placeholder.*exactly one"),
         (("world", "placeholder"), " {} ", r"world\.placeholder.*nothing besides '\{\}'"),  # the phrase: the bare class

@@ -76,7 +76,7 @@ class WorldConfig(_Section):
     """The synthetic attribution world (embedded default data source)."""
 
     seed: int = Field(0, ge=0)
-    n_concepts: int = Field(1040, ge=3, description="exemplars, one concept identity each")
+    n_concepts: int = Field(1040, ge=6, description="exemplars, one concept identity each (at least 2 a split)")
     queries_per_concept: int = Field(3, ge=1, le=10, description="generated images per concept (paper: about 10)")
     image_size: int = Field(160, ge=64, le=1024, description="square side of every image, pixels")
     base_classes: list[str] | None = Field(None, description="subset of the world's shape families; null = all")
@@ -195,10 +195,32 @@ class GenerateConfig(_Section):
     batch_size: int = Field(8, ge=1, description="exemplars per MLflow child run of the fan-out")
 
 
+MIN_SPLIT_CONCEPTS = 2  # a query ranks its own training image against the other concepts of its split: it needs one
+
+
 class SplitConfig(_Section):
     train: float = Field(0.8, ge=0.0, le=1.0)
     val: float = Field(0.1, ge=0.0, le=1.0)
     test: float = Field(0.1, ge=0.0, le=1.0)
+
+    def concept_counts(self, n: int) -> dict[str, int]:
+        """Concepts of each split among ``n``: each share rounded, and every split with a share at least
+        ``MIN_SPLIT_CONCEPTS`` (a query's negatives are the other concepts of its split, and phase 1 draws its
+        negatives from train's); what train lacks is taken back from the larger of val and test."""
+        least = {k: MIN_SPLIT_CONCEPTS if getattr(self, k) > 0 else 0 for k in ("train", "val", "test")}
+        need = sum(least.values())
+        if n < need:
+            raise ValueError(f"{n} concepts cannot fill the three splits of tuples.split (train {self.train:g}, val {self.val:g}, "
+                             f"test {self.test:g}): each needs {MIN_SPLIT_CONCEPTS} concepts, since a query ranks its own training "
+                             f"image against the other concepts of its split; give the world at least {need} concepts")
+        test = max(int(round(n * self.test)), least["test"])
+        val = max(int(round(n * self.val)), least["val"])
+        while test + val > n - least["train"]:
+            if (test >= val or val == least["val"]) and test > least["test"]:
+                test -= 1
+            else:
+                val -= 1
+        return {"train": n - test - val, "val": val, "test": test}
 
     @model_validator(mode="after")
     def _sum(self) -> "SplitConfig":

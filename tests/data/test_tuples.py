@@ -69,25 +69,27 @@ def test_split_is_seeded():
     assert not a.sort_index().equals(c.sort_index())
 
 
-def test_tiny_split_keeps_every_split_nonempty():
-    s = assign_splits(fake_exemplars(5), SplitConfig(), seed=0)
-    assert set(s) == {"train", "val", "test"}
+def test_tiny_split_gives_every_split_two_concepts():
+    s = assign_splits(fake_exemplars(6), SplitConfig(), seed=0)
+    assert s.value_counts().to_dict() == {"train": 2, "val": 2, "test": 2}  # each query has a negative in its split
 
 
 @pytest.mark.parametrize("n, fractions, want", [
-    (10, (0.05, 0.05, 0.9), (1, 1, 8)), (100, (0.001, 0.5, 0.499), (1, 50, 49)), (3, (0.05, 0.05, 0.9), (1, 1, 1)),
-    (30, (0.01, 0.1, 0.89), (1, 3, 26)), (40, (0.8, 0.1, 0.1), (32, 4, 4)),
+    (10, (0.05, 0.05, 0.9), (2, 2, 6)), (100, (0.001, 0.5, 0.499), (2, 49, 49)), (6, (0.05, 0.05, 0.9), (2, 2, 2)),
+    (30, (0.01, 0.1, 0.89), (2, 3, 25)), (40, (0.8, 0.1, 0.1), (32, 4, 4)), (12, (0.8, 0.1, 0.1), (8, 2, 2)),
+    (1040, (0.8, 0.1, 0.1), (832, 104, 104)),
 ])
-def test_a_lopsided_split_still_leaves_train_a_concept(n, fractions, want):
+def test_a_lopsided_split_still_leaves_each_split_two_concepts(n, fractions, want):
     train, val, test = fractions
     counts = assign_splits(fake_exemplars(n), SplitConfig(train=train, val=val, test=test), seed=0).value_counts()
-    # train's concept is taken back from the larger of the other two
+    # train's concepts are taken back from the larger of the other two
     assert (counts.get("train", 0), counts.get("val", 0), counts.get("test", 0)) == want
 
 
-def test_fewer_concepts_than_splits_refused_by_name():
-    with pytest.raises(ValueError, match=r"2 concepts cannot fill the three splits of tuples\.split"):
-        assign_splits(fake_exemplars(2), SplitConfig(), seed=0)
+@pytest.mark.parametrize("n", [2, 5])
+def test_fewer_concepts_than_two_a_split_refused_by_name(n):
+    with pytest.raises(ValueError, match=rf"{n} concepts cannot fill the three splits of tuples\.split.*at least 6 concepts"):
+        assign_splits(fake_exemplars(n), SplitConfig(), seed=0)
 
 
 def test_world2_blocks_never_hold_a_lone_concept():

@@ -744,11 +744,15 @@ def _splits_table(t: pd.DataFrame, split_cfg: SplitConfig) -> pd.DataFrame:
     pairs = t.dropna(subset=["concept_id", "split"]).drop_duplicates(["concept_id", "split"])
     per = pairs.groupby("split").size()
     total = float(per.sum())
+    try:  # the shares tuples.split gives this many concepts: at least 2 a split, so a small world's val and test are above theirs
+        counts = split_cfg.concept_counts(int(total))
+    except ValueError:  # too few to split: the configured fractions (and min_negatives says why)
+        counts = None
     rows = []
     for s in SPLITS:
         n = int(per.get(s, 0))
         share = n / total if total else 0.0
-        expected = float(getattr(split_cfg, s))
+        expected = counts[s] / total if counts else float(getattr(split_cfg, s))
         rows.append(
             {
                 "split": s,
@@ -1325,7 +1329,7 @@ def build_specs(cfg: ValidateConfig, tuple_ids: Iterable[str] | None = None, pla
     # split_balance
     add(_Spec("split_balance", "splits", "ExpectColumnValuesToBeBetween",
               {"column": "deviation", "max_value": float(cfg.split_tolerance)},
-              f"|concept share - configured fraction| <= {cfg.split_tolerance:g}",
+              f"|concept share - the share tuples.split gives (its fraction, rounded, at least 2 concepts)| <= {cfg.split_tolerance:g}",
               ("split", "n_concepts", "share", "expected")))
     if objects:
         _object_specs(add, cfg, distractors, images)

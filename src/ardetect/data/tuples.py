@@ -15,8 +15,8 @@ def assign_splits(exemplars: pd.DataFrame, split: SplitConfig, seed: int) -> pd.
     """Split concepts (never tuples) into train/val/test, stratified by base class.
 
     Concepts are shuffled within each base class, the classes interleaved round-robin,
-    and the interleaved order cut at the global split sizes, so every split holds a
-    near-even mix of classes and the sizes are exact to one concept.
+    and the interleaved order cut at the global split sizes (``SplitConfig.concept_counts``: each share
+    rounded, at least 2 concepts a split), so every split holds a near-even mix of classes.
     Returns a Series concept_id -> split.
     """
     if exemplars["concept_id"].duplicated().any():
@@ -32,17 +32,8 @@ def assign_splits(exemplars: pd.DataFrame, split: SplitConfig, seed: int) -> pd.
     for i in range(depth):
         row = [ids[i] for ids in per_class if i < len(ids)]
         order.extend(row[j] for j in rng.permutation(len(row)))
-    n = len(order)
-    if n < 3:
-        raise ValueError(f"exemplars: {n} concepts cannot fill the three splits of tuples.split (train {split.train:g}, "
-                         f"val {split.val:g}, test {split.test:g}): each needs a concept of its own; give the world more concepts")
-    n_test = max(int(round(n * split.test)), 1)  # every split non-empty (each share is above 0)
-    n_val = max(int(round(n * split.val)), 1)
-    while n_test + n_val > n - 1:  # train too: a concept back from the larger of the other two
-        if n_test >= n_val:
-            n_test -= 1
-        else:
-            n_val -= 1
+    counts = split.concept_counts(len(order))
+    n, n_test, n_val = len(order), counts["test"], counts["val"]
     labels = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
     return pd.Series(labels, index=pd.Index(order, name="concept_id"), name="split")
 
