@@ -147,6 +147,23 @@ def test_out_of_range_values_are_named(path, value, pattern):
         load(raw)
 
 
+def test_distractors_of_another_class_with_one_class_are_refused_by_name():
+    """One base class and ``same_class_prob: 0`` ask for distractors of another class where there is none (the world
+    drew them of the one class anyway); with a share above 0, or with no distractors, one class is fine."""
+    raw = raw_params()
+    raw["world"]["base_classes"] = ["cat"]
+    raw["world"]["distractors"]["same_class_prob"] = 0.0
+    with pytest.raises(ConfigError, match=r"world.*same_class_prob=0 with the one base class \['cat'\].*every one would be a cat"):
+        load(raw)
+    raw["world"]["distractors"].update(min_count=0, max_count=0)
+    assert load(raw).world.distractors.max_count == 0
+    raw["world"]["distractors"].update(min_count=1, max_count=3, same_class_prob=0.4)
+    assert load(raw).world.base_classes == ["cat"]
+    raw["world"]["base_classes"] = ["cat", "car"]
+    raw["world"]["distractors"]["same_class_prob"] = 0.0
+    assert load(raw).world.distractors.same_class_prob == 0.0
+
+
 @pytest.mark.parametrize("name, split", [
     ("train", {"train": 0.0, "val": 0.5, "test": 0.5}),
     ("val", {"train": 0.9, "val": 0.0, "test": 0.1}),

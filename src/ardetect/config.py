@@ -100,6 +100,15 @@ class WorldConfig(_Section):
             raise ValueError(f"base_classes={v}: {unknown} not among the world's shape families {list(WORLD_CLASSES)}")
         return v
 
+    @model_validator(mode="after")
+    def _distractor_classes(self) -> "WorldConfig":
+        d = self.distractors
+        if self.base_classes is not None and len(self.base_classes) == 1 and d.max_count > 0 and d.same_class_prob == 0:
+            raise ValueError(f"distractors.same_class_prob=0 with the one base class {self.base_classes}: there is no other class to "
+                             f"draw a distractor from, so every one would be a {self.base_classes[0]}; name another class in "
+                             "base_classes, or set distractors.min_count and max_count to 0 for none")
+        return self
+
     @field_validator("placeholder")
     @classmethod
     def _placeholder(cls, v: str) -> str:
