@@ -118,8 +118,12 @@ def test_page_upload_box_submit_results(live_server, served, tmp_path):
         assert "true training image" in status  # the upload is one of the pipeline's query images: its truth is known
         page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
         # a pipeline example: image, box, prompt and phrase filled in, the true training image marked
+        # (waiting for the box alone raced: the mouse's box was still there, and a click before the example had loaded
+        # sent the upload again, whose answer the example then dropped)
+        tuple_id = page.locator("#example option").nth(1).text_content().split(" ")[0]
         page.select_option("#example", index=1)
-        page.wait_for_function("document.getElementById('box').value !== ''")
+        page.wait_for_function(f"document.getElementById('hint').textContent.startsWith({tuple_id!r} + ':') && "
+                               "document.getElementById('box').value !== ''")
         page.click("#submit")
         page.wait_for_function("document.getElementById('status').textContent.includes('true training image')")
         status = page.text_content("#status")
