@@ -33,8 +33,7 @@ def assign_splits(exemplars: pd.DataFrame, split: SplitConfig, seed: int) -> pd.
         row = [ids[i] for ids in per_class if i < len(ids)]
         order.extend(row[j] for j in rng.permutation(len(row)))
     counts = split.concept_counts(len(order))
-    n, n_test, n_val = len(order), counts["test"], counts["val"]
-    labels = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
+    labels = ["test"] * counts["test"] + ["val"] * counts["val"] + ["train"] * counts["train"]
     return pd.Series(labels, index=pd.Index(order, name="concept_id"), name="split")
 
 
